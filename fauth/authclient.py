@@ -1,0 +1,345 @@
+# -*- test-case-name: tests.test_authclient -*-
+"""
+The HTTP client of the auth leg: treq over one L{HTTPConnectionPool} per
+auth target, with treq's per-client state made harmless.
+
+treq's L{HTTPClient} keeps a cookie jar across calls and always wraps its
+agent in C{ContentDecoderAgent}, which adds C{Accept-Encoding: gzip}.  For a
+gateway both are leaks between users: a C{Set-Cookie} from one user's auth
+answer would be sent with the next user's auth request.  So the jar here
+never stores anything, and the agent under treq removes the one
+C{Accept-Encoding} value the decoder adds: the auth service sees exactly the
+headers the contract sends.
+"""
+from __future__ import annotations
+
+from typing import Any, List, Optional
+from urllib.parse import urlsplit
+
+import attr
+from hyperlink import EncodedURL
+from OpenSSL import SSL
+from treq.client import HTTPClient
+from treq.cookies import IndexableCookieJar  # type: ignore[attr-defined]
+from twisted.internet import error as net_error
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web import client as web_client
+from twisted.web._newclient import ParseError, ResponseFailed, ResponseNeverReceived, RequestGenerationFailed
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS
+from zope.interface import implementer
+
+__all__ = [
+    "AuthCallError",
+    "AuthClient",
+    "AuthReply",
+    "AuthTarget",
+    "BytesProducer",
+    "describe_failure",
+    "quiet_pool",
+    "tls_policy",
+]
+
+# A denial's body goes back to the client; beyond this an auth service is
+# misbehaving, and the call fails rather than buffering without bound.
+MAX_AUTH_BODY = 1024 * 1024
+
+_PATH_OK = frozenset(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@/%?"
+)
+
+
+class AuthCallError(Exception):
+    """The auth call failed before or without an HTTP answer; the message is the log's C{err}."""
+
+
+@attr.frozen
+class AuthReply:
+    """The auth service's answer, body read in full."""
+
+    status: int
+    headers: Headers
+    body: bytes
+
+
+@attr.frozen
+class AuthTarget:
+    """Where C{conf.uri} points, parsed once at config time."""
+
+    scheme: str
+    host: str
+    port: int
+    target: bytes
+    ssl_verify: bool
+
+    @property
+    def host_header(self) -> bytes:
+        default = 443 if self.scheme == "https" else 80
+        host = "[%s]" % self.host if ":" in self.host else self.host
+        if self.port != default:
+            host = "%s:%d" % (host, self.port)
+        return host.encode("idna")
+
+    @property
+    def url(self) -> bytes:
+        host = "[%s]" % self.host if ":" in self.host else self.host
+        return b"%s://%s:%d%s" % (self.scheme.encode(), host.encode("idna"), self.port, self.target)
+
+    @classmethod
+    def parse(cls, uri: str, ssl_verify: bool) -> "AuthTarget":
+        """@raise AuthCallError: C{bad uri: ...} or invalid path characters."""
+        try:
+            parts = urlsplit(uri)
+            port = parts.port
+        except ValueError as e:
+            raise AuthCallError("bad uri: %s (%s)" % (uri, e))
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise AuthCallError("bad uri: %s" % uri)
+        path = (parts.path or "/").encode("utf-8")
+        query = parts.query.encode("utf-8")
+        if not set(path) <= _PATH_OK:
+            raise AuthCallError("invalid characters found in path")
+        if not set(query) <= _PATH_OK:
+            raise AuthCallError("invalid characters found in query")
+        return cls(
+            scheme=parts.scheme,
+            host=parts.hostname,
+            port=port or (443 if parts.scheme == "https" else 80),
+            target=path + (b"?" + query if parts.query else b""),
+            ssl_verify=ssl_verify,
+        )
+
+
+class _NoCookies(IndexableCookieJar):  # type: ignore[misc]
+    """A cookie jar that never keeps a cookie, so none can cross requests."""
+
+    def set_cookie(self, cookie: Any) -> None:
+        pass
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        pass
+
+    def add_cookie_header(self, request: Any) -> None:
+        pass
+
+
+@implementer(IAgent)
+class _ExactHeadersAgent:
+    """Drops the C{Accept-Encoding: gzip} value treq's decoder agent appends."""
+
+    def __init__(self, agent: IAgent) -> None:
+        self._agent = agent
+
+    def request(self, method: bytes, uri: bytes, headers: Optional[Headers] = None, bodyProducer: Any = None) -> Deferred:
+        if headers is not None:
+            values = headers.getRawHeaders(b"accept-encoding")
+            if values:
+                # ContentDecoderAgent copied the headers and appended exactly one value.
+                if len(values) == 1:
+                    headers.removeHeader(b"accept-encoding")
+                else:
+                    headers.setRawHeaders(b"accept-encoding", values[:-1])
+        return self._agent.request(method, uri, headers, bodyProducer)
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A body already in memory: written at once, so no Cooperator is involved."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> Deferred:
+        if self._body:
+            consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _CappedBody(Protocol):
+    """Collects a response body up to a limit; cancellable mid-body."""
+
+    def __init__(self, limit: int) -> None:
+        self._chunks: List[bytes] = []
+        self._size = 0
+        self._limit = limit
+        self.done: Deferred = Deferred(self._cancel)
+
+    def _cancel(self, d: Deferred) -> None:
+        # readBody's canceller would look for abortConnection, which the
+        # body transport lacks (Twisted #8227); stopping the producer closes
+        # the pooled connection instead of returning it half-read.
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            self.transport.stopProducing()
+            self.done.errback(AuthCallError("response body too large"))
+            return
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self.done.called:
+            return
+        if reason.check(web_client.ResponseDone, web_client.PotentialDataLoss):
+            self.done.callback(b"".join(self._chunks))
+        else:
+            self.done.errback(reason)
+
+
+def describe_failure(failure: Failure) -> str:
+    """The reference's short error strings (C{closed}, C{timeout}, ...) for a failed call."""
+    exc = failure.value
+    if isinstance(exc, (ResponseFailed, ResponseNeverReceived, RequestGenerationFailed)):
+        reasons = getattr(exc, "reasons", None) or []
+        for inner in reasons:
+            if not isinstance(inner.value, (net_error.ConnectionDone, net_error.ConnectionLost)):
+                return describe_failure(inner)
+        return "closed"
+    if isinstance(exc, net_error.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, (net_error.TimeoutError, net_error.TCPTimedOutError)):
+        return "timeout"
+    if isinstance(exc, (net_error.ConnectionDone, net_error.ConnectionLost, net_error.ConnectionClosed)):
+        return "closed"
+    if isinstance(exc, net_error.DNSLookupError):
+        return "failed to resolve host: %s" % (exc.args[0] if exc.args else "")
+    if isinstance(exc, SSL.Error):
+        return "handshake failed: %s" % (exc,)
+    if isinstance(exc, ParseError):
+        return "bad response: %s" % (exc,)
+    if isinstance(exc, CancelledError):
+        return "cancelled"
+    text = failure.getErrorMessage()
+    return "%s: %s" % (type(exc).__name__, text) if text else type(exc).__name__
+
+
+@implementer(IPolicyForHTTPS)
+class _NoVerification:
+    """C{ssl_verify: false}: TLS without certificate or hostname checks."""
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        from twisted.internet import ssl
+
+        return ssl.CertificateOptions(verify=False)
+
+
+def tls_policy(ssl_verify: bool, trust_root: Any = None) -> IPolicyForHTTPS:
+    """Certificate and hostname verification (service-identity), cached per host."""
+    if not ssl_verify:
+        return _NoVerification()
+    return web_client.HostnameCachingHTTPSPolicy(web_client.BrowserLikePolicyForHTTPS(trust_root))
+
+
+class _QuietFactory(web_client._HTTP11ClientFactory):  # type: ignore[misc]
+    # One "Starting factory" log line per pooled connection is noise.
+    noisy = False
+
+
+def quiet_pool(reactor: Any, persistent: bool) -> web_client.HTTPConnectionPool:
+    """An L{HTTPConnectionPool} that does not log every new connection."""
+    pool = web_client.HTTPConnectionPool(reactor, persistent=persistent)
+    pool._factory = _QuietFactory
+    return pool
+
+
+class AuthClient:
+    """
+    treq over one connection pool for one auth target.
+
+    @param keepalive: keep connections for reuse.
+    @param keepalive_timeout: seconds an idle pooled connection is kept.
+    @param keepalive_pool: idle connections kept at most.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        target: Optional[AuthTarget],
+        *,
+        keepalive: bool = True,
+        keepalive_timeout: float = 60.0,
+        keepalive_pool: int = 5,
+        connect_timeout: float = 3.0,
+        trust_root: Any = None,
+        bad_uri: Optional[str] = None,
+    ) -> None:
+        self._reactor = reactor
+        self.target = target
+        self._bad_uri = bad_uri
+        self.pool = quiet_pool(reactor, keepalive)
+        self.pool.maxPersistentPerHost = keepalive_pool
+        self.pool.cachedConnectionTimeout = keepalive_timeout
+        agent = web_client.Agent(
+            reactor,
+            contextFactory=tls_policy(target.ssl_verify if target else True, trust_root),
+            connectTimeout=connect_timeout,
+            pool=self.pool,
+        )
+        self._http = HTTPClient(_ExactHeadersAgent(agent), cookiejar=_NoCookies())
+        self._url = EncodedURL.from_text(target.url.decode("ascii")) if target else None
+        self.host_header = target.host_header if target else b""
+
+    def call(
+        self, method: bytes, headers: Headers, body: Optional[bytes], timeout: float
+    ) -> "Deferred[AuthReply]":
+        """
+        One auth exchange, body included, within C{timeout} seconds; on
+        expiry the whole exchange is cancelled and fails with
+        C{AuthCallError("timeout")}.
+        """
+        if self._url is None:
+            return fail(AuthCallError(self._bad_uri or "bad uri"))
+        exchange = self._http.request(
+            method.decode("ascii"),
+            self._url,
+            headers=headers,
+            data=BytesProducer(body) if body is not None else None,
+            allow_redirects=False,
+            unbuffered=True,
+            reactor=self._reactor,
+        )
+        exchange.addCallback(self._read)
+        expired = []
+
+        def expire() -> None:
+            expired.append(True)
+            exchange.cancel()
+
+        timer = self._reactor.callLater(timeout, expire)
+
+        def finished(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            if expired and isinstance(result, Failure):
+                return Failure(AuthCallError("timeout"))
+            return result
+
+        return exchange.addBoth(finished)
+
+    @staticmethod
+    def _read(response: Any) -> "Deferred[AuthReply]":
+        reader = _CappedBody(MAX_AUTH_BODY)
+        response.deliverBody(reader)
+        return reader.done.addCallback(
+            lambda body: AuthReply(response.code, response.headers, body)
+        )
+
+    def close(self) -> Deferred:
+        """Close pooled connections."""
+        return self.pool.closeCachedConnections()

@@ -1,0 +1,577 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+The gateway's configuration: frozen models, YAML/JSON loading and validation.
+
+Route and plugin objects are APISIX's, so an APISIX user's route JSON works
+unchanged.  Every error is one line naming the route and the attribute, in
+the wording APISIX's validator uses.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any, Iterable, Mapping, Optional, Tuple
+
+import attr
+import yaml
+
+from fauth.schema import (
+    SchemaError,
+    check_forward_auth,
+    check_integer_range,
+    check_type,
+    security_warnings,
+)
+from fauth.variables import Template, compile_template
+
+__all__ = [
+    "ConfigError",
+    "ForwardAuthConf",
+    "GatewayConf",
+    "Node",
+    "RouteConf",
+    "UpstreamConf",
+    "load_config",
+    "parse_config",
+    "parse_forward_auth",
+]
+
+HTTP_METHODS = frozenset(
+    ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE", "PURGE"]
+)
+KNOWN_PLUGINS = frozenset(["forward-auth"])
+_TOP_LEVEL_KEYS = frozenset(
+    ["listen", "routes", "upstreams", "demo", "ssl_trusted_certificate", "http"]
+)
+_ROUTE_KEYS = frozenset(
+    [
+        "id", "name", "desc", "uri", "uris", "methods", "host", "hosts", "priority",
+        "plugins", "upstream", "upstream_id", "status", "labels", "enable_websocket",
+        "create_time", "update_time",
+    ]
+)
+_UPSTREAM_KEYS = frozenset(
+    [
+        "id", "name", "desc", "type", "scheme", "nodes", "pass_host", "upstream_host",
+        "timeout", "keepalive_pool", "labels", "create_time", "update_time",
+    ]
+)
+_HOST_RE = re.compile(r"^\*?[0-9a-zA-Z-._\[\]:]+$")
+_HOSTNAME_RE = re.compile(r"^[0-9A-Za-z]([0-9A-Za-z-]{0,62})(\.[0-9A-Za-z]([0-9A-Za-z-]{0,62}))*\.?$")
+
+
+class ConfigError(ValueError):
+    """A configuration document was refused; C{str()} is one line saying where and why."""
+
+
+@attr.frozen
+class ForwardAuthConf:
+    """One validated C{forward-auth} plugin instance (defaults filled in)."""
+
+    uri: str
+    ssl_verify: bool = True
+    request_method: str = "GET"
+    max_req_body_size: int = 67108864
+    request_headers: Tuple[str, ...] = ()
+    extra_headers: Optional[Tuple[Tuple[str, Template], ...]] = None
+    upstream_headers: Tuple[str, ...] = ()
+    client_headers: Tuple[str, ...] = ()
+    timeout: int = 3000
+    keepalive: bool = True
+    keepalive_timeout: int = 60000
+    keepalive_pool: int = 5
+    allow_degradation: bool = False
+    status_on_error: int = 403
+    error_response: Optional[str] = None
+    warnings: Tuple[str, ...] = attr.field(default=(), eq=False)
+
+
+@attr.frozen
+class Node:
+    """One upstream node."""
+
+    host: str
+    port: int
+    weight: int = 1
+
+    @property
+    def netloc(self) -> str:
+        host = "[%s]" % self.host if ":" in self.host else self.host
+        return "%s:%d" % (host, self.port)
+
+
+@attr.frozen
+class UpstreamTimeouts:
+    """Seconds, as APISIX."""
+
+    connect: float = 60.0
+    send: float = 60.0
+    read: float = 60.0
+
+
+@attr.frozen
+class UpstreamConf:
+    """A validated upstream: where allowed requests go."""
+
+    nodes: Tuple[Node, ...]
+    id: Optional[str] = None
+    type: str = "roundrobin"
+    scheme: str = "http"
+    pass_host: str = "pass"
+    upstream_host: Optional[str] = None
+    timeout: UpstreamTimeouts = UpstreamTimeouts()
+    keepalive_pool: int = 320
+
+
+@attr.frozen
+class RouteConf:
+    """A validated route."""
+
+    id: str
+    uris: Tuple[str, ...]
+    upstream: UpstreamConf
+    name: str = ""
+    methods: Optional[frozenset] = None
+    hosts: Optional[Tuple[str, ...]] = None
+    priority: int = 0
+    forward_auth: Optional[ForwardAuthConf] = None
+    enabled: bool = True
+    source: Mapping[str, Any] = attr.field(factory=dict, eq=False, repr=False)
+
+
+@attr.frozen
+class HttpLimits:
+    """Limits of the client-facing HTTP server."""
+
+    idle_timeout: float = 60.0
+    max_headers: int = 500
+    max_header_bytes: int = 16384
+
+
+@attr.frozen
+class DemoConf:
+    """The in-process demo auth service and echo upstream of the quickstart."""
+
+    auth: str
+    upstream: str
+
+
+@attr.frozen
+class GatewayConf:
+    """The whole gateway configuration."""
+
+    listen: Tuple[str, ...] = ("tcp:9080",)
+    routes: Tuple[RouteConf, ...] = ()
+    upstreams: Mapping[str, UpstreamConf] = attr.field(factory=dict)
+    demo: Optional[DemoConf] = None
+    ssl_trusted_certificate: Optional[str] = None
+    http: HttpLimits = HttpLimits()
+
+
+def _prop(name: str, message: str) -> SchemaError:
+    return SchemaError('property "%s" validation failed: %s' % (name, message))
+
+
+def parse_forward_auth(conf: object) -> ForwardAuthConf:
+    """
+    Validate a C{forward-auth} attribute dict (as APISIX would) and return
+    the frozen model.
+
+    @raise SchemaError: with APISIX's message.
+    """
+    checked = check_forward_auth(conf)
+    extra = checked.get("extra_headers")
+    extra_headers = None
+    if extra is not None:
+        extra_headers = tuple(
+            # Keys containing ':' skip validation in APISIX and fail at call
+            # time; a non-string value there is stringified the Lua way.
+            (str(name), compile_template(value if isinstance(value, str) else str(value)))
+            for name, value in dict(extra).items()  # type: ignore[call-overload]
+        )
+    meta = checked.get("_meta")
+    error_response = None
+    if isinstance(meta, dict) and meta.get("error_response") is not None:
+        er = meta["error_response"]
+        error_response = er if isinstance(er, str) else _json_dumps(er)
+    return ForwardAuthConf(
+        uri=checked["uri"],  # type: ignore[arg-type]
+        ssl_verify=checked["ssl_verify"],  # type: ignore[arg-type]
+        request_method=checked["request_method"],  # type: ignore[arg-type]
+        max_req_body_size=checked["max_req_body_size"],  # type: ignore[arg-type]
+        request_headers=tuple(checked["request_headers"]),  # type: ignore[call-overload]
+        extra_headers=extra_headers,
+        upstream_headers=tuple(checked["upstream_headers"]),  # type: ignore[call-overload]
+        client_headers=tuple(checked["client_headers"]),  # type: ignore[call-overload]
+        timeout=checked["timeout"],  # type: ignore[arg-type]
+        keepalive=checked["keepalive"],  # type: ignore[arg-type]
+        keepalive_timeout=checked["keepalive_timeout"],  # type: ignore[arg-type]
+        keepalive_pool=checked["keepalive_pool"],  # type: ignore[arg-type]
+        allow_degradation=checked["allow_degradation"],  # type: ignore[arg-type]
+        status_on_error=checked["status_on_error"],  # type: ignore[arg-type]
+        error_response=error_response,
+        warnings=tuple(security_warnings(checked)),
+    )
+
+
+def _json_dumps(value: object) -> str:
+    import json
+
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _parse_node_address(address: str) -> Tuple[str, Optional[int]]:
+    if address.startswith("["):
+        host, sep, rest = address[1:].partition("]")
+        if not sep:
+            raise SchemaError('invalid node address "%s"' % address)
+        port_text = rest[1:] if rest.startswith(":") else None
+        if rest and not rest.startswith(":"):
+            raise SchemaError('invalid node address "%s"' % address)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise SchemaError('invalid node address "%s"' % address)
+    else:
+        host, sep, port_text_ = address.rpartition(":")
+        if not sep:
+            host, port_text = address, None
+        else:
+            port_text = port_text_
+        if ":" in host:
+            raise SchemaError('invalid node address "%s" (IPv6 needs brackets)' % address)
+        if not host or not _HOSTNAME_RE.match(host):
+            raise SchemaError('invalid node address "%s"' % address)
+    if port_text is None:
+        return host, None
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise SchemaError('invalid node address "%s": bad port' % address)
+    return host, int(port_text)
+
+
+def _parse_nodes(nodes: object, scheme: str) -> Tuple[Node, ...]:
+    default_port = 443 if scheme == "https" else 80
+    parsed = []
+    if isinstance(nodes, dict):
+        items: Iterable[Tuple[str, object, object]] = [
+            (str(k), None, v) for k, v in nodes.items()
+        ]
+        for address, _, weight in items:
+            host, port = _parse_node_address(address)
+            check_type("nodes", weight, "integer")
+            check_integer_range("nodes", weight, minimum=0)
+            parsed.append(Node(host, port or default_port, int(weight)))  # type: ignore[call-overload]
+    elif isinstance(nodes, list):
+        for i, item in enumerate(nodes, 1):
+            if not isinstance(item, dict):
+                raise _prop("nodes", "failed to validate item %d: wrong type: expected object" % i)
+            host = item.get("host")
+            check_type("nodes", host, "string")
+            port = item.get("port", default_port)
+            check_type("nodes", port, "integer")
+            check_integer_range("nodes", port, minimum=1, maximum=65535)
+            weight = item.get("weight", 1)
+            check_type("nodes", weight, "integer")
+            check_integer_range("nodes", weight, minimum=0)
+            h, _ = _parse_node_address(host.strip("[]") if ":" not in host else "[%s]" % host.strip("[]"))  # type: ignore[union-attr]
+            parsed.append(Node(h, int(port), int(weight)))  # type: ignore[call-overload]
+    else:
+        check_type("nodes", nodes, "object")
+    if not parsed or not any(n.weight > 0 for n in parsed):
+        raise _prop("nodes", "expect at least one node with a weight above 0")
+    return tuple(parsed)
+
+
+def parse_upstream(doc: object, upstream_id: Optional[str] = None) -> UpstreamConf:
+    """Validate one APISIX upstream object."""
+    check_type("upstream", doc, "object")
+    assert isinstance(doc, dict)
+    for key in doc:
+        if key not in _UPSTREAM_KEYS:
+            raise SchemaError("additional properties forbidden, found %s" % key)
+    kind = doc.get("type", "roundrobin")
+    if kind not in ("roundrobin",):
+        raise _prop("type", "matches none of the enum values")
+    scheme = doc.get("scheme", "http")
+    if scheme not in ("http", "https"):
+        raise _prop("scheme", "matches none of the enum values")
+    if "nodes" not in doc:
+        raise SchemaError('property "nodes" is required')
+    nodes = _parse_nodes(doc["nodes"], scheme)
+    pass_host = doc.get("pass_host", "pass")
+    if pass_host not in ("pass", "node", "rewrite"):
+        raise _prop("pass_host", "matches none of the enum values")
+    upstream_host = doc.get("upstream_host")
+    if upstream_host is not None:
+        check_type("upstream_host", upstream_host, "string")
+    if pass_host == "rewrite" and not upstream_host:
+        raise SchemaError('property "upstream_host" is required when "pass_host" is "rewrite"')
+    timeouts = UpstreamTimeouts()
+    if "timeout" in doc:
+        t = doc["timeout"]
+        check_type("timeout", t, "object")
+        values = {}
+        for k, v in t.items():
+            if k not in ("connect", "send", "read"):
+                raise _prop("timeout", "additional properties forbidden, found %s" % k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                check_type("timeout", v, "number")
+            if v <= 0:
+                raise _prop("timeout", "expected %s to be greater than 0" % v)
+            values[k] = float(v)
+        timeouts = UpstreamTimeouts(**values)
+    pool = 320
+    if "keepalive_pool" in doc:
+        kp = doc["keepalive_pool"]
+        check_type("keepalive_pool", kp, "object")
+        size = kp.get("size", 320)
+        check_type("keepalive_pool", size, "integer")
+        check_integer_range("keepalive_pool", size, minimum=1)
+        pool = int(size)
+    uid = doc.get("id", upstream_id)
+    return UpstreamConf(
+        id=None if uid is None else str(uid),
+        nodes=nodes,
+        type=kind,
+        scheme=scheme,
+        pass_host=pass_host,
+        upstream_host=upstream_host,
+        timeout=timeouts,
+        keepalive_pool=pool,
+    )
+
+
+def _check_string_list(name: str, value: object) -> Tuple[str, ...]:
+    check_type(name, value, "array")
+    assert isinstance(value, list)
+    for i, item in enumerate(value, 1):
+        if not isinstance(item, str):
+            raise _prop(name, "failed to validate item %d: wrong type: expected string" % i)
+    if not value:
+        raise _prop(name, "expect array to have at least 1 items")
+    return tuple(value)
+
+
+def parse_route(
+    doc: object, upstreams: Mapping[str, UpstreamConf], route_id: Optional[str] = None
+) -> RouteConf:
+    """
+    Validate one APISIX route object.
+
+    @raise SchemaError: what is wrong, without the route prefix.
+    """
+    check_type("route", doc, "object")
+    assert isinstance(doc, dict)
+    for key in doc:
+        if key not in _ROUTE_KEYS:
+            raise SchemaError("additional properties forbidden, found %s" % key)
+    if "uri" in doc and "uris" in doc:
+        raise SchemaError('only one of "uri" and "uris" is allowed')
+    if "uri" in doc:
+        check_type("uri", doc["uri"], "string")
+        uris: Tuple[str, ...] = (doc["uri"],)
+    elif "uris" in doc:
+        uris = _check_string_list("uris", doc["uris"])
+    else:
+        raise SchemaError('property "uri" is required')
+    for uri in uris:
+        if not uri.startswith("/"):
+            raise _prop("uri", 'expected "%s" to start with "/"' % uri)
+    methods = None
+    if "methods" in doc:
+        listed = _check_string_list("methods", doc["methods"])
+        for m in listed:
+            if m not in HTTP_METHODS:
+                raise _prop("methods", "failed to validate item: matches none of the enum values")
+        methods = frozenset(listed)
+    hosts = None
+    if "host" in doc and "hosts" in doc:
+        raise SchemaError('only one of "host" and "hosts" is allowed')
+    if "host" in doc:
+        check_type("host", doc["host"], "string")
+        hosts = (doc["host"],)
+    elif "hosts" in doc:
+        hosts = _check_string_list("hosts", doc["hosts"])
+    for h in hosts or ():
+        if not _HOST_RE.match(h):
+            raise _prop("hosts", 'invalid host "%s"' % h)
+    hosts = tuple(h.lower() for h in hosts) if hosts else None
+    priority = doc.get("priority", 0)
+    check_type("priority", priority, "integer")
+    status = doc.get("status", 1)
+    check_type("status", status, "integer")
+    if status not in (0, 1):
+        raise _prop("status", "matches none of the enum values")
+    name = doc.get("name", "")
+    check_type("name", name, "string")
+    plugins = doc.get("plugins", {})
+    if plugins == []:
+        plugins = {}
+    check_type("plugins", plugins, "object")
+    forward_auth = None
+    for plugin_name, plugin_conf in plugins.items():
+        if plugin_name not in KNOWN_PLUGINS:
+            raise SchemaError("unknown plugin [%s]" % plugin_name)
+        try:
+            forward_auth = parse_forward_auth(plugin_conf)
+        except SchemaError as e:
+            raise SchemaError("failed to check the configuration of plugin %s err: %s" % (plugin_name, e))
+    if "upstream" in doc and "upstream_id" in doc:
+        raise SchemaError('only one of "upstream" and "upstream_id" is allowed')
+    if "upstream" in doc:
+        try:
+            upstream = parse_upstream(doc["upstream"])
+        except SchemaError as e:
+            raise SchemaError("upstream: %s" % e)
+    elif "upstream_id" in doc:
+        uid = doc["upstream_id"]
+        if isinstance(uid, bool) or not isinstance(uid, (str, int)):
+            check_type("upstream_id", uid, "string")
+        if str(uid) not in upstreams:
+            raise SchemaError("failed to fetch upstream info by upstream id [%s]" % uid)
+        upstream = upstreams[str(uid)]
+    else:
+        raise SchemaError('property "upstream" is required (or "upstream_id")')
+    rid = doc.get("id", route_id)
+    if rid is None:
+        raise SchemaError('property "id" is required')
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        check_type("id", rid, "string")
+    return RouteConf(
+        id=str(rid),
+        uris=uris,
+        upstream=upstream,
+        name=name,
+        methods=methods,
+        hosts=hosts,
+        priority=priority,
+        forward_auth=forward_auth,
+        enabled=status == 1,
+        source=doc,
+    )
+
+
+def parse_config(doc: object) -> GatewayConf:
+    """
+    Validate a whole configuration document (already parsed from YAML/JSON).
+
+    @raise ConfigError: one line naming the route and attribute.
+    """
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError("config: expected a mapping at the top level")
+    for key in doc:
+        if key not in _TOP_LEVEL_KEYS:
+            raise ConfigError(
+                'config: unknown top-level key "%s" (known: %s)' % (key, ", ".join(sorted(_TOP_LEVEL_KEYS)))
+            )
+    listen = doc.get("listen", ["tcp:9080"])
+    if isinstance(listen, str):
+        listen = [listen]
+    try:
+        listen_t = _check_string_list("listen", listen)
+    except SchemaError as e:
+        raise ConfigError("config: %s" % e)
+    for desc in listen_t:
+        _check_endpoint("listen", desc)
+
+    upstreams = {}
+    raw_upstreams = doc.get("upstreams") or []
+    if not isinstance(raw_upstreams, list):
+        raise ConfigError('config: property "upstreams" validation failed: wrong type: expected array')
+    for i, up in enumerate(raw_upstreams, 1):
+        uid = up.get("id") if isinstance(up, dict) else None
+        label = 'upstream "%s"' % uid if uid is not None else "upstream #%d" % i
+        if uid is None:
+            raise ConfigError('%s: property "id" is required' % label)
+        try:
+            parsed = parse_upstream(up)
+        except SchemaError as e:
+            raise ConfigError("%s: %s" % (label, e))
+        if str(uid) in upstreams:
+            raise ConfigError("%s: duplicate id" % label)
+        upstreams[str(uid)] = parsed
+
+    routes = []
+    seen = set()
+    raw_routes = doc.get("routes") or []
+    if not isinstance(raw_routes, list):
+        raise ConfigError('config: property "routes" validation failed: wrong type: expected array')
+    for i, r in enumerate(raw_routes, 1):
+        rid = r.get("id") if isinstance(r, dict) else None
+        label = 'route "%s"' % rid if rid is not None else "route #%d" % i
+        try:
+            route = parse_route(r, upstreams)
+        except SchemaError as e:
+            message = str(e)
+            prefix = "failed to check the configuration of plugin forward-auth err: "
+            if message.startswith(prefix):
+                message = "plugin forward-auth: " + message[len(prefix):]
+            raise ConfigError("%s: %s" % (label, message))
+        if route.id in seen:
+            raise ConfigError("%s: duplicate id" % label)
+        seen.add(route.id)
+        routes.append(route)
+
+    demo = None
+    if doc.get("demo") is not None:
+        d = doc["demo"]
+        if not isinstance(d, dict) or set(d) - {"auth", "upstream"}:
+            raise ConfigError('config: "demo" takes "auth" and "upstream" endpoint descriptions')
+        for k in ("auth", "upstream"):
+            if not isinstance(d.get(k), str):
+                raise ConfigError('config: demo: property "%s" is required (an endpoint description)' % k)
+            _check_endpoint("demo.%s" % k, d[k])
+        demo = DemoConf(auth=d["auth"], upstream=d["upstream"])
+
+    trusted = doc.get("ssl_trusted_certificate")
+    if trusted is not None and not isinstance(trusted, str):
+        raise ConfigError('config: property "ssl_trusted_certificate" validation failed: wrong type: expected string')
+
+    http = HttpLimits()
+    if doc.get("http") is not None:
+        h = doc["http"]
+        if not isinstance(h, dict):
+            raise ConfigError('config: property "http" validation failed: wrong type: expected object')
+        values = {}
+        for k, v in h.items():
+            if k not in attr.fields_dict(HttpLimits):
+                raise ConfigError('config: http: unknown key "%s"' % k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                raise ConfigError('config: http: property "%s" must be a positive number' % k)
+            values[k] = v
+        http = HttpLimits(**values)
+
+    return GatewayConf(
+        listen=listen_t,
+        routes=tuple(routes),
+        upstreams=upstreams,
+        demo=demo,
+        ssl_trusted_certificate=trusted,
+        http=http,
+    )
+
+
+def _check_endpoint(where: str, description: str) -> None:
+    """Refuse endpoint strings Twisted could not parse (this also opens TLS key files), without listening."""
+    from twisted.internet.endpoints import _parseServer  # type: ignore[attr-defined]
+
+    try:
+        kind, args, _ = _parseServer(description, None)
+    except Exception as e:  # Twisted raises several types for bad strings
+        raise ConfigError('config: %s: bad endpoint description "%s": %s' % (where, description, e))
+    if kind in ("TCP", "SSL") and not 0 <= args[0] <= 65535:
+        raise ConfigError('config: %s: bad endpoint description "%s": bad port' % (where, description))
+
+
+def load_config(path: str) -> GatewayConf:
+    """Read and validate a YAML (or JSON) configuration file."""
+    try:
+        with open(path, "rb") as f:
+            doc = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError("config: cannot read %s: %s" % (path, e.strerror or e))
+    except yaml.YAMLError as e:
+        raise ConfigError("config: %s is not valid YAML: %s" % (path, str(e).replace("\n", " ")))
+    return parse_config(doc)

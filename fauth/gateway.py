@@ -1,0 +1,133 @@
+# -*- test-case-name: tests.test_gateway -*-
+"""
+The runtime built from a configuration: one route table whose entries carry
+their compiled forward-auth checker and upstream proxy, and the connection
+pools they share.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import attr
+from twisted.internet.defer import DeferredList
+
+from fauth.auth import ForwardAuth
+from fauth.authclient import AuthCallError, AuthClient, AuthTarget, quiet_pool
+from fauth.config import ForwardAuthConf, GatewayConf, RouteConf, UpstreamConf
+from fauth.proxy import UpstreamProxy
+from fauth.routing import RouteTable
+
+__all__ = ["AuthClients", "Gateway", "Route", "load_trust_root"]
+
+
+@attr.frozen
+class Route:
+    """A route's runtime: what L{RouteTable.match} returns."""
+
+    conf: RouteConf
+    auth: Optional[ForwardAuth]
+    upstream: UpstreamProxy
+
+
+def load_trust_root(path: Optional[str]) -> Any:
+    """The CA bundle of C{ssl_trusted_certificate}, or the platform's trust."""
+    if path is None:
+        return None
+    from twisted.internet import ssl
+
+    with open(path, "rb") as f:
+        pem = f.read()
+    certs = [
+        ssl.Certificate.loadPEM(b"-----BEGIN CERTIFICATE-----" + chunk)
+        for chunk in pem.split(b"-----BEGIN CERTIFICATE-----")[1:]
+    ]
+    return ssl.trustRootFromCertificates(certs)
+
+
+class AuthClients:
+    """
+    One L{AuthClient} (and so one connection pool) per auth target and pool
+    settings; routes calling the same auth service share it.
+    """
+
+    def __init__(self, reactor: Any, trust_root: Any = None) -> None:
+        self._reactor = reactor
+        self._trust_root = trust_root
+        self._clients: Dict[Tuple[Any, ...], AuthClient] = {}
+
+    def get(self, conf: ForwardAuthConf) -> AuthClient:
+        """The client for this plugin instance's C{uri} and keep-alive settings."""
+        try:
+            target: Optional[AuthTarget] = AuthTarget.parse(conf.uri, conf.ssl_verify)
+            bad_uri = None
+        except AuthCallError as e:
+            target, bad_uri = None, str(e)
+        key = (
+            target or conf.uri,
+            conf.keepalive,
+            conf.keepalive_timeout,
+            conf.keepalive_pool,
+            conf.timeout,
+        )
+        client = self._clients.get(key)
+        if client is None:
+            client = self._clients[key] = AuthClient(
+                self._reactor,
+                target,
+                keepalive=conf.keepalive,
+                keepalive_timeout=conf.keepalive_timeout / 1000.0,
+                keepalive_pool=conf.keepalive_pool,
+                connect_timeout=conf.timeout / 1000.0,
+                trust_root=self._trust_root,
+                bad_uri=bad_uri,
+            )
+        return client
+
+    def close(self) -> Any:
+        """Close every pooled connection."""
+        return DeferredList([c.close() for c in self._clients.values()])
+
+
+class Gateway:
+    """
+    Everything a request needs, built once per configuration.
+
+    @ivar table: the current L{RouteTable}; replaced, never mutated.
+    """
+
+    def __init__(self, reactor: Any, conf: GatewayConf) -> None:
+        self._reactor = reactor
+        self._trust_root = load_trust_root(conf.ssl_trusted_certificate)
+        self.auth_clients = AuthClients(reactor, self._trust_root)
+        self.upstream_pool = quiet_pool(reactor, True)
+        self.upstream_pool.maxPersistentPerHost = max(
+            [r.upstream.keepalive_pool for r in conf.routes] + [32]
+        )
+        self.upstream_pool.cachedConnectionTimeout = 60
+        self.conf = conf
+        self.table: RouteTable[Route] = self._build(conf)
+
+    def _build(self, conf: GatewayConf) -> "RouteTable[Route]":
+        proxies: Dict[int, UpstreamProxy] = {}
+        entries: List[Tuple[RouteConf, Route]] = []
+        for route in conf.routes:
+            upstream = self._proxy(route.upstream, proxies)
+            auth = None
+            if route.forward_auth is not None:
+                auth = ForwardAuth(
+                    route.forward_auth, self.auth_clients.get(route.forward_auth), self._reactor
+                )
+            entries.append((route, Route(route, auth, upstream)))
+        return RouteTable(entries)
+
+    def _proxy(self, conf: UpstreamConf, proxies: Dict[int, UpstreamProxy]) -> UpstreamProxy:
+        # Routes naming the same upstream share its balancer state.
+        key = id(conf)
+        proxy = proxies.get(key)
+        if proxy is None:
+            proxy = proxies[key] = UpstreamProxy(conf, self._reactor, self.upstream_pool, self._trust_root)
+        return proxy
+
+    def close(self) -> Any:
+        """Close the pools of both legs."""
+        return DeferredList([self.auth_clients.close(), self.upstream_pool.closeCachedConnections()])

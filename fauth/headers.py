@@ -1,0 +1,80 @@
+# -*- test-case-name: tests.test_headers -*-
+"""Header rules shared by both legs: hop-by-hop names and what a valid header is."""
+from __future__ import annotations
+
+import re
+from typing import FrozenSet, Iterable, List, Optional, Tuple
+
+from twisted.web.http_headers import Headers
+
+__all__ = [
+    "HOP_BY_HOP",
+    "HeaderError",
+    "check_header",
+    "end_to_end_headers",
+    "first_value",
+]
+
+# RFC 9110 section 7.6.1, plus the historical names proxies still see.
+HOP_BY_HOP: FrozenSet[bytes] = frozenset(
+    [
+        b"connection",
+        b"proxy-connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    ]
+)
+
+_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# Any control character except horizontal tab (RFC 9110 section 5.5).
+_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+class HeaderError(ValueError):
+    """A header that must not be sent; the message is lua-resty-http's wording."""
+
+
+def check_header(name: bytes, value: bytes) -> None:
+    """
+    Refuse, rather than sanitise, what Twisted's L{Headers} would silently
+    rewrite: a name that is not a token, a value with CR, LF or another
+    control character.
+    """
+    if not _TOKEN.match(name):
+        raise HeaderError("invalid characters found in header key")
+    if _CTL.search(value):
+        raise HeaderError("invalid characters found in header value")
+
+
+def first_value(headers: Headers, name: bytes) -> Optional[bytes]:
+    """The first value of a header, or C{None}."""
+    values = headers.getRawHeaders(name)
+    return values[0] if values else None
+
+
+def connection_listed(headers: Headers) -> FrozenSet[bytes]:
+    """Names listed in C{Connection}, lower-cased: hop-by-hop for this message."""
+    values = headers.getRawHeaders(b"connection")
+    if not values:
+        return frozenset()
+    return frozenset(
+        token.strip().lower() for value in values for token in value.split(b",") if token.strip()
+    )
+
+
+def end_to_end_headers(
+    headers: Headers, drop: Iterable[bytes] = ()
+) -> List[Tuple[bytes, List[bytes]]]:
+    """
+    Every header except the hop-by-hop ones (and C{drop}), all values kept,
+    names lower-cased.
+    """
+    skip = HOP_BY_HOP | connection_listed(headers) | frozenset(drop)
+    return [
+        (name.lower(), values)
+        for name, values in headers.getAllRawHeaders()
+        if name.lower() not in skip
+    ]

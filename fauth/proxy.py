@@ -1,0 +1,218 @@
+# -*- test-case-name: tests.test_proxy -*-
+"""
+The upstream leg: a persistent pooled HTTP/1.1 Agent, bodies streamed with
+backpressure, hop-by-hop headers dropped both ways.
+"""
+from __future__ import annotations
+
+from io import BytesIO
+from typing import Any, Optional
+
+from twisted.internet import error as net_error
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Cooperator
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import client as web_client
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
+
+from fauth.authclient import BytesProducer, describe_failure, tls_policy
+from fauth.balancer import SmoothWeightedRoundRobin
+from fauth.config import UpstreamConf
+from fauth.headers import end_to_end_headers
+from fauth.inbound import InboundRequest
+
+__all__ = ["UpstreamProxy", "send_simple"]
+
+log = Logger()
+
+# Framing is redone for the upstream connection; Host is set per pass_host.
+_REQUEST_DROP = frozenset([b"host", b"content-length", b"expect"])
+_BODY_METHODS = frozenset([b"POST", b"PUT", b"PATCH"])
+
+
+def send_simple(request: Any, status: int, body: bytes = b"", content_type: Optional[bytes] = None) -> None:
+    """Answer with a fixed status and body (gateway-made responses)."""
+    request.setResponseCode(status)
+    if content_type is not None:
+        request.responseHeaders.setRawHeaders(b"content-type", [content_type])
+    request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+    if body:
+        request.write(body)
+    request.finish()
+
+
+class _Relay(Protocol):
+    """
+    Streams the upstream body to the client.  The upstream transport is the
+    client request's push producer, so a slow client pauses the upstream
+    socket instead of growing a buffer.
+    """
+
+    def __init__(self, request: Any, reactor: Any, idle_timeout: float) -> None:
+        self._request = request
+        self._reactor = reactor
+        self._idle_timeout = idle_timeout
+        self._timer: Any = None
+        self.client_gone = False
+
+    def connectionMade(self) -> None:
+        self._request.registerProducer(self.transport, True)
+        self._timer = self._reactor.callLater(self._idle_timeout, self._idle)
+
+    def _idle(self) -> None:
+        log.warn("upstream read timed out in the body; aborting the client connection")
+        self.transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.client_gone:
+            return
+        self._timer.reset(self._idle_timeout)
+        self._request.write(data)
+
+    def stop(self) -> None:
+        """The client went away: stop the upstream transfer."""
+        self.client_gone = True
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        request = self._request
+        if self.client_gone:
+            return
+        request.unregisterProducer()
+        if reason.check(web_client.ResponseDone, web_client.PotentialDataLoss):
+            request.finish()
+        else:
+            # The status line has gone out: the only honest signal left is
+            # to abort, so the client never takes a truncated body as whole.
+            log.warn("upstream failed mid-body: {err}", err=describe_failure(reason))
+            transport = request.channel.transport if request.channel else None
+            if transport is not None:
+                abort = getattr(transport, "abortConnection", None)
+                (abort or transport.loseConnection)()
+
+
+class UpstreamProxy:
+    """
+    Sends allowed requests to one upstream's nodes.
+
+    @param pool: shared L{HTTPConnectionPool} (keyed per host:port inside).
+    """
+
+    def __init__(self, conf: UpstreamConf, reactor: Any, pool: Any, trust_root: Any = None) -> None:
+        self.conf = conf
+        self._reactor = reactor
+        self._balancer = SmoothWeightedRoundRobin(conf.nodes)
+        self._agent = web_client.Agent(
+            reactor,
+            contextFactory=tls_policy(True, trust_root),
+            connectTimeout=conf.timeout.connect,
+            pool=pool,
+        )
+        self._scheme = conf.scheme.encode("ascii")
+        self._response_timeout = conf.timeout.send + conf.timeout.read
+        self._cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
+        self._rewrite_host = (conf.upstream_host or "").encode("idna") if conf.pass_host == "rewrite" else None
+
+    def _headers(self, request: Any, inbound: InboundRequest, netloc: bytes) -> Headers:
+        headers = Headers(dict(end_to_end_headers(request.requestHeaders, _REQUEST_DROP)))
+        if self.conf.pass_host == "node":
+            host = netloc
+        elif self._rewrite_host is not None:
+            host = self._rewrite_host
+        else:
+            host = request.requestHeaders.getRawHeaders(b"host", [netloc])[0]
+        headers.setRawHeaders(b"host", [host])
+        peer = inbound.remote_addr.encode("latin-1")
+        forwarded = headers.getRawHeaders(b"x-forwarded-for")
+        headers.setRawHeaders(
+            b"x-forwarded-for", [b", ".join(forwarded + [peer]) if forwarded else peer]
+        )
+        headers.setRawHeaders(b"x-real-ip", [peer])
+        headers.setRawHeaders(b"x-forwarded-proto", [inbound.scheme.encode("ascii")])
+        headers.setRawHeaders(b"x-forwarded-host", [inbound.host.encode("latin-1")])
+        headers.setRawHeaders(b"x-forwarded-port", [b"%d" % inbound.server_port])
+        return headers
+
+    def _body(self, request: Any, inbound: InboundRequest) -> Any:
+        content = request.content
+        size = inbound.body_length()
+        if size == 0:
+            if request.method in _BODY_METHODS or request.requestHeaders.hasHeader(b"content-length"):
+                return BytesProducer(b"")
+            return None
+        if isinstance(content, BytesIO):
+            return BytesProducer(content.getvalue())
+        content.seek(0)
+        return web_client.FileBodyProducer(content, cooperator=self._cooperator)
+
+    def forward(self, request: Any, inbound: InboundRequest) -> None:
+        """Proxy C{request} to the next node and stream the answer back."""
+        node = self._balancer.pick()
+        netloc = node.netloc.encode("idna")
+        url = b"%s://%s%s" % (self._scheme, netloc, inbound.upstream_target)
+        headers = self._headers(request, inbound, netloc)
+        relay = _Relay(request, self._reactor, self.conf.timeout.read)
+        state = {"timed_out": False}
+        d = self._agent.request(request.method, url, headers, self._body(request, inbound))
+
+        def expire() -> None:
+            state["timed_out"] = True
+            d.cancel()
+
+        timer = self._reactor.callLater(self._response_timeout, expire)
+
+        def client_gone(_: Any) -> None:
+            relay.client_gone = True
+            if not d.called:
+                d.cancel()
+            else:
+                relay.stop()
+
+        request.notifyFinish().addErrback(client_gone)
+
+        def got_response(response: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            if relay.client_gone:
+                response.deliverBody(Protocol())
+                return
+            request.setResponseCode(response.code, response.phrase)
+            out = request.responseHeaders
+            for name, values in end_to_end_headers(response.headers):
+                out.setRawHeaders(name, values)
+            if response.length is not UNKNOWN_LENGTH:
+                out.setRawHeaders(b"content-length", [b"%d" % response.length])
+            response.deliverBody(relay)
+
+        def failed(failure: Failure) -> None:
+            if timer.active():
+                timer.cancel()
+            if relay.client_gone:
+                return
+            if state["timed_out"] or failure.check(net_error.TimeoutError):
+                status = 504
+                reason = "timeout"
+            else:
+                status = 502
+                reason = describe_failure(failure)
+            log.warn(
+                "upstream {node} failed: {err}", node=node.netloc, err=reason
+            )
+            send_simple(request, status)
+
+        d.addCallbacks(got_response, failed)
+        d.addErrback(self._unexpected, request)
+
+    @staticmethod
+    def _unexpected(failure: Failure, request: Any) -> None:
+        if failure.check(CancelledError):
+            return
+        log.failure("unexpected error in the upstream leg", failure)
+        if not request.finished and not request.startedWriting:
+            send_simple(request, 502)

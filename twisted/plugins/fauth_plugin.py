@@ -1,0 +1,10 @@
+# The twistd/twist plugin: resolved lazily by ServiceMaker, so importing this
+# module never imports fauth's code or the reactor.
+from twisted.application.service import ServiceMaker
+
+fauth = ServiceMaker(
+    "fauth",
+    "fauth.tap",
+    "Forward-authentication gateway (APISIX forward-auth compatible)",
+    "fauth",
+)
