@@ -8,13 +8,13 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import attr
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from fauth import __version__
-from fauth.authclient import AuthCallError, AuthClient, AuthReply, describe_failure
+from fauth.authclient import AuthCallError, AuthClient, AuthReply, describe_failure, is_cancellation
 from fauth.config import ForwardAuthConf
 from fauth.headers import HeaderError, check_header, first_value
 from fauth.inbound import InboundRequest
@@ -118,8 +118,8 @@ class ForwardAuth:
         if self._extra:
             variables = self._variables(inbound, route_id) if self._extra_needs_vars else None
             for key, name, template in self._extra:
-                value = template.source if variables is None else template.render(variables)
-                table[key] = (name, value.encode("utf-8"))
+                value = template.source.encode("utf-8") if variables is None else template.render_bytes(variables)
+                table[key] = (name, value)
         for key, name, lookups in self._request_headers:
             if key in table:
                 continue
@@ -208,7 +208,7 @@ class ForwardAuth:
     def _transport_failure(self, failure: Failure) -> Decision:
         if failure.check(AuthCallError):
             return self._failed(str(failure.value))
-        if failure.check(CancelledError):
+        if is_cancellation(failure):
             # The caller cancelled (the client went away): nobody to answer.
             return failure  # type: ignore[return-value]
         return self._failed(describe_failure(failure))

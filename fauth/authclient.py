@@ -28,8 +28,10 @@ from twisted.python.failure import Failure
 from twisted.web import client as web_client
 from twisted.web._newclient import ParseError, ResponseFailed, ResponseNeverReceived, RequestGenerationFailed
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS
+from twisted.web.iweb import IAgent, IBodyProducer
 from zope.interface import implementer
+
+from fauth.transport import make_agent, quiet_pool, tls_policy
 
 __all__ = [
     "AuthCallError",
@@ -38,8 +40,7 @@ __all__ = [
     "AuthTarget",
     "BytesProducer",
     "describe_failure",
-    "quiet_pool",
-    "tls_policy",
+    "is_cancellation",
 ]
 
 # A denial's body goes back to the client; beyond this an auth service is
@@ -202,6 +203,14 @@ class _CappedBody(Protocol):
             self.done.errback(reason)
 
 
+def is_cancellation(failure: Failure) -> bool:
+    """Whether a failed call was cancelled by its caller (possibly wrapped by the Agent)."""
+    if failure.check(CancelledError):
+        return True
+    reasons = getattr(failure.value, "reasons", None) or []
+    return any(inner.check(CancelledError) for inner in reasons)
+
+
 def describe_failure(failure: Failure) -> str:
     """The reference's short error strings (C{closed}, C{timeout}, ...) for a failed call."""
     exc = failure.value
@@ -227,35 +236,6 @@ def describe_failure(failure: Failure) -> str:
         return "cancelled"
     text = failure.getErrorMessage()
     return "%s: %s" % (type(exc).__name__, text) if text else type(exc).__name__
-
-
-@implementer(IPolicyForHTTPS)
-class _NoVerification:
-    """C{ssl_verify: false}: TLS without certificate or hostname checks."""
-
-    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
-        from twisted.internet import ssl
-
-        return ssl.CertificateOptions(verify=False)
-
-
-def tls_policy(ssl_verify: bool, trust_root: Any = None) -> IPolicyForHTTPS:
-    """Certificate and hostname verification (service-identity), cached per host."""
-    if not ssl_verify:
-        return _NoVerification()
-    return web_client.HostnameCachingHTTPSPolicy(web_client.BrowserLikePolicyForHTTPS(trust_root))
-
-
-class _QuietFactory(web_client._HTTP11ClientFactory):  # type: ignore[misc]
-    # One "Starting factory" log line per pooled connection is noise.
-    noisy = False
-
-
-def quiet_pool(reactor: Any, persistent: bool) -> web_client.HTTPConnectionPool:
-    """An L{HTTPConnectionPool} that does not log every new connection."""
-    pool = web_client.HTTPConnectionPool(reactor, persistent=persistent)
-    pool._factory = _QuietFactory
-    return pool
 
 
 class AuthClient:
@@ -285,11 +265,8 @@ class AuthClient:
         self.pool = quiet_pool(reactor, keepalive)
         self.pool.maxPersistentPerHost = keepalive_pool
         self.pool.cachedConnectionTimeout = keepalive_timeout
-        agent = web_client.Agent(
-            reactor,
-            contextFactory=tls_policy(target.ssl_verify if target else True, trust_root),
-            connectTimeout=connect_timeout,
-            pool=self.pool,
+        agent = make_agent(
+            reactor, self.pool, tls_policy(target.ssl_verify if target else True, trust_root), connect_timeout
         )
         self._http = HTTPClient(_ExactHeadersAgent(agent), cookiejar=_NoCookies())
         self._url = EncodedURL.from_text(target.url.decode("ascii")) if target else None

@@ -224,14 +224,14 @@ def _parse_node_address(address: str) -> Tuple[str, Optional[int]]:
     if address.startswith("["):
         host, sep, rest = address[1:].partition("]")
         if not sep:
-            raise SchemaError('invalid node address "%s"' % address)
+            raise _prop("nodes", 'invalid node address "%s"' % address)
         port_text = rest[1:] if rest.startswith(":") else None
         if rest and not rest.startswith(":"):
-            raise SchemaError('invalid node address "%s"' % address)
+            raise _prop("nodes", 'invalid node address "%s"' % address)
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise SchemaError('invalid node address "%s"' % address)
+            raise _prop("nodes", 'invalid node address "%s"' % address)
     else:
         host, sep, port_text_ = address.rpartition(":")
         if not sep:
@@ -239,13 +239,13 @@ def _parse_node_address(address: str) -> Tuple[str, Optional[int]]:
         else:
             port_text = port_text_
         if ":" in host:
-            raise SchemaError('invalid node address "%s" (IPv6 needs brackets)' % address)
+            raise _prop("nodes", 'invalid node address "%s" (IPv6 needs brackets)' % address)
         if not host or not _HOSTNAME_RE.match(host):
-            raise SchemaError('invalid node address "%s"' % address)
+            raise _prop("nodes", 'invalid node address "%s"' % address)
     if port_text is None:
         return host, None
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise SchemaError('invalid node address "%s": bad port' % address)
+        raise _prop("nodes", 'invalid node address "%s": bad port' % address)
     return host, int(port_text)
 
 
@@ -569,7 +569,14 @@ def load_config(path: str) -> GatewayConf:
     """Read and validate a YAML (or JSON) configuration file."""
     try:
         with open(path, "rb") as f:
-            doc = yaml.safe_load(f)
+            # JSON first: PyYAML refuses tab-indented JSON and reads 1e3 as a string.
+            import json
+
+            try:
+                doc = json.loads(f.read())
+            except ValueError:
+                f.seek(0)
+                doc = yaml.safe_load(f)
     except OSError as e:
         raise ConfigError("config: cannot read %s: %s" % (path, e.strerror or e))
     except yaml.YAMLError as e:

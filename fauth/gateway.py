@@ -12,10 +12,11 @@ import attr
 from twisted.internet.defer import DeferredList
 
 from fauth.auth import ForwardAuth
-from fauth.authclient import AuthCallError, AuthClient, AuthTarget, quiet_pool
+from fauth.authclient import AuthCallError, AuthClient, AuthTarget
 from fauth.config import ForwardAuthConf, GatewayConf, RouteConf, UpstreamConf
 from fauth.proxy import UpstreamProxy
 from fauth.routing import RouteTable
+from fauth.transport import quiet_pool
 
 __all__ = ["AuthClients", "Gateway", "Route", "load_trust_root"]
 

@@ -18,7 +18,8 @@ from twisted.web import client as web_client
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from fauth.authclient import BytesProducer, describe_failure, tls_policy
+from fauth.authclient import BytesProducer, describe_failure
+from fauth.transport import make_agent, tls_policy
 from fauth.balancer import SmoothWeightedRoundRobin
 from fauth.config import UpstreamConf
 from fauth.headers import end_to_end_headers
@@ -108,12 +109,7 @@ class UpstreamProxy:
         self.conf = conf
         self._reactor = reactor
         self._balancer = SmoothWeightedRoundRobin(conf.nodes)
-        self._agent = web_client.Agent(
-            reactor,
-            contextFactory=tls_policy(True, trust_root),
-            connectTimeout=conf.timeout.connect,
-            pool=pool,
-        )
+        self._agent = make_agent(reactor, pool, tls_policy(True, trust_root), conf.timeout.connect)
         self._scheme = conf.scheme.encode("ascii")
         self._response_timeout = conf.timeout.send + conf.timeout.read
         self._cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Union
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.resource import IResource, Resource, getChildForRequest
 
 from fauth.auth import Allow, Decision, ForwardAuth, Respond
+from fauth.authclient import is_cancellation
 from fauth.config import ForwardAuthConf, HttpLimits, parse_forward_auth
 from fauth.gateway import AuthClients, Gateway, Route
 from fauth.inbound import BadRequest, InboundRequest
@@ -56,11 +57,16 @@ def write_respond(request: Any, decision: Respond) -> None:
     send_simple(request, decision.status, decision.body, content_type)
 
 
+def client_gone(request: Any) -> bool:
+    """Whether the client connection of C{request} is already lost."""
+    return bool(getattr(request, "_disconnected", False))
+
+
 def _internal_error(failure: Failure, request: Any, what: str) -> None:
-    if failure.check(CancelledError):
+    if is_cancellation(failure):
         return
     log.failure("unexpected error while {what}", failure, what=what)
-    if not request.finished and not request.startedWriting and not getattr(request, "_disconnected", False):
+    if not request.finished and not request.startedWriting and not client_gone(request):
         send_simple(request, 500)
 
 
@@ -104,6 +110,8 @@ class GatewayResource(Resource):
 
     @staticmethod
     def _decided(decision: Decision, request: Any, inbound: InboundRequest, route: Route) -> None:
+        if client_gone(request):
+            return
         if isinstance(decision, Respond):
             write_respond(request, decision)
             return
@@ -160,6 +168,8 @@ class ForwardAuthResource(Resource):
         return server.NOT_DONE_YET
 
     def _decided(self, decision: Decision, request: Any) -> None:
+        if client_gone(request):
+            return
         if isinstance(decision, Respond):
             write_respond(request, decision)
             return

@@ -1,0 +1,736 @@
+"""Compile-once templates for APISIX ``extra_headers`` values.
+
+A template such as ``"tenant=$post_arg.tenant_id;${http_x_user ?? anon}"``
+is parsed once (:func:`compile_template`) into literal text and variable
+references; :meth:`Template.render` then only looks the variables up and
+concatenates, which keeps the per-request cost small.
+
+:class:`RequestVariables` resolves the APISIX/nginx variable names
+(``$uri``, ``$http_*``, ``$arg_*``, ``$cookie_*``, ``$post_arg.*`` ...) for
+one client request.
+
+String convention: everything that comes from the wire (headers, query,
+body fields) is returned as a "byte string" -- a ``str`` obtained by
+decoding the raw bytes as latin-1, one character per byte, exactly like a
+Lua string.  Callers should encode rendered values back with latin-1.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.utils
+import json
+import re
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    List,
+    Optional,
+    Protocol,
+    Tuple,
+    Union,
+    TYPE_CHECKING,
+)
+from urllib.parse import unquote_to_bytes
+
+import attrs
+from twisted.logger import Logger
+
+if TYPE_CHECKING:
+    from twisted.web.http_headers import Headers
+
+__all__ = [
+    "DEFAULT_MAX_POST_ARGS_SIZE",
+    "NULL",
+    "RequestVariables",
+    "Template",
+    "VarRef",
+    "VariableSource",
+    "compile_template",
+    "lua_tostring",
+]
+
+_log = Logger()
+
+_MISSING = object()
+
+
+# --------------------------------------------------------------------------
+# Lua value model
+# --------------------------------------------------------------------------
+
+
+class _LuaNull:
+    """Singleton standing for cjson's ``null`` userdata.
+
+    Lookups must distinguish "missing" (``None``, so ``??`` defaults apply)
+    from a JSON ``null`` that is present (APISIX renders it as
+    ``userdata: NULL`` and does not apply the default).
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NULL"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+#: The JSON ``null`` value as returned by :meth:`RequestVariables.lookup`.
+NULL = _LuaNull()
+
+
+def lua_tostring(value: object) -> str:
+    """Stringify *value* the way Lua's ``tostring`` would in APISIX.
+
+    ``bool`` -> ``true``/``false``; ``int`` -> decimal; ``float`` ->
+    ``%.14g`` (LuaJIT's number format); ``None``/:data:`NULL` ->
+    ``userdata: NULL``; ``dict``/``list``/``tuple`` -> ``table: 0x<id>``;
+    ``bytes`` -> latin-1 text; ``str`` unchanged.
+    """
+    cls = value.__class__
+    if cls is str:
+        return value  # type: ignore[return-value]
+    # bool before int: bool is an int subclass.
+    if cls is bool:
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return "%.14g" % value
+    if value is None or value is NULL:
+        return "userdata: NULL"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("latin-1")
+    if isinstance(value, (dict, list, tuple)):
+        return "table: 0x%08x" % id(value)
+    return str(value)
+
+
+def _to_byte_string(text: str) -> str:
+    """Re-express decoded Unicode text as latin-1 chars of its UTF-8 bytes."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "surrogatepass").decode("latin-1")
+
+
+# --------------------------------------------------------------------------
+# Templates
+# --------------------------------------------------------------------------
+
+
+class VariableSource(Protocol):
+    """Anything that can resolve a variable name for :meth:`Template.render`."""
+
+    def lookup(self, name: str) -> Optional[Any]:
+        """Return the variable's value, or ``None`` when it is missing."""
+        ...
+
+
+@attrs.frozen
+class VarRef:
+    """A ``$name`` / ``${name ?? default}`` reference inside a template."""
+
+    name: str
+    #: Text used when the variable is missing; ``None`` when no ``??`` given.
+    default: Optional[str] = None
+
+
+# ``$name`` is greedy over [A-Za-z0-9_.] so ``$post_arg.a.b`` is one name;
+# the braced form allows whitespace and an optional ``?? default`` (trailing
+# whitespace before ``}`` is trimmed).  ``\$`` is left untouched.
+_VAR_RE = re.compile(
+    r"(?<!\\)\$(?:"
+    r"\{\s*([A-Za-z0-9_.]+)\s*(?:\?\?\s*([^}]*?)\s*)?\}"
+    r"|([A-Za-z0-9_.]+)"
+    r")"
+)
+
+_Part = Union[str, VarRef]
+
+
+def _parse(source: str) -> Tuple[_Part, ...]:
+    """Split *source* into literal strings and :class:`VarRef` parts."""
+    if "$" not in source:
+        return (source,) if source else ()
+    parts: List[_Part] = []
+    pos = 0
+    for m in _VAR_RE.finditer(source):
+        if m.start() > pos:
+            parts.append(source[pos : m.start()])
+        braced = m.group(1)
+        if braced is not None:
+            parts.append(VarRef(braced, m.group(2)))
+        else:
+            parts.append(VarRef(m.group(3)))
+        pos = m.end()
+    if pos < len(source):
+        parts.append(source[pos:])
+    return tuple(parts)
+
+
+@attrs.frozen
+class Template:
+    """A parsed ``extra_headers`` value; build it once, render per request.
+
+    Output convention: :meth:`render` returns a latin-1 "byte string" (one
+    character per byte).  Literal text from the configuration is held as its
+    UTF-8 bytes, request data as the raw bytes, so ``render(v).encode(
+    "latin-1")`` -- or simply :meth:`render_bytes` -- gives exactly the bytes
+    APISIX would send.  For ASCII templates this is plain text.
+    """
+
+    source: str
+    _parts: Tuple[_Part, ...] = attrs.field(init=False, repr=False, eq=False)
+    # Flattened (is_literal, text_or_name, default) triples so the render
+    # loop needs no attribute access or isinstance checks; empty when the
+    # template has no variables.
+    _ops: Tuple[Tuple[bool, str, str], ...] = attrs.field(
+        init=False, repr=False, eq=False
+    )
+    # Rendering of a variable-free template (source as a byte string).
+    _constant: str = attrs.field(init=False, repr=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        parts = _parse(self.source)
+        ops: Tuple[Tuple[bool, str, str], ...] = ()
+        if any(p.__class__ is VarRef for p in parts):
+            ops = tuple(
+                (True, _to_byte_string(p), "")
+                if isinstance(p, str)
+                else (False, p.name, _to_byte_string(p.default or ""))
+                for p in parts
+            )
+        object.__setattr__(self, "_parts", parts)
+        object.__setattr__(self, "_ops", ops)
+        object.__setattr__(self, "_constant", _to_byte_string(self.source))
+
+    @property
+    def parts(self) -> Tuple[_Part, ...]:
+        """The compiled parts: literal ``str`` and :class:`VarRef` items."""
+        return self._parts
+
+    @property
+    def is_literal(self) -> bool:
+        """True when the template references no variables at all."""
+        return not self._ops
+
+    @property
+    def variable_names(self) -> Tuple[str, ...]:
+        """Names of the referenced variables, in order of appearance."""
+        return tuple(p.name for p in self._parts if isinstance(p, VarRef))
+
+    def render(self, variables: VariableSource) -> str:
+        """Substitute variables from *variables* and return the text.
+
+        A missing variable (``lookup`` returned ``None``) becomes its ``??``
+        default or the empty string; other values go through
+        :func:`lua_tostring`.  A variable-free template returns its source
+        (as a byte string, i.e. unchanged when ASCII) without any lookup.
+        """
+        ops = self._ops
+        if not ops:
+            return self._constant
+        lookup = variables.lookup
+        out: List[str] = []
+        append = out.append
+        for literal, text, default in ops:
+            if literal:
+                append(text)
+                continue
+            value = lookup(text)
+            if value is None:
+                append(default)
+            elif value.__class__ is str:
+                append(value)
+            else:
+                append(lua_tostring(value))
+        return "".join(out)
+
+    def render_bytes(self, variables: VariableSource) -> bytes:
+        """:meth:`render`, encoded to the bytes to put on the wire."""
+        text = self.render(variables)
+        try:
+            return text.encode("latin-1")
+        except UnicodeEncodeError:
+            # Only a foreign VariableSource returning real (non-latin-1)
+            # Unicode text gets here; send that as UTF-8.
+            return text.encode("utf-8", "surrogateescape")
+
+
+def compile_template(value: str) -> Template:
+    """Parse *value* once into a reusable :class:`Template`."""
+    return Template(value)
+
+
+# --------------------------------------------------------------------------
+# Request-side resolver
+# --------------------------------------------------------------------------
+
+# ngx.req.get_uri_args / get_post_args stop after 100 arguments by default.
+_MAX_ARGS = 100
+
+#: APISIX ``max_post_args_readable_size`` default (64 MiB); bodies larger than
+#: this make ``post_arg`` variables missing.
+DEFAULT_MAX_POST_ARGS_SIZE = 64 * 1024 * 1024
+
+_ArgValue = Union[str, bool, List[Union[str, bool]]]
+
+
+def _latin1(value: Union[str, bytes]) -> str:
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    return value
+
+
+def _unescape(text: str) -> str:
+    """Percent-decode *text* (``+`` is a space) into a latin-1 byte string."""
+    text = text.replace("+", " ")
+    if "%" not in text:
+        return text
+    try:
+        raw = text.encode("latin-1")
+    except UnicodeEncodeError:
+        # The caller handed us already-decoded non-latin-1 text; keep its
+        # UTF-8 bytes so the result is still one char per byte.
+        raw = text.encode("utf-8", "surrogatepass")
+    return unquote_to_bytes(raw).decode("latin-1")
+
+
+def _parse_ngx_args(raw: str) -> Dict[str, _ArgValue]:
+    """Parse ``a=1&b&a=2`` like ``ngx.decode_args``.
+
+    A key without ``=`` is boolean ``true``; repeated keys collect into a
+    list; empty keys are dropped; at most :data:`_MAX_ARGS` are read.
+    """
+    result: Dict[str, _ArgValue] = {}
+    count = 0
+    for piece in raw.split("&"):
+        if not piece:
+            continue
+        if count >= _MAX_ARGS:
+            break
+        count += 1
+        key, eq, val = piece.partition("=")
+        key = _unescape(key)
+        if not key:
+            continue
+        value: Union[str, bool] = _unescape(val) if eq else True
+        existing = result.get(key)
+        if existing is None:
+            result[key] = value
+        elif isinstance(existing, list):
+            existing.append(value)
+        else:
+            result[key] = [existing, value]
+    return result
+
+
+def _first(value: Optional[_ArgValue]) -> Optional[Union[str, bool]]:
+    if isinstance(value, list):
+        return value[0]
+    return value
+
+
+def _parse_multipart(content_type: str, body: bytes) -> Dict[str, str]:
+    """Return ``{field name: content}`` for a multipart/form-data body.
+
+    Like lua-multipart's ``get_all`` the first part with a given name wins.
+    """
+    # Header values cannot carry CR/LF, but make sure ours cannot either.
+    ct = content_type.replace("\r", " ").replace("\n", " ")
+    raw = b"Content-Type: " + ct.encode("latin-1", "replace") + b"\r\n\r\n" + body
+    message = email.parser.BytesParser().parsebytes(raw)
+    fields: Dict[str, str] = {}
+    if not message.is_multipart():
+        return fields
+    payload = message.get_payload()
+    if not isinstance(payload, list):
+        return fields
+    for part in payload:
+        if part.is_multipart():
+            continue
+        name = part.get_param("name", header="content-disposition")
+        if name is None:
+            continue
+        name = email.utils.collapse_rfc2231_value(name)
+        try:
+            # The parser keeps undecodable header bytes as surrogates.
+            name = name.encode("ascii", "surrogateescape").decode("latin-1")
+        except UnicodeEncodeError:
+            pass
+        if name in fields:
+            continue
+        content = part.get_payload(decode=True)
+        if content is None:
+            content = b""
+        fields[name] = content.decode("latin-1") if isinstance(content, bytes) else str(content)
+    return fields
+
+
+# JSONPath subset used when a post_arg path contains "[", "*" or "..".
+_JP_NAME_RE = re.compile(r"[^.\[\]]+")
+_JP_INT_RE = re.compile(r"-?\d+$")
+
+
+class _UnsupportedPath(Exception):
+    pass
+
+
+def _jp_parse(expr: str) -> List[Tuple[bool, str, Any]]:
+    """Parse ``.a..b[0]['c'][*][1:3]`` into (recursive, kind, arg) steps."""
+    steps: List[Tuple[bool, str, Any]] = []
+    i = 0
+    n = len(expr)
+    while i < n:
+        recursive = False
+        if expr.startswith("..", i):
+            recursive = True
+            i += 2
+        elif expr[i] == ".":
+            i += 1
+        elif expr[i] != "[":
+            raise _UnsupportedPath(expr)
+        if i >= n:
+            raise _UnsupportedPath(expr)
+        if expr[i] == "[":
+            end = expr.find("]", i)
+            if end < 0:
+                raise _UnsupportedPath(expr)
+            inner = expr[i + 1 : end].strip()
+            i = end + 1
+            if inner == "*":
+                steps.append((recursive, "wild", None))
+            elif inner[:1] in ("'", '"'):
+                names = []
+                for item in inner.split(","):
+                    item = item.strip()
+                    if len(item) < 2 or item[0] != item[-1] or item[0] not in "'\"":
+                        raise _UnsupportedPath(expr)
+                    names.append(item[1:-1])
+                steps.append((recursive, "names", names))
+            elif ":" in inner:
+                bounds = inner.split(":")
+                if len(bounds) > 3 or not all(
+                    b.strip() == "" or _JP_INT_RE.match(b.strip()) for b in bounds
+                ):
+                    raise _UnsupportedPath(expr)
+                nums = [int(b) if b.strip() else None for b in bounds]
+                steps.append((recursive, "slice", slice(*nums)))
+            elif inner and all(_JP_INT_RE.match(x.strip()) for x in inner.split(",")):
+                steps.append(
+                    (recursive, "indexes", [int(x) for x in inner.split(",")])
+                )
+            else:
+                # Filters ?(...), script (...) and the like.
+                raise _UnsupportedPath(expr)
+        elif expr[i] == "*":
+            i += 1
+            steps.append((recursive, "wild", None))
+        else:
+            m = _JP_NAME_RE.match(expr, i)
+            if m is None:
+                raise _UnsupportedPath(expr)
+            i = m.end()
+            steps.append((recursive, "names", [m.group(0)]))
+    return steps
+
+
+def _jp_descendants(node: Any, out: List[Any]) -> None:
+    """Append *node* and everything below it to *out*, in document order."""
+    # Iterative: client-controlled nesting must not hit the recursion limit.
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        out.append(current)
+        if isinstance(current, dict):
+            stack.extend(reversed(list(current.values())))
+        elif isinstance(current, list):
+            stack.extend(reversed(current))
+
+
+def _jp_select(node: Any, kind: str, arg: Any, out: List[Any]) -> None:
+    if kind == "names":
+        if isinstance(node, dict):
+            for name in arg:
+                if name in node:
+                    out.append(node[name])
+    elif kind == "wild":
+        if isinstance(node, dict):
+            out.extend(node.values())
+        elif isinstance(node, list):
+            out.extend(node)
+    elif kind == "indexes":
+        if isinstance(node, list):
+            size = len(node)
+            for idx in arg:
+                if -size <= idx < size:
+                    out.append(node[idx])
+    elif kind == "slice":
+        if isinstance(node, list):
+            out.extend(node[arg])
+
+
+def _jsonpath(root: Any, path: str) -> Optional[List[Any]]:
+    """Evaluate the APISIX ``$.<path>`` query; ``None`` when nothing matches.
+
+    Unsupported syntax (filters, scripts) yields an empty list so the value
+    still renders as a Lua table, as APISIX would for a query result.
+    """
+    expr = path if path[:1] in (".", "[") else "." + path
+    try:
+        steps = _jp_parse(expr)
+    except _UnsupportedPath:
+        return []
+    nodes: List[Any] = [root]
+    for recursive, kind, arg in steps:
+        if recursive:
+            expanded: List[Any] = []
+            for node in nodes:
+                _jp_descendants(node, expanded)
+            nodes = expanded
+        selected: List[Any] = []
+        for node in nodes:
+            _jp_select(node, kind, arg, selected)
+        nodes = selected
+        if not nodes:
+            break
+    return nodes or None
+
+
+_KIND_JSON = "json"
+_KIND_FORM = "form"
+_KIND_MULTIPART = "multipart"
+_BODY_KINDS = frozenset(
+    ("application/json", "application/x-www-form-urlencoded", "multipart/form-data")
+)
+
+
+class RequestVariables:
+    """:class:`VariableSource` for one client request (APISIX ``ctx.var``).
+
+    Everything is computed lazily; the body callable is invoked at most
+    once, and only when a ``post_arg`` variable is looked up.
+    """
+
+    __slots__ = (
+        "_method",
+        "_request_uri",
+        "_path",
+        "_query",
+        "_headers",
+        "_remote_addr",
+        "_remote_port",
+        "_server_addr",
+        "_server_port",
+        "_scheme",
+        "_host",
+        "_body",
+        "_route_id",
+        "_route_name",
+        "_max_post_args_size",
+        "_uri_args",
+        "_cookies",
+        "_parsed_body",
+    )
+
+    def __init__(
+        self,
+        *,
+        method: str,
+        request_uri: str,
+        path: str,
+        query: str,
+        headers: Headers,
+        remote_addr: str,
+        remote_port: int,
+        server_addr: str,
+        server_port: int,
+        scheme: str,
+        host: str,
+        body: Callable[[], bytes],
+        route_id: str = "",
+        route_name: str = "",
+        max_post_args_size: int = DEFAULT_MAX_POST_ARGS_SIZE,
+    ) -> None:
+        self._method = method
+        self._request_uri = request_uri
+        self._path = path
+        self._query = query
+        self._headers = headers
+        self._remote_addr = remote_addr
+        self._remote_port = remote_port
+        self._server_addr = server_addr
+        self._server_port = server_port
+        self._scheme = scheme
+        self._host = host
+        self._body = body
+        self._route_id = route_id
+        self._route_name = route_name
+        self._max_post_args_size = max_post_args_size
+        self._uri_args: Optional[Dict[str, _ArgValue]] = None
+        self._cookies: Optional[Dict[str, str]] = None
+        # (kind, data, error); kind is None when the body is unusable.
+        self._parsed_body: Optional[Tuple[Optional[str], Any, str]] = None
+
+    # -- public ------------------------------------------------------------
+
+    def lookup(self, name: str) -> Optional[Any]:
+        """Resolve an APISIX variable name; ``None`` when it is missing."""
+        simple = _SIMPLE.get(name)
+        if simple is not None:
+            return simple(self)
+        if name.startswith("http_"):
+            return self._header(name[5:])
+        if name.startswith("arg_"):
+            return self._arg(name[4:])
+        if name.startswith("cookie_"):
+            return self._cookie(name[7:])
+        if name.startswith("post_arg."):
+            return self._post_arg_path(name[9:])
+        if name.startswith("post_arg_"):
+            return self._post_arg_form(name[9:])
+        return None
+
+    # -- simple variables --------------------------------------------------
+
+    def _route_id_var(self) -> Optional[str]:
+        # api_ctx.route_id is nil in APISIX when unset, so "" is missing.
+        return self._route_id or None
+
+    def _route_name_var(self) -> Optional[str]:
+        return self._route_name or None
+
+    # -- headers / args / cookies -------------------------------------------
+
+    def _header(self, suffix: str) -> Optional[str]:
+        if not suffix:
+            return None
+        # nginx maps "-" to "_" in $http_* names; go back the other way.
+        try:
+            key = suffix.replace("_", "-").encode("ascii")
+        except UnicodeEncodeError:
+            return None
+        values = self._headers.getRawHeaders(key)
+        if not values:
+            return None
+        return _latin1(values[0])
+
+    def _arg(self, key: str) -> Optional[Union[str, bool]]:
+        args = self._uri_args
+        if args is None:
+            args = self._uri_args = _parse_ngx_args(self._query)
+        return _first(args.get(key))
+
+    def _cookie(self, key: str) -> Optional[str]:
+        cookies = self._cookies
+        if cookies is None:
+            cookies = self._cookies = self._parse_cookies()
+        return cookies.get(key)
+
+    def _parse_cookies(self) -> Dict[str, str]:
+        cookies: Dict[str, str] = {}
+        for header in self._headers.getRawHeaders(b"cookie") or ():
+            for pair in _latin1(header).split(";"):
+                key, eq, value = pair.partition("=")
+                key = key.strip(" \t")
+                if not eq or not key or key in cookies:
+                    continue  # first occurrence wins
+                cookies[key] = value.strip(" \t")
+        return cookies
+
+    # -- request body --------------------------------------------------------
+
+    def _content_type(self) -> str:
+        values = self._headers.getRawHeaders(b"content-type")
+        return _latin1(values[0]) if values else ""
+
+    def _body_data(self) -> Tuple[Optional[str], Any, str]:
+        parsed = self._parsed_body
+        if parsed is None:
+            parsed = self._parsed_body = self._parse_body()
+        return parsed
+
+    def _parse_body(self) -> Tuple[Optional[str], Any, str]:
+        content_type = self._content_type()
+        media = content_type.split(";", 1)[0].strip().lower()
+        if media not in _BODY_KINDS:
+            return (None, None, "unsupported content-type in header: " + content_type)
+        body = self._body()
+        limit = self._max_post_args_size
+        if limit > 0 and len(body) > limit:
+            return (
+                None,
+                None,
+                "request body size %d exceeds max_post_args_readable_size %d"
+                % (len(body), limit),
+            )
+        if media == "application/json":
+            try:
+                # cjson decodes every number as a double.
+                data = json.loads(body.decode("utf-8"), parse_int=float)
+            except (ValueError, UnicodeDecodeError, RecursionError) as e:
+                return (None, None, "could not parse JSON request body: %s" % (e,))
+            return (_KIND_JSON, data, "")
+        if media == "application/x-www-form-urlencoded":
+            return (_KIND_FORM, _parse_ngx_args(body.decode("latin-1")), "")
+        # multipart/form-data is the only kind left.
+        try:
+            fields = _parse_multipart(content_type, body)
+        except Exception as e:  # malformed input must not fail the request
+            return (None, None, "could not parse multipart body: %s" % (e,))
+        return (_KIND_MULTIPART, fields, "")
+
+    def _post_arg_path(self, path: str) -> Optional[Any]:
+        kind, data, error = self._body_data()
+        if kind is None:
+            _log.warn(
+                "failed to fetch post args value by key: {path} error: {error}",
+                path=path,
+                error=error,
+            )
+            return None
+        if "[" in path or "*" in path or ".." in path:
+            return _jsonpath(data, path)
+        current: Any = data
+        for part in path.split("."):
+            # Numeric list indexes are not supported in the dotted form.
+            if not isinstance(current, dict):
+                return None
+            current = current.get(part, _MISSING)
+            if current is _MISSING:
+                return None
+        if current is None:
+            return NULL  # JSON null is present, unlike a missing key
+        if kind == _KIND_JSON and current.__class__ is str:
+            return _to_byte_string(current)
+        return current
+
+    def _post_arg_form(self, key: str) -> Optional[Union[str, bool]]:
+        media = self._content_type().split(";", 1)[0].strip().lower()
+        if media != "application/x-www-form-urlencoded":
+            return None
+        kind, data, _ = self._body_data()
+        if kind != _KIND_FORM:
+            return None
+        return _first(data.get(key))
+
+
+_SIMPLE: Dict[str, Callable[[RequestVariables], Any]] = {
+    "request_uri": lambda v: v._request_uri,
+    "uri": lambda v: v._path,
+    "args": lambda v: v._query,
+    "query_string": lambda v: v._query,
+    "request_method": lambda v: v._method,
+    "method": lambda v: v._method,
+    "scheme": lambda v: v._scheme,
+    "host": lambda v: v._host,
+    "remote_addr": lambda v: v._remote_addr,
+    "remote_port": lambda v: v._remote_port,
+    "server_addr": lambda v: v._server_addr,
+    "server_port": lambda v: v._server_port,
+    "route_id": RequestVariables._route_id_var,
+    "route_name": RequestVariables._route_name_var,
+}

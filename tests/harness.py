@@ -1,0 +1,113 @@
+"""
+End-to-end harness: a real gateway on a loopback port, raw HTTP clients and
+a log capture, for tests that use real sockets.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional
+
+import attr
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
+from zope.interface import implementer
+
+from fauth.config import GatewayConf, parse_config
+from fauth.gateway import Gateway
+from fauth.resource import GatewayResource, GatewaySite
+
+__all__ = ["GatewayUnderTest", "LogCapture", "raw_request", "start_gateway"]
+
+
+@attr.s(auto_attribs=True)
+class GatewayUnderTest:
+    """A running gateway: its port, its runtime, and how to stop it."""
+
+    port: Any
+    gateway: Gateway
+    site: GatewaySite
+
+    @property
+    def port_number(self) -> int:
+        return self.port.getHost().port
+
+    def url(self, path: str = "/") -> str:
+        return "http://127.0.0.1:%d%s" % (self.port_number, path)
+
+    async def stop(self) -> None:
+        await self.port.stopListening()
+        await self.gateway.close()
+
+
+async def start_gateway(reactor: Any, doc: Dict[str, Any]) -> GatewayUnderTest:
+    """
+    Validate C{doc} as a config document (its C{listen} is ignored) and serve
+    it on 127.0.0.1 at a free port.
+    """
+    conf: GatewayConf = parse_config(dict(doc, listen=["tcp:0"]))
+    gateway = Gateway(reactor, conf)
+    site = GatewaySite(GatewayResource(gateway), conf.http, reactor=reactor)
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+    return GatewayUnderTest(port, gateway, site)
+
+
+class _Collect(Protocol):
+    def __init__(self, payload: bytes, done: Deferred) -> None:
+        self._payload = payload
+        self._chunks: List[bytes] = []
+        self._done = done
+
+    def connectionMade(self) -> None:
+        self.transport.write(self._payload)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._done.callback(b"".join(self._chunks))
+
+
+async def raw_request(reactor: Any, port: int, payload: bytes, timeout: float = 10.0) -> bytes:
+    """
+    Send raw bytes to 127.0.0.1:C{port} and return everything received until
+    the server closes (send C{Connection: close} to make it do so).
+    """
+    done: Deferred = Deferred()
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    protocol = await endpoint.connect(Factory.forProtocol(lambda: _Collect(payload, done)))
+    timer = reactor.callLater(timeout, protocol.transport.abortConnection)
+    try:
+        return await done
+    finally:
+        if timer.active():
+            timer.cancel()
+
+
+@implementer(ILogObserver)
+class LogCapture:
+    """
+    Collects formatted log lines while active::
+
+        with LogCapture() as logs:
+            ...
+        assert logs.contains("failed to process forward auth, err: closed")
+    """
+
+    def __init__(self) -> None:
+        self.lines: List[str] = []
+
+    def __call__(self, event: Dict[str, Any]) -> None:
+        text = formatEvent(event)
+        if text:
+            self.lines.append(text)
+
+    def __enter__(self) -> "LogCapture":
+        globalLogPublisher.addObserver(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        globalLogPublisher.removeObserver(self)
+
+    def contains(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
