@@ -38,7 +38,15 @@ class Allow:
     set_headers: Tuple[Tuple[bytes, Optional[Tuple[bytes, ...]]], ...] = ()
 
     def apply(self, headers: Headers) -> None:
-        """Rewrite request headers in place."""
+        """
+        Rewrite request headers in place.  Client headers spelled with
+        underscores (C{X_User_ID}) go too: many upstreams (CGI, WSGI, PHP)
+        read them as the dashed name, so they could smuggle an identity.
+        """
+        folded = {name.lower().replace(b"_", b"-") for name, _ in self.set_headers}
+        for raw_name, _ in list(headers.getAllRawHeaders()):
+            if b"_" in raw_name and raw_name.lower().replace(b"_", b"-") in folded:
+                headers.removeHeader(raw_name)
         for name, values in self.set_headers:
             if values is None:
                 headers.removeHeader(name)

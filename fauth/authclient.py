@@ -230,6 +230,9 @@ def describe_failure(failure: Failure) -> str:
         return "failed to resolve host: %s" % (exc.args[0] if exc.args else "")
     if isinstance(exc, SSL.Error):
         return "handshake failed: %s" % (exc,)
+    if type(exc).__name__ == "VerificationError" and type(exc).__module__.startswith("service_identity"):
+        # Chain verified, but the certificate names another host (service-identity).
+        return "handshake failed: certificate host mismatch"
     if isinstance(exc, ParseError):
         return "bad response: %s" % (exc,)
     if isinstance(exc, CancelledError):

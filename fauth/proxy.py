@@ -22,7 +22,7 @@ from fauth.authclient import BytesProducer, describe_failure
 from fauth.transport import make_agent, tls_policy
 from fauth.balancer import SmoothWeightedRoundRobin
 from fauth.config import UpstreamConf
-from fauth.headers import end_to_end_headers
+from fauth.headers import connection_listed, end_to_end_headers
 from fauth.inbound import InboundRequest
 
 __all__ = ["UpstreamProxy", "send_simple"]
@@ -32,6 +32,8 @@ log = Logger()
 # Framing is redone for the upstream connection; Host is set per pass_host.
 _REQUEST_DROP = frozenset([b"host", b"content-length", b"expect"])
 _BODY_METHODS = frozenset([b"POST", b"PUT", b"PATCH"])
+# Responses whose Content-Length, if any, is not the length of what follows.
+_NO_BODY_CODES = frozenset([204, 304])
 
 
 def send_simple(request: Any, status: int, body: bytes = b"", content_type: Optional[bytes] = None) -> None:
@@ -180,9 +182,18 @@ class UpstreamProxy:
                 return
             request.setResponseCode(response.code, response.phrase)
             out = request.responseHeaders
-            for name, values in end_to_end_headers(response.headers):
+            # The Agent keeps Connection out of response.headers (fauth.transport puts it back here).
+            conn = getattr(response, "connection_headers", None)
+            listed = connection_listed(conn) if conn is not None else ()
+            for name, values in end_to_end_headers(response.headers, listed):
                 out.setRawHeaders(name, values)
-            if response.length is not UNKNOWN_LENGTH:
+            # HEAD keeps the upstream's own Content-Length (in response.headers); 204 must
+            # have none and a 304's describes the 200 it stands for: never an invented 0.
+            if (
+                response.length is not UNKNOWN_LENGTH
+                and request.method != b"HEAD"
+                and response.code not in _NO_BODY_CODES
+            ):
                 out.setRawHeaders(b"content-length", [b"%d" % response.length])
             response.deliverBody(relay)
 

@@ -10,15 +10,39 @@ from typing import Any
 from twisted.internet import endpoints
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.web import client as web_client
+from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
 __all__ = ["make_agent", "quiet_pool", "tls_policy"]
 
 
+class _ClientProtocol(HTTP11ClientProtocol):  # type: ignore[misc]
+    """
+    Puts each response's connection-control headers on the response as
+    C{connection_headers}: the Agent's parser moves C{Connection} out of
+    C{response.headers}, and with it the names a proxy must also drop.
+    """
+
+    def request(self, request: Any) -> Any:
+        d = super().request(request)
+        parser = self._parser
+        if parser is not None:
+
+            def keep(response: Any) -> Any:
+                response.connection_headers = parser.connHeaders
+                return response
+
+            d.addCallback(keep)
+        return d
+
+
 class _QuietFactory(web_client._HTTP11ClientFactory):  # type: ignore[misc]
     # One "Starting factory" log line per pooled connection is noise.
     noisy = False
+
+    def buildProtocol(self, addr: Any) -> _ClientProtocol:
+        return _ClientProtocol(self._quiescentCallback)
 
 
 def quiet_pool(reactor: Any, persistent: bool) -> web_client.HTTPConnectionPool:

@@ -1,0 +1,209 @@
+"""
+The command line: C{twist fauth} and C{twistd -n fauth}, run as real
+processes from the repository root (so C{twisted/plugins/fauth_plugin.py}
+is found through C{PYTHONPATH}).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Tuple
+
+import pytest
+from pytest_twisted import ensureDeferred
+from treq.client import HTTPClient
+from twisted.internet.task import deferLater
+from twisted.web.client import Agent, HTTPConnectionPool
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(REPO_ROOT, "conf", "fauth.yaml")
+
+TWIST = [sys.executable, "-m", "twisted"]
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="]
+RUNNERS = {"twist": TWIST, "twistd": TWISTD}
+
+BAD_TIMEOUT_CONFIG = """\
+routes:
+  - id: "r1"
+    uri: /a
+    plugins:
+      forward-auth:
+        uri: http://127.0.0.1:9999/
+        timeout: 0
+    upstream:
+      nodes: {"127.0.0.1:1980": 1}
+"""
+BAD_TIMEOUT_MESSAGE = (
+    'fauth: route "r1": plugin forward-auth: property "timeout" validation failed: '
+    "expected 0 to be at least 1"
+)
+
+
+def _env() -> Dict[str, str]:
+    env = dict(os.environ)
+    parts = [REPO_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(parts)
+    return env
+
+
+def run(argv: List[str], timeout: float = 30.0) -> "subprocess.CompletedProcess[str]":
+    return subprocess.run(
+        argv, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def free_ports(count: int) -> List[int]:
+    """Ports the kernel just handed out on 127.0.0.1 (bound together, then released)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+# --- refusals and help ------------------------------------------------------
+
+
+@pytest.mark.parametrize("runner", sorted(RUNNERS))
+def test_bad_config_exits_with_one_line(runner: str, tmp_path: Any) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(BAD_TIMEOUT_CONFIG)
+    result = run(RUNNERS[runner] + ["fauth", "--config", str(path)])
+    assert result.returncode != 0
+    assert BAD_TIMEOUT_MESSAGE in result.stderr.splitlines()
+    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stdout
+
+
+def test_missing_config_file_exits_with_one_line(tmp_path: Any) -> None:
+    path = str(tmp_path / "absent.yaml")
+    result = run(TWISTD + ["fauth", "--config", path])
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("fauth: ")]
+    assert len(lines) == 1
+    assert path in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_twistd_help_mentions_config() -> None:
+    result = run(TWISTD + ["fauth", "--help"])
+    assert result.returncode == 0
+    assert "--config" in result.stdout
+
+
+# --- the quickstart, for real ----------------------------------------------
+
+
+@pytest.fixture
+def reactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def quickstart_copy(tmp_path: Any) -> Tuple[str, int, int, int]:
+    """conf/fauth.yaml with its three ports replaced by free ones."""
+    gateway, auth, upstream = free_ports(3)
+    with open(QUICKSTART) as f:
+        text = f.read()
+    for old, new in (("9080", gateway), ("9999", auth), ("1980", upstream)):
+        assert old in text
+        text = text.replace(old, str(new))
+    path = tmp_path / "fauth.yaml"
+    path.write_text(text)
+    return str(path), gateway, auth, upstream
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+async def wait_until_listening(reactor: Any, process: "subprocess.Popen[bytes]", ports: List[int], log: Any) -> None:
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail("gateway exited with %s: %s" % (process.returncode, log.read_text()))
+        if all(_accepts(port) for port in ports):
+            return
+        await deferLater(reactor, 0.05, lambda: None)
+    pytest.fail("gateway did not listen within 10 s: %s" % log.read_text())
+
+
+async def wait_for_exit(reactor: Any, process: "subprocess.Popen[bytes]", seconds: float = 10.0) -> int:
+    deadline = time.monotonic() + seconds
+    while process.poll() is None and time.monotonic() < deadline:
+        await deferLater(reactor, 0.05, lambda: None)
+    if process.returncode is None:
+        process.kill()
+        process.wait()
+        pytest.fail("gateway did not exit within %s s of SIGTERM" % seconds)
+    return process.returncode
+
+
+@pytest.mark.parametrize("runner", sorted(RUNNERS))
+@ensureDeferred
+async def test_quickstart_serves_the_seed_examples(runner: str, reactor: Any, tmp_path: Any) -> None:
+    path, gateway_port, auth_port, upstream_port = quickstart_copy(tmp_path)
+    log = tmp_path / "output.log"
+    with open(str(log), "wb") as out:
+        process = subprocess.Popen(
+            RUNNERS[runner] + ["fauth", "--config", path],
+            cwd=REPO_ROOT,
+            env=_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    client = HTTPClient(Agent(reactor, pool=pool))
+    base = "http://127.0.0.1:%d" % gateway_port
+    try:
+        await wait_until_listening(reactor, process, [gateway_port, auth_port, upstream_port], log)
+
+        # curl -i http://127.0.0.1:9080/headers -H 'Authorization: 321'
+        response = await client.get(base + "/headers", headers={"Authorization": "321"})
+        body = await response.content()
+        assert response.code == 200
+        assert json.loads(body)["headers"]["X-User-Id"] == "i-am-user"
+
+        # curl -i http://127.0.0.1:9080/headers
+        response = await client.get(base + "/headers")
+        await response.content()
+        assert response.code == 403
+        assert response.headers.getRawHeaders(b"location") == [b"http://example.com/auth"]
+
+        # curl -i -X POST http://127.0.0.1:9080/post -d '{"tenant_id": 123}'
+        response = await client.post(base + "/post", json={"tenant_id": 123})
+        body = await response.content()
+        assert response.code == 200
+        echoed = json.loads(body)
+        assert echoed["json"] == {"tenant_id": 123}
+        assert echoed["headers"]["X-User-Id"] == "i-am-user"
+
+        response = await client.post(base + "/post", json={"abc": 123})
+        body = await response.content()
+        assert response.code == 400
+        assert body == b"tenant_id is required"
+    finally:
+        await pool.closeCachedConnections()
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        code = await wait_for_exit(reactor, process)
+    # Twisted ends a SIGTERM shutdown by re-raising the signal at itself.
+    assert code in (0, -signal.SIGTERM), log.read_text()
+    assert "Main loop terminated" in log.read_text()
+    assert not _accepts(gateway_port)
+    assert "Traceback" not in log.read_text()

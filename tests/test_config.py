@@ -1,0 +1,285 @@
+"""Tests for L{fauth.config}: loading, defaults, and one-line refusals."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict
+
+import pytest
+
+from fauth.config import (
+    ConfigError,
+    ForwardAuthConf,
+    GatewayConf,
+    Node,
+    load_config,
+    parse_config,
+)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(REPO_ROOT, "conf", "fauth.yaml")
+
+
+def _route(**overrides: Any) -> Dict[str, Any]:
+    route: Dict[str, Any] = {
+        "id": "1",
+        "uri": "/a",
+        "plugins": {"forward-auth": {"uri": "http://127.0.0.1:9999/"}},
+        "upstream": {"nodes": {"127.0.0.1:1980": 1}},
+    }
+    route.update(overrides)
+    return route
+
+
+def _doc(*routes: Dict[str, Any], **top: Any) -> Dict[str, Any]:
+    doc: Dict[str, Any] = {"routes": list(routes) or [_route()]}
+    doc.update(top)
+    return doc
+
+
+def refusal(doc: Any) -> str:
+    """The message of the L{ConfigError} C{doc} is refused with; it is one line."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(doc)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+# --- accepted documents ---------------------------------------------------
+
+
+def test_quickstart_config_loads() -> None:
+    conf = load_config(QUICKSTART)
+    assert isinstance(conf, GatewayConf)
+    assert conf.listen == ("tcp:9080",)
+    assert conf.demo is not None
+    assert conf.demo.auth == "tcp:9999:interface=127.0.0.1"
+    assert conf.demo.upstream == "tcp:1980:interface=127.0.0.1"
+    by_id = {r.id: r for r in conf.routes}
+    assert set(by_id) == {"headers", "post"}
+    headers = by_id["headers"]
+    assert headers.uris == ("/headers",)
+    assert headers.methods == frozenset(["GET"])
+    assert headers.forward_auth is not None
+    assert headers.forward_auth.uri == "http://127.0.0.1:9999/"
+    assert headers.forward_auth.request_headers == ("Authorization",)
+    assert headers.forward_auth.upstream_headers == ("X-User-ID",)
+    assert headers.forward_auth.client_headers == ("Location",)
+    assert headers.upstream.nodes == (Node("127.0.0.1", 1980, 1),)
+    post = by_id["post"]
+    assert post.forward_auth is not None
+    assert post.forward_auth.uri == "http://127.0.0.1:9999/auth"
+    assert post.forward_auth.extra_headers is not None
+    assert [name for name, _ in post.forward_auth.extra_headers] == ["tenant_id"]
+
+
+def test_defaults() -> None:
+    conf = parse_config({"routes": [{"id": "1", "uri": "/a", "plugins": {"forward-auth": {"uri": "https://auth/"}},
+                                     "upstream": {"nodes": {"127.0.0.1:1980": 1}}}]})
+    assert conf.listen == ("tcp:9080",)
+    assert conf.demo is None
+    assert dict(conf.upstreams) == {}
+    (route,) = conf.routes
+    assert route.priority == 0
+    assert route.methods is None
+    assert route.hosts is None
+    assert route.enabled is True
+    assert route.upstream.scheme == "http"
+    assert route.upstream.type == "roundrobin"
+    assert route.forward_auth == ForwardAuthConf(
+        uri="https://auth/",
+        ssl_verify=True,
+        request_method="GET",
+        max_req_body_size=67108864,
+        request_headers=(),
+        extra_headers=None,
+        upstream_headers=(),
+        client_headers=(),
+        timeout=3000,
+        keepalive=True,
+        keepalive_timeout=60000,
+        keepalive_pool=5,
+        allow_degradation=False,
+        status_on_error=403,
+    )
+
+
+def test_empty_document_is_default_config() -> None:
+    conf = parse_config(None)
+    assert conf.listen == ("tcp:9080",)
+    assert conf.routes == ()
+
+
+def test_uri_and_uris() -> None:
+    conf = parse_config(_doc(_route(id="1", uri="/one")))
+    assert conf.routes[0].uris == ("/one",)
+    doc = _doc(_route(id="1"))
+    del doc["routes"][0]["uri"]
+    doc["routes"][0]["uris"] = ["/x", "/y/*"]
+    assert parse_config(doc).routes[0].uris == ("/x", "/y/*")
+
+
+def test_uri_and_uris_together_refused() -> None:
+    message = refusal(_doc(_route(uris=["/b"])))
+    assert message.startswith('route "1": ')
+    assert '"uri"' in message and '"uris"' in message
+
+
+def test_upstream_id_resolution() -> None:
+    route = _route()
+    del route["upstream"]
+    route["upstream_id"] = "echo"
+    conf = parse_config(
+        {
+            "upstreams": [{"id": "echo", "nodes": {"127.0.0.1:1980": 2}}],
+            "routes": [route],
+        }
+    )
+    assert conf.upstreams["echo"].nodes == (Node("127.0.0.1", 1980, 2),)
+    assert conf.routes[0].upstream is conf.upstreams["echo"]
+    assert conf.routes[0].upstream.id == "echo"
+
+
+def test_nodes_as_dict() -> None:
+    conf = parse_config(_doc(_route(upstream={"nodes": {"127.0.0.1:1980": 1, "example.com": 3}})))
+    assert conf.routes[0].upstream.nodes == (Node("127.0.0.1", 1980, 1), Node("example.com", 80, 3))
+
+
+def test_nodes_as_list() -> None:
+    nodes = [{"host": "127.0.0.1", "port": 1980, "weight": 2}, {"host": "example.com"}]
+    conf = parse_config(_doc(_route(upstream={"scheme": "https", "nodes": nodes})))
+    assert conf.routes[0].upstream.nodes == (Node("127.0.0.1", 1980, 2), Node("example.com", 443, 1))
+
+
+def test_ipv6_node() -> None:
+    conf = parse_config(_doc(_route(upstream={"nodes": {"[::1]:80": 1}})))
+    (node,) = conf.routes[0].upstream.nodes
+    assert node == Node("::1", 80, 1)
+    assert node.netloc == "[::1]:80"
+
+
+def test_json_config_file_accepted(tmp_path: Any) -> None:
+    path = tmp_path / "fauth.json"
+    # Tab-indented, as many editors write JSON; and a number in exponent form.
+    doc = _doc(_route(plugins={"forward-auth": {"uri": "http://127.0.0.1:9999/"}}))
+    text = json.dumps(doc, indent="\t")
+    text = text.replace('"127.0.0.1:1980": 1', '"127.0.0.1:1980": 1e0')
+    path.write_text(text)
+    conf = load_config(str(path))
+    assert conf.routes[0].id == "1"
+    assert conf.routes[0].forward_auth is not None
+    assert conf.routes[0].forward_auth.uri == "http://127.0.0.1:9999/"
+    assert conf.routes[0].upstream.nodes == (Node("127.0.0.1", 1980, 1),)
+
+
+def test_yaml_file_loaded(tmp_path: Any) -> None:
+    path = tmp_path / "fauth.yaml"
+    path.write_text(
+        "listen: tcp:0\nroutes:\n  - id: 7\n    uri: /y\n    upstream:\n      nodes: {'127.0.0.1:1': 1}\n"
+    )
+    conf = load_config(str(path))
+    assert conf.listen == ("tcp:0",)
+    assert conf.routes[0].id == "7"
+    assert conf.routes[0].forward_auth is None
+
+
+# --- refusals ---------------------------------------------------------------
+
+
+def test_bad_forward_auth_timeout() -> None:
+    doc = _doc(_route(plugins={"forward-auth": {"uri": "http://a/", "timeout": 0}}))
+    assert refusal(doc) == (
+        'route "1": plugin forward-auth: property "timeout" validation failed: expected 0 to be at least 1'
+    )
+
+
+def test_missing_uri() -> None:
+    route = _route()
+    del route["uri"]
+    assert refusal(_doc(route)) == 'route "1": property "uri" is required'
+
+
+def test_missing_forward_auth_uri() -> None:
+    doc = _doc(_route(plugins={"forward-auth": {"timeout": 10}}))
+    assert refusal(doc) == 'route "1": plugin forward-auth: property "uri" is required'
+
+
+def test_unknown_plugin() -> None:
+    assert refusal(_doc(_route(plugins={"key-auth": {}}))) == 'route "1": unknown plugin [key-auth]'
+
+
+def test_unknown_top_level_key() -> None:
+    message = refusal(_doc(bogus=1))
+    assert message.startswith("config: ")
+    assert '"bogus"' in message
+
+
+def test_unknown_route_key() -> None:
+    message = refusal(_doc(_route(bogus=1)))
+    assert message.startswith('route "1": ')
+    assert "bogus" in message
+
+
+def test_bad_listen_endpoint() -> None:
+    message = refusal(_doc(listen=["tcp:abc"]))
+    assert "listen" in message
+    assert '"tcp:abc"' in message
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:99999", "host with space:80"])
+def test_bad_node_address(address: str) -> None:
+    message = refusal(_doc(_route(id="n1", upstream={"nodes": {address: 1}})))
+    assert message.startswith('route "n1": ')
+    assert '"nodes"' in message
+    assert address in message
+
+
+def test_bad_node_host_in_list_form() -> None:
+    message = refusal(_doc(_route(upstream={"nodes": [{"host": "host with space", "port": 80}]})))
+    assert message.startswith('route "1": ')
+    assert '"nodes"' in message
+    assert "host with space" in message
+
+
+def test_unknown_upstream_id() -> None:
+    route = _route()
+    del route["upstream"]
+    route["upstream_id"] = "nope"
+    message = refusal(_doc(route))
+    assert message.startswith('route "1": ')
+    assert "upstream id [nope]" in message
+
+
+def test_duplicate_route_id() -> None:
+    message = refusal(_doc(_route(uri="/a"), _route(uri="/b")))
+    assert message == 'route "1": duplicate id'
+
+
+def test_route_without_id_named_by_position() -> None:
+    route = _route()
+    del route["id"]
+    message = refusal(_doc(_route(id="first"), route))
+    assert message == 'route #2: property "id" is required'
+
+
+def test_invalid_yaml_reports_file_name(tmp_path: Any) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("routes: [\n  - id: 1\n   uri: x: y\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(path) in message
+    assert "YAML" in message
+
+
+def test_missing_file(tmp_path: Any) -> None:
+    path = str(tmp_path / "absent.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert path in message
+    assert "No such file" in message
+
