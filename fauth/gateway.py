@@ -108,6 +108,15 @@ class Gateway:
         self.conf = conf
         self.table: RouteTable[Route] = self._build(conf)
 
+    def update(self, conf: GatewayConf) -> None:
+        """
+        Serve C{conf} from the next request on.  The new table is built
+        completely, then swapped in one assignment: requests in flight keep
+        the route they matched, and pools carry over.
+        """
+        table = self._build(conf)
+        self.conf, self.table = conf, table
+
     def _build(self, conf: GatewayConf) -> "RouteTable[Route]":
         proxies: Dict[int, UpstreamProxy] = {}
         entries: List[Tuple[RouteConf, Route]] = []
