@@ -5,7 +5,6 @@ target, the normalised path routes match on, the host, the peer.
 """
 from __future__ import annotations
 
-import posixpath
 from typing import Any, Optional
 from urllib.parse import quote, unquote_to_bytes
 

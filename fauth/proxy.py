@@ -9,7 +9,7 @@ from io import BytesIO
 from typing import Any, Optional
 
 from twisted.internet import error as net_error
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger

@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional
 import pytest
 import pytest_twisted
 from pytest_twisted import async_yield_fixture
-from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
+from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
