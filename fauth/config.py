@@ -9,6 +9,7 @@ the wording APISIX's validator uses.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from typing import Any, Iterable, Mapping, Optional, Tuple
 
@@ -25,6 +26,7 @@ from fauth.schema import (
 from fauth.variables import Template, compile_template
 
 __all__ = [
+    "AdminConf",
     "ConfigError",
     "ForwardAuthConf",
     "GatewayConf",
@@ -34,6 +36,7 @@ __all__ = [
     "load_config",
     "parse_config",
     "parse_forward_auth",
+    "read_document",
 ]
 
 HTTP_METHODS = frozenset(
@@ -41,8 +44,10 @@ HTTP_METHODS = frozenset(
 )
 KNOWN_PLUGINS = frozenset(["forward-auth"])
 _TOP_LEVEL_KEYS = frozenset(
-    ["listen", "routes", "upstreams", "demo", "ssl_trusted_certificate", "http"]
+    ["listen", "routes", "upstreams", "demo", "ssl_trusted_certificate", "http", "admin", "shutdown_grace"]
 )
+_ADMIN_KEYS = frozenset(["listen", "keys", "store", "metrics_require_key"])
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _ROUTE_KEYS = frozenset(
     [
         "id", "name", "desc", "uri", "uris", "methods", "host", "hosts", "priority",
@@ -141,11 +146,27 @@ class RouteConf:
 
 @attr.frozen
 class HttpLimits:
-    """Limits of the client-facing HTTP server."""
+    """
+    Limits of the client-facing HTTP server (L{fauth.httpserver}).
+
+    @ivar idle_timeout: seconds a persistent connection may wait for its
+        next request.
+    @ivar max_headers: header fields per request; more get 431.
+    @ivar max_header_bytes: bytes of header fields (request line excluded,
+        CRLFs included); more get 431.
+    @ivar max_request_line: bytes of the request line; more get 414.
+    @ivar header_timeout: seconds from a request's first byte (or from the
+        connection, for the first request) to the end of its head; then 408.
+    @ivar body_timeout: seconds from the end of the head to the end of the
+        body; then 408.
+    """
 
     idle_timeout: float = 60.0
     max_headers: int = 500
     max_header_bytes: int = 16384
+    max_request_line: int = 8192
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
 
 
 @attr.frozen
@@ -157,8 +178,26 @@ class DemoConf:
 
 
 @attr.frozen
+class AdminConf:
+    """
+    The admin API: its own listener, the accepted C{X-API-KEY} values
+    (C{${ENV_VAR}} already expanded) and the store file of its changes.
+    """
+
+    keys: Tuple[str, ...] = attr.field(repr=False)  # secrets: kept out of logs
+    listen: str = "tcp:9180:interface=127.0.0.1"
+    store: str = "fauth-store.json"
+    metrics_require_key: bool = False
+
+
+@attr.frozen
 class GatewayConf:
-    """The whole gateway configuration."""
+    """
+    The whole gateway configuration.
+
+    @ivar source: the configuration document as written in the file (admin
+        API additions live in the store, not here).
+    """
 
     listen: Tuple[str, ...] = ("tcp:9080",)
     routes: Tuple[RouteConf, ...] = ()
@@ -166,6 +205,9 @@ class GatewayConf:
     demo: Optional[DemoConf] = None
     ssl_trusted_certificate: Optional[str] = None
     http: HttpLimits = HttpLimits()
+    admin: Optional[AdminConf] = None
+    shutdown_grace: float = 30.0
+    source: Mapping[str, Any] = attr.field(factory=dict, eq=False, repr=False)
 
 
 def _prop(name: str, message: str) -> SchemaError:
@@ -285,7 +327,8 @@ def _parse_nodes(nodes: object, scheme: str) -> Tuple[Node, ...]:
 def parse_upstream(doc: object, upstream_id: Optional[str] = None) -> UpstreamConf:
     """Validate one APISIX upstream object."""
     check_type("upstream", doc, "object")
-    assert isinstance(doc, dict)
+    if not isinstance(doc, dict):
+        doc = {}  # an empty array passes as an object (Lua cannot tell them apart)
     for key in doc:
         if key not in _UPSTREAM_KEYS:
             raise SchemaError("additional properties forbidden, found %s" % key)
@@ -311,7 +354,7 @@ def parse_upstream(doc: object, upstream_id: Optional[str] = None) -> UpstreamCo
         t = doc["timeout"]
         check_type("timeout", t, "object")
         values = {}
-        for k, v in t.items():
+        for k, v in (t.items() if isinstance(t, dict) else ()):
             if k not in ("connect", "send", "read"):
                 raise _prop("timeout", "additional properties forbidden, found %s" % k)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -324,7 +367,7 @@ def parse_upstream(doc: object, upstream_id: Optional[str] = None) -> UpstreamCo
     if "keepalive_pool" in doc:
         kp = doc["keepalive_pool"]
         check_type("keepalive_pool", kp, "object")
-        size = kp.get("size", 320)
+        size = kp.get("size", 320) if isinstance(kp, dict) else 320
         check_type("keepalive_pool", size, "integer")
         check_integer_range("keepalive_pool", size, minimum=1)
         pool = int(size)
@@ -343,7 +386,8 @@ def parse_upstream(doc: object, upstream_id: Optional[str] = None) -> UpstreamCo
 
 def _check_string_list(name: str, value: object) -> Tuple[str, ...]:
     check_type(name, value, "array")
-    assert isinstance(value, list)
+    if not isinstance(value, list):
+        value = []  # an empty object passes as an array (Lua cannot tell them apart)
     for i, item in enumerate(value, 1):
         if not isinstance(item, str):
             raise _prop(name, "failed to validate item %d: wrong type: expected string" % i)
@@ -361,7 +405,8 @@ def parse_route(
     @raise SchemaError: what is wrong, without the route prefix.
     """
     check_type("route", doc, "object")
-    assert isinstance(doc, dict)
+    if not isinstance(doc, dict):
+        doc = {}  # an empty array passes as an object (Lua cannot tell them apart)
     for key in doc:
         if key not in _ROUTE_KEYS:
             raise SchemaError("additional properties forbidden, found %s" % key)
@@ -451,10 +496,12 @@ def parse_route(
     )
 
 
-def parse_config(doc: object) -> GatewayConf:
+def parse_config(doc: object, environ: Optional[Mapping[str, str]] = None) -> GatewayConf:
     """
     Validate a whole configuration document (already parsed from YAML/JSON).
 
+    @param environ: where C{${ENV_VAR}} in C{admin.keys} are looked up;
+        C{os.environ} by default.
     @raise ConfigError: one line naming the route and attribute.
     """
     if doc is None:
@@ -538,10 +585,20 @@ def parse_config(doc: object) -> GatewayConf:
         for k, v in h.items():
             if k not in attr.fields_dict(HttpLimits):
                 raise ConfigError('config: http: unknown key "%s"' % k)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
                 raise ConfigError('config: http: property "%s" must be a positive number' % k)
+            if attr.fields_dict(HttpLimits)[k].type in (int, "int") and not isinstance(v, int):
+                raise ConfigError('config: http: property "%s" must be a positive integer' % k)
             values[k] = v
         http = HttpLimits(**values)
+
+    admin = None
+    if "admin" in doc:
+        admin = _parse_admin(doc["admin"], os.environ if environ is None else environ)
+
+    grace = doc.get("shutdown_grace", 30.0)
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace < float("inf"):
+        raise ConfigError('config: property "shutdown_grace" must be a number of seconds, 0 or more')
 
     return GatewayConf(
         listen=listen_t,
@@ -550,7 +607,57 @@ def parse_config(doc: object) -> GatewayConf:
         demo=demo,
         ssl_trusted_certificate=trusted,
         http=http,
+        admin=admin,
+        shutdown_grace=float(grace),
+        source=doc,
     )
+
+
+def _expand_env(text: str, environ: Mapping[str, str]) -> str:
+    def one(match: "re.Match[str]") -> str:
+        name = match.group(1)
+        if name not in environ:
+            raise ConfigError('config: admin: keys: environment variable "%s" is not set' % name)
+        return environ[name]
+
+    return _ENV_RE.sub(one, text)
+
+
+def _parse_admin(doc: object, environ: Mapping[str, str]) -> AdminConf:
+    if not isinstance(doc, dict):
+        raise ConfigError('config: property "admin" validation failed: wrong type: expected object')
+    for key in doc:
+        if key not in _ADMIN_KEYS:
+            raise ConfigError(
+                'config: admin: unknown key "%s" (known: %s)' % (key, ", ".join(sorted(_ADMIN_KEYS)))
+            )
+    listen = doc.get("listen", "tcp:9180:interface=127.0.0.1")
+    if not isinstance(listen, str):
+        raise ConfigError('config: admin: property "listen" must be an endpoint description (a string)')
+    _check_endpoint("admin.listen", listen)
+    raw_keys = doc.get("keys")
+    # A lone string is one key, as "listen" accepts one description.
+    if isinstance(raw_keys, str):
+        raw_keys = [raw_keys]
+    if raw_keys is None:
+        raw_keys = []
+    if not isinstance(raw_keys, list) or not all(isinstance(k, str) for k in raw_keys):
+        raise ConfigError('config: admin: property "keys" must be a list of strings')
+    keys = tuple(_expand_env(k, environ) for k in raw_keys)
+    # An admin API without a key would let anyone who reaches it rewrite the
+    # routes: refuse to start rather than run it open.
+    if not keys or not all(keys):
+        raise ConfigError(
+            'config: admin: property "keys" needs at least one non-empty key (the X-API-KEY value): '
+            "without one anybody reaching the admin listener could change the routes"
+        )
+    store = doc.get("store", "fauth-store.json")
+    if not isinstance(store, str) or not store:
+        raise ConfigError('config: admin: property "store" must be a file path')
+    require = doc.get("metrics_require_key", False)
+    if not isinstance(require, bool):
+        raise ConfigError('config: admin: property "metrics_require_key" must be true or false')
+    return AdminConf(keys=keys, listen=listen, store=store, metrics_require_key=require)
 
 
 def _check_endpoint(where: str, description: str) -> None:
@@ -567,6 +674,15 @@ def _check_endpoint(where: str, description: str) -> None:
 
 def load_config(path: str) -> GatewayConf:
     """Read and validate a YAML (or JSON) configuration file."""
+    return parse_config(read_document(path))
+
+
+def read_document(path: str) -> object:
+    """
+    Read a YAML (or JSON) configuration file without validating it.
+
+    @raise ConfigError: the file cannot be read or parsed.
+    """
     try:
         with open(path, "rb") as f:
             # JSON first: PyYAML refuses tab-indented JSON and reads 1e3 as a string.
@@ -581,4 +697,4 @@ def load_config(path: str) -> GatewayConf:
         raise ConfigError("config: cannot read %s: %s" % (path, e.strerror or e))
     except yaml.YAMLError as e:
         raise ConfigError("config: %s is not valid YAML: %s" % (path, str(e).replace("\n", " ")))
-    return parse_config(doc)
+    return doc

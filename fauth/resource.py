@@ -5,9 +5,9 @@ L{ForwardAuthResource}, which guards any existing L{IResource}.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Union
+import json
+from typing import Any, Callable, Mapping, Optional, Union
 
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
@@ -16,7 +16,9 @@ from twisted.web.resource import IResource, Resource, getChildForRequest
 from fauth.auth import Allow, Decision, ForwardAuth, Respond
 from fauth.authclient import is_cancellation
 from fauth.config import ForwardAuthConf, HttpLimits, parse_forward_auth
-from fauth.gateway import AuthClients, Gateway, Route
+from fauth.drain import InFlight
+from fauth.gateway import AuthClients, Gateway
+from fauth.httpserver import HardenedSite
 from fauth.inbound import BadRequest, InboundRequest
 from fauth.proxy import send_simple
 
@@ -33,16 +35,17 @@ class GatewayRequest(server.Request):
     defaultContentType = None
 
 
-class GatewaySite(server.Site):
+class GatewaySite(HardenedSite):
     """
     A L{Site} without the per-request access log (about a third of
-    CPython's per-request cost) and with the configured idle timeout.
+    CPython's per-request cost), whose connections are hardened channels
+    with the configured limits and timeouts (L{fauth.httpserver}).
     """
 
     requestFactory = GatewayRequest
 
     def __init__(self, resource: IResource, limits: HttpLimits = HttpLimits(), **kwargs: Any) -> None:
-        super().__init__(resource, timeout=limits.idle_timeout, **kwargs)
+        super().__init__(resource, limits, **kwargs)
 
     def log(self, request: Any) -> None:
         pass
@@ -62,17 +65,46 @@ def client_gone(request: Any) -> bool:
     return bool(getattr(request, "_disconnected", False))
 
 
-def _internal_error(failure: Failure, request: Any, what: str) -> None:
+def _internal_error(failure: Failure, request: Any) -> None:
     if is_cancellation(failure):
         return
-    log.failure("unexpected error while {what}", failure, what=what)
+    log.failure("unexpected error while handling {uri!r}", failure, uri=request.uri)
     if not request.finished and not request.startedWriting and not client_gone(request):
         send_simple(request, 500)
 
 
-def _cancel_when_gone(request: Any, d: Deferred) -> None:
-    """A client that goes away cancels its pending auth call."""
+def guard(
+    auth: ForwardAuth, request: Any, inbound: InboundRequest, proceed: Callable[[], None], route_id: str = ""
+) -> None:
+    """
+    Ask C{auth} about C{request}; answer a denial (or an error status), or
+    apply the allowed header changes and call C{proceed}.  A client that
+    goes away cancels its pending auth call.
+    """
+    d = auth.check(inbound, route_id)
     request.notifyFinish().addErrback(lambda _: d.cancel())
+
+    def decided(decision: Decision) -> None:
+        if client_gone(request):
+            return
+        if isinstance(decision, Respond):
+            write_respond(request, decision)
+            return
+        if isinstance(decision, Allow):
+            decision.apply(request.requestHeaders)
+        proceed()
+
+    d.addCallback(decided)
+    d.addErrback(_internal_error, request)
+
+
+def parse_inbound(request: Any) -> Optional[InboundRequest]:
+    """The request as fauth sees it, or C{None} after answering 400."""
+    try:
+        return InboundRequest.from_twisted(request)
+    except BadRequest as e:
+        send_simple(request, 400, json.dumps({"error_msg": str(e)}).encode(), b"application/json")
+        return None
 
 
 class GatewayResource(Resource):
@@ -81,6 +113,7 @@ class GatewayResource(Resource):
 
     @param gateway: holds the current route table; read once per request,
         so a request finishes on the table it started with.
+    @ivar in_flight: the requests being handled (a shutdown waits for them).
     """
 
     isLeaf = True
@@ -88,12 +121,12 @@ class GatewayResource(Resource):
     def __init__(self, gateway: Gateway) -> None:
         super().__init__()
         self._gateway = gateway
+        self.in_flight = InFlight()
 
     def render(self, request: Any) -> Any:
-        try:
-            inbound = InboundRequest.from_twisted(request)
-        except BadRequest as e:
-            send_simple(request, 400, ('{"error_msg":"%s"}' % e).encode(), b"application/json")
+        self.in_flight.track(request)
+        inbound = parse_inbound(request)
+        if inbound is None:
             return server.NOT_DONE_YET
         route = self._gateway.table.match(inbound.method, inbound.host, inbound.path)
         if route is None:
@@ -102,22 +135,8 @@ class GatewayResource(Resource):
         if route.auth is None:
             route.upstream.forward(request, inbound)
             return server.NOT_DONE_YET
-        d = route.auth.check(inbound, route.conf.id)
-        _cancel_when_gone(request, d)
-        d.addCallback(self._decided, request, inbound, route)
-        d.addErrback(_internal_error, request, "handling a request")
+        guard(route.auth, request, inbound, lambda: route.upstream.forward(request, inbound), route.conf.id)
         return server.NOT_DONE_YET
-
-    @staticmethod
-    def _decided(decision: Decision, request: Any, inbound: InboundRequest, route: Route) -> None:
-        if client_gone(request):
-            return
-        if isinstance(decision, Respond):
-            write_respond(request, decision)
-            return
-        if isinstance(decision, Allow):
-            decision.apply(request.requestHeaders)
-        route.upstream.forward(request, inbound)
 
 
 class ForwardAuthResource(Resource):
@@ -156,24 +175,8 @@ class ForwardAuthResource(Resource):
         self._auth = ForwardAuth(conf, self.auth_clients.get(conf), reactor)
 
     def render(self, request: Any) -> Any:
-        try:
-            inbound = InboundRequest.from_twisted(request)
-        except BadRequest as e:
-            send_simple(request, 400, str(e).encode(), b"text/plain")
-            return server.NOT_DONE_YET
-        d = self._auth.check(inbound)
-        _cancel_when_gone(request, d)
-        d.addCallback(self._decided, request)
-        d.addErrback(_internal_error, request, "rendering a guarded resource")
+        inbound = parse_inbound(request)
+        if inbound is not None:
+            # Allowed: traverse the guarded tree from where this leaf stopped.
+            guard(self._auth, request, inbound, lambda: request.render(getChildForRequest(self._wrapped, request)))
         return server.NOT_DONE_YET
-
-    def _decided(self, decision: Decision, request: Any) -> None:
-        if client_gone(request):
-            return
-        if isinstance(decision, Respond):
-            write_respond(request, decision)
-            return
-        if isinstance(decision, Allow):
-            decision.apply(request.requestHeaders)
-        # Traverse the guarded tree from where this leaf stopped.
-        request.render(getChildForRequest(self._wrapped, request))

@@ -24,12 +24,16 @@ class Options(usage.Options):
 
 
 def makeService(options: Any) -> Any:
-    """Load and validate the config, then build the L{GatewayService}."""
-    from fauth.config import ConfigError, load_config
+    """
+    Load and validate the config (merged with the admin store), then build
+    the L{GatewayService}; it owns SIGHUP (reload) and SIGTERM (graceful
+    shutdown) in this process.
+    """
+    from fauth.config import ConfigError
     from fauth.service import GatewayService
 
     try:
-        return GatewayService(load_config(options["config"]))
+        return GatewayService.from_file(options["config"], handle_signals=True)
     except ConfigError as e:
         # One line and a non-zero exit, never a traceback.
         sys.stderr.write("fauth: %s\n" % e)
