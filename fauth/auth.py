@@ -47,6 +47,20 @@ class Allow:
         for raw_name, _ in list(headers.getAllRawHeaders()):
             if b"_" in raw_name and raw_name.lower().replace(b"_", b"-") in folded:
                 headers.removeHeader(raw_name)
+        # "Connection: X-User-ID" would make the proxy drop the auth's value
+        # as hop-by-hop: such tokens go, the rest of Connection stays.
+        connection = headers.getRawHeaders(b"connection")
+        if connection and folded:
+            kept = [
+                token.strip()
+                for value in connection
+                for token in value.split(b",")
+                if token.strip() and token.strip().lower().replace(b"_", b"-") not in folded
+            ]
+            if kept:
+                headers.setRawHeaders(b"connection", [b", ".join(kept)])
+            else:
+                headers.removeHeader(b"connection")
         for name, values in self.set_headers:
             if values is None:
                 headers.removeHeader(name)

@@ -26,7 +26,13 @@ from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web import client as web_client
-from twisted.web._newclient import ParseError, ResponseFailed, ResponseNeverReceived, RequestGenerationFailed
+from twisted.web._newclient import (
+    ParseError,
+    RequestGenerationFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+    _DataLoss,
+)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer
 from zope.interface import implementer
@@ -204,11 +210,15 @@ class _CappedBody(Protocol):
 
 
 def is_cancellation(failure: Failure) -> bool:
-    """Whether a failed call was cancelled by its caller (possibly wrapped by the Agent)."""
-    if failure.check(CancelledError):
+    """
+    Whether a failed call was cancelled by its caller (possibly wrapped by
+    the Agent); a call cancelled while still connecting fails with
+    L{ConnectingCancelledError} instead.
+    """
+    if failure.check(CancelledError, net_error.ConnectingCancelledError):
         return True
     reasons = getattr(failure.value, "reasons", None) or []
-    return any(inner.check(CancelledError) for inner in reasons)
+    return any(inner.check(CancelledError, net_error.ConnectingCancelledError) for inner in reasons)
 
 
 def describe_failure(failure: Failure) -> str:
@@ -224,7 +234,8 @@ def describe_failure(failure: Failure) -> str:
         return "connection refused"
     if isinstance(exc, (net_error.TimeoutError, net_error.TCPTimedOutError)):
         return "timeout"
-    if isinstance(exc, (net_error.ConnectionDone, net_error.ConnectionLost, net_error.ConnectionClosed)):
+    if isinstance(exc, (net_error.ConnectionDone, net_error.ConnectionLost, net_error.ConnectionClosed, _DataLoss)):
+        # _DataLoss: closed before the end of a body framed by Content-Length or chunks.
         return "closed"
     if isinstance(exc, net_error.DNSLookupError):
         return "failed to resolve host: %s" % (exc.args[0] if exc.args else "")
@@ -234,7 +245,8 @@ def describe_failure(failure: Failure) -> str:
         # Chain verified, but the certificate names another host (service-identity).
         return "handshake failed: certificate host mismatch"
     if isinstance(exc, ParseError):
-        return "bad response: %s" % (exc,)
+        what, data = (tuple(exc.args) + ("", b""))[:2]
+        return "bad response: %s%s" % (what, " %r" % (data[:80],) if data else "")
     if isinstance(exc, CancelledError):
         return "cancelled"
     text = failure.getErrorMessage()

@@ -5,6 +5,7 @@ target, the normalised path routes match on, the host, the peer.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Optional
 from urllib.parse import quote, unquote_to_bytes
 
@@ -18,33 +19,52 @@ class BadRequest(ValueError):
     """A request target no route may be matched against."""
 
 
+# Overlong UTF-8 forms (C0/C1 leads, E0 80-9F, F0 80-8F): no valid text has
+# them, and a lax decoder upstream reads %c0%ae as "." and %c0%af as "/".
+_OVERLONG = re.compile(rb"[\xc0\xc1]|\xe0[\x80-\x9f]|\xf0[\x80-\x8f]")
+# Host: reg-name or IPv4 (RFC 3986 unreserved and sub-delims; no
+# pct-encoding, which no client uses and an upstream could decode) or an IP
+# literal, then an optional port.
+_HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=]*)(:[0-9]*)?\Z")
+
+
 def normalise_path(raw: bytes) -> str:
     """
     Percent-decode the path and resolve C{.} and C{..} segments and repeated
     slashes, as nginx's C{$uri} does, so that C{/public/%2e%2e/private}
     matches the route of C{/private}, never the one of C{/public/*}.
 
-    @raise BadRequest: for NUL bytes, undecodable text, or a path that climbs
-        above the root.
+    @raise BadRequest: for NUL bytes, backslashes (raw or encoded: some
+        upstreams read them as C{/}), overlong UTF-8, dot segments with
+        parameters (C{..;x}, which Tomcat reads as C{..}), or a path that
+        climbs above the root.
     """
-    if b"%" not in raw and b"/." not in raw and b"//" not in raw:
+    if b"%" not in raw and b"/." not in raw and b"//" not in raw and b"\\" not in raw:
         if not raw.startswith(b"/"):
             raise BadRequest("request target must start with /")
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
+            if _OVERLONG.search(raw):
+                raise BadRequest("overlong UTF-8 in path")
             return raw.decode("latin-1")
     decoded = unquote_to_bytes(raw)
     if b"\x00" in decoded:
         raise BadRequest("NUL byte in path")
+    if b"\\" in decoded:
+        raise BadRequest("backslash in path")
     if not decoded.startswith(b"/"):
         raise BadRequest("request target must start with /")
     try:
         text = decoded.decode("utf-8")
     except UnicodeDecodeError:
+        if _OVERLONG.search(decoded):
+            raise BadRequest("overlong UTF-8 in path")
         text = decoded.decode("latin-1")
     segments = []
     for segment in text.split("/")[1:]:
+        if ";" in segment and segment.partition(";")[0] in (".", ".."):
+            raise BadRequest("dot segment with parameters in path")
         if segment == "..":
             if not segments:
                 raise BadRequest("path climbs above the root")
@@ -56,12 +76,17 @@ def normalise_path(raw: bytes) -> str:
 
 
 def _split_host(value: str) -> str:
-    """Lower-case a Host value and drop its port (IPv6 literals keep brackets)."""
+    """
+    Lower-case a Host value and drop its port (IPv6 literals keep brackets)
+    and a trailing dot, as nginx's C{$host}: C{Secure.Example.:80} must
+    match the routes of C{secure.example}, never fall to a host-less one.
+    """
     value = value.strip().lower()
     if value.startswith("["):
         end = value.find("]")
         return value[: end + 1] if end != -1 else value
-    return value.partition(":")[0]
+    host = value.partition(":")[0]
+    return host[:-1] if host.endswith(".") else host
 
 
 @attr.s(slots=True, auto_attribs=True)
@@ -97,17 +122,32 @@ class InboundRequest:
         @raise BadRequest: when the target cannot be matched safely.
         """
         uri: bytes = request.uri
+        hosts = request.requestHeaders.getRawHeaders(b"host")
+        if hosts is None:
+            if request.clientproto == b"HTTP/1.1":
+                raise BadRequest("HTTP/1.1 request without Host")
+        elif len(hosts) > 1:
+            raise BadRequest("more than one Host")
+        elif not _HOST.match(hosts[0]):
+            raise BadRequest("invalid Host")
         if uri[:1] != b"/":
             # Absolute form: the authority wins over Host (RFC 9112 3.2.2).
             if uri[:7].lower() == b"http://" or uri[:8].lower() == b"https://":
                 rest = uri.split(b"://", 1)[1]
-                authority, slash, tail = rest.partition(b"/")
-                uri = slash + tail if slash else b"/"
+                cut = min([i for i in (rest.find(b"/"), rest.find(b"?"), rest.find(b"#")) if i != -1] or [len(rest)])
+                authority, tail = rest[:cut], rest[cut:]
+                if not authority or not _HOST.match(authority):
+                    raise BadRequest("invalid authority in request target")
+                uri = tail if tail[:1] == b"/" else b"/" + tail
                 host_value: Optional[bytes] = authority
+                # Everything after this (routes, auth, upstream Host with
+                # pass_host "pass") sees the authority, never a Host header
+                # that disagrees with it.
+                request.requestHeaders.setRawHeaders(b"host", [authority])
             else:
                 raise BadRequest("unsupported request target")
         else:
-            host_value = request.requestHeaders.getRawHeaders(b"host", [None])[0]
+            host_value = hosts[0] if hosts else None
         raw_path, _, query = uri.partition(b"?")
         path = normalise_path(raw_path)
         client = request.getClientAddress()

@@ -11,7 +11,7 @@ from typing import Any, Optional
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import Cooperator
+from twisted.internet.task import Cooperator, NotPaused
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import client as web_client
@@ -47,6 +47,44 @@ def send_simple(request: Any, status: int, body: bytes = b"", content_type: Opti
     request.finish()
 
 
+class _FileBody(web_client.FileBodyProducer):  # type: ignore[misc]
+    """
+    A request body the server spooled to a file (over 100 kB), streamed with
+    backpressure, with two fixes over L{FileBodyProducer}:
+
+      - a transport keeps its "producer paused" flag after the producer is
+        unregistered, so after an in-memory body of more than 64 KiB on the
+        same pooled connection, the first C{resumeProducing} comes unpaired:
+        L{NotPaused} would fail the upload (502);
+      - the upload ends with its last chunk, not one cooperator tick later:
+        an upstream that answers as soon as it has the whole body would
+        otherwise find the request still being written, the connection would
+        be dropped instead of pooled, and that tick would read a file the
+        server had closed when the answer was relayed.
+
+    (An upstream that answers before taking the whole body is handled by
+    L{fauth.transport}: the upload is stopped and the connection aborted.)
+    """
+
+    def resumeProducing(self) -> None:
+        try:
+            super().resumeProducing()
+        except NotPaused:
+            pass
+
+    def _writeloop(self, consumer: Any) -> Any:
+        remaining = self.length
+        while remaining > 0:
+            data = self._inputFile.read(min(self._readSize, remaining))
+            if not data:
+                break  # shorter than it was: the length check fails the request
+            remaining -= len(data)
+            consumer.write(data)
+            if remaining > 0:
+                yield None
+        self._inputFile.close()
+
+
 class _Relay(Protocol):
     """
     Streams the upstream body to the client.  The upstream transport is the
@@ -60,6 +98,7 @@ class _Relay(Protocol):
         self._idle_timeout = idle_timeout
         self._timer: Any = None
         self.client_gone = False
+        self._timed_out = False
 
     def connectionMade(self) -> None:
         self._request.registerProducer(self.transport, True)
@@ -67,6 +106,7 @@ class _Relay(Protocol):
 
     def _idle(self) -> None:
         log.warn("upstream read timed out in the body; aborting the client connection")
+        self._timed_out = True
         self.transport.stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
@@ -93,7 +133,8 @@ class _Relay(Protocol):
         else:
             # The status line has gone out: the only honest signal left is
             # to abort, so the client never takes a truncated body as whole.
-            log.warn("upstream failed mid-body: {err}", err=describe_failure(reason))
+            if not self._timed_out:  # already said, and "closed" would be wrong
+                log.warn("upstream failed mid-body: {err}", err=describe_failure(reason))
             transport = request.channel.transport if request.channel else None
             if transport is not None:
                 abort = getattr(transport, "abortConnection", None)
@@ -147,7 +188,7 @@ class UpstreamProxy:
         if isinstance(content, BytesIO):
             return BytesProducer(content.getvalue())
         content.seek(0)
-        return web_client.FileBodyProducer(content, cooperator=self._cooperator)
+        return _FileBody(content, cooperator=self._cooperator)
 
     def forward(self, request: Any, inbound: InboundRequest) -> None:
         """Proxy C{request} to the next node and stream the answer back."""

@@ -5,16 +5,72 @@ and agents that connect to IP literals without a resolver round-trip.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from twisted.internet import endpoints
 from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.logger import Logger
 from twisted.web import client as web_client
-from twisted.web._newclient import HTTP11ClientProtocol
+from twisted.web._newclient import HEADER, STATUS, HTTP11ClientProtocol, HTTPClientParser, ParseError
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
-__all__ = ["make_agent", "quiet_pool", "tls_policy"]
+__all__ = ["MAX_RESPONSE_HEAD", "MAX_RESPONSE_HEADERS", "make_agent", "quiet_pool", "tls_policy"]
+
+log = Logger()
+
+# A response head (status line and header lines) from an auth service or an
+# upstream larger than this fails the exchange as a bad response instead of
+# being buffered; nginx's own limit (proxy_buffer_size) is 4 or 8 KiB.
+MAX_RESPONSE_HEAD = 64 * 1024
+MAX_RESPONSE_HEADERS = 500
+
+_TOKEN = re.compile(b"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+# Control characters other than HTAB (RFC 9110 section 5.5); CR is the line's own.
+_BAD_VALUE = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+class _StrictParser(HTTPClientParser):  # type: ignore[misc]
+    """
+    The Agent's response parser with the checks a proxy needs.  Twisted's
+    takes a header line without a colon as a C{ValueError}, passes a NUL or
+    another control character on in a value, joins obs-fold lines without a
+    space, and buffers any number of header lines.  Here each of these is a
+    L{ParseError} (C{bad response: ...}): the exchange fails and the
+    connection is closed.
+    """
+
+    MAX_LENGTH = MAX_RESPONSE_HEAD
+    _head_bytes = 0
+    _head_lines = 0
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.state in (STATUS, HEADER):
+            self._head_bytes += len(line) + 1
+            if self._head_bytes > MAX_RESPONSE_HEAD:
+                raise ParseError("response head too large", b"")
+            if self.state == HEADER and line not in (b"", b"\r"):
+                self._head_lines += 1
+                if self._head_lines > MAX_RESPONSE_HEADERS:
+                    raise ParseError("too many headers", b"")
+                _check_header_line(line[:-1] if line[-1:] == b"\r" else line)
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        raise ParseError("response head too large", b"")
+
+
+def _check_header_line(line: bytes) -> None:
+    if line[:1] in (b" ", b"\t"):
+        raise ParseError("obsolete line folding", line[:80])
+    name, colon, value = line.partition(b":")
+    if not colon:
+        raise ParseError("header line without a colon", line[:80])
+    if _TOKEN.fullmatch(name) is None:
+        raise ParseError("invalid header name", name[:80])
+    if _BAD_VALUE.search(value) is not None:
+        raise ParseError("control character in header value", name[:80])
 
 
 class _ClientProtocol(HTTP11ClientProtocol):  # type: ignore[misc]
@@ -27,6 +83,9 @@ class _ClientProtocol(HTTP11ClientProtocol):  # type: ignore[misc]
     def request(self, request: Any) -> Any:
         d = super().request(request)
         parser = self._parser
+        if type(parser) is HTTPClientParser:
+            # Twisted builds its parser inside request(); no byte has been parsed yet.
+            parser.__class__ = _StrictParser
         if parser is not None:
 
             def keep(response: Any) -> Any:
@@ -35,6 +94,45 @@ class _ClientProtocol(HTTP11ClientProtocol):  # type: ignore[misc]
 
             d.addCallback(keep)
         return d
+
+    def _finishResponse_WAITING(self, rest: bytes) -> None:
+        # Bytes after a complete response can only be an answer the peer
+        # thinks belongs to the next request: reusing the connection would
+        # desynchronise it.  Twisted drops them and pools the connection.
+        if rest and self._currentRequest is not None:
+            self._stray(len(rest))
+            self._currentRequest.persistent = False
+        # The whole answer came before the whole request body went out (an
+        # upstream answering early, e.g. 413).  Stop sending the body now,
+        # while its source is open: relaying the answer finishes the client's
+        # request, and the server then closes a spooled body's file (Twisted
+        # would read it again and log a critical error).  Then abort: the
+        # connection can carry nothing more, and the stopped producer, still
+        # registered, would hold a plain close open.
+        early = self._state == "TRANSMITTING" and self._currentRequest is not None
+        if early:
+            self._currentRequest.stopWriting()
+        super()._finishResponse_WAITING(rest)
+        if early:
+            self.transport.abortConnection()
+
+    _finishResponse_TRANSMITTING = _finishResponse_WAITING
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._parser is None and self._state == "QUIESCENT":
+            # The same, arriving while the connection waits in the pool.
+            self._stray(len(data))
+            self.transport.loseConnection()
+            return
+        super().dataReceived(data)
+
+    def _stray(self, size: int) -> None:
+        peer = self.transport.getPeer()
+        log.warn(
+            "{peer} sent {size} bytes after the end of a response; connection closed, not reused",
+            peer="%s:%s" % (getattr(peer, "host", peer), getattr(peer, "port", "")),
+            size=size,
+        )
 
 
 class _QuietFactory(web_client._HTTP11ClientFactory):  # type: ignore[misc]
