@@ -36,6 +36,10 @@ class Allow:
     """
 
     set_headers: Tuple[Tuple[bytes, Optional[Tuple[bytes, ...]]], ...] = ()
+    #: The auth service's response headers (for the access log's C{user}).
+    reply_headers: Optional[Headers] = attr.field(default=None, eq=False, repr=False)
+    #: For metrics and the access log (L{fauth.metrics}).
+    outcome = "allow"
 
     def apply(self, headers: Headers) -> None:
         """
@@ -72,6 +76,8 @@ class Allow:
 class Degrade:
     """The auth service failed and C{allow_degradation} lets the request through untouched."""
 
+    outcome = "degraded"
+
 
 @attr.frozen
 class Respond:
@@ -80,6 +86,9 @@ class Respond:
     status: int
     headers: Tuple[Tuple[bytes, Tuple[bytes, ...]], ...] = ()
     body: bytes = b""
+    #: C{deny} (the auth service's answer), C{error} (C{status_on_error}) or
+    #: C{rejected} (413, no auth call); for metrics and the access log.
+    outcome: str = attr.field(default="deny", eq=False)
 
 
 Decision = Union[Allow, Degrade, Respond]
@@ -189,12 +198,15 @@ class ForwardAuth:
             too_big = self._body_too_big(inbound)
             if too_big is not None:
                 log.warn("failed to read request body: {err}", err=too_big)
-                return succeed(Respond(413))
+                return succeed(Respond(413, outcome="rejected"))
             body = inbound.body()
         try:
             headers = self.build_headers(inbound, route_id)
         except HeaderError as e:
-            return succeed(self._failed(str(e)))
+            # The client's own data made the auth request unsendable (CR/LF
+            # through $arg_*, say).  Degradation is for an auth service that
+            # fails, not a client that can choose to fail it: never degrade.
+            return succeed(self._failed(str(e), degradable=False))
         call = self._client.call(self._method, headers, body, self._timeout)
         return call.addCallbacks(self._interpret, self._transport_failure)
 
@@ -215,7 +227,8 @@ class ForwardAuth:
                 tuple(
                     (name, _tuple_or_none(reply.headers.getRawHeaders(name)))
                     for name in self._upstream_headers
-                )
+                ),
+                reply.headers,
             )
         headers = []
         for name in self._client_headers:
@@ -235,14 +248,14 @@ class ForwardAuth:
             return failure  # type: ignore[return-value]
         return self._failed(describe_failure(failure))
 
-    def _failed(self, reason: str) -> Decision:
+    def _failed(self, reason: str, degradable: bool = True) -> Decision:
         log.warn("failed to process forward auth, err: {err}", err=reason)
-        if self.conf.allow_degradation:
+        if degradable and self.conf.allow_degradation:
             return Degrade()
         body = b""
         if self.conf.error_response is not None:
             body = self.conf.error_response.encode("utf-8")
-        return Respond(self.conf.status_on_error, (), body)
+        return Respond(self.conf.status_on_error, (), body, outcome="error")
 
 
 def _lookup_names(name: str) -> Tuple[bytes, ...]:

@@ -334,6 +334,16 @@ def build_routes(auth: str, closed_port: int) -> List[Dict[str, Any]]:
             "/crlf",
             fa("/auth", request_method="GET", request_headers=["Authorization"], extra_headers={"X-User": "$arg_user"}),
         ),
+        (
+            "11-degrade",
+            "/crlf-degrade",
+            fa(
+                "/auth",
+                request_headers=["Authorization"],
+                extra_headers={"X-User": "$arg_user"},
+                allow_degradation=True,
+            ),
+        ),
         ("100", "/toolarge", fa("/auth", request_method="POST", max_req_body_size=10, upstream_headers=["X-User-ID"])),
         (
             "101",
@@ -680,6 +690,25 @@ async def test_forward_auth_t_TEST_16_crlf_injection_blocked(env: Env) -> None:
         "failed to process forward auth, err: invalid characters found in header value"
     ), logs.lines
     assert env.auth.count("/auth") == before  # refused, not sanitised and sent
+
+
+@pytest_twisted.ensureDeferred
+async def test_crlf_from_the_client_is_never_degraded(env: Env) -> None:
+    """
+    Deliberate deviation from the reference: a client whose own data makes
+    the auth request unsendable must not ride allow_degradation past auth.
+    """
+    before = env.auth.count("/auth")
+    with LogCapture() as logs:
+        reply = await env.request(
+            "GET", "/crlf-degrade?user=guest%0d%0ax-user1:%20admin", {"Authorization": "111"}
+        )
+    assert reply.status == 403
+    assert reply.body == b""
+    assert logs.contains("invalid characters found in header value"), logs.lines
+    assert env.auth.count("/auth") == before
+    ok = await env.request("GET", "/crlf-degrade?user=guest", {"Authorization": "111"})
+    assert ok.status == 200
 
 
 @pytest_twisted.ensureDeferred
