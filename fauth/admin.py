@@ -7,6 +7,8 @@ The admin API, on its own listener: an APISIX-compatible subset
 Resource tree of L{AdminRoot}::
 
     /healthz            no key; 200 "ok" while the gateway accepts requests
+    /metrics            added by GatewayService (L{fauth.metrics}); no key
+                        unless admin.metrics_require_key
     /apisix/admin/...   X-API-KEY required (L{KeyGuard})
     anything else       X-API-KEY required, then 404
 

@@ -44,7 +44,10 @@ HTTP_METHODS = frozenset(
 )
 KNOWN_PLUGINS = frozenset(["forward-auth"])
 _TOP_LEVEL_KEYS = frozenset(
-    ["listen", "routes", "upstreams", "demo", "ssl_trusted_certificate", "http", "admin", "shutdown_grace"]
+    [
+        "listen", "routes", "upstreams", "demo", "ssl_trusted_certificate", "http", "admin", "shutdown_grace",
+        "access_log", "access_log_user_header", "workers",
+    ]
 )
 _ADMIN_KEYS = frozenset(["listen", "keys", "store", "metrics_require_key"])
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -61,6 +64,7 @@ _UPSTREAM_KEYS = frozenset(
         "timeout", "keepalive_pool", "labels", "create_time", "update_time",
     ]
 )
+_HEADER_NAME_RE = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")  # an RFC 9110 token; fullmatch
 _HOST_RE = re.compile(r"^\*?[0-9a-zA-Z-._\[\]:]+$")
 _HOSTNAME_RE = re.compile(r"^[0-9A-Za-z]([0-9A-Za-z-]{0,62})(\.[0-9A-Za-z]([0-9A-Za-z-]{0,62}))*\.?$")
 
@@ -207,6 +211,12 @@ class GatewayConf:
     http: HttpLimits = HttpLimits()
     admin: Optional[AdminConf] = None
     shutdown_grace: float = 30.0
+    #: Access log path, C{"-"} for standard output, or C{None} (off).
+    access_log: Optional[str] = None
+    #: Auth-response header whose value the access log shows as C{user}.
+    access_log_user_header: str = "X-User-ID"
+    #: Worker processes under C{twistd fauth} (C{--workers} overrides it).
+    workers: int = 1
     source: Mapping[str, Any] = attr.field(factory=dict, eq=False, repr=False)
 
 
@@ -600,6 +610,17 @@ def parse_config(doc: object, environ: Optional[Mapping[str, str]] = None) -> Ga
     if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace < float("inf"):
         raise ConfigError('config: property "shutdown_grace" must be a number of seconds, 0 or more')
 
+    access_log = doc.get("access_log")
+    if access_log is not None and (not isinstance(access_log, str) or not access_log or "\x00" in access_log):
+        raise ConfigError('config: property "access_log" must be a file path or "-" (standard output)')
+    user_header = doc.get("access_log_user_header", "X-User-ID")
+    if not isinstance(user_header, str) or not _HEADER_NAME_RE.fullmatch(user_header):
+        raise ConfigError('config: property "access_log_user_header" must be a header name')
+
+    workers = doc.get("workers", 1)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError('config: property "workers" must be an integer, 1 or more')
+
     return GatewayConf(
         listen=listen_t,
         routes=tuple(routes),
@@ -609,6 +630,9 @@ def parse_config(doc: object, environ: Optional[Mapping[str, str]] = None) -> Ga
         http=http,
         admin=admin,
         shutdown_grace=float(grace),
+        access_log=access_log,
+        access_log_user_header=user_header,
+        workers=workers,
         source=doc,
     )
 

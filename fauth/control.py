@@ -39,7 +39,7 @@ log = Logger()
 #: The admin API's resource types, as in its URLs.
 KINDS = ("routes", "upstreams")
 #: Sections a reload cannot change in a running process.
-RESTART_ONLY = ("listen", "admin", "demo", "http", "ssl_trusted_certificate")
+RESTART_ONLY = ("listen", "admin", "demo", "http", "ssl_trusted_certificate", "workers")
 
 # APISIX's id schema: a string of 1-64 of these, or a positive integer.
 _ID_RE = re.compile(r"^[a-zA-Z0-9\-_.]{1,64}$")
@@ -182,6 +182,8 @@ class Control:
     @param clock: seconds since the epoch (for C{create_time}/C{update_time}).
     @ivar conf: the effective L{GatewayConf}, as last applied.
     @ivar contents: the store's documents, as last written.
+    @ivar reload_store: whether L{reload} re-reads the store file too (a
+        worker of C{--workers N}: its supervisor's admin API writes it).
     """
 
     def __init__(
@@ -198,7 +200,9 @@ class Control:
         self.config_path = config_path
         self._clock = clock
         self._appliers: List[Callable[[GatewayConf], None]] = []
+        self._outcome_listeners: List[Callable[[str, str], None]] = []
         self._last_id = 0
+        self.reload_store = False
 
     @classmethod
     def from_document(cls, doc: object, config_path: Optional[str] = None) -> "Control":
@@ -234,6 +238,21 @@ class Control:
     def on_change(self, apply: Callable[[GatewayConf], None]) -> None:
         """Call C{apply(conf)} with every new effective configuration (e.g. L{Gateway.update})."""
         self._appliers.append(apply)
+
+    def on_outcome(self, listener: Callable[[str, str], None]) -> None:
+        """
+        Call C{listener(event, result)} after every reload (C{"reload"},
+        C{"ok"} or C{"refused"}) and every store write (C{"store_write"},
+        C{"ok"} or C{"error"}); for metrics, and to reopen the access log.
+        """
+        self._outcome_listeners.append(listener)
+
+    def _report(self, event: str, result: str) -> None:
+        for listener in self._outcome_listeners:
+            try:
+                listener(event, result)
+            except Exception:
+                log.failure("{event} listener failed", event=event)
 
     # -- reads ---------------------------------------------------------------
 
@@ -385,8 +404,10 @@ class Control:
             self.store.save(contents)
         except OSError as e:
             log.error("admin change not saved to {path}: {error}", path=self.store.path, error=e)
+            self._report("store_write", "error")
             raise AdminError(500, "failed to write the store %s: %s" % (self.store.path, e.strerror or e))
         self.contents = contents
+        self._report("store_write", "ok")
         self._apply(conf)
 
     def _apply(self, conf: GatewayConf) -> None:
@@ -401,7 +422,8 @@ class Control:
         Re-read the configuration file: a valid one (merged with the store)
         replaces the route table; an invalid one is refused, the reason
         logged as C{reload refused: <reason>}, and the running table kept.
-        Sections in L{RESTART_ONLY} keep their running values.
+        Sections in L{RESTART_ONLY} keep their running values.  With
+        L{reload_store}, the store file is read again too.
 
         @raise ConfigError: the refusal.
         """
@@ -410,9 +432,13 @@ class Control:
                 raise ConfigError("config: the gateway was not started from a file; nothing to reload")
             doc = read_document(self.config_path)
             base = parse_base(doc)
-            conf = merge(base, self.contents, self.store.path if self.store is not None else None)
+            contents = self.contents
+            if self.reload_store and self.store is not None:
+                contents = self.store.load()
+            conf = merge(base, contents, self.store.path if self.store is not None else None)
         except ConfigError as e:
             log.warn("reload refused: {error}", error=str(e))
+            self._report("reload", "refused")
             raise
         changed = [name for name in RESTART_ONLY if getattr(conf, name) != getattr(self.conf, name)]
         if changed:
@@ -420,6 +446,7 @@ class Control:
                 "reload: changes to {sections} need a restart; ignored", sections=", ".join(changed)
             )
         conf = attr.evolve(conf, **{name: getattr(self.conf, name) for name in RESTART_ONLY})
+        self.contents = contents
         self._apply(conf)
         log.info(
             "reloaded {path}: {routes} routes, {stored} of them from the admin store",
@@ -427,4 +454,5 @@ class Control:
             routes=len(conf.routes),
             stored=len(self.contents.routes),
         )
+        self._report("reload", "ok")
         return conf

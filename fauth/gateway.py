@@ -84,6 +84,10 @@ class AuthClients:
             )
         return client
 
+    def clients(self) -> List[AuthClient]:
+        """Every client made so far (for the pool metrics)."""
+        return list(self._clients.values())
+
     def close(self) -> Any:
         """Close every pooled connection."""
         return DeferredList([c.close() for c in self._clients.values()])

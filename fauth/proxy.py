@@ -190,14 +190,21 @@ class UpstreamProxy:
         content.seek(0)
         return _FileBody(content, cooperator=self._cooperator)
 
-    def forward(self, request: Any, inbound: InboundRequest) -> None:
-        """Proxy C{request} to the next node and stream the answer back."""
+    def forward(self, request: Any, inbound: InboundRequest, exchange: Any = None) -> None:
+        """
+        Proxy C{request} to the next node and stream the answer back.
+
+        @param exchange: a L{fauth.metrics.Exchange} to time the upstream
+            leg, or C{None}.
+        """
         node = self._balancer.pick()
         netloc = node.netloc.encode("idna")
         url = b"%s://%s%s" % (self._scheme, netloc, inbound.upstream_target)
         headers = self._headers(request, inbound, netloc)
         relay = _Relay(request, self._reactor, self.conf.timeout.read)
         state = {"timed_out": False}
+        if exchange is not None:
+            exchange.upstream_started()
         d = self._agent.request(request.method, url, headers, self._body(request, inbound))
 
         def expire() -> None:
@@ -218,6 +225,8 @@ class UpstreamProxy:
         def got_response(response: Any) -> None:
             if timer.active():
                 timer.cancel()
+            if exchange is not None:
+                exchange.upstream_answered()
             if relay.client_gone:
                 response.deliverBody(Protocol())
                 return
@@ -243,6 +252,8 @@ class UpstreamProxy:
                 timer.cancel()
             if relay.client_gone:
                 return
+            if exchange is not None:
+                exchange.upstream_failed()
             if state["timed_out"] or failure.check(net_error.TimeoutError):
                 status = 504
                 reason = "timeout"

@@ -20,6 +20,7 @@ from fauth.drain import InFlight
 from fauth.gateway import AuthClients, Gateway
 from fauth.httpserver import HardenedSite
 from fauth.inbound import BadRequest, InboundRequest
+from fauth.metrics import Exchange, GatewayMetrics
 from fauth.proxy import send_simple
 
 __all__ = ["ForwardAuthResource", "GatewayResource", "GatewayRequest", "GatewaySite"]
@@ -74,17 +75,28 @@ def _internal_error(failure: Failure, request: Any) -> None:
 
 
 def guard(
-    auth: ForwardAuth, request: Any, inbound: InboundRequest, proceed: Callable[[], None], route_id: str = ""
+    auth: ForwardAuth,
+    request: Any,
+    inbound: InboundRequest,
+    proceed: Callable[[], None],
+    route_id: str = "",
+    exchange: Optional[Exchange] = None,
 ) -> None:
     """
     Ask C{auth} about C{request}; answer a denial (or an error status), or
     apply the allowed header changes and call C{proceed}.  A client that
     goes away cancels its pending auth call.
+
+    @param exchange: told when the check starts and what it decided (metrics).
     """
+    if exchange is not None:
+        exchange.auth_started()
     d = auth.check(inbound, route_id)
     request.notifyFinish().addErrback(lambda _: d.cancel())
 
     def decided(decision: Decision) -> None:
+        if exchange is not None:
+            exchange.decided(decision)
         if client_gone(request):
             return
         if isinstance(decision, Respond):
@@ -113,18 +125,22 @@ class GatewayResource(Resource):
 
     @param gateway: holds the current route table; read once per request,
         so a request finishes on the table it started with.
+    @param metrics: counts every request (and writes the access log), or
+        C{None}.
     @ivar in_flight: the requests being handled (a shutdown waits for them).
     """
 
     isLeaf = True
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, metrics: Optional[GatewayMetrics] = None) -> None:
         super().__init__()
         self._gateway = gateway
+        self._metrics = metrics
         self.in_flight = InFlight()
 
     def render(self, request: Any) -> Any:
         self.in_flight.track(request)
+        exchange = None if self._metrics is None else Exchange(self._metrics, request)
         inbound = parse_inbound(request)
         if inbound is None:
             return server.NOT_DONE_YET
@@ -132,10 +148,19 @@ class GatewayResource(Resource):
         if route is None:
             send_simple(request, 404, _NOT_FOUND, b"application/json")
             return server.NOT_DONE_YET
+        if exchange is not None:
+            exchange.routed(route.conf.id)
         if route.auth is None:
-            route.upstream.forward(request, inbound)
+            route.upstream.forward(request, inbound, exchange)
             return server.NOT_DONE_YET
-        guard(route.auth, request, inbound, lambda: route.upstream.forward(request, inbound), route.conf.id)
+        guard(
+            route.auth,
+            request,
+            inbound,
+            lambda: route.upstream.forward(request, inbound, exchange),
+            route.conf.id,
+            exchange,
+        )
         return server.NOT_DONE_YET
 
 

@@ -7,7 +7,7 @@ shutdown (SIGTERM).
 from __future__ import annotations
 
 import signal
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
@@ -17,10 +17,12 @@ from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from fauth.accesslog import AccessLogService
 from fauth.admin import AdminRoot, AdminSite
 from fauth.config import ConfigError, GatewayConf
 from fauth.control import Control
 from fauth.gateway import Gateway
+from fauth.metrics import GatewayMetrics, MetricsResource
 from fauth.resource import GatewayResource, GatewaySite
 
 __all__ = ["GatewayService"]
@@ -53,10 +55,17 @@ class GatewayService(MultiService):
     @param handle_signals: install SIGHUP (reload) and SIGTERM (graceful
         shutdown, then C{reactor.stop()}) handlers once the reactor runs;
         for a process that is all gateway (C{twistd fauth} does it).
+    @param endpoints: a worker of C{--workers N} (L{fauth.workers}): serve
+        the gateway on these server endpoints (the sockets its supervisor
+        bound) instead of C{conf.listen}, and leave the demo services and
+        the admin API to the supervisor, which runs them.
     @ivar gateway: the runtime (route table and pools).
     @ivar resource: the L{GatewayResource}; its C{in_flight} counts requests.
     @ivar site: the L{GatewaySite} every listener serves.
     @ivar control: the effective configuration and its changes.
+    @ivar metrics: the gateway's L{GatewayMetrics}; C{metrics.registry} is
+        served as C{/metrics} on the admin listener.
+    @ivar access_log: the L{AccessLogService} (C{access_log}).
     @ivar admin_root: the admin listener's root resource, or C{None} without
         C{admin}.  Hook for more admin endpoints:
         C{admin_root.putChild(b"metrics", admin_root.guard(resource))}.
@@ -70,6 +79,7 @@ class GatewayService(MultiService):
         *,
         control: Optional[Control] = None,
         handle_signals: bool = False,
+        endpoints: Optional[Sequence[Any]] = None,
     ) -> None:
         super().__init__()
         if reactor is None:
@@ -81,22 +91,40 @@ class GatewayService(MultiService):
         conf = self.control.conf
         self.gateway = Gateway(reactor, conf)
         self.control.on_change(self.gateway.update)
-        self.resource = GatewayResource(self.gateway)
+        self.metrics = GatewayMetrics(self.gateway, lambda: self.resource.in_flight.count)
+        self.control.on_outcome(self.metrics.count_outcome)
+        self.resource = GatewayResource(self.gateway, self.metrics)
         self.site = GatewaySite(self.resource, conf.http)
-        if conf.demo is not None:
+        # Before the listeners: a MultiService stops its children in reverse.
+        self.access_log = AccessLogService(reactor, self.metrics, conf)
+        self.access_log.setServiceParent(self)
+        self.control.on_outcome(
+            lambda event, result: self.access_log.reloaded(self.control.conf) if event == "reload" else None
+        )
+        if conf.demo is not None and endpoints is None:
             from fauth.demo import demo_services
 
             demo_services(reactor, conf.demo.auth, conf.demo.upstream).setServiceParent(self)
         self.listeners = []
-        for description in conf.listen:
+        for description in conf.listen if endpoints is None else ():
             listener = _listener(reactor, description, self.site, "listen")
+            listener.setServiceParent(self)
+            self.listeners.append(listener)
+        for endpoint in endpoints or ():
+            listener = StreamServerEndpointService(endpoint, self.site)
+            listener._raiseSynchronously = True
             listener.setServiceParent(self)
             self.listeners.append(listener)
         self.accepting = False
         self.admin_root: Optional[AdminRoot] = None
         self.admin_listener: Optional[StreamServerEndpointService] = None
-        if conf.admin is not None:
+        if conf.admin is not None and endpoints is None:
             self.admin_root = AdminRoot(self.control, conf.admin.keys, lambda: self.accepting)
+            metrics_resource = MetricsResource(self.metrics)
+            self.admin_root.putChild(
+                b"metrics",
+                self.admin_root.guard(metrics_resource) if conf.admin.metrics_require_key else metrics_resource,
+            )
             self.admin_listener = _listener(reactor, conf.admin.listen, AdminSite(self.admin_root), "admin.listen")
             self.admin_listener.setServiceParent(self)
         self._handle_signals = handle_signals

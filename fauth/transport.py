@@ -16,6 +16,8 @@ from twisted.web._newclient import HEADER, STATUS, HTTP11ClientProtocol, HTTPCli
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
+from fauth.pools import TrackedPool
+
 __all__ = ["MAX_RESPONSE_HEAD", "MAX_RESPONSE_HEADERS", "make_agent", "quiet_pool", "tls_policy"]
 
 log = Logger()
@@ -143,9 +145,12 @@ class _QuietFactory(web_client._HTTP11ClientFactory):  # type: ignore[misc]
         return _ClientProtocol(self._quiescentCallback)
 
 
-def quiet_pool(reactor: Any, persistent: bool) -> web_client.HTTPConnectionPool:
-    """An L{HTTPConnectionPool} that does not log every new connection."""
-    pool = web_client.HTTPConnectionPool(reactor, persistent=persistent)
+def quiet_pool(reactor: Any, persistent: bool) -> TrackedPool:
+    """
+    An L{HTTPConnectionPool} that does not log every new connection, and
+    counts its idle and busy connections for the metrics (L{TrackedPool}).
+    """
+    pool = TrackedPool(reactor, persistent=persistent)
     pool._factory = _QuietFactory
     return pool
 

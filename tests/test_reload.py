@@ -15,7 +15,7 @@ import attr
 import pytest
 from pytest_twisted import async_yield_fixture, ensureDeferred
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -38,7 +38,7 @@ from tests.adminenv import (
     write_config,
 )
 from tests.harness import LogCapture
-from tests.servers import listen_on_loopback, port_url, service_port
+from tests.servers import listen_on_loopback, port_url
 
 
 @pytest.fixture
