@@ -47,6 +47,8 @@ class Allow:
         underscores (C{X_User_ID}) go too: many upstreams (CGI, WSGI, PHP)
         read them as the dashed name, so they could smuggle an identity.
         """
+        if not self.set_headers:
+            return
         folded = {name.lower().replace(b"_", b"-") for name, _ in self.set_headers}
         for raw_name, _ in list(headers.getAllRawHeaders()):
             if b"_" in raw_name and raw_name.lower().replace(b"_", b"-") in folded:
@@ -54,7 +56,7 @@ class Allow:
         # "Connection: X-User-ID" would make the proxy drop the auth's value
         # as hop-by-hop: such tokens go, the rest of Connection stays.
         connection = headers.getRawHeaders(b"connection")
-        if connection and folded:
+        if connection:
             kept = [
                 token.strip()
                 for value in connection
@@ -112,16 +114,18 @@ class ForwardAuth:
         self._method = conf.request_method.encode("ascii")
         self._timeout = conf.timeout / 1000.0
         self._request_headers = tuple(
-            (name.lower(), name.encode("latin-1"), _lookup_names(name))
+            (name.lower(), name.encode("utf-8"), _lookup_names(name))
             for name in conf.request_headers
         )
         self._extra = tuple(
-            (name.lower(), name.encode("latin-1"), template)
+            # utf-8 never fails: a name that is not a token (APISIX accepts
+            # any extra_headers key) is refused by check_header at call time.
+            (name.lower(), name.encode("utf-8"), template)
             for name, template in (conf.extra_headers or ())
         )
         self._extra_needs_vars = any(not t.is_literal for _, _, t in self._extra)
-        self._upstream_headers = tuple(n.encode("latin-1") for n in conf.upstream_headers)
-        self._client_headers = tuple(n.encode("latin-1") for n in conf.client_headers)
+        self._upstream_headers = tuple(n.encode("utf-8") for n in conf.upstream_headers)
+        self._client_headers = tuple(n.encode("utf-8") for n in conf.client_headers)
         self._host_header = client.host_header
         for warning in conf.warnings:
             log.warn("{warning}", warning=warning)
@@ -260,8 +264,8 @@ class ForwardAuth:
 
 def _lookup_names(name: str) -> Tuple[bytes, ...]:
     """Client-side spellings to try: as configured, then lower-case with C{_} as C{-}."""
-    exact = name.encode("latin-1")
-    folded = name.lower().replace("_", "-").encode("latin-1")
+    exact = name.encode("utf-8")
+    folded = name.lower().replace("_", "-").encode("utf-8")
     return (exact,) if folded == exact.lower() else (exact, folded)
 
 

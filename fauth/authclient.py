@@ -105,6 +105,11 @@ class AuthTarget:
             raise AuthCallError("bad uri: %s (%s)" % (uri, e))
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise AuthCallError("bad uri: %s" % uri)
+        try:
+            # host_header and url encode it: find out now, not per call.
+            parts.hostname.encode("idna")
+        except UnicodeError as e:
+            raise AuthCallError("bad uri: %s (%s)" % (uri, e))
         path = (parts.path or "/").encode("utf-8")
         query = parts.query.encode("utf-8")
         if not set(path) <= _PATH_OK:

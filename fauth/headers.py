@@ -8,7 +8,9 @@ from typing import FrozenSet, Iterable, List, Optional, Tuple
 from twisted.web.http_headers import Headers
 
 __all__ = [
+    "CTL",
     "HOP_BY_HOP",
+    "TOKEN",
     "HeaderError",
     "check_header",
     "end_to_end_headers",
@@ -28,9 +30,11 @@ HOP_BY_HOP: FrozenSet[bytes] = frozenset(
     ]
 )
 
-_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+#: An RFC 9110 token (a header name, a method, a transfer coding); use
+#: C{fullmatch}: C{$} would also accept a trailing newline.
+TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # Any control character except horizontal tab (RFC 9110 section 5.5).
-_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class HeaderError(ValueError):
@@ -43,9 +47,9 @@ def check_header(name: bytes, value: bytes) -> None:
     rewrite: a name that is not a token, a value with CR, LF or another
     control character.
     """
-    if not _TOKEN.match(name):
+    if TOKEN.fullmatch(name) is None:
         raise HeaderError("invalid characters found in header key")
-    if _CTL.search(value):
+    if CTL.search(value):
         raise HeaderError("invalid characters found in header value")
 
 

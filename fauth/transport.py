@@ -5,7 +5,6 @@ and agents that connect to IP literals without a resolver round-trip.
 """
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from twisted.internet import endpoints
@@ -16,6 +15,7 @@ from twisted.web._newclient import HEADER, STATUS, HTTP11ClientProtocol, HTTPCli
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
+from fauth.headers import CTL, TOKEN
 from fauth.pools import TrackedPool
 
 __all__ = ["MAX_RESPONSE_HEAD", "MAX_RESPONSE_HEADERS", "make_agent", "quiet_pool", "tls_policy"]
@@ -27,10 +27,6 @@ log = Logger()
 # being buffered; nginx's own limit (proxy_buffer_size) is 4 or 8 KiB.
 MAX_RESPONSE_HEAD = 64 * 1024
 MAX_RESPONSE_HEADERS = 500
-
-_TOKEN = re.compile(b"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
-# Control characters other than HTAB (RFC 9110 section 5.5); CR is the line's own.
-_BAD_VALUE = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class _StrictParser(HTTPClientParser):  # type: ignore[misc]
@@ -69,9 +65,9 @@ def _check_header_line(line: bytes) -> None:
     name, colon, value = line.partition(b":")
     if not colon:
         raise ParseError("header line without a colon", line[:80])
-    if _TOKEN.fullmatch(name) is None:
+    if TOKEN.fullmatch(name) is None:
         raise ParseError("invalid header name", name[:80])
-    if _BAD_VALUE.search(value) is not None:
+    if CTL.search(value) is not None:
         raise ParseError("control character in header value", name[:80])
 
 
