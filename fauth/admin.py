@@ -27,15 +27,21 @@ from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import IResource, Resource, getChildForRequest
 
-from fauth.config import ConfigError
+from fauth.config import ConfigError, HttpLimits
 from fauth.control import KINDS, AdminError, Control, Entry
+from fauth.httpserver import _CLOSED, HardenedHTTPChannel, HardenedSite
 
-__all__ = ["AdminRoot", "AdminSite", "ApisixAdmin", "Healthz", "KeyGuard", "key_matches"]
+__all__ = ["MAX_ADMIN_BODY", "AdminRoot", "AdminSite", "ApisixAdmin", "Healthz", "KeyGuard", "key_matches"]
 
 log = Logger()
 
 _JSON = b"application/json"
 _BAD_TOKEN = b'{"error_msg":"failed to check token"}'
+_TOO_LARGE = b'{"error_msg":"request body too large"}'
+
+#: Largest admin request body, in bytes; larger ones get 413 before the
+#: key is checked, and the connection is closed.
+MAX_ADMIN_BODY = 1024 * 1024
 
 
 def key_matches(given: Optional[bytes], keys: Sequence[bytes]) -> bool:
@@ -214,6 +220,9 @@ class ApisixAdmin(Resource):
             return json.loads(data.decode("utf-8"), parse_constant=refuse_constant, parse_float=finite)
         except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
             raise AdminError(400, "invalid request body: %s" % e)
+        except RecursionError:
+            # [[[[...]]]] nested deeper than the interpreter's stack.
+            raise AdminError(400, "invalid request body: nested too deeply")
 
     @staticmethod
     def _audit(request: Any, method: str, entry: Entry, what: str) -> None:
@@ -254,10 +263,76 @@ class AdminRoot(Resource):
         return self.guard(_NotFound()).render(request)
 
 
-class AdminSite(server.Site):
-    """The admin listener's site: no access log (admin writes are logged by the API itself)."""
+class _AdminRequest(server.Request):
+    """A request whose body may not exceed C{MAX_ADMIN_BODY} (chunked included)."""
+
+    _received = 0
+
+    def handleContentChunk(self, data: bytes) -> None:
+        channel = self.channel
+        if isinstance(channel, _AdminChannel) and channel.refused:
+            return
+        self._received += len(data)
+        if self._received > MAX_ADMIN_BODY:
+            if isinstance(channel, _AdminChannel):
+                channel.too_large()
+            return
+        super().handleContentChunk(data)
+
+
+class _AdminChannel(HardenedHTTPChannel):
+    """
+    A L{HardenedHTTPChannel} refusing request bodies over
+    C{MAX_ADMIN_BODY} with 413 and closing the connection: by the
+    C{Content-Length} as soon as the head is in, for a chunked body as soon
+    as it has grown too large.  Nothing of such a request is rendered.
+    """
+
+    refused = False
+
+    def too_large(self) -> None:
+        """Answer 413 and close; the request is never handed to the resource."""
+        if self.refused:
+            return
+        self.refused = True
+        if self.transport is not None:
+            self.transport.write(
+                b"HTTP/1.1 413 Content Too Large\r\nConnection: close\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(_TOO_LARGE), _TOO_LARGE)
+            )
+        # Ignore anything further, and close.
+        self._phase = _CLOSED
+        self._close()
+
+    def allHeadersReceived(self) -> None:
+        if self.length is not None and self.length > MAX_ADMIN_BODY:
+            self.too_large()
+            return
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        if self.refused:
+            return
+        super().allContentReceived()
+
+
+class AdminSite(HardenedSite):
+    """
+    The admin listener's site: the client-facing server's hardening
+    (L{HardenedSite}: strict parsing, header and body timeouts), bodies
+    capped at C{MAX_ADMIN_BODY}, and no access log (admin writes are logged
+    by the API itself).
+    """
 
     displayTracebacks = False
+
+    def __init__(self, resource: IResource, limits: HttpLimits = HttpLimits(), **kwargs: Any) -> None:
+        kwargs.setdefault("requestFactory", _AdminRequest)
+        super().__init__(resource, limits, **kwargs)
+
+    def protocol(self) -> HardenedHTTPChannel:  # type: ignore[override]
+        return _AdminChannel(self.limits)
 
     def log(self, request: Any) -> None:
         pass

@@ -9,6 +9,7 @@ the wording APISIX's validator uses.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from typing import Any, Iterable, Mapping, Optional, Tuple
@@ -220,6 +221,11 @@ class GatewayConf:
     source: Mapping[str, Any] = attr.field(factory=dict, eq=False, repr=False)
 
 
+def _shown(value: str) -> str:
+    """C{value} for a one-line message: control characters escaped."""
+    return value if value.isprintable() else value.encode("unicode_escape").decode("ascii")
+
+
 def _prop(name: str, message: str) -> SchemaError:
     return SchemaError('property "%s" validation failed: %s' % (name, message))
 
@@ -232,6 +238,18 @@ def parse_forward_auth(conf: object) -> ForwardAuthConf:
     @raise SchemaError: with APISIX's message.
     """
     checked = check_forward_auth(conf)
+    # Beyond APISIX's schema: a list item that is not a header name can only
+    # be a mistake, and would fail every request at run time.
+    for prop in ("request_headers", "upstream_headers", "client_headers"):
+        for i, name in enumerate(checked[prop], 1):  # type: ignore[call-overload, arg-type]
+            if not _HEADER_NAME_RE.fullmatch(name):
+                raise _prop(prop, 'failed to validate item %d: invalid header name "%s"' % (i, _shown(name)))
+    warnings = list(security_warnings(checked))
+    if checked["allow_degradation"] and checked["upstream_headers"]:
+        warnings.append(
+            "allow_degradation with upstream_headers: a degraded request keeps the client's own values "
+            "of those headers"
+        )
     extra = checked.get("extra_headers")
     extra_headers = None
     if extra is not None:
@@ -262,7 +280,7 @@ def parse_forward_auth(conf: object) -> ForwardAuthConf:
         allow_degradation=checked["allow_degradation"],  # type: ignore[arg-type]
         status_on_error=checked["status_on_error"],  # type: ignore[arg-type]
         error_response=error_response,
-        warnings=tuple(security_warnings(checked)),
+        warnings=tuple(warnings),
     )
 
 
@@ -273,17 +291,21 @@ def _json_dumps(value: object) -> str:
 
 
 def _parse_node_address(address: str) -> Tuple[str, Optional[int]]:
+    # No control characters, spaces or non-ASCII anywhere (an IPv6 scope id
+    # would otherwise carry them into a Host header).
+    if not address.isascii() or any(c <= " " or c == "\x7f" for c in address):
+        raise _prop("nodes", 'invalid node address "%s"' % _shown(address))
     if address.startswith("["):
         host, sep, rest = address[1:].partition("]")
         if not sep:
-            raise _prop("nodes", 'invalid node address "%s"' % address)
+            raise _prop("nodes", 'invalid node address "%s"' % _shown(address))
         port_text = rest[1:] if rest.startswith(":") else None
         if rest and not rest.startswith(":"):
-            raise _prop("nodes", 'invalid node address "%s"' % address)
+            raise _prop("nodes", 'invalid node address "%s"' % _shown(address))
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise _prop("nodes", 'invalid node address "%s"' % address)
+            raise _prop("nodes", 'invalid node address "%s"' % _shown(address))
     else:
         host, sep, port_text_ = address.rpartition(":")
         if not sep:
@@ -291,13 +313,13 @@ def _parse_node_address(address: str) -> Tuple[str, Optional[int]]:
         else:
             port_text = port_text_
         if ":" in host:
-            raise _prop("nodes", 'invalid node address "%s" (IPv6 needs brackets)' % address)
-        if not host or not _HOSTNAME_RE.match(host):
-            raise _prop("nodes", 'invalid node address "%s"' % address)
+            raise _prop("nodes", 'invalid node address "%s" (IPv6 needs brackets)' % _shown(address))
+        if not host or not _HOSTNAME_RE.fullmatch(host):
+            raise _prop("nodes", 'invalid node address "%s"' % _shown(address))
     if port_text is None:
         return host, None
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise _prop("nodes", 'invalid node address "%s": bad port' % address)
+    if not port_text.isascii() or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise _prop("nodes", 'invalid node address "%s": bad port' % _shown(address))
     return host, int(port_text)
 
 
@@ -359,6 +381,12 @@ def parse_upstream(doc: object, upstream_id: Optional[str] = None) -> UpstreamCo
         check_type("upstream_host", upstream_host, "string")
     if pass_host == "rewrite" and not upstream_host:
         raise SchemaError('property "upstream_host" is required when "pass_host" is "rewrite"')
+    if upstream_host:
+        # It becomes the Host header: host[:port], as a node address.
+        try:
+            _parse_node_address(upstream_host)  # type: ignore[arg-type]
+        except SchemaError:
+            raise _prop("upstream_host", 'invalid host "%s"' % _shown(upstream_host))  # type: ignore[arg-type]
     timeouts = UpstreamTimeouts()
     if "timeout" in doc:
         t = doc["timeout"]
@@ -369,6 +397,8 @@ def parse_upstream(doc: object, upstream_id: Optional[str] = None) -> UpstreamCo
                 raise _prop("timeout", "additional properties forbidden, found %s" % k)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 check_type("timeout", v, "number")
+            if not math.isfinite(v):
+                raise _prop("timeout", "expected %s to be a finite number" % v)
             if v <= 0:
                 raise _prop("timeout", "expected %s to be greater than 0" % v)
             values[k] = float(v)
@@ -701,6 +731,14 @@ def load_config(path: str) -> GatewayConf:
     return parse_config(read_document(path))
 
 
+class _NonFiniteNumber(Exception):
+    pass
+
+
+def _refuse_constant(name: str) -> object:
+    raise _NonFiniteNumber(name)
+
+
 def read_document(path: str) -> object:
     """
     Read a YAML (or JSON) configuration file without validating it.
@@ -713,7 +751,9 @@ def read_document(path: str) -> object:
             import json
 
             try:
-                doc = json.loads(f.read())
+                doc = json.loads(f.read(), parse_constant=_refuse_constant)
+            except _NonFiniteNumber as e:
+                raise ConfigError("config: %s: %s is not a number (JSON has no NaN or Infinity)" % (path, e))
             except ValueError:
                 f.seek(0)
                 doc = yaml.safe_load(f)

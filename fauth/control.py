@@ -7,9 +7,10 @@ writes, and reloads of the configuration file (SIGHUP, C{POST
 The effective configuration is the file's document with the store's routes
 and upstreams appended, validated as a whole with L{parse_config} (so a
 route from one side may name an upstream from the other).  A change is
-validated completely first, then written to the store, and only then
-applied with L{Gateway.update}: a refused change leaves both the store and
-the running table alone.
+validated completely first, its runtime built (L{Gateway.build}), then
+written to the store, and only then installed with L{Gateway.update}: a
+refused change (invalid, or one the runtime cannot be built from) leaves
+both the store and the running table alone.
 """
 from __future__ import annotations
 
@@ -46,6 +47,15 @@ _ID_RE = re.compile(r"^[a-zA-Z0-9\-_.]{1,64}$")
 _LABEL_RE = re.compile(r'^(route|upstream) "([^"]*)": ')
 # Messages parse_route already words as APISIX's admin API does.
 _APISIX_WORDED = ("failed to check the configuration of plugin", "unknown plugin", "failed to fetch upstream")
+
+
+class _BuildError(Exception):
+    """The runtime could not be built from (or install) a valid configuration."""
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return "%s: %s" % (type(e).__name__, text) if text else type(e).__name__
 
 
 class AdminError(Exception):
@@ -199,7 +209,7 @@ class Control:
         self.contents = contents
         self.config_path = config_path
         self._clock = clock
-        self._appliers: List[Callable[[GatewayConf], None]] = []
+        self._appliers: List[Tuple[Callable[..., None], Optional[Callable[[GatewayConf], Any]]]] = []
         self._outcome_listeners: List[Callable[[str, str], None]] = []
         self._last_id = 0
         self.reload_store = False
@@ -235,9 +245,23 @@ class Control:
             return cls(conf)
         return cls.from_document(conf.source)
 
-    def on_change(self, apply: Callable[[GatewayConf], None]) -> None:
-        """Call C{apply(conf)} with every new effective configuration (e.g. L{Gateway.update})."""
-        self._appliers.append(apply)
+    def on_change(
+        self, apply: Callable[..., None], build: Optional[Callable[[GatewayConf], Any]] = None
+    ) -> None:
+        """
+        Call C{apply(conf)} with every new effective configuration.
+
+        With C{build}, in two phases: C{build(conf)} runs before anything is
+        written or installed (whatever it raises refuses the change), then
+        C{apply(conf, built)} installs what it returned.  A bound C{update}
+        of an object with a C{build} method (L{Gateway.update}) is taken
+        that way without being told.
+        """
+        if build is None and getattr(apply, "__name__", None) == "update":
+            owner_build = getattr(getattr(apply, "__self__", None), "build", None)
+            if callable(owner_build):
+                build = owner_build
+        self._appliers.append((apply, build))
 
     def on_outcome(self, listener: Callable[[str, str], None]) -> None:
         """
@@ -401,6 +425,10 @@ class Control:
     def _save_and_apply(self, conf: GatewayConf, contents: StoreContents) -> None:
         assert self.store is not None
         try:
+            built = self._build(conf)
+        except _BuildError as e:
+            raise AdminError(400, "invalid configuration: %s" % e)
+        try:
             self.store.save(contents)
         except OSError as e:
             log.error("admin change not saved to {path}: {error}", path=self.store.path, error=e)
@@ -408,12 +436,51 @@ class Control:
             raise AdminError(500, "failed to write the store %s: %s" % (self.store.path, e.strerror or e))
         self.contents = contents
         self._report("store_write", "ok")
-        self._apply(conf)
+        try:
+            self._apply(conf, built)
+        except _BuildError as e:
+            raise AdminError(500, "saved, but not applied: %s" % e)
 
-    def _apply(self, conf: GatewayConf) -> None:
+    def _build(self, conf: GatewayConf) -> List[Any]:
+        """
+        Phase one: every two-phase applier's runtime for C{conf}, nothing
+        installed.
+
+        @raise _BuildError: one line; the traceback is logged.
+        """
+        built = []
+        for _, build in self._appliers:
+            if build is None:
+                built.append(None)
+                continue
+            try:
+                built.append(build(conf))
+            except Exception as e:
+                log.failure("the runtime cannot be built from the new configuration")
+                raise _BuildError("the gateway cannot run it: %s" % _one_line(e))
+        return built
+
+    def _apply(self, conf: GatewayConf, built: List[Any]) -> None:
+        """
+        Phase two: install what L{_build} made, then (the new runtime
+        serving) record C{conf} and tell the one-phase appliers.
+
+        @raise _BuildError: installing failed (logged); C{conf} not recorded.
+        """
+        for (apply, build), runtime in zip(self._appliers, built):
+            if build is not None:
+                try:
+                    apply(conf, runtime)
+                except Exception as e:
+                    log.failure("installing the new configuration failed")
+                    raise _BuildError("installing it failed: %s" % _one_line(e))
         self.conf = conf
-        for apply in self._appliers:
-            apply(conf)
+        for apply, build in self._appliers:
+            if build is None:
+                try:
+                    apply(conf)
+                except Exception:
+                    log.failure("a configuration change listener failed")
 
     # -- reload --------------------------------------------------------------
 
@@ -427,27 +494,46 @@ class Control:
 
         @raise ConfigError: the refusal.
         """
+        # A signal handler calls this: nothing but ConfigError may escape.
         try:
-            if self.config_path is None:
-                raise ConfigError("config: the gateway was not started from a file; nothing to reload")
-            doc = read_document(self.config_path)
-            base = parse_base(doc)
-            contents = self.contents
-            if self.reload_store and self.store is not None:
-                contents = self.store.load()
-            conf = merge(base, contents, self.store.path if self.store is not None else None)
+            try:
+                if self.config_path is None:
+                    raise ConfigError("config: the gateway was not started from a file; nothing to reload")
+                doc = read_document(self.config_path)
+                base = parse_base(doc)
+                contents = self.contents
+                if self.reload_store and self.store is not None:
+                    contents = self.store.load()
+                conf = merge(base, contents, self.store.path if self.store is not None else None)
+                changed = [name for name in RESTART_ONLY if getattr(conf, name) != getattr(self.conf, name)]
+                conf = attr.evolve(conf, **{name: getattr(self.conf, name) for name in RESTART_ONLY})
+                built = self._build(conf)
+            except (ConfigError, _BuildError):
+                raise
+            except Exception as e:
+                log.failure("reload: unexpected error")
+                raise ConfigError("config: reload failed: %s" % _one_line(e))
+        except _BuildError as e:
+            error = ConfigError("config: %s" % e)
+            log.warn("reload refused: {error}", error=str(error))
+            self._report("reload", "refused")
+            raise error
         except ConfigError as e:
             log.warn("reload refused: {error}", error=str(e))
             self._report("reload", "refused")
             raise
-        changed = [name for name in RESTART_ONLY if getattr(conf, name) != getattr(self.conf, name)]
         if changed:
             log.warn(
                 "reload: changes to {sections} need a restart; ignored", sections=", ".join(changed)
             )
-        conf = attr.evolve(conf, **{name: getattr(self.conf, name) for name in RESTART_ONLY})
+        try:
+            self._apply(conf, built)
+        except _BuildError as e:
+            error = ConfigError("config: %s" % e)
+            log.warn("reload refused: {error}", error=str(error))
+            self._report("reload", "refused")
+            raise error
         self.contents = contents
-        self._apply(conf)
         log.info(
             "reloaded {path}: {routes} routes, {stored} of them from the admin store",
             path=self.config_path,

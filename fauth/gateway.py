@@ -6,10 +6,11 @@ pools they share.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import attr
 from twisted.internet.defer import DeferredList
+from twisted.logger import Logger
 
 from fauth.auth import ForwardAuth
 from fauth.authclient import AuthCallError, AuthClient, AuthTarget
@@ -19,6 +20,8 @@ from fauth.routing import RouteTable
 from fauth.transport import quiet_pool
 
 __all__ = ["AuthClients", "Gateway", "Route", "load_trust_root"]
+
+log = Logger()
 
 
 @attr.frozen
@@ -85,8 +88,23 @@ class AuthClients:
         return client
 
     def clients(self) -> List[AuthClient]:
-        """Every client made so far (for the pool metrics)."""
+        """Every client in use (for the pool metrics)."""
         return list(self._clients.values())
+
+    def prune(self, keep: Iterable[AuthClient]) -> None:
+        """
+        Close and forget every client not in C{keep} (those the installed
+        table uses).  A request in flight holds its own reference, so it
+        completes; only the idle pooled connections are closed.
+        """
+        kept = {id(c) for c in keep}
+        for key, client in list(self._clients.items()):
+            if id(client) not in kept:
+                del self._clients[key]
+                try:
+                    client.close()
+                except Exception:
+                    log.failure("closing an unused auth client failed")
 
     def close(self) -> Any:
         """Close every pooled connection."""
@@ -105,21 +123,39 @@ class Gateway:
         self._trust_root = load_trust_root(conf.ssl_trusted_certificate)
         self.auth_clients = AuthClients(reactor, self._trust_root)
         self.upstream_pool = quiet_pool(reactor, True)
-        self.upstream_pool.maxPersistentPerHost = max(
-            [r.upstream.keepalive_pool for r in conf.routes] + [32]
-        )
         self.upstream_pool.cachedConnectionTimeout = 60
         self.conf = conf
         self.table: RouteTable[Route] = self._build(conf)
+        self._install(conf, self.table)
 
-    def update(self, conf: GatewayConf) -> None:
+    def build(self, conf: GatewayConf) -> "RouteTable[Route]":
         """
-        Serve C{conf} from the next request on.  The new table is built
-        completely, then swapped in one assignment: requests in flight keep
-        the route they matched, and pools carry over.
+        The route table for C{conf}, built completely but not installed
+        (see L{update}); whatever it raises, the running table is untouched.
+        It may add auth clients: the next L{update} drops the unused ones.
         """
-        table = self._build(conf)
+        return self._build(conf)
+
+    def update(self, conf: GatewayConf, table: "Optional[RouteTable[Route]]" = None) -> None:
+        """
+        Serve C{conf} from the next request on.  The new table (C{table},
+        from L{build}, or built now) is swapped in one assignment: requests
+        in flight keep the route they matched, and pools carry over; auth
+        clients the new table does not use are closed and dropped.
+        """
+        if table is None:
+            table = self._build(conf)
         self.conf, self.table = conf, table
+        self._install(conf, table)
+
+    def _install(self, conf: GatewayConf, table: "RouteTable[Route]") -> None:
+        self.upstream_pool.maxPersistentPerHost = max(
+            [r.upstream.keepalive_pool for r in conf.routes] + [32]
+        )
+        # The same keys as in _build: these are the clients the table uses.
+        self.auth_clients.prune(
+            [self.auth_clients.get(route.forward_auth) for route in conf.routes if route.forward_auth is not None]
+        )
 
     def _build(self, conf: GatewayConf) -> "RouteTable[Route]":
         proxies: Dict[int, UpstreamProxy] = {}

@@ -6,7 +6,7 @@ target, the normalised path routes match on, the host, the peer.
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 from urllib.parse import quote, unquote_to_bytes
 
 import attr
@@ -39,15 +39,24 @@ def normalise_path(raw: bytes) -> str:
         parameters (C{..;x}, which Tomcat reads as C{..}), or a path that
         climbs above the root.
     """
+    return _normalise(raw)[0]
+
+
+def _normalise(raw: bytes) -> Tuple[str, str]:
+    """
+    L{normalise_path}, and the codec the decoded bytes were read with:
+    C{"utf-8"}, or C{"latin-1"} when they were not UTF-8 (so that the path
+    can be turned back into the very same bytes).
+    """
     if b"%" not in raw and b"/." not in raw and b"//" not in raw and b"\\" not in raw:
         if not raw.startswith(b"/"):
             raise BadRequest("request target must start with /")
         try:
-            return raw.decode("utf-8")
+            return raw.decode("utf-8"), "utf-8"
         except UnicodeDecodeError:
             if _OVERLONG.search(raw):
                 raise BadRequest("overlong UTF-8 in path")
-            return raw.decode("latin-1")
+            return raw.decode("latin-1"), "latin-1"
     decoded = unquote_to_bytes(raw)
     if b"\x00" in decoded:
         raise BadRequest("NUL byte in path")
@@ -55,12 +64,14 @@ def normalise_path(raw: bytes) -> str:
         raise BadRequest("backslash in path")
     if not decoded.startswith(b"/"):
         raise BadRequest("request target must start with /")
+    codec = "utf-8"
     try:
-        text = decoded.decode("utf-8")
+        text = decoded.decode(codec)
     except UnicodeDecodeError:
         if _OVERLONG.search(decoded):
             raise BadRequest("overlong UTF-8 in path")
-        text = decoded.decode("latin-1")
+        codec = "latin-1"
+        text = decoded.decode(codec)
     segments = []
     for segment in text.split("/")[1:]:
         if ";" in segment and segment.partition(";")[0] in (".", ".."):
@@ -72,7 +83,7 @@ def normalise_path(raw: bytes) -> str:
         elif segment not in (".", ""):
             segments.append(segment)
     trailing = text.endswith(("/", "/.", "/..")) and bool(segments)
-    return "/" + "/".join(segments) + ("/" if trailing else "")
+    return "/" + "/".join(segments) + ("/" if trailing else ""), codec
 
 
 def _split_host(value: str) -> str:
@@ -113,6 +124,9 @@ class InboundRequest:
     headers: Headers
     content: Any = None
     _body: Optional[bytes] = None
+    #: The codec L{path} was decoded with (L{_normalise}); encoding it back
+    #: with the same one gives the bytes that were authorised.
+    path_codec: str = "utf-8"
 
     @classmethod
     def from_twisted(cls, request: Any) -> "InboundRequest":
@@ -149,7 +163,7 @@ class InboundRequest:
         else:
             host_value = hosts[0] if hosts else None
         raw_path, _, query = uri.partition(b"?")
-        path = normalise_path(raw_path)
+        path, path_codec = _normalise(raw_path)
         client = request.getClientAddress()
         server = request.getHost()
         if host_value:
@@ -169,6 +183,7 @@ class InboundRequest:
             server_port=getattr(server, "port", 0) or 0,
             headers=request.requestHeaders,
             content=request.content,
+            path_codec=path_codec,
         )
 
     @property
@@ -182,7 +197,9 @@ class InboundRequest:
         if raw_path == self.path:
             target = raw_path
         else:
-            target = quote(self.path, safe="/:@!$&'()*+,;=-._~")
+            # quote() would encode a str as UTF-8: a path read as latin-1
+            # (not UTF-8) must go back as its own bytes (%FF, not %C3%BF).
+            target = quote(self.path.encode(self.path_codec), safe="/:@!$&'()*+,;=-._~")
         if self.query:
             target += "?" + self.query
         return target.encode("latin-1")

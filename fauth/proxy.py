@@ -141,6 +141,17 @@ class _Relay(Protocol):
                 (abort or transport.loseConnection)()
 
 
+class _Discard(Protocol):
+    """
+    The body of an answer nobody waits for any more (the client left): stop
+    the transfer at once, which closes that upstream connection, instead of
+    reading the whole body into nothing.
+    """
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()
+
+
 class UpstreamProxy:
     """
     Sends allowed requests to one upstream's nodes.
@@ -228,7 +239,7 @@ class UpstreamProxy:
             if exchange is not None:
                 exchange.upstream_answered()
             if relay.client_gone:
-                response.deliverBody(Protocol())
+                response.deliverBody(_Discard())
                 return
             request.setResponseCode(response.code, response.phrase)
             out = request.responseHeaders
@@ -274,4 +285,8 @@ class UpstreamProxy:
             return
         log.failure("unexpected error in the upstream leg", failure)
         if not request.finished and not request.startedWriting:
+            # got_response may have copied the upstream's headers already
+            # (Set-Cookie, Content-Encoding...): none of them may go out
+            # with a 502 the gateway made up.
+            request.responseHeaders = Headers()
             send_simple(request, 502)

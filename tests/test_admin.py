@@ -611,3 +611,177 @@ def test_admin_example_config_runs_the_seed_examples(tmp_path: Any) -> None:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
         assert process.wait(10) == 0
+
+
+# --- hostile admin clients ---------------------------------------------------
+
+
+def _admin_port(world: World) -> int:
+    from urllib.parse import urlsplit
+
+    port = urlsplit(world.env.admin_url).port
+    assert port is not None
+    return port
+
+
+@ensureDeferred
+async def test_deeply_nested_json_is_400_not_500(world: World) -> None:
+    from tests.harness import LogCapture
+
+    raw = b"[" * 200000 + b"]" * 200000
+    with LogCapture() as logs:
+        for method, path in [("PUT", "/apisix/admin/routes/1"), ("POST", "/apisix/admin/routes")]:
+            code, body = await world.env.admin(method, path, raw=raw)
+            assert code == 400, body
+            assert body["error_msg"].startswith("invalid request body: ")
+    assert not any("Traceback" in line or "unexpected error" in line for line in logs.lines)
+    assert not os.path.exists(world.env.store_path)
+
+
+@ensureDeferred
+async def test_oversized_body_is_413_before_the_key(reactor: Any, world: World) -> None:
+    from fauth.admin import MAX_ADMIN_BODY
+    from tests.harness import raw_request
+
+    port = _admin_port(world)
+    # By Content-Length: refused as soon as the head is in, body never sent.
+    head = (
+        b"PUT /apisix/admin/routes/1 HTTP/1.1\r\nHost: admin\r\n"
+        b"Content-Length: %d\r\n\r\n" % (MAX_ADMIN_BODY + 1)
+    )
+    answer = await raw_request(reactor, port, head, timeout=5)
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert answer.endswith(b'{"error_msg":"request body too large"}')
+    # Chunked: refused once it has grown past the limit (its last byte is
+    # what crosses it, so nothing is left unread when the server closes).
+    chunk = b"x" * 65536
+    chunked = (
+        b"POST /apisix/admin/routes HTTP/1.1\r\nHost: admin\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + (b"%x\r\n%s\r\n" % (len(chunk), chunk)) * (MAX_ADMIN_BODY // len(chunk))
+        + b"1\r\nx"
+    )
+    answer = await raw_request(reactor, port, chunked, timeout=5)
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert answer.count(b"HTTP/1.1 ") == 1
+    # At the limit: the key check answers as usual.
+    exact = (
+        b"PUT /apisix/admin/routes/1 HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n" % MAX_ADMIN_BODY
+    ) + b"x" * MAX_ADMIN_BODY
+    answer = await raw_request(reactor, port, exact, timeout=5)
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+    assert not os.path.exists(world.env.store_path)
+
+
+@ensureDeferred
+async def test_admin_listener_is_hardened(reactor: Any, world: World) -> None:
+    from fauth.admin import AdminSite
+    from fauth.httpserver import HardenedHTTPChannel, HardenedSite
+    from tests.harness import raw_request
+
+    site = AdminSite(world.env.service.admin_root)
+    assert isinstance(site, HardenedSite)
+    assert isinstance(site.buildProtocol(None), HardenedHTTPChannel)
+    # Obsolete line folding: Twisted's own channel joins it, the hardened one refuses.
+    folded = b"GET /healthz HTTP/1.1\r\nHost: admin\r\nX-A: a\r\n b\r\nConnection: close\r\n\r\n"
+    answer = await raw_request(reactor, _admin_port(world), folded, timeout=5)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+
+
+# --- a change the runtime cannot be built from ------------------------------------
+#
+# Control and Gateway alone (no listener): the change is validated, its
+# runtime built, and only then stored and installed.
+
+
+def _control_with_gateway(tmp_path: Any) -> Any:
+    from twisted.internet.testing import MemoryReactorClock
+
+    from fauth.control import Control
+    from fauth.gateway import Gateway
+    from tests.adminenv import env_doc
+
+    doc = env_doc(tmp_path, {"upstreams": [{"id": "u", "nodes": {"127.0.0.1:9": 1}}]})
+    control = Control.from_document(doc)
+    gateway = Gateway(MemoryReactorClock(), control.conf)
+    control.on_change(gateway.update)
+    return control, gateway
+
+
+def _auth_route(**plugin: Any) -> Dict[str, Any]:
+    conf: Dict[str, Any] = {"uri": "http://127.0.0.1:9/auth"}
+    conf.update(plugin)
+    return {"uri": "/r", "upstream_id": "u", "plugins": {"forward-auth": conf}}
+
+
+def test_admin_change_that_cannot_be_built_is_400_and_not_stored(tmp_path: Any, monkeypatch: Any) -> None:
+    from fauth.control import AdminError
+    from fauth.gateway import Gateway
+
+    control, gateway = _control_with_gateway(tmp_path)
+    control.put("routes", "1", _auth_route())
+    table, conf = gateway.table, control.conf
+    with open(control.store.path, "rb") as f:
+        stored = f.read()
+
+    def broken(self: Any, conf: Any) -> Any:
+        raise UnicodeError("label empty or too long")
+
+    monkeypatch.setattr(Gateway, "_build", broken)
+    with pytest.raises(AdminError) as info:
+        control.put("routes", "2", _auth_route())
+    assert info.value.status == 400
+    assert info.value.message == (
+        "invalid configuration: the gateway cannot run it: UnicodeError: label empty or too long"
+    )
+    # Nothing changed: the store, the recorded configuration, the table.
+    with open(control.store.path, "rb") as f:
+        assert f.read() == stored
+    assert list(control.contents.routes) == ["1"]
+    assert control.conf is conf
+    assert gateway.table is table
+
+
+def test_admin_refuses_a_header_name_that_is_not_a_token(tmp_path: Any) -> None:
+    from fauth.control import AdminError
+
+    control, gateway = _control_with_gateway(tmp_path)
+    with pytest.raises(AdminError) as info:
+        control.put("routes", "1", _auth_route(upstream_headers=["X-User", "X Foo"]))
+    assert (info.value.status, info.value.message) == (
+        400,
+        'failed to check the configuration of plugin forward-auth err: property "upstream_headers" '
+        'validation failed: failed to validate item 2: invalid header name "X Foo"',
+    )
+    assert not os.path.exists(control.store.path)
+
+
+def test_admin_changes_do_not_accumulate_auth_clients(tmp_path: Any) -> None:
+    control, gateway = _control_with_gateway(tmp_path)
+    closed = []
+    for timeout in range(1000, 1050):
+        control.put("routes", "1", _auth_route(timeout=timeout))
+        for client in gateway.auth_clients.clients():
+            pool = client.pool
+            original = pool.closeCachedConnections
+            if not getattr(original, "_spied", False):
+                def spy(_o: Any = original, _c: Any = client) -> Any:
+                    closed.append(_c)
+                    return _o()
+                spy._spied = True  # type: ignore[attr-defined]
+                pool.closeCachedConnections = spy
+    assert len(gateway.auth_clients.clients()) == 1
+    assert len(closed) == 49
+    # Deleting the route drops its client too.
+    control.delete("routes", "1")
+    assert gateway.auth_clients.clients() == []
+
+
+def test_upstream_keepalive_pool_applies_on_update(tmp_path: Any) -> None:
+    control, gateway = _control_with_gateway(tmp_path)
+    assert gateway.upstream_pool.maxPersistentPerHost == 32  # no routes: the floor
+    control.put("upstreams", "big", {"nodes": {"127.0.0.1:9": 1}, "keepalive_pool": {"size": 1000}})
+    control.put("routes", "1", {"uri": "/r", "upstream_id": "big"})
+    assert gateway.upstream_pool.maxPersistentPerHost == 1000
+    control.put("routes", "1", {"uri": "/r", "upstream_id": "u"})
+    assert gateway.upstream_pool.maxPersistentPerHost == 320

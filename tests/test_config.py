@@ -283,3 +283,110 @@ def test_missing_file(tmp_path: Any) -> None:
     assert path in message
     assert "No such file" in message
 
+
+
+# --- refusing what can only be a mistake ------------------------------------------------
+
+
+def _auth_route(**plugin: Any) -> Dict[str, Any]:
+    conf: Dict[str, Any] = {"uri": "http://127.0.0.1:9999/"}
+    conf.update(plugin)
+    return _route(plugins={"forward-auth": conf})
+
+
+@pytest.mark.parametrize("prop", ["request_headers", "upstream_headers", "client_headers"])
+@pytest.mark.parametrize("name", ["X Foo", "X-Foo\r\nEvil: 1", "", "X:Foo", "Ünï"])
+def test_header_lists_take_only_header_names(prop: str, name: str) -> None:
+    message = refusal(_doc(_auth_route(**{prop: ["X-Ok", name]})))
+    shown = name if name.isprintable() else name.encode("unicode_escape").decode("ascii")
+    assert message == (
+        'route "1": plugin forward-auth: property "%s" validation failed: '
+        'failed to validate item 2: invalid header name "%s"' % (prop, shown)
+    )
+
+
+def test_header_list_message() -> None:
+    assert refusal(_doc(_auth_route(upstream_headers=["X Foo"]))) == (
+        'route "1": plugin forward-auth: property "upstream_headers" validation failed: '
+        'failed to validate item 1: invalid header name "X Foo"'
+    )
+
+
+def test_extra_headers_keys_stay_as_apisix() -> None:
+    # APISIX accepts any key containing ':' there; it fails at call time.
+    parse_config(_doc(_auth_route(extra_headers={"X:Foo": "v"})))
+
+
+@pytest.mark.parametrize(
+    "host", ["a..b", "example.com\r\nX-Evil: 1", "example.com\n", "exa mple.com", "[fe80::1%a\r\nb]", "h:0", "h:x"]
+)
+def test_upstream_host_must_be_host_and_port(host: str) -> None:
+    route = _route(upstream={"nodes": {"127.0.0.1:1980": 1}, "pass_host": "rewrite", "upstream_host": host})
+    assert 'property "upstream_host" validation failed: invalid host' in refusal(_doc(route))
+
+
+@pytest.mark.parametrize("host", ["example.com", "example.com:8080", "[::1]:8080", "10.0.0.1"])
+def test_upstream_host_accepts_host_and_port(host: str) -> None:
+    route = _route(upstream={"nodes": {"127.0.0.1:1980": 1}, "pass_host": "rewrite", "upstream_host": host})
+    assert parse_config(_doc(route)).routes[0].upstream.upstream_host == host
+
+
+@pytest.mark.parametrize("address", ["example.com\n", "[fe80::1%eth0\n]", "127.0.0.1:\u0668\u0660"])
+def test_node_address_refuses_control_and_non_ascii(address: str) -> None:
+    route = _route(upstream={"nodes": {address: 1}})
+    assert 'property "nodes" validation failed: invalid node address' in refusal(_doc(route))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("which", ["connect", "send", "read"])
+def test_upstream_timeouts_must_be_finite(value: float, which: str) -> None:
+    route = _route(upstream={"nodes": {"127.0.0.1:1980": 1}, "timeout": {which: value}})
+    assert 'property "timeout" validation failed' in refusal(_doc(route))
+
+
+@pytest.mark.parametrize("field", ["shutdown_grace", "workers"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_other_numbers_must_be_finite(field: str, value: float) -> None:
+    assert 'property "%s"' % field in refusal(_doc(**{field: value}))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_keepalive_pool_size_must_be_finite(value: float) -> None:
+    route = _route(upstream={"nodes": {"127.0.0.1:1980": 1}, "keepalive_pool": {"size": value}})
+    assert 'property "keepalive_pool" validation failed' in refusal(_doc(route))
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_json_file_refuses_nan_and_infinity(tmp_path: Any, constant: str) -> None:
+    path = tmp_path / "fauth.json"
+    path.write_text(
+        '{"routes": [{"id": "1", "uri": "/a", "upstream": {"nodes": {"127.0.0.1:1980": 1},'
+        ' "timeout": {"read": %s}}}]}' % constant
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value) == "config: %s: %s is not a number (JSON has no NaN or Infinity)" % (path, constant)
+
+
+@pytest.mark.parametrize("constant", [".nan", ".inf", "-.inf"])
+def test_yaml_file_refuses_nan_and_infinity(tmp_path: Any, constant: str) -> None:
+    path = tmp_path / "fauth.yaml"
+    path.write_text(
+        "routes:\n- id: '1'\n  uri: /a\n  upstream:\n    nodes: {'127.0.0.1:1980': 1}\n"
+        "    timeout: {read: %s}\n" % constant
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert 'property "timeout" validation failed' in str(info.value)
+
+
+def test_degradation_with_upstream_headers_warns() -> None:
+    warning = (
+        "allow_degradation with upstream_headers: a degraded request keeps the client's own values "
+        "of those headers"
+    )
+    conf = parse_config(_doc(_auth_route(allow_degradation=True, upstream_headers=["X-User-ID"])))
+    assert warning in conf.routes[0].forward_auth.warnings  # type: ignore[union-attr]
+    for plugin in ({"allow_degradation": True}, {"upstream_headers": ["X-User-ID"]}):
+        conf = parse_config(_doc(_auth_route(**plugin)))
+        assert warning not in conf.routes[0].forward_auth.warnings  # type: ignore[union-attr]

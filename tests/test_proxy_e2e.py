@@ -963,3 +963,163 @@ async def test_client_gone_mid_download_stops_the_upstream(reactor: Any, stack: 
     # Nothing more is produced once halted.
     await sleep(reactor, 0.1)
     assert stream.produced == produced
+
+
+# ---------------------------------------------------------------------------
+# Answers nobody waits for, and the gateway's own 502
+
+
+class _FakeUpstreamTransport:
+    """The upstream connection as a body protocol sees it."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+
+class _LateResponse:
+    """An upstream answer with a large body, delivered after the client left."""
+
+    code = 200
+    phrase = b"OK"
+    length = 64 * 1024 * 1024
+
+    def __init__(self) -> None:
+        from twisted.web.http_headers import Headers
+
+        self.headers = Headers({b"content-type": [b"application/octet-stream"]})
+        self.transport = _FakeUpstreamTransport()
+        self.delivered: List[bytes] = []
+
+    def deliverBody(self, protocol: Any) -> None:
+        protocol.makeConnection(self.transport)
+        # The upstream goes on sending until its connection is stopped.
+        sent = 0
+        while not self.transport.stopped and sent < self.length:
+            protocol.dataReceived(b"x" * 65536)
+            sent += 65536
+        self.delivered.append(b"%d" % sent)
+
+
+class _CancelTooLate:
+    """An agent whose answer is already in when the client leaves: cancel() cannot stop it."""
+
+    def __init__(self, response: Any) -> None:
+        self.response = response
+
+    def request(self, method: bytes, url: bytes, headers: Any = None, body: Any = None) -> Deferred:
+        return Deferred(lambda d: d.callback(self.response))
+
+
+class _GoneRequest:
+    """Just enough of a server request for L{UpstreamProxy.forward}."""
+
+    method = b"GET"
+    finished = False
+    startedWriting = False
+    channel = None
+
+    def __init__(self) -> None:
+        from twisted.web.http_headers import Headers
+
+        self.requestHeaders = Headers({b"host": [b"gw.test"]})
+        self.responseHeaders = Headers()
+        self.content = None
+        self._finish: Deferred = Deferred()
+        self.written: List[bytes] = []
+        self.code = 0
+
+    def notifyFinish(self) -> Deferred:
+        return self._finish
+
+    def setResponseCode(self, code: int, message: Any = None) -> None:
+        self.code = code
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        pass
+
+    def unregisterProducer(self) -> None:
+        pass
+
+
+def test_answer_after_the_client_left_stops_the_upstream_at_once(reactor: Any) -> None:
+    from twisted.internet.error import ConnectionLost
+    from twisted.internet.task import Clock
+    from twisted.python.failure import Failure
+
+    from fauth.config import UpstreamConf
+    from fauth.inbound import InboundRequest
+    from fauth.proxy import UpstreamProxy
+
+    clock = Clock()
+    proxy = UpstreamProxy(UpstreamConf(nodes=(Node("127.0.0.1", 9),)), clock, pool=None)
+    response = _LateResponse()
+    proxy._agent = _CancelTooLate(response)
+    request = _GoneRequest()
+    inbound = InboundRequest(
+        method="GET", request_uri="/x", path="/x", query="", host="gw.test", scheme="http",
+        remote_addr="127.0.0.1", remote_port=1, server_addr="127.0.0.1", server_port=2,
+        headers=request.requestHeaders,
+    )
+    proxy.forward(request, inbound)
+    # The client leaves; the cancel comes too late and the answer is delivered.
+    request._finish.errback(Failure(ConnectionLost()))
+    assert response.transport.stopped
+    # Stopped before reading the body, not after reading all of it into nothing.
+    assert response.delivered == [b"0"]
+    assert request.code == 0 and request.written == []
+    assert clock.getDelayedCalls() == []
+
+
+@ensureDeferred
+async def test_unexpected_error_after_headers_gives_a_bare_502(
+    reactor: Any, stack: Stack, monkeypatch: Any
+) -> None:
+    from twisted.web import _newclient
+
+    heads: List[bytes] = []
+    canned = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nSet-Cookie: session=upstream\r\n"
+        b"Content-Encoding: gzip\r\nX-Upstream: 1\r\n\r\nok"
+    )
+    up = await stack.listen_factory(Factory.forProtocol(lambda: _Canned(heads, canned)))
+    gw = await stack.gateway([route("1", "/u/*", {node(up): 1})])
+
+    def broken(self: Any, protocol: Any) -> None:
+        raise RuntimeError("deliverBody failed")
+
+    monkeypatch.setattr(_newclient.Response, "deliverBody", broken)
+    with LogCapture() as logs:
+        reply = await fetch(reactor, gw.port_number, get("/u/x"))
+    assert logs.contains("unexpected error in the upstream leg"), logs.lines
+    assert reply.status == 502
+    assert reply.values(b"set-cookie") == []
+    assert reply.values(b"content-encoding") == []
+    assert reply.values(b"x-upstream") == []
+    assert reply.values(b"content-length") == [b"0"]
+    assert reply.raw_body == b""
+
+
+@ensureDeferred
+async def test_non_utf8_path_goes_upstream_as_its_own_bytes(reactor: Any, stack: Stack) -> None:
+    upstream = Recorder()
+    up = await stack.upstream(upstream)
+    gw = await stack.gateway([route("1", "/*", {node(up): 1})])
+    reply = await fetch(reactor, gw.port_number, get("/%ff/./x?q=%ff"))
+    assert reply.status == 200
+    # Byte 0xFF, as authorised; not U+00FF re-encoded as UTF-8 (%C3%BF).
+    assert upstream.seen[0].uri == b"/%FF/x?q=%ff"
+    reply = await fetch(reactor, gw.port_number, get("/%c3%a9/./x"))
+    assert reply.status == 200
+    assert upstream.seen[1].uri == b"/%C3%A9/x"

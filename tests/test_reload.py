@@ -527,3 +527,67 @@ async def test_a_second_sigterm_stops_at_once(reactor: Any, tmp_path: Any) -> No
     assert result["code"] == 0, result["log"]
     assert result["exit_after"] < 2.5
     assert "SIGTERM again: stopping now (1 requests in flight)" in result["log"]
+
+
+# --- a reload the runtime cannot be built from ------------------------------------------
+
+
+def _reloadable(tmp_path: Any) -> Any:
+    from twisted.internet.testing import MemoryReactorClock
+
+    from fauth.control import Control
+    from fauth.gateway import Gateway
+
+    config_path = str(tmp_path / "fauth.yaml")
+    doc = {"routes": [{"id": "one", "uri": "/one", "upstream": {"nodes": {"127.0.0.1:9": 1}}}]}
+    write_config(config_path, doc)
+    control = Control.from_file(config_path)
+    gateway = Gateway(MemoryReactorClock(), control.conf)
+    control.on_change(gateway.update)
+    doc["routes"].append({"id": "two", "uri": "/two", "upstream": {"nodes": {"127.0.0.1:9": 1}}})
+    write_config(config_path, doc)
+    return control, gateway
+
+
+def test_reload_that_cannot_be_built_is_refused_with_a_config_error(tmp_path: Any, monkeypatch: Any) -> None:
+    from fauth.config import ConfigError
+    from fauth.gateway import Gateway
+
+    control, gateway = _reloadable(tmp_path)
+    conf, table = control.conf, gateway.table
+    outcomes: List[Tuple[str, str]] = []
+    control.on_outcome(lambda event, result: outcomes.append((event, result)))
+
+    def broken(self: Any, conf: Any) -> Any:
+        raise UnicodeError("label empty\nor too long")
+
+    monkeypatch.setattr(Gateway, "_build", broken)
+    with LogCapture() as logs, pytest.raises(ConfigError) as info:
+        control.reload()
+    assert str(info.value) == "config: the gateway cannot run it: UnicodeError: label empty or too long"
+    assert logs.contains("reload refused: config: the gateway cannot run it")
+    # The traceback, once.
+    assert len([line for line in logs.lines if "cannot be built" in line]) == 1
+    assert control.conf is conf and gateway.table is table
+    assert outcomes == [("reload", "refused")]
+    monkeypatch.undo()
+    control.reload()
+    assert [r.id for r in control.conf.routes] == ["one", "two"]
+    assert outcomes[-1] == ("reload", "ok")
+
+
+def test_reload_wraps_an_unexpected_error_in_a_config_error(tmp_path: Any, monkeypatch: Any) -> None:
+    from fauth import control as control_module
+    from fauth.config import ConfigError
+
+    control, gateway = _reloadable(tmp_path)
+    conf = control.conf
+
+    def broken(path: str) -> Any:
+        raise RuntimeError("surprise")
+
+    monkeypatch.setattr(control_module, "read_document", broken)
+    with pytest.raises(ConfigError) as info:
+        control.reload()
+    assert str(info.value) == "config: reload failed: RuntimeError: surprise"
+    assert control.conf is conf
