@@ -9,6 +9,7 @@ the wording APISIX's validator uses.
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import os
 import re
@@ -263,7 +264,7 @@ def parse_forward_auth(conf: object) -> ForwardAuthConf:
     error_response = None
     if isinstance(meta, dict) and meta.get("error_response") is not None:
         er = meta["error_response"]
-        error_response = er if isinstance(er, str) else _json_dumps(er)
+        error_response = er if isinstance(er, str) else json.dumps(er, separators=(",", ":"))
     return ForwardAuthConf(
         uri=checked["uri"],  # type: ignore[arg-type]
         ssl_verify=checked["ssl_verify"],  # type: ignore[arg-type]
@@ -282,12 +283,6 @@ def parse_forward_auth(conf: object) -> ForwardAuthConf:
         error_response=error_response,
         warnings=tuple(warnings),
     )
-
-
-def _json_dumps(value: object) -> str:
-    import json
-
-    return json.dumps(value, separators=(",", ":"))
 
 
 def _parse_node_address(address: str) -> Tuple[str, Optional[int]]:
@@ -748,8 +743,6 @@ def read_document(path: str) -> object:
     try:
         with open(path, "rb") as f:
             # JSON first: PyYAML refuses tab-indented JSON and reads 1e3 as a string.
-            import json
-
             try:
                 doc = json.loads(f.read(), parse_constant=_refuse_constant)
             except _NonFiniteNumber as e:

@@ -31,14 +31,13 @@ from fauth.config import (
     read_document,
 )
 from fauth.schema import SchemaError
-from fauth.store import Store, StoreContents
+from fauth.store import KINDS, Store, StoreContents
 
 __all__ = ["AdminError", "Control", "Entry", "KINDS", "merge_patch"]
 
 log = Logger()
 
 #: The admin API's resource types, as in its URLs.
-KINDS = ("routes", "upstreams")
 #: Sections a reload cannot change in a running process.
 RESTART_ONLY = ("listen", "admin", "demo", "http", "ssl_trusted_certificate", "workers")
 

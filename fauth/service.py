@@ -6,14 +6,12 @@ shutdown (SIGTERM).
 """
 from __future__ import annotations
 
-import signal
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -24,6 +22,7 @@ from fauth.control import Control
 from fauth.gateway import Gateway
 from fauth.metrics import GatewayMetrics, MetricsResource
 from fauth.resource import GatewayResource, GatewaySite
+from fauth.signals import ProcessSignals, stop_reactor
 
 __all__ = ["GatewayService"]
 
@@ -128,9 +127,8 @@ class GatewayService(MultiService):
             self.admin_listener = _listener(reactor, conf.admin.listen, AdminSite(self.admin_root), "admin.listen")
             self.admin_listener.setServiceParent(self)
         self._handle_signals = handle_signals
-        self._previous_handlers: Dict[int, Any] = {}
+        self._signals = ProcessSignals(reactor, self.terminate, self._reload_on_signal)
         self._terminating = False
-        self._stopping_reactor = False
 
     @classmethod
     def from_file(cls, path: str, reactor: Any = None, handle_signals: bool = False) -> "GatewayService":
@@ -149,14 +147,14 @@ class GatewayService(MultiService):
         if self._handle_signals:
             # Not now: twistd calls startService before reactor.run(), which
             # then installs the reactor's own SIGTERM handler over ours.
-            self._reactor.callWhenRunning(self._install_signal_handlers)
+            self._reactor.callWhenRunning(lambda: self.running and self._signals.install())
 
     def stopService(self) -> Optional[Any]:
         self.accepting = False
         if not self._terminating:
             # After our own SIGTERM, ours stay: a later SIGTERM reaching the
             # reactor's handler would turn the exit status into -15.
-            self._restore_signal_handlers()
+            self._signals.restore()
         d = super().stopService()
         return d.addBoth(lambda _: self.gateway.close())
 
@@ -202,7 +200,7 @@ class GatewayService(MultiService):
         in_flight = self.resource.in_flight
         if self._terminating:
             log.warn("SIGTERM again: stopping now ({count} requests in flight)", count=in_flight.count)
-            self._stop_reactor()
+            stop_reactor(self._reactor)
             return succeed(None)
         self._terminating = True
         grace = self.control.conf.shutdown_grace
@@ -221,46 +219,15 @@ class GatewayService(MultiService):
                     grace=grace,
                     count=in_flight.count,
                 )
-            self._stop_reactor()
+            stop_reactor(self._reactor)
 
         def failed(failure: Failure) -> None:
             log.failure("draining failed; stopping", failure)
-            self._stop_reactor()
+            stop_reactor(self._reactor)
 
         return self.drain(grace).addCallbacks(drained, failed)
 
-    def _stop_reactor(self) -> None:
-        if self._stopping_reactor:
-            return
-        self._stopping_reactor = True
-        try:
-            self._reactor.stop()
-        except ReactorNotRunning:
-            pass
-
     # -- signals -------------------------------------------------------------
-
-    def _install_signal_handlers(self) -> None:
-        if not self.running:
-            return
-        self._previous_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
-        sighup = getattr(signal, "SIGHUP", None)
-        if sighup is not None:
-            self._previous_handlers[sighup] = signal.signal(sighup, self._on_sighup)
-
-    def _restore_signal_handlers(self) -> None:
-        handlers, self._previous_handlers = self._previous_handlers, {}
-        for signum, previous in handlers.items():
-            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
-
-    # Python runs these between two bytecodes of whatever the main thread is
-    # doing (possibly the middle of a reactor iteration): hand the work to
-    # the reactor, as its own signal handlers do.
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        self._reactor.callFromThread(self.terminate)
-
-    def _on_sighup(self, signum: int, frame: Any) -> None:
-        self._reactor.callFromThread(self._reload_on_signal)
 
     def _reload_on_signal(self) -> None:
         log.info("SIGHUP: reloading {path}", path=self.control.config_path)

@@ -217,11 +217,6 @@ class Template:
         """True when the template references no variables at all."""
         return not self._ops
 
-    @property
-    def variable_names(self) -> Tuple[str, ...]:
-        """Names of the referenced variables, in order of appearance."""
-        return tuple(p.name for p in self._parts if isinstance(p, VarRef))
-
     def render(self, variables: VariableSource) -> str:
         """Substitute variables from *variables* and return the text.
 

@@ -45,7 +45,7 @@ import attr
 import yaml
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ProcessExitedAlready, ReactorNotRunning
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
@@ -54,6 +54,7 @@ from zope.interface import implementer
 
 from fauth.config import ConfigError
 from fauth.control import RESTART_ONLY, Control
+from fauth.signals import ProcessSignals, stop_reactor
 
 __all__ = [
     "InheritedEndpoint",
@@ -575,10 +576,9 @@ class WorkerSupervisor(MultiService):
         self.sockets: List[SharedSocket] = []
         self.accepting = False
         self._handle_signals = handle_signals
-        self._previous_handlers: Dict[int, Any] = {}
+        self._signals = ProcessSignals(reactor, self.terminate, self._reload_on_signal)
         self._terminating = False
         self._stopping = False
-        self._stopping_reactor = False
         self._signal_reload = False
         self._waiting: List[Deferred[None]] = []
         if conf.demo is not None:
@@ -624,7 +624,7 @@ class WorkerSupervisor(MultiService):
         if not self.running or self._stopping:
             return
         if self._handle_signals:
-            self._install_signal_handlers()
+            self._signals.install()
         log.info(
             "starting {count} workers on {listen}",
             count=len(self.slots),
@@ -636,7 +636,7 @@ class WorkerSupervisor(MultiService):
     def stopService(self) -> "Deferred[None]":
         self.accepting = False
         if not self._terminating:
-            self._restore_signal_handlers()
+            self._signals.restore()
         self._stopping = True
         self._cancel_restarts()
         if not self._terminating and self.live():
@@ -907,36 +907,9 @@ class WorkerSupervisor(MultiService):
 
         def gone(_: object) -> None:
             log.info("all workers exited; stopping")
-            self._stop_reactor()
+            stop_reactor(self._reactor)
 
         return self._wait_for_workers(grace + KILL_MARGIN).addCallback(gone)
-
-    def _stop_reactor(self) -> None:
-        if self._stopping_reactor:
-            return
-        self._stopping_reactor = True
-        try:
-            self._reactor.stop()
-        except ReactorNotRunning:
-            pass
-
-    # -- signals -------------------------------------------------------------
-
-    def _install_signal_handlers(self) -> None:
-        self._previous_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
-        self._previous_handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_sighup)
-
-    def _restore_signal_handlers(self) -> None:
-        handlers, self._previous_handlers = self._previous_handlers, {}
-        for signum, previous in handlers.items():
-            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
-
-    # As GatewayService: the work is handed to the reactor.
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        self._reactor.callFromThread(self.terminate)
-
-    def _on_sighup(self, signum: int, frame: Any) -> None:
-        self._reactor.callFromThread(self._reload_on_signal)
 
 
 # --- the worker process ---------------------------------------------------------
