@@ -13,7 +13,7 @@ import json
 import math
 import os
 import re
-from typing import Any, Iterable, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import attr
 import yaml
@@ -351,14 +351,20 @@ def _parse_nodes(nodes: object, scheme: str) -> Tuple[Node, ...]:
     return tuple(parsed)
 
 
+def _object(what: str, doc: object, allowed: frozenset) -> Dict[str, Any]:
+    """An APISIX object with only the C{allowed} keys; an empty array passes as one (Lua cannot tell them apart)."""
+    check_type(what, doc, "object")
+    if not isinstance(doc, dict):
+        return {}
+    for key in doc:
+        if key not in allowed:
+            raise SchemaError("additional properties forbidden, found %s" % key)
+    return doc
+
+
 def parse_upstream(doc: object, upstream_id: Optional[str] = None) -> UpstreamConf:
     """Validate one APISIX upstream object."""
-    check_type("upstream", doc, "object")
-    if not isinstance(doc, dict):
-        doc = {}  # an empty array passes as an object (Lua cannot tell them apart)
-    for key in doc:
-        if key not in _UPSTREAM_KEYS:
-            raise SchemaError("additional properties forbidden, found %s" % key)
+    doc = _object("upstream", doc, _UPSTREAM_KEYS)
     kind = doc.get("type", "roundrobin")
     if kind not in ("roundrobin",):
         raise _prop("type", "matches none of the enum values")
@@ -439,12 +445,7 @@ def parse_route(
 
     @raise SchemaError: what is wrong, without the route prefix.
     """
-    check_type("route", doc, "object")
-    if not isinstance(doc, dict):
-        doc = {}  # an empty array passes as an object (Lua cannot tell them apart)
-    for key in doc:
-        if key not in _ROUTE_KEYS:
-            raise SchemaError("additional properties forbidden, found %s" % key)
+    doc = _object("route", doc, _ROUTE_KEYS)
     if "uri" in doc and "uris" in doc:
         raise SchemaError('only one of "uri" and "uris" is allowed')
     if "uri" in doc:
