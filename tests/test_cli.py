@@ -15,6 +15,8 @@ import time
 from typing import Any, Dict, List, Tuple
 
 import pytest
+
+from tests.adminenv import free_ports
 from pytest_twisted import ensureDeferred
 from treq.client import HTTPClient
 from twisted.internet.task import deferLater
@@ -55,20 +57,6 @@ def run(argv: List[str], timeout: float = 30.0) -> "subprocess.CompletedProcess[
     return subprocess.run(
         argv, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
     )
-
-
-def free_ports(count: int) -> List[int]:
-    """Ports the kernel just handed out on 127.0.0.1 (bound together, then released)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 # --- refusals and help ------------------------------------------------------
