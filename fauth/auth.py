@@ -14,7 +14,8 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from fauth import __version__
-from fauth.authclient import AuthCallError, AuthClient, AuthReply, describe_failure, is_cancellation
+from fauth.authclient import AuthCallError, AuthClient, AuthReply
+from fauth.transport import describe_failure, is_cancellation
 from fauth.config import ForwardAuthConf
 from fauth.headers import HeaderError, check_header, first_value
 from fauth.inbound import InboundRequest

@@ -18,36 +18,23 @@ from typing import Any, List, Optional
 from urllib.parse import urlsplit
 
 import attr
-from OpenSSL import SSL
 from treq.client import HTTPClient
 from treq.response import _Response
 from treq.cookies import IndexableCookieJar  # type: ignore[attr-defined]
-from twisted.internet import error as net_error
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web import client as web_client
-from twisted.web._newclient import (
-    ParseError,
-    RequestGenerationFailed,
-    ResponseFailed,
-    ResponseNeverReceived,
-    _DataLoss,
-)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer
-from zope.interface import implementer
 
-from fauth.transport import make_agent, quiet_pool, tls_policy
+from fauth.transport import BytesProducer, make_agent, quiet_pool, tls_policy
 
 __all__ = [
     "AuthCallError",
     "AuthClient",
     "AuthReply",
     "AuthTarget",
-    "BytesProducer",
-    "describe_failure",
-    "is_cancellation",
 ]
 
 # A denial's body goes back to the client; beyond this an auth service is
@@ -150,29 +137,6 @@ class _PreparedClient(HTTPClient):  # type: ignore[misc]
         return self._agent.request(method, self._url, headers, body).addCallback(_Response, self._cookiejar)
 
 
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A body already in memory: written at once, so no Cooperator is involved."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> Deferred:
-        if self._body:
-            consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
 class _CappedBody(Protocol):
     """Collects a response body up to a limit; cancellable mid-body."""
 
@@ -206,50 +170,6 @@ class _CappedBody(Protocol):
             self.done.callback(b"".join(self._chunks))
         else:
             self.done.errback(reason)
-
-
-def is_cancellation(failure: Failure) -> bool:
-    """
-    Whether a failed call was cancelled by its caller (possibly wrapped by
-    the Agent); a call cancelled while still connecting fails with
-    L{ConnectingCancelledError} instead.
-    """
-    if failure.check(CancelledError, net_error.ConnectingCancelledError):
-        return True
-    reasons = getattr(failure.value, "reasons", None) or []
-    return any(inner.check(CancelledError, net_error.ConnectingCancelledError) for inner in reasons)
-
-
-def describe_failure(failure: Failure) -> str:
-    """The reference's short error strings (C{closed}, C{timeout}, ...) for a failed call."""
-    exc = failure.value
-    if isinstance(exc, (ResponseFailed, ResponseNeverReceived, RequestGenerationFailed)):
-        reasons = getattr(exc, "reasons", None) or []
-        for inner in reasons:
-            if not isinstance(inner.value, (net_error.ConnectionDone, net_error.ConnectionLost)):
-                return describe_failure(inner)
-        return "closed"
-    if isinstance(exc, net_error.ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, (net_error.TimeoutError, net_error.TCPTimedOutError)):
-        return "timeout"
-    if isinstance(exc, (net_error.ConnectionDone, net_error.ConnectionLost, net_error.ConnectionClosed, _DataLoss)):
-        # _DataLoss: closed before the end of a body framed by Content-Length or chunks.
-        return "closed"
-    if isinstance(exc, net_error.DNSLookupError):
-        return "failed to resolve host: %s" % (exc.args[0] if exc.args else "")
-    if isinstance(exc, SSL.Error):
-        return "handshake failed: %s" % (exc,)
-    if type(exc).__name__ == "VerificationError" and type(exc).__module__.startswith("service_identity"):
-        # Chain verified, but the certificate names another host (service-identity).
-        return "handshake failed: certificate host mismatch"
-    if isinstance(exc, ParseError):
-        what, data = (tuple(exc.args) + ("", b""))[:2]
-        return "bad response: %s%s" % (what, " %r" % (data[:80],) if data else "")
-    if isinstance(exc, CancelledError):
-        return "cancelled"
-    text = failure.getErrorMessage()
-    return "%s: %s" % (type(exc).__name__, text) if text else type(exc).__name__
 
 
 class AuthClient:

@@ -18,8 +18,7 @@ from twisted.web import client as web_client
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from fauth.authclient import BytesProducer, describe_failure
-from fauth.transport import make_agent, tls_policy
+from fauth.transport import BytesProducer, describe_failure, make_agent, tls_policy
 from fauth.balancer import SmoothWeightedRoundRobin
 from fauth.config import UpstreamConf
 from fauth.headers import connection_listed, end_to_end_headers

@@ -14,7 +14,7 @@ from twisted.web import server
 from twisted.web.resource import IResource, Resource, getChildForRequest
 
 from fauth.auth import Allow, Decision, ForwardAuth, Respond
-from fauth.authclient import is_cancellation
+from fauth.transport import is_cancellation
 from fauth.config import ForwardAuthConf, HttpLimits, parse_forward_auth
 from fauth.drain import InFlight
 from fauth.gateway import AuthClients, Gateway

@@ -1,24 +1,49 @@
 # -*- test-case-name: tests.test_auth_leg,tests.test_proxy_e2e -*-
 """
 Outbound connections for both legs: quiet persistent pools, TLS policies,
-and agents that connect to IP literals without a resolver round-trip.
+agents that connect to IP literals without a resolver round-trip, a strict
+response parser, in-memory request bodies, and the short error strings a
+failed exchange is logged with.
 """
 from __future__ import annotations
 
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet import endpoints
+from twisted.internet import error as net_error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import client as web_client
-from twisted.web._newclient import HEADER, STATUS, HTTP11ClientProtocol, HTTPClientParser, ParseError
-from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
+from twisted.web._newclient import (
+    HEADER,
+    STATUS,
+    HTTP11ClientProtocol,
+    HTTPClientParser,
+    ParseError,
+    RequestGenerationFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+    _DataLoss,
+)
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
 
 from fauth.headers import CTL, TOKEN
 from fauth.pools import TrackedPool
 
-__all__ = ["MAX_RESPONSE_HEAD", "MAX_RESPONSE_HEADERS", "make_agent", "quiet_pool", "tls_policy"]
+__all__ = [
+    "BytesProducer",
+    "MAX_RESPONSE_HEAD",
+    "MAX_RESPONSE_HEADERS",
+    "describe_failure",
+    "is_cancellation",
+    "make_agent",
+    "quiet_pool",
+    "tls_policy",
+]
 
 log = Logger()
 
@@ -199,3 +224,70 @@ def make_agent(reactor: Any, pool: Any, policy: IPolicyForHTTPS, connect_timeout
     return web_client.Agent.usingEndpointFactory(
         reactor, _Endpoints(reactor, policy, connect_timeout), pool=pool
     )
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A body already in memory: written at once, so no Cooperator is involved."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> Deferred:
+        if self._body:
+            consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def is_cancellation(failure: Failure) -> bool:
+    """
+    Whether a failed call was cancelled by its caller (possibly wrapped by
+    the Agent); a call cancelled while still connecting fails with
+    L{ConnectingCancelledError} instead.
+    """
+    if failure.check(CancelledError, net_error.ConnectingCancelledError):
+        return True
+    reasons = getattr(failure.value, "reasons", None) or []
+    return any(inner.check(CancelledError, net_error.ConnectingCancelledError) for inner in reasons)
+
+
+def describe_failure(failure: Failure) -> str:
+    """The reference's short error strings (C{closed}, C{timeout}, ...) for a failed call."""
+    exc = failure.value
+    if isinstance(exc, (ResponseFailed, ResponseNeverReceived, RequestGenerationFailed)):
+        reasons = getattr(exc, "reasons", None) or []
+        for inner in reasons:
+            if not isinstance(inner.value, (net_error.ConnectionDone, net_error.ConnectionLost)):
+                return describe_failure(inner)
+        return "closed"
+    if isinstance(exc, net_error.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, (net_error.TimeoutError, net_error.TCPTimedOutError)):
+        return "timeout"
+    if isinstance(exc, (net_error.ConnectionDone, net_error.ConnectionLost, net_error.ConnectionClosed, _DataLoss)):
+        # _DataLoss: closed before the end of a body framed by Content-Length or chunks.
+        return "closed"
+    if isinstance(exc, net_error.DNSLookupError):
+        return "failed to resolve host: %s" % (exc.args[0] if exc.args else "")
+    if isinstance(exc, SSL.Error):
+        return "handshake failed: %s" % (exc,)
+    if type(exc).__name__ == "VerificationError" and type(exc).__module__.startswith("service_identity"):
+        # Chain verified, but the certificate names another host (service-identity).
+        return "handshake failed: certificate host mismatch"
+    if isinstance(exc, ParseError):
+        what, data = (tuple(exc.args) + ("", b""))[:2]
+        return "bad response: %s%s" % (what, " %r" % (data[:80],) if data else "")
+    if isinstance(exc, CancelledError):
+        return "cancelled"
+    text = failure.getErrorMessage()
+    return "%s: %s" % (type(exc).__name__, text) if text else type(exc).__name__
