@@ -188,6 +188,27 @@ def subprocess_env(**extra: str) -> Dict[str, str]:
     return env
 
 
+def refused_start_line(config_path: str) -> str:
+    """
+    Run C{twistd fauth --config config_path}; assert that it refused to
+    start (exit 1) with exactly one C{fauth: } line on stderr and no
+    traceback, and return that line.
+    """
+    result = subprocess.run(
+        TWISTD + ["fauth", "--config", config_path],
+        cwd=REPO_ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("fauth: ")]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
 def start_twistd(config_path: str, log_path: str, **env: str) -> "subprocess.Popen[bytes]":
     """C{twistd -n fauth --config config_path}, output to C{log_path}."""
     with open(log_path, "ab") as out:

@@ -18,7 +18,7 @@ from fauth.admin import key_matches
 from fauth.config import AdminConf, ConfigError, parse_config
 from fauth.control import merge_patch
 from fauth.demo import DemoAuthResource, EchoResource
-from tests.adminenv import KEY, TWISTD, AdminEnv, Marker, REPO_ROOT, start_admin_env, subprocess_env
+from tests.adminenv import KEY, TWISTD, AdminEnv, Marker, REPO_ROOT, refused_start_line, start_admin_env, subprocess_env
 from tests.servers import listen_on_loopback, port_url
 
 PLUGIN_URI_REQUIRED = (
@@ -512,19 +512,7 @@ def test_shutdown_grace() -> None:
 def test_twistd_refuses_admin_without_keys(tmp_path: Any) -> None:
     path = tmp_path / "fauth.yaml"
     path.write_text("listen: ['tcp:0:interface=127.0.0.1']\nadmin:\n  listen: 'tcp:0:interface=127.0.0.1'\n")
-    result = subprocess.run(
-        TWISTD + ["fauth", "--config", str(path)],
-        cwd=REPO_ROOT,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert result.returncode == 1
-    lines = [line for line in result.stderr.splitlines() if line.startswith("fauth: ")]
-    assert len(lines) == 1
-    assert 'admin: property "keys" needs at least one non-empty key' in lines[0]
-    assert "Traceback" not in result.stderr
+    assert 'admin: property "keys" needs at least one non-empty key' in refused_start_line(str(path))
 
 
 def test_twistd_refuses_unset_key_variable(tmp_path: Any) -> None:
