@@ -123,7 +123,7 @@ class AccessLog:
             # Only what the auth service answered: never a client's header.
             headers = getattr(decision, "reply_headers", None)
             if headers is not None:
-                values = headers.getRawHeaders(self._user_header)
+                values = headers.get(self._user_header)
                 if values:
                     user = _quote(values[0].decode("latin-1"))
         line = (

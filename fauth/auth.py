@@ -1,11 +1,12 @@
 # -*- test-case-name: tests.test_auth,tests.test_contract -*-
 """
 The forward-auth decision: build the auth request exactly as APISIX does,
-call the auth service through treq, and turn its answer into a decision.
+call the auth service over its pooled client, and turn its answer into a
+decision.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import attr
 from twisted.internet.defer import Deferred, succeed
@@ -14,7 +15,9 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from fauth import __version__
-from fauth.authclient import AuthCallError, AuthClient, AuthReply
+from fauth.authclient import AuthCallError, AuthClient
+from fauth.connection import Reply
+from fauth.h1 import ReplyHeaders
 from fauth.transport import describe_failure, is_cancellation
 from fauth.config import ForwardAuthConf
 from fauth.headers import HeaderError, check_header, first_value
@@ -38,7 +41,7 @@ class Allow:
 
     set_headers: Tuple[Tuple[bytes, Optional[Tuple[bytes, ...]]], ...] = ()
     #: The auth service's response headers (for the access log's C{user}).
-    reply_headers: Optional[Headers] = attr.field(default=None, eq=False, repr=False)
+    reply_headers: Optional[ReplyHeaders] = attr.field(default=None, eq=False, repr=False)
     #: For metrics and the access log (L{fauth.metrics}).
     outcome = "allow"
 
@@ -131,7 +134,7 @@ class ForwardAuth:
         for warning in conf.warnings:
             log.warn("{warning}", warning=warning)
 
-    def build_headers(self, inbound: InboundRequest, route_id: str = "") -> Headers:
+    def build_headers(self, inbound: InboundRequest, route_id: str = "") -> Tuple[Tuple[bytes, bytes], ...]:
         """
         The auth request's headers, in the reference's precedence: generated
         C{X-Forwarded-*}, then C{extra_headers} (overwrite), then
@@ -168,11 +171,10 @@ class ForwardAuth:
             table["host"] = (b"Host", self._host_header)
         if "user-agent" not in table:
             table["user-agent"] = (b"User-Agent", _USER_AGENT)
-        raw: Dict[bytes, List[bytes]] = {}
-        for name, value in table.values():
+        fields = tuple(table.values())
+        for name, value in fields:
             check_header(name, value)
-            raw[name] = [value]
-        return Headers(raw)
+        return fields
 
     @staticmethod
     def _variables(inbound: InboundRequest, route_id: str) -> RequestVariables:
@@ -226,18 +228,18 @@ class ForwardAuth:
                 return None
         return "request size %d is greater than the maximum size %d allowed" % (size, limit)
 
-    def _interpret(self, reply: AuthReply) -> Decision:
+    def _interpret(self, reply: Reply) -> Decision:
         if reply.status < 300:
             return Allow(
                 tuple(
-                    (name, _tuple_or_none(reply.headers.getRawHeaders(name)))
+                    (name, _tuple_or_none(reply.headers.get(name)))
                     for name in self._upstream_headers
                 ),
                 reply.headers,
             )
         headers = []
         for name in self._client_headers:
-            values = reply.headers.getRawHeaders(name)
+            values = reply.headers.get(name)
             if values:
                 headers.append((name, tuple(values)))
         body = reply.body

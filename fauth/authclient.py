@@ -1,40 +1,33 @@
 # -*- test-case-name: tests.test_authclient -*-
 """
-The HTTP client of the auth leg: treq over one L{HTTPConnectionPool} per
-auth target, with treq's per-call work done once.
+The HTTP client of the auth leg: requests to one auth target over one
+L{HTTPConnectionPool} of L{fauth.connection.ClientConnection}s.
 
-C{treq.HTTPClient.request} parses and re-encodes the URL (hyperlink and
-IDNA), and wraps the agent, on every call, in C{CookieAgent} with a jar kept
-across calls and in C{ContentDecoderAgent}, which adds C{Accept-Encoding:
-gzip}.  For a gateway the wrapping is a leak between users (a C{Set-Cookie}
-from one user's auth answer would be sent with the next user's auth request)
-and the parsing is a per-request cost.  So the URL is encoded once, the
-pooled agent is used as it is, and the answer still comes back as treq's
-response: the auth service sees exactly the headers the contract sends.
+The URL is encoded once, at config time, and each call writes one
+pre-serialised head: the auth service sees exactly the headers the
+contract sends.  No cookie jar and no C{Accept-Encoding} are involved (treq
+would keep a jar across calls, so a C{Set-Cookie} in one user's auth answer
+would go out with the next user's auth request), and the timeout covers the
+whole exchange, body included.
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
 import attr
-from treq.client import HTTPClient
-from treq.response import _Response
-from treq.cookies import IndexableCookieJar  # type: ignore[attr-defined]
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web import client as web_client
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer
 
-from fauth.transport import BytesProducer, make_agent, quiet_pool, tls_policy
+from fauth.connection import ClientRequest, Reply
+from fauth.h1 import request_head
+from fauth.transport import Connector, quiet_pool, tls_policy
 
 __all__ = [
     "AuthCallError",
     "AuthClient",
-    "AuthReply",
     "AuthTarget",
+    "Reply",
 ]
 
 # A denial's body goes back to the client; beyond this an auth service is
@@ -48,15 +41,6 @@ _PATH_OK = frozenset(
 
 class AuthCallError(Exception):
     """The auth call failed before or without an HTTP answer; the message is the log's C{err}."""
-
-
-@attr.frozen
-class AuthReply:
-    """The auth service's answer, body read in full."""
-
-    status: int
-    headers: Headers
-    body: bytes
 
 
 @attr.frozen
@@ -112,69 +96,9 @@ class AuthTarget:
         )
 
 
-class _NoCookies(IndexableCookieJar):  # type: ignore[misc]
-    """A cookie jar that never keeps a cookie, so none can cross requests."""
-
-    def set_cookie(self, cookie: Any) -> None:
-        pass
-
-    def extract_cookies(self, response: Any, request: Any) -> None:
-        pass
-
-    def add_cookie_header(self, request: Any) -> None:
-        pass
-
-
-class _PreparedClient(HTTPClient):  # type: ignore[misc]
-    """treq's client for one fixed, already encoded URL (see the module docstring)."""
-
-    def __init__(self, agent: IAgent, url: bytes) -> None:
-        super().__init__(agent, cookiejar=_NoCookies())
-        self._url = url
-
-    def send(self, method: bytes, headers: Headers, body: Optional[IBodyProducer]) -> "Deferred[_Response]":
-        """One request to the URL; a treq response, unbuffered."""
-        return self._agent.request(method, self._url, headers, body).addCallback(_Response, self._cookiejar)
-
-
-class _CappedBody(Protocol):
-    """Collects a response body up to a limit; cancellable mid-body."""
-
-    def __init__(self, limit: int) -> None:
-        self._chunks: List[bytes] = []
-        self._size = 0
-        self._limit = limit
-        self.done: Deferred = Deferred(self._cancel)
-
-    def _cancel(self, d: Deferred) -> None:
-        # readBody's canceller would look for abortConnection, which the
-        # body transport lacks (Twisted #8227); stopping the producer closes
-        # the pooled connection instead of returning it half-read.
-        if self.transport is not None:
-            self.transport.stopProducing()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.done.called:
-            return
-        self._size += len(data)
-        if self._size > self._limit:
-            self.transport.stopProducing()
-            self.done.errback(AuthCallError("response body too large"))
-            return
-        self._chunks.append(data)
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if self.done.called:
-            return
-        if reason.check(web_client.ResponseDone, web_client.PotentialDataLoss):
-            self.done.callback(b"".join(self._chunks))
-        else:
-            self.done.errback(reason)
-
-
 class AuthClient:
     """
-    treq over one connection pool for one auth target.
+    Calls to one auth target over one connection pool.
 
     @param keepalive: keep connections for reuse.
     @param keepalive_timeout: seconds an idle pooled connection is kept.
@@ -196,27 +120,43 @@ class AuthClient:
         self._reactor = reactor
         self.target = target
         self._bad_uri = bad_uri
+        self._keepalive = keepalive
         self.pool = quiet_pool(reactor, keepalive)
         self.pool.maxPersistentPerHost = keepalive_pool
         self.pool.cachedConnectionTimeout = keepalive_timeout
-        agent = make_agent(
+        self._connector = Connector(
             reactor, self.pool, tls_policy(target.ssl_verify if target else True, trust_root), connect_timeout
         )
-        self._http = _PreparedClient(agent, target.url) if target else None
-        self.host_header = target.host_header if target else b""
+        if target is not None:
+            self._scheme = target.scheme.encode("ascii")
+            self._host = target.host.encode("idna")
+            self.host_header = target.host_header
+        else:
+            self.host_header = b""
+        # Framing fields every call of a kind sends.
+        self._close = ((b"Connection", b"close"),) if not keepalive else ()
 
     def call(
-        self, method: bytes, headers: Headers, body: Optional[bytes], timeout: float
-    ) -> "Deferred[AuthReply]":
+        self,
+        method: bytes,
+        fields: Sequence[Tuple[bytes, bytes]],
+        body: Optional[bytes],
+        timeout: float,
+    ) -> "Deferred[Reply]":
         """
-        One auth exchange, body included, within C{timeout} seconds; on
-        expiry the whole exchange is cancelled and fails with
-        C{AuthCallError("timeout")}.
+        One auth exchange: C{fields} (checked names and values) and
+        C{body}, answered in full within C{timeout} seconds; on expiry the
+        whole exchange is cancelled and fails with C{AuthCallError("timeout")}.
         """
-        if self._http is None:
+        target = self.target
+        if target is None:
             return fail(AuthCallError(self._bad_uri or "bad uri"))
-        exchange = self._http.send(method, headers, BytesProducer(body) if body is not None else None)
-        exchange.addCallback(self._read)
+        framing = self._close
+        if body is not None:
+            framing += ((b"Content-Length", b"%d" % len(body)),)
+        head = request_head(method, target.target, tuple(framing) + tuple(fields))
+        request = ClientRequest(method, head, body, limit=MAX_AUTH_BODY, persistent=self._keepalive)
+        exchange = self._connector.request(self._scheme, self._host, target.port, request)
         expired = []
 
         def expire() -> None:
@@ -233,14 +173,6 @@ class AuthClient:
             return result
 
         return exchange.addBoth(finished)
-
-    @staticmethod
-    def _read(response: Any) -> "Deferred[AuthReply]":
-        reader = _CappedBody(MAX_AUTH_BODY)
-        response.deliverBody(reader)
-        return reader.done.addCallback(
-            lambda body: AuthReply(response.code, response.headers, body)
-        )
 
     def close(self) -> Deferred:
         """Close pooled connections."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import FrozenSet, Iterable, List, Optional, Tuple
+from typing import FrozenSet, Optional
 
 from twisted.web.http_headers import Headers
 
@@ -13,7 +13,7 @@ __all__ = [
     "TOKEN",
     "HeaderError",
     "check_header",
-    "end_to_end_headers",
+    "connection_listed",
     "first_value",
 ]
 
@@ -67,18 +67,3 @@ def connection_listed(headers: Headers) -> FrozenSet[bytes]:
     return frozenset(
         token.strip().lower() for value in values for token in value.split(b",") if token.strip()
     )
-
-
-def end_to_end_headers(
-    headers: Headers, drop: Iterable[bytes] = ()
-) -> List[Tuple[bytes, List[bytes]]]:
-    """
-    Every header except the hop-by-hop ones (and C{drop}), all values kept,
-    names lower-cased.
-    """
-    skip = HOP_BY_HOP | connection_listed(headers) | frozenset(drop)
-    return [
-        (name.lower(), values)
-        for name, values in headers.getAllRawHeaders()
-        if name.lower() not in skip
-    ]

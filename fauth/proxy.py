@@ -1,38 +1,52 @@
 # -*- test-case-name: tests.test_proxy -*-
 """
-The upstream leg: a persistent pooled HTTP/1.1 Agent, bodies streamed with
-backpressure, hop-by-hop headers dropped both ways.
+The upstream leg: pooled HTTP/1.1 connections (L{fauth.connection}),
+bodies streamed with backpressure, hop-by-hop headers dropped both ways.
 """
 from __future__ import annotations
 
+import re
 from io import BytesIO
-from typing import Any, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError
-from twisted.internet.protocol import Protocol
-from twisted.internet.task import Cooperator, NotPaused
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import client as web_client
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from fauth.transport import BytesProducer, describe_failure, make_agent, tls_policy
 from fauth.balancer import SmoothWeightedRoundRobin
-from fauth.config import UpstreamConf
-from fauth.headers import connection_listed, end_to_end_headers
+from fauth.config import Node, UpstreamConf
+from fauth.connection import ClientRequest, FileUpload
+from fauth.h1 import ResponseHead, request_head
+from fauth.headers import HOP_BY_HOP, connection_listed
 from fauth.inbound import InboundRequest
+from fauth.transport import Connector, describe_failure, tls_policy
 
 __all__ = ["UpstreamProxy", "send_simple"]
 
 log = Logger()
 
-# Framing is redone for the upstream connection; Host is set per pass_host.
-_REQUEST_DROP = frozenset([b"host", b"content-length", b"expect"])
+# Framing is redone for the upstream connection; Host is set per pass_host;
+# the X-Forwarded-* and X-Real-IP a client sent are replaced.
+_REQUEST_DROP = HOP_BY_HOP | frozenset(
+    [
+        b"host",
+        b"content-length",
+        b"expect",
+        b"x-forwarded-for",
+        b"x-real-ip",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+    ]
+)
 _BODY_METHODS = frozenset([b"POST", b"PUT", b"PATCH"])
 # Responses whose Content-Length, if any, is not the length of what follows.
 _NO_BODY_CODES = frozenset([204, 304])
+_TARGET_OK = re.compile(rb"[\x21-\x7e]+")
+_TARGET_UNSAFE = re.compile(rb"[^\x21-\x7e]")
 
 
 def send_simple(request: Any, status: int, body: bytes = b"", content_type: Optional[bytes] = None) -> None:
@@ -46,49 +60,19 @@ def send_simple(request: Any, status: int, body: bytes = b"", content_type: Opti
     request.finish()
 
 
-class _FileBody(web_client.FileBodyProducer):  # type: ignore[misc]
+def wire_target(target: bytes) -> bytes:
+    """C{target} with any byte a request line cannot carry percent-encoded."""
+    if _TARGET_OK.fullmatch(target) is not None:
+        return target
+    return _TARGET_UNSAFE.sub(lambda m: b"%%%02X" % m.group()[0], target)
+
+
+class _Relay:
     """
-    A request body the server spooled to a file (over 100 kB), streamed with
-    backpressure, with two fixes over L{FileBodyProducer}:
-
-      - a transport keeps its "producer paused" flag after the producer is
-        unregistered, so after an in-memory body of more than 64 KiB on the
-        same pooled connection, the first C{resumeProducing} comes unpaired:
-        L{NotPaused} would fail the upload (502);
-      - the upload ends with its last chunk, not one cooperator tick later:
-        an upstream that answers as soon as it has the whole body would
-        otherwise find the request still being written, the connection would
-        be dropped instead of pooled, and that tick would read a file the
-        server had closed when the answer was relayed.
-
-    (An upstream that answers before taking the whole body is handled by
-    L{fauth.transport}: the upload is stopped and the connection aborted.)
-    """
-
-    def resumeProducing(self) -> None:
-        try:
-            super().resumeProducing()
-        except NotPaused:
-            pass
-
-    def _writeloop(self, consumer: Any) -> Any:
-        remaining = self.length
-        while remaining > 0:
-            data = self._inputFile.read(min(self._readSize, remaining))
-            if not data:
-                break  # shorter than it was: the length check fails the request
-            remaining -= len(data)
-            consumer.write(data)
-            if remaining > 0:
-                yield None
-        self._inputFile.close()
-
-
-class _Relay(Protocol):
-    """
-    Streams the upstream body to the client.  The upstream transport is the
-    client request's push producer, so a slow client pauses the upstream
-    socket instead of growing a buffer.
+    Streams the upstream body to the client (the sink of a streamed
+    L{ClientRequest}).  The upstream connection is the client request's
+    push producer, so a slow client pauses the upstream socket instead of
+    growing a buffer.
     """
 
     def __init__(self, request: Any, reactor: Any, idle_timeout: float) -> None:
@@ -96,19 +80,24 @@ class _Relay(Protocol):
         self._reactor = reactor
         self._idle_timeout = idle_timeout
         self._timer: Any = None
+        self._upstream: Any = None
         self.client_gone = False
         self._timed_out = False
 
-    def connectionMade(self) -> None:
-        self._request.registerProducer(self.transport, True)
+    def body_start(self, upstream: Any) -> None:
+        self._upstream = upstream
+
+    def relay(self) -> None:
+        """Start passing the body on (the head has been copied)."""
+        self._request.registerProducer(self._upstream, True)
         self._timer = self._reactor.callLater(self._idle_timeout, self._idle)
 
     def _idle(self) -> None:
         log.warn("upstream read timed out in the body; aborting the client connection")
         self._timed_out = True
-        self.transport.stopProducing()
+        self._upstream.stopProducing()
 
-    def dataReceived(self, data: bytes) -> None:
+    def body_data(self, data: bytes) -> None:
         if self.client_gone:
             return
         self._timer.reset(self._idle_timeout)
@@ -117,17 +106,17 @@ class _Relay(Protocol):
     def stop(self) -> None:
         """The client went away: stop the upstream transfer."""
         self.client_gone = True
-        if self.transport is not None:
-            self.transport.stopProducing()
+        if self._upstream is not None:
+            self._upstream.stopProducing()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def body_done(self, reason: Optional[Failure]) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         request = self._request
-        if self.client_gone:
+        if self.client_gone or self._timer is None:
             return
         request.unregisterProducer()
-        if reason.check(web_client.ResponseDone, web_client.PotentialDataLoss):
+        if reason is None:
             request.finish()
         else:
             # The status line has gone out: the only honest signal left is
@@ -140,65 +129,67 @@ class _Relay(Protocol):
                 (abort or transport.loseConnection)()
 
 
-class _Discard(Protocol):
-    """
-    The body of an answer nobody waits for any more (the client left): stop
-    the transfer at once, which closes that upstream connection, instead of
-    reading the whole body into nothing.
-    """
-
-    def connectionMade(self) -> None:
-        self.transport.stopProducing()
-
-
 class UpstreamProxy:
     """
     Sends allowed requests to one upstream's nodes.
 
-    @param pool: shared L{HTTPConnectionPool} (keyed per host:port inside).
+    @param pool: shared L{HTTPConnectionPool} (keyed per scheme, host and
+        port inside).
     """
 
     def __init__(self, conf: UpstreamConf, reactor: Any, pool: Any, trust_root: Any = None) -> None:
         self.conf = conf
         self._reactor = reactor
         self._balancer = SmoothWeightedRoundRobin(conf.nodes)
-        self._agent = make_agent(reactor, pool, tls_policy(True, trust_root), conf.timeout.connect)
+        self._connector = Connector(reactor, pool, tls_policy(True, trust_root), conf.timeout.connect)
         self._scheme = conf.scheme.encode("ascii")
         self._response_timeout = conf.timeout.send + conf.timeout.read
-        self._cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
         self._rewrite_host = (conf.upstream_host or "").encode("idna") if conf.pass_host == "rewrite" else None
+        # Per node: the host to connect to and the netloc for Host, encoded once.
+        self._wire: Dict[Node, Tuple[bytes, bytes]] = {
+            node: (node.host.encode("idna"), node.netloc.encode("idna")) for node in conf.nodes
+        }
 
-    def _headers(self, request: Any, inbound: InboundRequest, netloc: bytes) -> Headers:
-        headers = Headers(dict(end_to_end_headers(request.requestHeaders, _REQUEST_DROP)))
+    def _head(self, request: Any, inbound: InboundRequest, netloc: bytes, length: Optional[int]) -> bytes:
+        incoming = request.requestHeaders
         if self.conf.pass_host == "node":
             host = netloc
         elif self._rewrite_host is not None:
             host = self._rewrite_host
         else:
-            host = request.requestHeaders.getRawHeaders(b"host", [netloc])[0]
-        headers.setRawHeaders(b"host", [host])
+            host = incoming.getRawHeaders(b"host", [netloc])[0]
+        fields: List[Tuple[bytes, bytes]] = [(b"Host", host)]
+        if length is not None:
+            fields.append((b"Content-Length", b"%d" % length))
+        drop = _REQUEST_DROP | connection_listed(incoming)
+        forwarded: List[bytes] = []
+        for name, values in incoming.getAllRawHeaders():
+            lower = name.lower()
+            if lower not in drop:
+                fields.extend([(name, value) for value in values])
+            elif lower == b"x-forwarded-for":
+                forwarded = list(values)
         peer = inbound.remote_addr.encode("latin-1")
-        forwarded = headers.getRawHeaders(b"x-forwarded-for")
-        headers.setRawHeaders(
-            b"x-forwarded-for", [b", ".join(forwarded + [peer]) if forwarded else peer]
-        )
-        headers.setRawHeaders(b"x-real-ip", [peer])
-        headers.setRawHeaders(b"x-forwarded-proto", [inbound.scheme.encode("ascii")])
-        headers.setRawHeaders(b"x-forwarded-host", [inbound.host.encode("latin-1")])
-        headers.setRawHeaders(b"x-forwarded-port", [b"%d" % inbound.server_port])
-        return headers
+        fields += [
+            (b"X-Forwarded-For", b", ".join(forwarded + [peer]) if forwarded else peer),
+            (b"X-Real-IP", peer),
+            (b"X-Forwarded-Proto", inbound.scheme.encode("ascii")),
+            (b"X-Forwarded-Host", inbound.host.encode("latin-1")),
+            (b"X-Forwarded-Port", b"%d" % inbound.server_port),
+        ]
+        return request_head(request.method, wire_target(inbound.upstream_target), fields)
 
-    def _body(self, request: Any, inbound: InboundRequest) -> Any:
+    def _body(self, request: Any, inbound: InboundRequest) -> Tuple[Optional[bytes], Optional[FileUpload]]:
         content = request.content
         size = inbound.body_length()
         if size == 0:
             if request.method in _BODY_METHODS or request.requestHeaders.hasHeader(b"content-length"):
-                return BytesProducer(b"")
-            return None
+                return b"", None
+            return None, None
         if isinstance(content, BytesIO):
-            return BytesProducer(content.getvalue())
+            return content.getvalue(), None
         content.seek(0)
-        return _FileBody(content, cooperator=self._cooperator)
+        return None, FileUpload(content, size)
 
     def forward(self, request: Any, inbound: InboundRequest, exchange: Any = None) -> None:
         """
@@ -208,17 +199,20 @@ class UpstreamProxy:
             leg, or C{None}.
         """
         node = self._balancer.pick()
-        netloc = node.netloc.encode("idna")
-        url = b"%s://%s%s" % (self._scheme, netloc, inbound.upstream_target)
-        headers = self._headers(request, inbound, netloc)
+        host, netloc = self._wire[node]
+        body, upload = self._body(request, inbound)
+        length = len(body) if body is not None else (upload.length if upload is not None else None)
         relay = _Relay(request, self._reactor, self.conf.timeout.read)
-        state = {"timed_out": False}
+        outgoing = ClientRequest(
+            request.method, self._head(request, inbound, netloc, length), body, upload, sink=relay
+        )
+        timed_out = []
         if exchange is not None:
             exchange.upstream_started()
-        d = self._agent.request(request.method, url, headers, self._body(request, inbound))
+        d = self._connector.request(self._scheme, host, node.port, outgoing)
 
         def expire() -> None:
-            state["timed_out"] = True
+            timed_out.append(True)
             d.cancel()
 
         timer = self._reactor.callLater(self._response_timeout, expire)
@@ -232,30 +226,31 @@ class UpstreamProxy:
 
         request.notifyFinish().addErrback(client_gone)
 
-        def got_response(response: Any) -> None:
+        def got_response(head: ResponseHead) -> None:
             if timer.active():
                 timer.cancel()
             if exchange is not None:
                 exchange.upstream_answered()
             if relay.client_gone:
-                response.deliverBody(_Discard())
+                # Nobody waits for this answer: stop it now, which closes that
+                # connection, rather than read its body into nothing.
+                relay.stop()
                 return
-            request.setResponseCode(response.code, response.phrase)
+            request.setResponseCode(head.status, head.reason)
             out = request.responseHeaders
-            # The Agent keeps Connection out of response.headers (fauth.transport puts it back here).
-            conn = getattr(response, "connection_headers", None)
-            listed = connection_listed(conn) if conn is not None else ()
-            for name, values in end_to_end_headers(response.headers, listed):
-                out.setRawHeaders(name, values)
-            # HEAD keeps the upstream's own Content-Length (in response.headers); 204 must
+            listed = head.connection
+            for name, values in head.headers.items():
+                if name not in HOP_BY_HOP and name not in listed:
+                    out.setRawHeaders(name, values)
+            # HEAD keeps the upstream's own Content-Length (in head.headers); 204 must
             # have none and a 304's describes the 200 it stands for: never an invented 0.
             if (
-                response.length is not UNKNOWN_LENGTH
+                head.length is not UNKNOWN_LENGTH
                 and request.method != b"HEAD"
-                and response.code not in _NO_BODY_CODES
+                and head.status not in _NO_BODY_CODES
             ):
-                out.setRawHeaders(b"content-length", [b"%d" % response.length])
-            response.deliverBody(relay)
+                out.setRawHeaders(b"content-length", [b"%d" % head.length])
+            relay.relay()
 
         def failed(failure: Failure) -> None:
             if timer.active():
@@ -264,25 +259,24 @@ class UpstreamProxy:
                 return
             if exchange is not None:
                 exchange.upstream_failed()
-            if state["timed_out"] or failure.check(net_error.TimeoutError):
+            if timed_out or failure.check(net_error.TimeoutError):
                 status = 504
                 reason = "timeout"
             else:
                 status = 502
                 reason = describe_failure(failure)
-            log.warn(
-                "upstream {node} failed: {err}", node=node.netloc, err=reason
-            )
+            log.warn("upstream {node} failed: {err}", node=node.netloc, err=reason)
             send_simple(request, status)
 
         d.addCallbacks(got_response, failed)
-        d.addErrback(self._unexpected, request)
+        d.addErrback(self._unexpected, request, relay)
 
     @staticmethod
-    def _unexpected(failure: Failure, request: Any) -> None:
+    def _unexpected(failure: Failure, request: Any, relay: _Relay) -> None:
         if failure.check(CancelledError):
             return
         log.failure("unexpected error in the upstream leg", failure)
+        relay.stop()
         if not request.finished and not request.startedWriting:
             # got_response may have copied the upstream's headers already
             # (Set-Cookie, Content-Encoding...): none of them may go out

@@ -1,175 +1,59 @@
 # -*- test-case-name: tests.test_auth_leg,tests.test_proxy_e2e -*-
 """
-Outbound connections for both legs: quiet persistent pools, TLS policies,
-agents that connect to IP literals without a resolver round-trip, a strict
-response parser, in-memory request bodies, and the short error strings a
-failed exchange is logged with.
+Outbound connections for both legs: quiet persistent pools of
+L{ClientConnection}s, TLS policies, endpoints that connect to IP literals
+without a resolver round-trip, and the short error strings a failed
+exchange is logged with.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Dict, Tuple
 
 from OpenSSL import SSL
 from twisted.internet import endpoints
 from twisted.internet import error as net_error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import client as web_client
 from twisted.web._newclient import (
-    HEADER,
-    STATUS,
-    HTTP11ClientProtocol,
-    HTTPClientParser,
     ParseError,
     RequestGenerationFailed,
     ResponseFailed,
     ResponseNeverReceived,
     _DataLoss,
 )
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS
+from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from fauth.headers import CTL, TOKEN
+from fauth.connection import BodyTooLarge, ClientConnection, ClientRequest
 from fauth.pools import TrackedPool
 
 __all__ = [
-    "BytesProducer",
-    "MAX_RESPONSE_HEAD",
-    "MAX_RESPONSE_HEADERS",
+    "Connector",
     "describe_failure",
     "is_cancellation",
-    "make_agent",
     "quiet_pool",
     "tls_policy",
 ]
 
 log = Logger()
 
-# A response head (status line and header lines) from an auth service or an
-# upstream larger than this fails the exchange as a bad response instead of
-# being buffered; nginx's own limit (proxy_buffer_size) is 4 or 8 KiB.
-MAX_RESPONSE_HEAD = 64 * 1024
-MAX_RESPONSE_HEADERS = 500
-
-
-class _StrictParser(HTTPClientParser):  # type: ignore[misc]
-    """
-    The Agent's response parser with the checks a proxy needs.  Twisted's
-    takes a header line without a colon as a C{ValueError}, passes a NUL or
-    another control character on in a value, joins obs-fold lines without a
-    space, and buffers any number of header lines.  Here each of these is a
-    L{ParseError} (C{bad response: ...}): the exchange fails and the
-    connection is closed.
-    """
-
-    MAX_LENGTH = MAX_RESPONSE_HEAD
-    _head_bytes = 0
-    _head_lines = 0
-
-    def lineReceived(self, line: bytes) -> None:
-        if self.state in (STATUS, HEADER):
-            self._head_bytes += len(line) + 1
-            if self._head_bytes > MAX_RESPONSE_HEAD:
-                raise ParseError("response head too large", b"")
-            if self.state == HEADER and line not in (b"", b"\r"):
-                self._head_lines += 1
-                if self._head_lines > MAX_RESPONSE_HEADERS:
-                    raise ParseError("too many headers", b"")
-                _check_header_line(line[:-1] if line[-1:] == b"\r" else line)
-        super().lineReceived(line)
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        raise ParseError("response head too large", b"")
-
-
-def _check_header_line(line: bytes) -> None:
-    if line[:1] in (b" ", b"\t"):
-        raise ParseError("obsolete line folding", line[:80])
-    name, colon, value = line.partition(b":")
-    if not colon:
-        raise ParseError("header line without a colon", line[:80])
-    if TOKEN.fullmatch(name) is None:
-        raise ParseError("invalid header name", name[:80])
-    if CTL.search(value) is not None:
-        raise ParseError("control character in header value", name[:80])
-
-
-class _ClientProtocol(HTTP11ClientProtocol):  # type: ignore[misc]
-    """
-    Puts each response's connection-control headers on the response as
-    C{connection_headers}: the Agent's parser moves C{Connection} out of
-    C{response.headers}, and with it the names a proxy must also drop.
-    """
-
-    def request(self, request: Any) -> Any:
-        d = super().request(request)
-        parser = self._parser
-        if type(parser) is HTTPClientParser:
-            # Twisted builds its parser inside request(); no byte has been parsed yet.
-            parser.__class__ = _StrictParser
-        if parser is not None:
-
-            def keep(response: Any) -> Any:
-                response.connection_headers = parser.connHeaders
-                return response
-
-            d.addCallback(keep)
-        return d
-
-    def _finishResponse_WAITING(self, rest: bytes) -> None:
-        # Bytes after a complete response can only be an answer the peer
-        # thinks belongs to the next request: reusing the connection would
-        # desynchronise it.  Twisted drops them and pools the connection.
-        if rest and self._currentRequest is not None:
-            self._stray(len(rest))
-            self._currentRequest.persistent = False
-        # The whole answer came before the whole request body went out (an
-        # upstream answering early, e.g. 413).  Stop sending the body now,
-        # while its source is open: relaying the answer finishes the client's
-        # request, and the server then closes a spooled body's file (Twisted
-        # would read it again and log a critical error).  Then abort: the
-        # connection can carry nothing more, and the stopped producer, still
-        # registered, would hold a plain close open.
-        early = self._state == "TRANSMITTING" and self._currentRequest is not None
-        if early:
-            self._currentRequest.stopWriting()
-        super()._finishResponse_WAITING(rest)
-        if early:
-            self.transport.abortConnection()
-
-    _finishResponse_TRANSMITTING = _finishResponse_WAITING
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._parser is None and self._state == "QUIESCENT":
-            # The same, arriving while the connection waits in the pool.
-            self._stray(len(data))
-            self.transport.loseConnection()
-            return
-        super().dataReceived(data)
-
-    def _stray(self, size: int) -> None:
-        peer = self.transport.getPeer()
-        log.warn(
-            "{peer} sent {size} bytes after the end of a response; connection closed, not reused",
-            peer="%s:%s" % (getattr(peer, "host", peer), getattr(peer, "port", "")),
-            size=size,
-        )
-
 
 class _QuietFactory(web_client._HTTP11ClientFactory):  # type: ignore[misc]
     # One "Starting factory" log line per pooled connection is noise.
     noisy = False
 
-    def buildProtocol(self, addr: Any) -> _ClientProtocol:
-        return _ClientProtocol(self._quiescentCallback)
+    def buildProtocol(self, addr: Any) -> ClientConnection:
+        return ClientConnection(self._quiescentCallback)
 
 
 def quiet_pool(reactor: Any, persistent: bool) -> TrackedPool:
     """
-    An L{HTTPConnectionPool} that does not log every new connection, and
-    counts its idle and busy connections for the metrics (L{TrackedPool}).
+    An L{HTTPConnectionPool} of L{ClientConnection}s that does not log every
+    new connection, and counts its idle and busy connections for the
+    metrics (L{TrackedPool}).
     """
     pool = TrackedPool(reactor, persistent=persistent)
     pool._factory = _QuietFactory
@@ -193,60 +77,52 @@ def tls_policy(verify: bool, trust_root: Any = None) -> IPolicyForHTTPS:
     return web_client.HostnameCachingHTTPSPolicy(web_client.BrowserLikePolicyForHTTPS(trust_root))
 
 
-@implementer(IAgentEndpointFactory)
-class _Endpoints:
+class Connector:
     """
-    IP literals get a plain TCP endpoint: L{HostnameEndpoint} would run
-    C{getaddrinfo} in the thread pool for every new connection, even for
-    C{127.0.0.1}.  Names still go through L{HostnameEndpoint}.
+    Requests over one pool: one endpoint per C{(scheme, host, port)}, built
+    on first use.  IP literals get a plain TCP endpoint: L{HostnameEndpoint}
+    would run C{getaddrinfo} in the thread pool for every new connection,
+    even for C{127.0.0.1}.  Names still go through L{HostnameEndpoint}.
     """
 
-    def __init__(self, reactor: Any, policy: IPolicyForHTTPS, connect_timeout: float) -> None:
+    # Endpoints of targets no longer configured are dropped past this many.
+    max_endpoints = 1024
+
+    def __init__(self, reactor: Any, pool: Any, policy: IPolicyForHTTPS, connect_timeout: float) -> None:
         self._reactor = reactor
+        self._pool = pool
         self._policy = policy
         self._timeout = connect_timeout
+        self._endpoints: Dict[Tuple[bytes, bytes, int], Any] = {}
 
-    def endpointForURI(self, uri: Any) -> Any:
-        host = uri.host.decode("ascii")
-        if isIPAddress(host):
-            endpoint: Any = endpoints.TCP4ClientEndpoint(self._reactor, host, uri.port, self._timeout)
-        elif isIPv6Address(host):
-            endpoint = endpoints.TCP6ClientEndpoint(self._reactor, host, uri.port, self._timeout)
+    def request(self, scheme: bytes, host: bytes, port: int, request: ClientRequest) -> Deferred:
+        """
+        Send C{request} to C{host:port} (C{host} IDNA-encoded, IPv6 without
+        brackets) over a pooled connection; see L{ClientRequest}.
+        """
+        key = (scheme, host, port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            if len(self._endpoints) >= self.max_endpoints:
+                self._endpoints.clear()
+            endpoint = self._endpoints[key] = self._endpoint(scheme, host, port)
+        return self._pool.getConnection(key, endpoint).addCallback(_send, request)
+
+    def _endpoint(self, scheme: bytes, host: bytes, port: int) -> Any:
+        text = host.decode("ascii")
+        if isIPAddress(text):
+            endpoint: Any = endpoints.TCP4ClientEndpoint(self._reactor, text, port, self._timeout)
+        elif isIPv6Address(text):
+            endpoint = endpoints.TCP6ClientEndpoint(self._reactor, text, port, self._timeout)
         else:
-            endpoint = endpoints.HostnameEndpoint(self._reactor, uri.host, uri.port, self._timeout)
-        if uri.scheme == b"https":
-            endpoint = endpoints.wrapClientTLS(self._policy.creatorForNetloc(uri.host, uri.port), endpoint)
+            endpoint = endpoints.HostnameEndpoint(self._reactor, host, port, self._timeout)
+        if scheme == b"https":
+            endpoint = endpoints.wrapClientTLS(self._policy.creatorForNetloc(host, port), endpoint)
         return endpoint
 
 
-def make_agent(reactor: Any, pool: Any, policy: IPolicyForHTTPS, connect_timeout: float) -> web_client.Agent:
-    """An L{Agent} over C{pool} with the endpoint rules above."""
-    return web_client.Agent.usingEndpointFactory(
-        reactor, _Endpoints(reactor, policy, connect_timeout), pool=pool
-    )
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A body already in memory: written at once, so no Cooperator is involved."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> Deferred:
-        if self._body:
-            consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
+def _send(connection: ClientConnection, request: ClientRequest) -> Deferred:
+    return connection.request(request)
 
 
 def is_cancellation(failure: Failure) -> bool:
@@ -289,5 +165,7 @@ def describe_failure(failure: Failure) -> str:
         return "bad response: %s%s" % (what, " %r" % (data[:80],) if data else "")
     if isinstance(exc, CancelledError):
         return "cancelled"
+    if isinstance(exc, BodyTooLarge):
+        return "response body too large"
     text = failure.getErrorMessage()
     return "%s: %s" % (type(exc).__name__, text) if text else type(exc).__name__

@@ -16,12 +16,12 @@ import attr
 import pytest
 from pytest_twisted import async_yield_fixture, ensureDeferred
 from twisted.internet.task import Clock
-from twisted.web.http_headers import Headers
 
 from fauth.accesslog import FLUSH_BYTES, AccessLog, AccessLogService, iso_utc
 from fauth.auth import Allow
 from fauth.config import ConfigError, parse_config
 from fauth.demo import DemoAuthResource, EchoResource
+from fauth.h1 import ReplyHeaders
 from fauth.metrics import GatewayMetrics, RouteMetrics
 from fauth.service import GatewayService
 from tests.adminenv import AdminEnv, env_doc, free_ports, start_admin_env, write_config
@@ -287,7 +287,7 @@ def fake_exchange(user: Optional[bytes] = None) -> Any:
         sentLength=3,
         getClientAddress=lambda: types.SimpleNamespace(host="10.0.0.1"),
     )
-    headers = Headers({b"x-user-id": [user]} if user is not None else {})
+    headers = ReplyHeaders({b"x-user-id": [user]} if user is not None else {})
     return types.SimpleNamespace(
         request=request,
         decision=Allow((), headers),

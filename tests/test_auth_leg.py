@@ -21,7 +21,6 @@ from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
-from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
 from fauth.authclient import AuthCallError, AuthClient, AuthTarget
@@ -406,10 +405,9 @@ async def test_direct_client_body_stall_times_out_and_is_not_pooled(env: Env) ->
     auth = await env.auth(stall_body)
     client = AuthClient(env.reactor, AuthTarget.parse(auth.url(), True))
     try:
-        headers = Headers({b"Host": [client.host_header]})
         started = env.reactor.seconds()
         with pytest.raises(AuthCallError) as info:
-            await client.call(b"GET", headers, None, 0.2)
+            await client.call(b"GET", ((b"Host", client.host_header),), None, 0.2)
         assert str(info.value) == "timeout"
         assert env.reactor.seconds() - started < 1.0
         assert await eventually(env.reactor, lambda: not auth.open_connections)

@@ -969,8 +969,8 @@ async def test_client_gone_mid_download_stops_the_upstream(reactor: Any, stack: 
 # Answers nobody waits for, and the gateway's own 502
 
 
-class _FakeUpstreamTransport:
-    """The upstream connection as a body protocol sees it."""
+class _FakeUpstream:
+    """The upstream connection as the relay sees it (its producer)."""
 
     def __init__(self) -> None:
         self.stopped = False
@@ -985,38 +985,36 @@ class _FakeUpstreamTransport:
         pass
 
 
-class _LateResponse:
-    """An upstream answer with a large body, delivered after the client left."""
+class _LateConnector:
+    """
+    A connector whose answer (with a 64 MiB body) is already in when the
+    client leaves: cancel() cannot stop it, and the upstream goes on sending
+    until its connection is stopped.
+    """
 
-    code = 200
-    phrase = b"OK"
     length = 64 * 1024 * 1024
 
     def __init__(self) -> None:
-        from twisted.web.http_headers import Headers
+        self.upstream = _FakeUpstream()
+        self.delivered: List[int] = []
 
-        self.headers = Headers({b"content-type": [b"application/octet-stream"]})
-        self.transport = _FakeUpstreamTransport()
-        self.delivered: List[bytes] = []
+    def request(self, scheme: bytes, host: bytes, port: int, outgoing: Any) -> Deferred:
+        from fauth.h1 import ReplyHeaders, ResponseHead
 
-    def deliverBody(self, protocol: Any) -> None:
-        protocol.makeConnection(self.transport)
-        # The upstream goes on sending until its connection is stopped.
-        sent = 0
-        while not self.transport.stopped and sent < self.length:
-            protocol.dataReceived(b"x" * 65536)
-            sent += 65536
-        self.delivered.append(b"%d" % sent)
+        def too_late(d: Deferred) -> None:
+            outgoing.sink.body_start(self.upstream)
+            head = ResponseHead(
+                200, b"OK", ReplyHeaders({b"content-type": [b"application/octet-stream"]}),
+                self.length, False, True, frozenset(),
+            )
+            d.callback(head)
+            sent = 0
+            while not self.upstream.stopped and sent < self.length:
+                outgoing.sink.body_data(b"x" * 65536)
+                sent += 65536
+            self.delivered.append(sent)
 
-
-class _CancelTooLate:
-    """An agent whose answer is already in when the client leaves: cancel() cannot stop it."""
-
-    def __init__(self, response: Any) -> None:
-        self.response = response
-
-    def request(self, method: bytes, url: bytes, headers: Any = None, body: Any = None) -> Deferred:
-        return Deferred(lambda d: d.callback(self.response))
+        return Deferred(too_late)
 
 
 class _GoneRequest:
@@ -1064,8 +1062,8 @@ def test_answer_after_the_client_left_stops_the_upstream_at_once(reactor: Any) -
 
     clock = Clock()
     proxy = UpstreamProxy(UpstreamConf(nodes=(Node("127.0.0.1", 9),)), clock, pool=None)
-    response = _LateResponse()
-    proxy._agent = _CancelTooLate(response)
+    connector = _LateConnector()
+    proxy._connector = connector
     request = _GoneRequest()
     inbound = InboundRequest(
         method="GET", request_uri="/x", path="/x", query="", host="gw.test", scheme="http",
@@ -1075,9 +1073,9 @@ def test_answer_after_the_client_left_stops_the_upstream_at_once(reactor: Any) -
     proxy.forward(request, inbound)
     # The client leaves; the cancel comes too late and the answer is delivered.
     request._finish.errback(Failure(ConnectionLost()))
-    assert response.transport.stopped
+    assert connector.upstream.stopped
     # Stopped before reading the body, not after reading all of it into nothing.
-    assert response.delivered == [b"0"]
+    assert connector.delivered == [0]
     assert request.code == 0 and request.written == []
     assert clock.getDelayedCalls() == []
 
@@ -1086,7 +1084,7 @@ def test_answer_after_the_client_left_stops_the_upstream_at_once(reactor: Any) -
 async def test_unexpected_error_after_headers_gives_a_bare_502(
     reactor: Any, stack: Stack, monkeypatch: Any
 ) -> None:
-    from twisted.web import _newclient
+    from fauth import proxy
 
     heads: List[bytes] = []
     canned = (
@@ -1096,10 +1094,10 @@ async def test_unexpected_error_after_headers_gives_a_bare_502(
     up = await stack.listen_factory(Factory.forProtocol(lambda: _Canned(heads, canned)))
     gw = await stack.gateway([route("1", "/u/*", {node(up): 1})])
 
-    def broken(self: Any, protocol: Any) -> None:
-        raise RuntimeError("deliverBody failed")
+    def broken(self: Any) -> None:
+        raise RuntimeError("relaying the body failed")
 
-    monkeypatch.setattr(_newclient.Response, "deliverBody", broken)
+    monkeypatch.setattr(proxy._Relay, "relay", broken)
     with LogCapture() as logs:
         reply = await fetch(reactor, gw.port_number, get("/u/x"))
     assert logs.contains("unexpected error in the upstream leg"), logs.lines
