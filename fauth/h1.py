@@ -13,7 +13,7 @@ each of those is a L{ParseError} (C{bad response: ...}).
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, FrozenSet, Iterable, List, Optional, Tuple
 
 from twisted.web._newclient import ParseError
 from twisted.web.iweb import UNKNOWN_LENGTH
@@ -57,7 +57,6 @@ _NO_BODY_STATUS = frozenset([204, 304])
 # characters (tab allowed), CRLF or bare LF.  One C-level match per head;
 # only a head that fails it is looked at line by line, for the message.
 _HEADER_BLOCK = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r?\n)*")
-_HEADER_FIELD = re.compile(rb"([^:\n]+):[ \t]*([^\r\n]*?)[ \t]*\r?\n")
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?\r?")
 
 
@@ -158,14 +157,18 @@ def parse_head(block: bytes, method: bytes) -> ResponseHead:
     fields = block[newline + 1 : len(block) - (2 if block.endswith(b"\r\n") else 1)]
     if _HEADER_BLOCK.fullmatch(fields) is None:
         _explain(fields)
-    pairs = _HEADER_FIELD.findall(fields)
-    if len(pairs) > MAX_RESPONSE_HEADERS:
+    # Valid, so a CR only ends a line: one line per LF.
+    lines = fields.replace(b"\r\n", b"\n").split(b"\n")
+    lines.pop()  # after the last LF
+    if len(lines) > MAX_RESPONSE_HEADERS:
         raise ParseError("too many headers", b"")
     headers: Dict[bytes, List[bytes]] = {}
     control: Dict[bytes, List[bytes]] = {}
     head_request = method == b"HEAD"
-    for name, value in pairs:
+    for line in lines:
+        name, _, value = line.partition(b":")
         lower = name.lower()
+        value = value.strip(b" \t")
         if lower in _CONNECTION_CONTROL and not (head_request and lower == b"content-length"):
             control.setdefault(lower, []).append(value)
         else:
@@ -174,12 +177,8 @@ def parse_head(block: bytes, method: bytes) -> ResponseHead:
                 headers[lower] = [value]
             else:
                 values.append(value)
-    connection = frozenset(
-        token.strip().lower()
-        for value in control.get(b"connection", ())
-        for token in value.split(b",")
-        if token.strip()
-    )
+    tokens = control.get(b"connection")
+    connection = _NO_TOKENS if tokens is None else _tokens(tokens)
     keep_alive = b"close" not in connection and (minor == b"1" or b"keep-alive" in connection)
     length: object
     chunked = False
@@ -203,6 +202,15 @@ def parse_head(block: bytes, method: bytes) -> ResponseHead:
     return ResponseHead(
         status, reason or b"", ReplyHeaders(headers), length, chunked, keep_alive, connection
     )
+
+
+_NO_TOKENS: FrozenSet[bytes] = frozenset()
+
+
+def _tokens(values: List[bytes]) -> FrozenSet[bytes]:
+    found = {token.strip().lower() for value in values for token in value.split(b",")}
+    found.discard(b"")
+    return frozenset(found)
 
 
 def _content_length(values: List[bytes]) -> int:
