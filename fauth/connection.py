@@ -358,6 +358,9 @@ class ClientConnection(Protocol):
         early = self._upload is not None and not self._upload.done
         self._request = self._head = self._decoder = None
         self._upload = None
+        # Taken before the connection can carry another request.
+        d, self._deferred = self._deferred, None
+        chunks, self._chunks = self._chunks, []
         if early:
             # The whole answer came before the whole body went out (an
             # upstream refusing an upload).  Stop sending while the body's
@@ -381,17 +384,7 @@ class ClientConnection(Protocol):
         else:
             self.state = "CLOSING"
             self.transport.loseConnection()
-        self._answer(request, head)
-
-    def _answer(self, request: ClientRequest, head: ResponseHead) -> None:
-        """Tell the caller of C{request} that the whole answer is in."""
-        if request.sink is not None:
-            request.sink.body_done(None)
-            return
-        d, self._deferred = self._deferred, None
-        chunks, self._chunks = self._chunks, []
-        if d is not None:
-            d.callback(Reply(head.status, head.headers, b"".join(chunks)))
+        _answer(request, head, d, chunks)
 
     def _fail(self, request: ClientRequest, failure: Failure) -> None:
         """Tell the caller of C{request} that it failed."""
@@ -416,7 +409,8 @@ class ClientConnection(Protocol):
         if head is not None and self._remaining is None and self._decoder is None:
             # A body framed by the end of the connection: this is its end.
             self._head = None
-            self._answer(request, head)
+            d, self._deferred = self._deferred, None
+            _answer(request, head, d, self._chunks)
             return
         if self._head is not None:
             reason = Failure(_DataLoss(reason.value))
@@ -440,8 +434,7 @@ class ClientConnection(Protocol):
         if request is None:
             return
         self._abandon()
-        if request.sink is not None:
-            request.sink.body_done(Failure(net_error.ConnectionAborted()))
+        self._fail(request, Failure(net_error.ConnectionAborted()))
 
     # -- for the pool
 
@@ -462,3 +455,11 @@ class ClientConnection(Protocol):
             peer="%s:%s" % (getattr(peer, "host", peer), getattr(peer, "port", "")),
             size=size,
         )
+
+
+def _answer(request: ClientRequest, head: ResponseHead, d: Optional[Deferred], chunks: List[bytes]) -> None:
+    """Tell the caller of C{request} that the whole answer is in."""
+    if request.sink is not None:
+        request.sink.body_done(None)
+    elif d is not None:
+        d.callback(Reply(head.status, head.headers, b"".join(chunks)))

@@ -252,7 +252,7 @@ class ChunkedDecoder:
         a head of trailers beyond L{MAX_RESPONSE_HEAD}.
     """
 
-    __slots__ = ("_buffer", "_remaining", "_state", "rest")
+    __slots__ = ("_buffer", "_remaining", "_state", "_trailer_bytes", "rest")
 
     _SIZE, _DATA, _DATA_END, _TRAILERS = range(4)
 
@@ -260,6 +260,7 @@ class ChunkedDecoder:
         self._buffer = b""
         self._remaining = 0
         self._state = self._SIZE
+        self._trailer_bytes = 0
         self.rest = b""
 
     def feed(self, data: bytes) -> Tuple[List[bytes], bool]:
@@ -278,9 +279,9 @@ class ChunkedDecoder:
                     self._state = self._DATA_END
             elif state == self._SIZE:
                 newline = buffer.find(b"\n", position)
+                if (newline if newline >= 0 else end) - position > _MAX_SIZE_LINE:
+                    raise ParseError("chunk size line too long", b"")
                 if newline < 0:
-                    if end - position > 1024:
-                        raise ParseError("chunk size line too long", b"")
                     break
                 size = _chunk_size(buffer[position:newline])
                 position = newline + 1
@@ -305,15 +306,19 @@ class ChunkedDecoder:
                     self._buffer = b""
                     return out, True
                 newline = buffer.find(b"\n", position)
+                line_end = newline + 1 if newline >= 0 else end
+                if self._trailer_bytes + line_end - position > MAX_RESPONSE_HEAD:
+                    raise ParseError("response head too large", b"")
                 if newline < 0:
-                    if end - position > MAX_RESPONSE_HEAD:
-                        raise ParseError("response head too large", b"")
                     break
-                position = newline + 1
+                self._trailer_bytes += line_end - position
+                position = line_end
         self._buffer = buffer[position:]
         return out, False
 
 
+# A chunk size with its extensions; nothing legitimate comes near this.
+_MAX_SIZE_LINE = 1024
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r\n]*)?\r?")
 
 

@@ -69,20 +69,38 @@ def wire_target(target: bytes) -> bytes:
 
 class _Relay:
     """
-    Streams the upstream body to the client (the sink of a streamed
-    L{ClientRequest}).  The upstream connection is the client request's
-    push producer, so a slow client pauses the upstream socket instead of
-    growing a buffer.
+    One allowed request's trip upstream and back: the sink of the streamed
+    L{ClientRequest}.  The body goes to the client with the upstream
+    connection as the client request's push producer, so a slow client
+    pauses the upstream socket instead of growing a buffer.
+
+    One timer serves both waits: for the head (C{send} + C{read} timeout),
+    then between body chunks (C{read} timeout).
     """
 
-    def __init__(self, request: Any, reactor: Any, idle_timeout: float) -> None:
+    def __init__(self, request: Any, reactor: Any, response_timeout: float, idle_timeout: float) -> None:
         self._request = request
         self._reactor = reactor
         self._idle_timeout = idle_timeout
-        self._timer: Any = None
+        self._timer = reactor.callLater(response_timeout, self._expired)
         self._upstream: Any = None
+        self._relaying = False
+        self.call: Any = None
         self.client_gone = False
-        self._timed_out = False
+        self.timed_out = False
+
+    def _expired(self) -> None:
+        self.timed_out = True
+        if self._relaying:
+            log.warn("upstream read timed out in the body; aborting the client connection")
+            self._upstream.stopProducing()
+        else:
+            self.call.cancel()
+
+    def stop_timer(self) -> None:
+        """No more waiting: the exchange failed or is over."""
+        if self._timer.active():
+            self._timer.cancel()
 
     def body_start(self, upstream: Any) -> None:
         self._upstream = upstream
@@ -90,12 +108,11 @@ class _Relay:
     def relay(self) -> None:
         """Start passing the body on (the head has been copied)."""
         self._request.registerProducer(self._upstream, True)
-        self._timer = self._reactor.callLater(self._idle_timeout, self._idle)
-
-    def _idle(self) -> None:
-        log.warn("upstream read timed out in the body; aborting the client connection")
-        self._timed_out = True
-        self._upstream.stopProducing()
+        self._relaying = True
+        if self._timer.active():
+            self._timer.reset(self._idle_timeout)
+        else:
+            self._timer = self._reactor.callLater(self._idle_timeout, self._expired)
 
     def body_data(self, data: bytes) -> None:
         if self.client_gone:
@@ -106,14 +123,14 @@ class _Relay:
     def stop(self) -> None:
         """The client went away: stop the upstream transfer."""
         self.client_gone = True
+        self.stop_timer()
         if self._upstream is not None:
             self._upstream.stopProducing()
 
     def body_done(self, reason: Optional[Failure]) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        self.stop_timer()
         request = self._request
-        if self.client_gone or self._timer is None:
+        if self.client_gone or not self._relaying:
             return
         request.unregisterProducer()
         if reason is None:
@@ -121,7 +138,7 @@ class _Relay:
         else:
             # The status line has gone out: the only honest signal left is
             # to abort, so the client never takes a truncated body as whole.
-            if not self._timed_out:  # already said, and "closed" would be wrong
+            if not self.timed_out:  # already said, and "closed" would be wrong
                 log.warn("upstream failed mid-body: {err}", err=describe_failure(reason))
             transport = request.channel.transport if request.channel else None
             if transport is not None:
@@ -202,20 +219,13 @@ class UpstreamProxy:
         host, netloc = self._wire[node]
         body, upload = self._body(request, inbound)
         length = len(body) if body is not None else (upload.length if upload is not None else None)
-        relay = _Relay(request, self._reactor, self.conf.timeout.read)
+        relay = _Relay(request, self._reactor, self._response_timeout, self.conf.timeout.read)
         outgoing = ClientRequest(
             request.method, self._head(request, inbound, netloc, length), body, upload, sink=relay
         )
-        timed_out = []
         if exchange is not None:
             exchange.upstream_started()
-        d = self._connector.request(self._scheme, host, node.port, outgoing)
-
-        def expire() -> None:
-            timed_out.append(True)
-            d.cancel()
-
-        timer = self._reactor.callLater(self._response_timeout, expire)
+        d = relay.call = self._connector.request(self._scheme, host, node.port, outgoing)
 
         def client_gone(_: Any) -> None:
             relay.client_gone = True
@@ -227,8 +237,6 @@ class UpstreamProxy:
         request.notifyFinish().addErrback(client_gone)
 
         def got_response(head: ResponseHead) -> None:
-            if timer.active():
-                timer.cancel()
             if exchange is not None:
                 exchange.upstream_answered()
             if relay.client_gone:
@@ -253,13 +261,12 @@ class UpstreamProxy:
             relay.relay()
 
         def failed(failure: Failure) -> None:
-            if timer.active():
-                timer.cancel()
+            relay.stop_timer()
             if relay.client_gone:
                 return
             if exchange is not None:
                 exchange.upstream_failed()
-            if timed_out or failure.check(net_error.TimeoutError):
+            if relay.timed_out or failure.check(net_error.TimeoutError):
                 status = 504
                 reason = "timeout"
             else:

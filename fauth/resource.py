@@ -6,11 +6,13 @@ L{ForwardAuthResource}, which guards any existing L{IResource}.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, Callable, Mapping, Optional, Union
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
+from twisted.web.http import datetimeToString
 from twisted.web.resource import IResource, Resource, getChildForRequest
 
 from fauth.auth import Allow, Decision, ForwardAuth, Respond
@@ -30,10 +32,51 @@ log = Logger()
 _NOT_FOUND = b'{"error_msg":"404 Route Not Found"}'
 
 
+class _HttpDate:
+    """The C{Date} header value, formatted once per second rather than per request."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = b""
+
+    def __call__(self) -> bytes:
+        second = int(time.time())
+        if second != self._second:
+            self._second, self._value = second, datetimeToString(second)
+        return self._value
+
+
+_http_date = _HttpDate()
+
+
 class GatewayRequest(server.Request):
-    """No default C{Content-Type}: a proxy must not invent one."""
+    """
+    No default C{Content-Type}: a proxy must not invent one.  And no
+    resource traversal: the gateway's site serves one leaf, so the
+    per-segment unquoting and tree walk of L{server.Request.process} are
+    skipped.
+    """
 
     defaultContentType = None
+
+    def process(self) -> None:
+        site = self.channel.site
+        if not getattr(site.resource, "isLeaf", False):
+            server.Request.process(self)
+            return
+        self.site = site
+        self.setHeader(b"Server", server.version)
+        self.setHeader(b"Date", _http_date())
+        self.prepath = []
+        self.postpath = []
+        self.sitepath = []
+        if self.path == b"*":
+            self._handleStar()
+            return
+        try:
+            self.render(site.resource)
+        except BaseException:
+            self.processingFailed(Failure())
 
 
 class GatewaySite(HardenedSite):

@@ -1,8 +1,8 @@
 """
-The private Twisted and treq names fauth relies on.
+The private Twisted names fauth relies on.
 
-Each exists in Twisted 25.5 (PyPy 3.9) and 26.10 (CPython 3.11) and in treq
-26.7.  A Twisted or treq upgrade that drops or renames one fails here, by
+Each exists in Twisted 25.5 (PyPy 3.9) and 26.10 (CPython 3.11).  A Twisted
+upgrade that drops or renames one fails here, by
 name, rather than somewhere deep in a proxy test.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import inspect
 import pytest
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints, tcp, unix
-from twisted.web import _newclient, client, http
+from twisted.web import _newclient, client, http, server
 
 
 @pytest.mark.parametrize(
@@ -23,17 +23,19 @@ from twisted.web import _newclient, client, http
         (http.HTTPChannel, "_respondToBadRequestAndDisconnect"),
         (http.HTTPChannel, "_finishRequestBody"),
         (http.HTTPChannel, "_abortingCall"),
-        # fauth.resource: whether the client has gone
+        # fauth.resource: whether the client has gone, and GatewayRequest.process
         (http.Request, "_disconnected"),
+        (server.Request, "_handleStar"),
         (http, "_ChunkedTransferDecoder"),
         (http, "_MalformedChunkedDataError"),
         (http._ChunkedTransferDecoder, "_dataReceived_CHUNK_LENGTH"),
-        # fauth.transport and fauth.authclient: the client parser and pool
-        (_newclient, "HTTPClientParser"),
-        (_newclient, "HTTP11ClientProtocol"),
+        # fauth.connection, fauth.transport, fauth.pools: the errors a client
+        # connection fails with, and the pool it lives in
         (_newclient, "_DataLoss"),
         (_newclient, "ParseError"),
+        (_newclient, "RequestNotSent"),
         (client, "_HTTP11ClientFactory"),
+        (client, "_RetryingHTTP11ClientProtocol"),
         (client.HTTPConnectionPool, "_factory"),
         (client.HTTPConnectionPool, "_newConnection"),
         # fauth.config, fauth.service, fauth.workers
@@ -50,11 +52,13 @@ def test_private_name_exists(owner: object, name: str) -> None:
 def test_instance_attributes_set_by_constructors() -> None:
     # Set in __init__ rather than on the class: read the source instead.
     assert "self._connections" in inspect.getsource(client.HTTPConnectionPool.__init__)
-    assert "self._parser" in inspect.getsource(_newclient.HTTP11ClientProtocol.request)
-    assert "connHeaders" in inspect.getsource(_newclient.HTTPClientParser)
+    assert "self._quiescentCallback" in inspect.getsource(client._HTTP11ClientFactory.__init__)
 
 
-def test_treq_response_wrapper() -> None:
-    from treq.response import _Response
-
-    assert list(inspect.signature(_Response.__init__).parameters)[1:] == ["original", "cookiejar"]
+def test_pool_reads_what_a_client_connection_provides() -> None:
+    # fauth.connection.ClientConnection stands in for HTTP11ClientProtocol:
+    # the pool reads its state and the retry wrapper its request's method
+    # and bodyProducer.
+    assert 'connection.state == "QUIESCENT"' in inspect.getsource(client.HTTPConnectionPool.getConnection)
+    retry = inspect.getsource(client._RetryingHTTP11ClientProtocol.request)
+    assert "request.method" in retry and "request.bodyProducer" in retry
