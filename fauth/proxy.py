@@ -74,22 +74,33 @@ class _Relay:
     connection as the client request's push producer, so a slow client
     pauses the upstream socket instead of growing a buffer.
 
-    One timer serves both waits: for the head (C{send} + C{read} timeout),
-    then between body chunks (C{read} timeout).
+    One timer serves both waits, for the head (C{send} + C{read} timeout)
+    and then between body chunks (C{read} timeout), and is never moved
+    sooner: each chunk only notes the time, and the timer, when it fires,
+    re-arms itself for what is left.  (Moving a Twisted timer sooner scans
+    the reactor's whole timer heap.)
     """
 
     def __init__(self, request: Any, reactor: Any, response_timeout: float, idle_timeout: float) -> None:
         self._request = request
         self._reactor = reactor
         self._idle_timeout = idle_timeout
-        self._timer = reactor.callLater(response_timeout, self._expired)
+        now = reactor.seconds()
+        self._head_deadline = now + response_timeout
+        self._last_data = now
+        self._timer = reactor.callLater(min(response_timeout, idle_timeout), self._check)
         self._upstream: Any = None
         self._relaying = False
         self.call: Any = None
         self.client_gone = False
         self.timed_out = False
 
-    def _expired(self) -> None:
+    def _check(self) -> None:
+        deadline = self._last_data + self._idle_timeout if self._relaying else self._head_deadline
+        left = deadline - self._reactor.seconds()
+        if left > 0:
+            self._timer = self._reactor.callLater(left, self._check)
+            return
         self.timed_out = True
         if self._relaying:
             log.warn("upstream read timed out in the body; aborting the client connection")
@@ -109,15 +120,14 @@ class _Relay:
         """Start passing the body on (the head has been copied)."""
         self._request.registerProducer(self._upstream, True)
         self._relaying = True
-        if self._timer.active():
-            self._timer.reset(self._idle_timeout)
-        else:
-            self._timer = self._reactor.callLater(self._idle_timeout, self._expired)
+        self._last_data = self._reactor.seconds()
+        if not self._timer.active():  # fired, but the answer came first
+            self._timer = self._reactor.callLater(self._idle_timeout, self._check)
 
     def body_data(self, data: bytes) -> None:
         if self.client_gone:
             return
-        self._timer.reset(self._idle_timeout)
+        self._last_data = self._reactor.seconds()
         self._request.write(data)
 
     def stop(self) -> None:
