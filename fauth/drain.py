@@ -2,9 +2,12 @@
 """Counting the requests in flight, so a shutdown can wait for them."""
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any, List, Optional
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.python.failure import Failure
+
+from fauth.lifecycle import when_finished
 
 __all__ = ["InFlight"]
 
@@ -22,13 +25,12 @@ class InFlight:
         self._waiting: List[Deferred[None]] = []
 
     def track(self, request: Any) -> None:
-        """Count C{request} until its C{notifyFinish} fires (either way)."""
+        """Count C{request} until it is finished or its client is gone."""
         self.count += 1
-        request.notifyFinish().addBoth(self._finished)
+        when_finished(request, self._finished)
 
-    def _finished(self, _: object) -> None:
-        # Swallows the disconnect failure notifyFinish reports: a client that
-        # went away is simply no longer in flight.
+    def _finished(self, reason: Optional[Failure]) -> None:
+        # A client that went away is simply no longer in flight.
         self.count -= 1
         if self.count == 0 and self._waiting:
             waiting, self._waiting = self._waiting, []

@@ -26,8 +26,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.utils import floatToGoString
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
+from fauth.lifecycle import when_finished
 from fauth.pools import target_label
 
 if TYPE_CHECKING:
@@ -123,7 +125,7 @@ class Exchange:
         self.decision: Optional["Decision"] = None
         self.auth_s: Optional[float] = None
         self.upstream_s: Optional[float] = None
-        request.notifyFinish().addBoth(self._finished)
+        when_finished(request, self._finished)
 
     @property
     def elapsed(self) -> float:
@@ -161,9 +163,9 @@ class Exchange:
         """The upstream leg failed (502/504): timed for the log, not observed."""
         self.upstream_s = self._clock() - self._upstream_start
 
-    def _finished(self, result: object) -> None:
+    def _finished(self, reason: Optional[Failure]) -> None:
         request = self.request
-        if result is None or request.startedWriting:
+        if reason is None or request.startedWriting:
             status = request.code
         else:
             status = CLIENT_CLOSED
@@ -172,7 +174,6 @@ class Exchange:
         access_log = self._metrics.access_log
         if access_log is not None:
             access_log.log(self, status)
-        # The failure of a client gone away is swallowed: nothing to report.
 
 
 class GatewayMetrics:

@@ -22,6 +22,7 @@ from fauth.connection import ClientRequest, FileUpload
 from fauth.h1 import ResponseHead, request_head
 from fauth.headers import HOP_BY_HOP, connection_listed
 from fauth.inbound import InboundRequest
+from fauth.lifecycle import when_finished
 from fauth.transport import Connector, describe_failure, tls_policy
 
 __all__ = ["UpstreamProxy", "send_simple"]
@@ -237,14 +238,16 @@ class UpstreamProxy:
             exchange.upstream_started()
         d = relay.call = self._connector.request(self._scheme, host, node.port, outgoing)
 
-        def client_gone(_: Any) -> None:
+        def client_gone(reason: Optional[Failure]) -> None:
+            if reason is None:
+                return
             relay.client_gone = True
             if not d.called:
                 d.cancel()
             else:
                 relay.stop()
 
-        request.notifyFinish().addErrback(client_gone)
+        when_finished(request, client_gone)
 
         def got_response(head: ResponseHead) -> None:
             if exchange is not None:

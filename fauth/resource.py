@@ -22,6 +22,7 @@ from fauth.drain import InFlight
 from fauth.gateway import AuthClients, Gateway
 from fauth.httpserver import HardenedSite
 from fauth.inbound import BadRequest, InboundRequest
+from fauth.lifecycle import when_finished
 from fauth.metrics import Exchange, GatewayMetrics
 from fauth.proxy import send_simple
 
@@ -135,7 +136,7 @@ def guard(
     if exchange is not None:
         exchange.auth_started()
     d = auth.check(inbound, route_id)
-    request.notifyFinish().addErrback(lambda _: d.cancel())
+    when_finished(request, lambda reason: d.cancel() if reason is not None else None)
 
     def decided(decision: Decision) -> None:
         if exchange is not None:
