@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_authclient -*-
 """
 The HTTP client of the auth leg: requests to one auth target over one
-L{HTTPConnectionPool} of L{fauth.connection.ClientConnection}s.
+pool of L{fauth.connection.ClientConnection}s.
 
 The URL is encoded once, at config time, and each call writes one
 pre-serialised head: the auth service sees exactly the headers the
@@ -21,7 +21,8 @@ from twisted.python.failure import Failure
 
 from fauth.connection import ClientRequest, Reply
 from fauth.h1 import request_head
-from fauth.transport import Connector, quiet_pool, tls_policy
+from fauth.pools import ConnectionPool
+from fauth.transport import Connector, tls_policy
 
 __all__ = [
     "AuthCallError",
@@ -121,9 +122,7 @@ class AuthClient:
         self.target = target
         self._bad_uri = bad_uri
         self._keepalive = keepalive
-        self.pool = quiet_pool(reactor, keepalive)
-        self.pool.maxPersistentPerHost = keepalive_pool
-        self.pool.cachedConnectionTimeout = keepalive_timeout
+        self.pool = ConnectionPool(reactor, keepalive, keepalive_pool, keepalive_timeout)
         self._connector = Connector(
             reactor, self.pool, tls_policy(target.ssl_verify if target else True, trust_root), connect_timeout
         )
@@ -176,4 +175,4 @@ class AuthClient:
 
     def close(self) -> Deferred:
         """Close pooled connections."""
-        return self.pool.closeCachedConnections()
+        return self.pool.close()

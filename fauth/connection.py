@@ -2,8 +2,8 @@
 """
 One pooled HTTP/1.1 client connection, for both outbound legs.
 
-It takes the place of Twisted's C{HTTP11ClientProtocol} under the same
-L{HTTPConnectionPool} (which still keeps, times out, counts and retries
+It takes the place of Twisted's C{HTTP11ClientProtocol}, in a
+L{fauth.pools.ConnectionPool} (which keeps, times out, counts and retries
 connections).  Per request, the Agent parses the URL again, builds a
 C{Headers} object and a C{Request}, serialises it header by header, parses
 the answer a line at a time into another C{Headers}, and runs about twenty
@@ -79,11 +79,11 @@ class ClientRequest:
         the L{ResponseHead}.  Without one, the body is collected (at most
         C{limit} bytes) and the Deferred fires with a L{Reply}.
     @ivar persistent: the connection may be pooled afterwards.
-    @ivar bodyProducer: C{None} when there is no body: what the pool's
-        automatic retry looks at (a request with a body is never re-sent).
+    @ivar has_body: what the pool's retry looks at (a request with a body
+        is never sent again).
     """
 
-    __slots__ = ("method", "head", "body", "upload", "sink", "limit", "persistent", "bodyProducer")
+    __slots__ = ("method", "head", "body", "upload", "sink", "limit", "persistent", "has_body")
 
     def __init__(
         self,
@@ -102,7 +102,7 @@ class ClientRequest:
         self.sink = sink
         self.limit = limit
         self.persistent = persistent
-        self.bodyProducer = None if body is None and upload is None else (upload or body)
+        self.has_body = body is not None or upload is not None
 
 
 @implementer(IPushProducer)
@@ -176,7 +176,7 @@ class ClientConnection(Protocol):
 
     @param quiescent: called with this connection when it can carry the next
         request (the pool puts it back).
-    @ivar state: what L{HTTPConnectionPool} and L{fauth.pools} read:
+    @ivar state: what L{fauth.pools} reads:
         C{QUIESCENT} (idle), C{WAITING} (carrying a request), C{CLOSING},
         C{CONNECTION_LOST}.
     """

@@ -17,7 +17,7 @@ from fauth.authclient import AuthCallError, AuthClient, AuthTarget
 from fauth.config import ForwardAuthConf, GatewayConf, RouteConf, UpstreamConf
 from fauth.proxy import UpstreamProxy
 from fauth.routing import RouteTable
-from fauth.transport import quiet_pool
+from fauth.pools import ConnectionPool
 
 __all__ = ["AuthClients", "Gateway", "Route", "load_trust_root"]
 
@@ -122,8 +122,7 @@ class Gateway:
         self._reactor = reactor
         self._trust_root = load_trust_root(conf.ssl_trusted_certificate)
         self.auth_clients = AuthClients(reactor, self._trust_root)
-        self.upstream_pool = quiet_pool(reactor, True)
-        self.upstream_pool.cachedConnectionTimeout = 60
+        self.upstream_pool = ConnectionPool(reactor, idle_timeout=60.0)
         self.conf = conf
         self.table: RouteTable[Route] = self._build(conf)
         self._install(conf, self.table)
@@ -149,7 +148,7 @@ class Gateway:
         self._install(conf, table)
 
     def _install(self, conf: GatewayConf, table: "RouteTable[Route]") -> None:
-        self.upstream_pool.maxPersistentPerHost = max(
+        self.upstream_pool.max_idle = max(
             [r.upstream.keepalive_pool for r in conf.routes] + [32]
         )
         # The same keys as in _build: these are the clients the table uses.
@@ -180,4 +179,4 @@ class Gateway:
 
     def close(self) -> Any:
         """Close the pools of both legs."""
-        return DeferredList([self.auth_clients.close(), self.upstream_pool.closeCachedConnections()])
+        return DeferredList([self.auth_clients.close(), self.upstream_pool.close()])

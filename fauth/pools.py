@@ -1,30 +1,37 @@
 # -*- test-case-name: tests.test_metrics -*-
 """
-An L{HTTPConnectionPool} that can say, at any moment, how many of its
-connections are idle and how many are carrying a request, per target: what
-C{fauth_pool_connections} reports (L{fauth.metrics}).
+Pools of L{ClientConnection}s, one per leg: idle connections kept per
+C{(scheme, host, port)} for reuse, and counted, idle and busy, for
+C{fauth_pool_connections} (L{fauth.metrics}).
 
-Idle connections are the pool's own lists (C{_connections}, keyed by
-C{(scheme, host, port)}).  Connections in use leave those lists, so the pool
-also remembers every connection it opened (weakly: a closed connection is
-forgotten once collected) and counts, when asked, those whose protocol is
-in the middle of an exchange.  Nothing is done per request: one callback
-per new connection, and the counting is done at scrape time.
+Twisted's C{HTTPConnectionPool} does per request what is done here per
+connection or per expiry: it wraps every reused connection in a retrying
+proxy handed out through a fired Deferred, and schedules and cancels a
+reactor timer each time a connection goes back and comes out.  Here a
+connection going back is stamped with the time, one timer per pool closes
+those idle longer than the timeout, and the most recently used connection
+is reused first, so the others can age out after a burst.
 """
 from __future__ import annotations
 
 import weakref
-from typing import Any, Dict, Hashable, Tuple
+from typing import Any, Dict, Hashable, List, Tuple
 
-from twisted.internet.defer import Deferred
-from twisted.web import client as web_client
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
+from twisted.web._newclient import ResponseNeverReceived
 
-__all__ = ["TrackedPool", "target_label"]
+from fauth.connection import ClientConnection, ClientRequest
 
-# HTTP11ClientProtocol states in which a connection carries a request or its
-# response (QUIESCENT is idle or about to be used; CONNECTION_LOST, ABORTING
-# and GENERATION_FAILED are closing).
-_BUSY = frozenset(["TRANSMITTING", "WAITING", "TRANSMITTING_AFTER_RECEIVING_RESPONSE"])
+__all__ = ["ConnectionPool", "target_label"]
+
+# Methods a request may be sent again for, when a reused connection turns
+# out to have been closed before it answered (RFC 9110 section 9.2.2).
+_RETRYABLE = frozenset([b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"])
+# ClientConnection states: carrying a request, and gone.
+_BUSY = "WAITING"
+_LOST = "CONNECTION_LOST"
 
 
 def target_label(key: Hashable) -> str:
@@ -41,45 +48,125 @@ def target_label(key: Hashable) -> str:
     return str(key)
 
 
-class TrackedPool(web_client.HTTPConnectionPool):  # type: ignore[misc]
+class _Factory(Factory):
+    # One "Starting factory" log line per connection is noise.
+    noisy = False
+
+    def __init__(self, pool: "ConnectionPool", key: Hashable) -> None:
+        self._pool = pool
+        self._key = key
+
+    def buildProtocol(self, addr: Any) -> ClientConnection:
+        key, pool = self._key, self._pool
+        connection = ClientConnection(lambda c: pool._put(key, c))
+        pool._opened.setdefault(key, weakref.WeakSet()).add(connection)
+        return connection
+
+
+class ConnectionPool:
     """
-    An L{HTTPConnectionPool} that remembers the connections it opened, so
-    L{connection_counts} can tell idle ones from those in use.
+    Connections for one leg.
+
+    @ivar persistent: keep connections for reuse at all.
+    @ivar max_idle: idle connections kept per target; past it, the oldest
+        is closed.
+    @ivar idle_timeout: seconds an idle connection is kept.
     """
 
-    def __init__(self, reactor: Any, persistent: bool = True) -> None:
-        super().__init__(reactor, persistent=persistent)
-        self._opened: Dict[Hashable, "weakref.WeakSet[Any]"] = {}
+    def __init__(self, reactor: Any, persistent: bool = True, max_idle: int = 2, idle_timeout: float = 60.0) -> None:
+        self._reactor = reactor
+        self.persistent = persistent
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        # Per target, oldest first: (connection, when it went idle).
+        self._idle: Dict[Hashable, List[Tuple[ClientConnection, float]]] = {}
+        self._opened: Dict[Hashable, "weakref.WeakSet[ClientConnection]"] = {}
+        self._sweep: Any = None
 
-    def _newConnection(self, key: Hashable, endpoint: Any) -> Deferred:
-        d: Deferred = super()._newConnection(key, endpoint)
+    def request(self, key: Hashable, endpoint: Any, request: ClientRequest) -> Deferred:
+        """
+        Send C{request} over an idle connection to C{key}, or a new one
+        from C{endpoint}; see L{ClientRequest} for what the result fires
+        with.  A reused connection that fails before any answer is
+        replaced once, for a request that can be sent again.
+        """
+        idle = self._idle.get(key)
+        while idle:
+            connection = idle.pop()[0]
+            if connection.state == "QUIESCENT":
+                d = connection.request(request)
+                if not request.has_body and request.method in _RETRYABLE:
+                    d.addErrback(self._retry, key, endpoint, request)
+                return d
+        return self._connect(key, endpoint, request)
 
-        def opened(protocol: Any) -> Any:
-            known = self._opened.get(key)
-            if known is None:
-                known = self._opened[key] = weakref.WeakSet()
-            known.add(protocol)
-            return protocol
+    def _connect(self, key: Hashable, endpoint: Any, request: ClientRequest) -> Deferred:
+        return endpoint.connect(_Factory(self, key)).addCallback(_send, request)
 
-        return d.addCallback(opened)
+    def _retry(self, failure: Failure, key: Hashable, endpoint: Any, request: ClientRequest) -> Any:
+        if not failure.check(ResponseNeverReceived):
+            return failure
+        return self._connect(key, endpoint, request)
+
+    def _put(self, key: Hashable, connection: ClientConnection) -> None:
+        if not self.persistent:
+            connection.transport.loseConnection()
+            return
+        idle = self._idle.setdefault(key, [])
+        if len(idle) >= self.max_idle:
+            oldest = idle.pop(0)[0]
+            oldest.transport.loseConnection()
+        idle.append((connection, self._reactor.seconds()))
+        if self._sweep is None:
+            self._sweep = self._reactor.callLater(self.idle_timeout, self._expire)
+
+    def _expire(self) -> None:
+        self._sweep = None
+        now = self._reactor.seconds()
+        deadline = now - self.idle_timeout
+        oldest = None
+        for key, idle in list(self._idle.items()):
+            while idle and (idle[0][1] <= deadline or idle[0][0].state != "QUIESCENT"):
+                idle.pop(0)[0].transport.loseConnection()
+            if idle:
+                oldest = idle[0][1] if oldest is None else min(oldest, idle[0][1])
+            else:
+                del self._idle[key]
+        if oldest is not None:
+            self._sweep = self._reactor.callLater(oldest + self.idle_timeout - now, self._expire)
 
     def connection_counts(self) -> Dict[Hashable, Tuple[int, int]]:
         """
-        Per pool key: C{(idle, active)}.  Idle: kept for reuse; active:
+        Per target: C{(idle, active)}.  Idle: kept for reuse; active:
         carrying a request or its response now (connections still being
-        opened, and closing ones, are in neither).  Every key ever connected
-        to is listed, with zeros once its connections are gone.
+        opened, and closing ones, are in neither).  Every target ever
+        connected to is listed, with zeros once its connections are gone.
         """
         counts: Dict[Hashable, Tuple[int, int]] = {}
-        for key, protocols in list(self._opened.items()):
+        for key, connections in list(self._opened.items()):
             active = 0
-            for protocol in list(protocols):
-                state = getattr(protocol, "state", None)
-                if state in _BUSY:
+            for connection in list(connections):
+                state = connection.state
+                if state == _BUSY:
                     active += 1
-                elif state == "CONNECTION_LOST":
-                    protocols.discard(protocol)
+                elif state == _LOST:
+                    connections.discard(connection)
             counts[key] = (0, active)
-        for key, idle in self._connections.items():
-            counts[key] = (len(idle), counts.get(key, (0, 0))[1])
+        for key, idle in self._idle.items():
+            alive = sum(1 for connection, _ in idle if connection.state == "QUIESCENT")
+            counts[key] = (alive, counts.get(key, (0, 0))[1])
         return counts
+
+    def close(self) -> Deferred:
+        """Close every idle connection; fires once they are closed."""
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        self._sweep = None
+        idle, self._idle = self._idle, {}
+        return gatherResults(
+            [connection.abort() for connections in idle.values() for connection, _ in connections]
+        ).addCallback(lambda _: None)
+
+
+def _send(connection: ClientConnection, request: ClientRequest) -> Deferred:
+    return connection.request(request)

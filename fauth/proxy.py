@@ -161,8 +161,8 @@ class UpstreamProxy:
     """
     Sends allowed requests to one upstream's nodes.
 
-    @param pool: shared L{HTTPConnectionPool} (keyed per scheme, host and
-        port inside).
+    @param pool: the upstream L{fauth.pools.ConnectionPool}, shared by
+        every upstream (keyed per scheme, host and port inside).
     """
 
     def __init__(self, conf: UpstreamConf, reactor: Any, pool: Any, trust_root: Any = None) -> None:

@@ -1,9 +1,9 @@
 # -*- test-case-name: tests.test_auth_leg,tests.test_proxy_e2e -*-
 """
-Outbound connections for both legs: quiet persistent pools of
-L{ClientConnection}s, TLS policies, endpoints that connect to IP literals
-without a resolver round-trip, and the short error strings a failed
-exchange is logged with.
+Outbound connections for both legs: TLS policies, endpoints that connect to
+IP literals without a resolver round-trip, requests over a
+L{fauth.pools.ConnectionPool}, and the short error strings a failed exchange
+is logged with.
 """
 from __future__ import annotations
 
@@ -27,37 +27,16 @@ from twisted.web._newclient import (
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from fauth.connection import BodyTooLarge, ClientConnection, ClientRequest
-from fauth.pools import TrackedPool
+from fauth.connection import BodyTooLarge, ClientRequest
 
 __all__ = [
     "Connector",
     "describe_failure",
     "is_cancellation",
-    "quiet_pool",
     "tls_policy",
 ]
 
 log = Logger()
-
-
-class _QuietFactory(web_client._HTTP11ClientFactory):  # type: ignore[misc]
-    # One "Starting factory" log line per pooled connection is noise.
-    noisy = False
-
-    def buildProtocol(self, addr: Any) -> ClientConnection:
-        return ClientConnection(self._quiescentCallback)
-
-
-def quiet_pool(reactor: Any, persistent: bool) -> TrackedPool:
-    """
-    An L{HTTPConnectionPool} of L{ClientConnection}s that does not log every
-    new connection, and counts its idle and busy connections for the
-    metrics (L{TrackedPool}).
-    """
-    pool = TrackedPool(reactor, persistent=persistent)
-    pool._factory = _QuietFactory
-    return pool
 
 
 @implementer(IPolicyForHTTPS)
@@ -106,7 +85,7 @@ class Connector:
             if len(self._endpoints) >= self.max_endpoints:
                 self._endpoints.clear()
             endpoint = self._endpoints[key] = self._endpoint(scheme, host, port)
-        return self._pool.getConnection(key, endpoint).addCallback(_send, request)
+        return self._pool.request(key, endpoint, request)
 
     def _endpoint(self, scheme: bytes, host: bytes, port: int) -> Any:
         text = host.decode("ascii")
@@ -119,10 +98,6 @@ class Connector:
         if scheme == b"https":
             endpoint = endpoints.wrapClientTLS(self._policy.creatorForNetloc(host, port), endpoint)
         return endpoint
-
-
-def _send(connection: ClientConnection, request: ClientRequest) -> Deferred:
-    return connection.request(request)
 
 
 def is_cancellation(failure: Failure) -> bool:

@@ -411,7 +411,7 @@ async def test_direct_client_body_stall_times_out_and_is_not_pooled(env: Env) ->
         assert str(info.value) == "timeout"
         assert env.reactor.seconds() - started < 1.0
         assert await eventually(env.reactor, lambda: not auth.open_connections)
-        assert sum(len(c) for c in client.pool._connections.values()) == 0
+        assert all(idle == 0 for idle, _ in client.pool.connection_counts().values())
     finally:
         await client.close()
 

@@ -7,12 +7,10 @@ name, rather than somewhere deep in a proxy test.
 """
 from __future__ import annotations
 
-import inspect
-
 import pytest
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints, tcp, unix
-from twisted.web import _newclient, client, http, server
+from twisted.web import _newclient, http, server
 
 
 @pytest.mark.parametrize(
@@ -30,14 +28,10 @@ from twisted.web import _newclient, client, http, server
         (http, "_MalformedChunkedDataError"),
         (http._ChunkedTransferDecoder, "_dataReceived_CHUNK_LENGTH"),
         # fauth.connection, fauth.transport, fauth.pools: the errors a client
-        # connection fails with, and the pool it lives in
+        # connection fails with
         (_newclient, "_DataLoss"),
         (_newclient, "ParseError"),
         (_newclient, "RequestNotSent"),
-        (client, "_HTTP11ClientFactory"),
-        (client, "_RetryingHTTP11ClientProtocol"),
-        (client.HTTPConnectionPool, "_factory"),
-        (client.HTTPConnectionPool, "_newConnection"),
         # fauth.config, fauth.service, fauth.workers
         (endpoints, "_parseServer"),
         (StreamServerEndpointService, "_raiseSynchronously"),
@@ -47,18 +41,3 @@ from twisted.web import _newclient, client, http, server
 )
 def test_private_name_exists(owner: object, name: str) -> None:
     assert hasattr(owner, name), "%s.%s is gone" % (getattr(owner, "__name__", owner), name)
-
-
-def test_instance_attributes_set_by_constructors() -> None:
-    # Set in __init__ rather than on the class: read the source instead.
-    assert "self._connections" in inspect.getsource(client.HTTPConnectionPool.__init__)
-    assert "self._quiescentCallback" in inspect.getsource(client._HTTP11ClientFactory.__init__)
-
-
-def test_pool_reads_what_a_client_connection_provides() -> None:
-    # fauth.connection.ClientConnection stands in for HTTP11ClientProtocol:
-    # the pool reads its state and the retry wrapper its request's method
-    # and bodyProducer.
-    assert 'connection.state == "QUIESCENT"' in inspect.getsource(client.HTTPConnectionPool.getConnection)
-    retry = inspect.getsource(client._RetryingHTTP11ClientProtocol.request)
-    assert "request.method" in retry and "request.bodyProducer" in retry

@@ -140,12 +140,12 @@ def test_head_and_body_written_as_given(body: Optional[bytes]) -> None:
     assert not transport.disconnecting
 
 
-def test_body_producer_is_what_the_pool_retry_looks_at() -> None:
-    # HTTPConnectionPool re-sends a failed request only when it has no body.
-    assert ClientRequest(b"GET", GET).bodyProducer is None
-    assert ClientRequest(b"POST", GET, b"").bodyProducer is not None
+def test_has_body_is_what_the_pool_retry_looks_at() -> None:
+    # The pool re-sends a failed request only when it has no body.
+    assert not ClientRequest(b"GET", GET).has_body
+    assert ClientRequest(b"POST", GET, b"").has_body
     upload = FileUpload(BytesIO(b"x"), 1)
-    assert ClientRequest(b"POST", GET, upload=upload).bodyProducer is upload
+    assert ClientRequest(b"POST", GET, upload=upload).has_body
 
 
 def test_connection_made_disables_nagle_on_tcp() -> None:
