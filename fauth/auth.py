@@ -20,7 +20,7 @@ from fauth.connection import Reply
 from fauth.h1 import ReplyHeaders
 from fauth.transport import describe_failure, is_cancellation
 from fauth.config import ForwardAuthConf
-from fauth.headers import HeaderError, check_header, first_value
+from fauth.headers import CTL, TOKEN, HeaderError, first_value
 from fauth.inbound import InboundRequest
 from fauth.variables import RequestVariables
 
@@ -122,11 +122,14 @@ class ForwardAuth:
             for name in conf.request_headers
         )
         self._extra = tuple(
-            # utf-8 never fails: a name that is not a token (APISIX accepts
-            # any extra_headers key) is refused by check_header at call time.
             (name.lower(), name.encode("utf-8"), template)
             for name, template in (conf.extra_headers or ())
         )
+        # APISIX accepts any extra_headers key; one that is not a token fails
+        # each call (as lua-resty-http refuses it then), found out once here.
+        # The other names are fixed, or only sent when a client's header of
+        # that name (a token: the server refuses others) was found.
+        self._bad_name = any(TOKEN.fullmatch(name) is None for _, name, _ in self._extra)
         self._extra_needs_vars = any(not t.is_literal for _, _, t in self._extra)
         self._upstream_headers = tuple(n.encode("utf-8") for n in conf.upstream_headers)
         self._client_headers = tuple(n.encode("utf-8") for n in conf.client_headers)
@@ -171,9 +174,12 @@ class ForwardAuth:
             table["host"] = (b"Host", self._host_header)
         if "user-agent" not in table:
             table["user-agent"] = (b"User-Agent", _USER_AGENT)
+        if self._bad_name:
+            raise HeaderError("invalid characters found in header key")
         fields = tuple(table.values())
-        for name, value in fields:
-            check_header(name, value)
+        for _, value in fields:
+            if CTL.search(value) is not None:
+                raise HeaderError("invalid characters found in header value")
         return fields
 
     @staticmethod

@@ -207,10 +207,20 @@ def parse_head(block: bytes, method: bytes) -> ResponseHead:
 _NO_TOKENS: FrozenSet[bytes] = frozenset()
 
 
+# The few Connection values servers send ("keep-alive", "close"), parsed once.
+_KNOWN_TOKENS: Dict[Tuple[bytes, ...], FrozenSet[bytes]] = {}
+
+
 def _tokens(values: List[bytes]) -> FrozenSet[bytes]:
-    found = {token.strip().lower() for value in values for token in value.split(b",")}
-    found.discard(b"")
-    return frozenset(found)
+    key = tuple(values)
+    found = _KNOWN_TOKENS.get(key)
+    if found is None:
+        tokens = {token.strip().lower() for value in values for token in value.split(b",")}
+        tokens.discard(b"")
+        found = frozenset(tokens)
+        if len(_KNOWN_TOKENS) < 64:
+            _KNOWN_TOKENS[key] = found
+    return found
 
 
 def _content_length(values: List[bytes]) -> int:

@@ -12,7 +12,6 @@ __all__ = [
     "HOP_BY_HOP",
     "TOKEN",
     "HeaderError",
-    "check_header",
     "connection_listed",
     "first_value",
 ]
@@ -39,18 +38,6 @@ CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 class HeaderError(ValueError):
     """A header that must not be sent; the message is lua-resty-http's wording."""
-
-
-def check_header(name: bytes, value: bytes) -> None:
-    """
-    Refuse, rather than sanitise, what Twisted's L{Headers} would silently
-    rewrite: a name that is not a token, a value with CR, LF or another
-    control character.
-    """
-    if TOKEN.fullmatch(name) is None:
-        raise HeaderError("invalid characters found in header key")
-    if CTL.search(value):
-        raise HeaderError("invalid characters found in header value")
 
 
 def first_value(headers: Headers, name: bytes) -> Optional[bytes]:

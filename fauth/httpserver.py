@@ -113,6 +113,30 @@ class HardenedHTTPChannel(http.HTTPChannel):
         self._header_bytes = 0
         self._framing: Optional[bytes] = None
         self._timer: Any = None
+        self._addresses: Any = None
+
+    # -- per connection, not per request ------------------------------------
+
+    def getPeer(self) -> Any:
+        # Twisted's Request asks for both addresses on every request, and
+        # the local one is a getsockname() system call each time.
+        return self._known_addresses()[0]
+
+    def getHost(self) -> Any:
+        return self._known_addresses()[1]
+
+    def isSecure(self) -> bool:
+        return self._known_addresses()[2]
+
+    def _known_addresses(self) -> Any:
+        addresses = self._addresses
+        if addresses is None:
+            addresses = self._addresses = (
+                self.transport.getPeer(),
+                self.transport.getHost(),
+                bool(super().isSecure()),
+            )
+        return addresses
 
     # -- timers --------------------------------------------------------------
 

@@ -1,37 +1,55 @@
 """Header rules and the auth request's handling of names that must not be sent."""
 from __future__ import annotations
 
+from typing import Tuple
+
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.task import Clock
+from twisted.web.http_headers import Headers
 
-from fauth.authclient import AuthCallError, AuthTarget
+from fauth.auth import ForwardAuth
+from fauth.authclient import AuthCallError, AuthClient, AuthTarget
+from fauth.config import parse_forward_auth
 from fauth.demo import DemoAuthResource, EchoResource
-from fauth.headers import HeaderError, check_header
+from fauth.headers import HeaderError
+from fauth.inbound import InboundRequest
 from tests.harness import LogCapture, start_gateway
 from tests.servers import listen_on_loopback
 
 
+def auth_headers(name: str, value: str) -> Tuple[Tuple[bytes, bytes], ...]:
+    """The auth request's fields for a plugin with one literal C{extra_headers} entry."""
+    conf = parse_forward_auth({"uri": "http://127.0.0.1:9/auth", "extra_headers": {name: value}})
+    auth = ForwardAuth(conf, AuthClient(Clock(), AuthTarget.parse(conf.uri, True)), Clock())
+    inbound = InboundRequest(
+        method="GET", request_uri="/x", path="/x", query="", host="gw.test", scheme="http",
+        remote_addr="127.0.0.1", remote_port=1, server_addr="127.0.0.1", server_port=2, headers=Headers(),
+    )
+    return auth.build_headers(inbound)
+
+
 @pytest.mark.parametrize(
-    "name, value",
+    "name, value, message",
     [
-        (b"X-Foo\n", b"v"),  # a regex anchored with $ would accept this one
-        (b"X Foo", b"v"),
-        (b"X-Foo:", b"v"),
-        ("X-Ümlaut".encode("utf-8"), b"v"),
-        (b"X-Foo", b"a\r\nb"),
-        (b"X-Foo", b"a\nb"),
-        (b"X-Foo", b"a\x00b"),
-        (b"X-Foo", b"a\x7fb"),
+        ("X-Foo\n", "v", "key"),  # a regex anchored with $ would accept this one
+        ("X Foo", "v", "key"),
+        ("X-Foo:", "v", "key"),
+        ("X-Ümlaut", "v", "key"),
+        ("X-Foo", "a\r\nb", "value"),
+        ("X-Foo", "a\nb", "value"),
+        ("X-Foo", "a\x00b", "value"),
+        ("X-Foo", "a\x7fb", "value"),
     ],
 )
-def test_check_header_refuses(name: bytes, value: bytes) -> None:
-    with pytest.raises(HeaderError):
-        check_header(name, value)
+def test_auth_request_refuses_unsendable_extra_headers(name: str, value: str, message: str) -> None:
+    with pytest.raises(HeaderError, match="invalid characters found in header " + message):
+        auth_headers(name, value)
 
 
-def test_check_header_accepts_tab_and_token_names() -> None:
-    check_header(b"X-Foo_bar.baz~1", b"a\tb c")
+def test_auth_request_sends_tab_and_token_names() -> None:
+    assert (b"X-Foo_bar.baz~1", b"a\tb c") in auth_headers("X-Foo_bar.baz~1", "a\tb c")
 
 
 def test_unencodable_auth_host_is_a_bad_uri() -> None:
