@@ -6,7 +6,7 @@ decision.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import attr
 from twisted.internet.defer import Deferred, succeed
@@ -20,7 +20,7 @@ from fauth.connection import Reply
 from fauth.h1 import ReplyHeaders
 from fauth.transport import describe_failure, is_cancellation
 from fauth.config import ForwardAuthConf
-from fauth.headers import CTL, TOKEN, HeaderError, first_value
+from fauth.headers import CTL, HOP_BY_HOP, TOKEN, HeaderError, first_value
 from fauth.inbound import InboundRequest
 from fauth.variables import RequestVariables
 
@@ -119,11 +119,12 @@ class ForwardAuth:
         self._timeout = conf.timeout / 1000.0
         self._request_headers = tuple(
             (name.lower(), name.encode("utf-8"), _lookup_names(name))
-            for name in conf.request_headers
+            for name in _sendable(conf.request_headers, "request_headers")
         )
+        extra = dict(conf.extra_headers or ())
         self._extra = tuple(
-            (name.lower(), name.encode("utf-8"), template)
-            for name, template in (conf.extra_headers or ())
+            (name.lower(), name.encode("utf-8"), extra[name])
+            for name in _sendable(list(extra), "extra_headers")
         )
         # APISIX accepts any extra_headers key; one that is not a token fails
         # each call (as lua-resty-http refuses it then), found out once here.
@@ -269,6 +270,27 @@ class ForwardAuth:
         if self.conf.error_response is not None:
             body = self.conf.error_response.encode("utf-8")
         return Respond(self.conf.status_on_error, (), body, outcome="error")
+
+
+# Names that frame the auth request's own hop: the gateway writes them (a
+# client's Content-Length on a body-less auth request would make the auth
+# service read the next user's request as its body).
+_HOP_FIELDS = frozenset(name.decode("ascii") for name in HOP_BY_HOP) | {"content-length", "expect"}
+
+
+def _sendable(names: Sequence[str], attribute: str) -> List[str]:
+    """C{names} without those of L{_HOP_FIELDS}, each dropped with a warning."""
+    kept = []
+    for name in names:
+        if name.lower() in _HOP_FIELDS:
+            log.warn(
+                "forward-auth {attribute}: {name} frames the auth request itself and is not copied",
+                attribute=attribute,
+                name=name,
+            )
+        else:
+            kept.append(name)
+    return kept
 
 
 def _lookup_names(name: str) -> Tuple[bytes, ...]:

@@ -82,6 +82,7 @@ class ConnectionPool:
         self._idle: Dict[Hashable, List[Tuple[ClientConnection, float]]] = {}
         self._opened: Dict[Hashable, "weakref.WeakSet[ClientConnection]"] = {}
         self._sweep: Any = None
+        self._closed = False
 
     def request(self, key: Hashable, endpoint: Any, request: ClientRequest) -> Deferred:
         """
@@ -109,7 +110,7 @@ class ConnectionPool:
         return self._connect(key, endpoint, request)
 
     def _put(self, key: Hashable, connection: ClientConnection) -> None:
-        if not self.persistent:
+        if not self.persistent or self._closed:
             connection.transport.loseConnection()
             return
         idle = self._idle.setdefault(key, [])
@@ -158,7 +159,11 @@ class ConnectionPool:
         return counts
 
     def close(self) -> Deferred:
-        """Close every idle connection; fires once they are closed."""
+        """
+        Close every idle connection, and each busy one as its exchange ends;
+        fires once the idle ones are closed.
+        """
+        self._closed = True
         if self._sweep is not None and self._sweep.active():
             self._sweep.cancel()
         self._sweep = None

@@ -11,10 +11,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
+from zope.interface import implementer
 
 from fauth.balancer import SmoothWeightedRoundRobin
 from fauth.config import Node, UpstreamConf
@@ -68,33 +70,47 @@ def wire_target(target: bytes) -> bytes:
     return _TARGET_UNSAFE.sub(lambda m: b"%%%02X" % m.group()[0], target)
 
 
+@implementer(IPushProducer)
 class _Relay:
     """
     One allowed request's trip upstream and back: the sink of the streamed
-    L{ClientRequest}.  The body goes to the client with the upstream
-    connection as the client request's push producer, so a slow client
-    pauses the upstream socket instead of growing a buffer.
+    L{ClientRequest}.  The body goes to the client with the relay as the
+    client request's push producer, passing pauses on to the upstream
+    connection, so a slow client pauses the upstream socket instead of
+    growing a buffer; the server stopping it means the client is gone.
 
     One timer serves both waits, for the head (C{send} + C{read} timeout)
-    and then between body chunks (C{read} timeout), and is never moved
-    sooner: each chunk only notes the time, and the timer, when it fires,
-    re-arms itself for what is left.  (Moving a Twisted timer sooner scans
-    the reactor's whole timer heap.)
+    and then between body chunks (C{read} timeout).  Each chunk only notes
+    the time, and the timer, when it fires, re-arms itself for what is
+    left: moving a Twisted timer sooner scans the reactor's whole timer
+    heap, which is done at most once per exchange here.
     """
 
     def __init__(self, request: Any, reactor: Any, response_timeout: float, idle_timeout: float) -> None:
         self._request = request
         self._reactor = reactor
+        self._response_timeout = response_timeout
         self._idle_timeout = idle_timeout
-        now = reactor.seconds()
-        self._head_deadline = now + response_timeout
-        self._last_data = now
-        self._timer = reactor.callLater(min(response_timeout, idle_timeout), self._check)
+        self._timer: Any = None
+        self._head_deadline = 0.0
+        self._last_data = 0.0
         self._upstream: Any = None
         self._relaying = False
         self.call: Any = None
         self.client_gone = False
         self.timed_out = False
+
+    def start(self, call: Any) -> None:
+        """Wait for the answer to C{call} (cancelled if the head is late)."""
+        self.call = call
+        now = self._reactor.seconds()
+        self._head_deadline = now + self._response_timeout
+        self._timer = self._reactor.callLater(min(self._response_timeout, self._idle_timeout), self._check)
+
+    @property
+    def answered(self) -> bool:
+        """The head is in: the body is (or was) on its way."""
+        return self._upstream is not None
 
     def _check(self) -> None:
         deadline = self._last_data + self._idle_timeout if self._relaying else self._head_deadline
@@ -111,7 +127,7 @@ class _Relay:
 
     def stop_timer(self) -> None:
         """No more waiting: the exchange failed or is over."""
-        if self._timer.active():
+        if self._timer is not None and self._timer.active():
             self._timer.cancel()
 
     def body_start(self, upstream: Any) -> None:
@@ -119,11 +135,15 @@ class _Relay:
 
     def relay(self) -> None:
         """Start passing the body on (the head has been copied)."""
-        self._request.registerProducer(self._upstream, True)
+        self._request.registerProducer(self, True)
         self._relaying = True
-        self._last_data = self._reactor.seconds()
-        if not self._timer.active():  # fired, but the answer came first
+        now = self._last_data = self._reactor.seconds()
+        timer = self._timer
+        if timer is None or not timer.active():  # fired, but the answer came first
             self._timer = self._reactor.callLater(self._idle_timeout, self._check)
+        elif timer.getTime() > now + self._idle_timeout:
+            # Re-armed for a head deadline (send > read): the idle one is sooner.
+            timer.reset(self._idle_timeout)
 
     def body_data(self, data: bytes) -> None:
         if self.client_gone:
@@ -137,6 +157,18 @@ class _Relay:
         self.stop_timer()
         if self._upstream is not None:
             self._upstream.stopProducing()
+
+    # IPushProducer, for the client's side
+
+    def pauseProducing(self) -> None:
+        self._upstream.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._upstream.resumeProducing()
+
+    def stopProducing(self) -> None:
+        # The server stops its producer when the client's connection is lost.
+        self.stop()
 
     def body_done(self, reason: Optional[Failure]) -> None:
         self.stop_timer()
@@ -236,16 +268,19 @@ class UpstreamProxy:
         )
         if exchange is not None:
             exchange.upstream_started()
-        d = relay.call = self._connector.request(self._scheme, host, node.port, outgoing)
+        d = self._connector.request(self._scheme, host, node.port, outgoing)
+        relay.start(d)
 
         def client_gone(reason: Optional[Failure]) -> None:
             if reason is None:
                 return
-            relay.client_gone = True
-            if not d.called:
-                d.cancel()
-            else:
+            if relay.answered:
                 relay.stop()
+            else:
+                # Connecting, or waiting for the head (maybe on a retry):
+                # cancelling reaches whichever Deferred is pending.
+                relay.client_gone = True
+                d.cancel()
 
         when_finished(request, client_gone)
 

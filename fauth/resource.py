@@ -52,17 +52,17 @@ _http_date = _HttpDate()
 
 class GatewayRequest(server.Request):
     """
-    No default C{Content-Type}: a proxy must not invent one.  And no
-    resource traversal: the gateway's site serves one leaf, so the
-    per-segment unquoting and tree walk of L{server.Request.process} are
-    skipped.
+    No default C{Content-Type}: a proxy must not invent one.  And, in front
+    of a L{GatewayResource}, no resource traversal: it serves every path
+    itself, so the per-segment unquoting and tree walk of
+    L{server.Request.process} are skipped.
     """
 
     defaultContentType = None
 
     def process(self) -> None:
         site = self.channel.site
-        if not getattr(site.resource, "isLeaf", False):
+        if not isinstance(site.resource, GatewayResource):
             server.Request.process(self)
             return
         self.site = site

@@ -243,3 +243,29 @@ async def test_gateway_service_in_user_multiservice(env: Env, reactor: Any) -> N
     finally:
         if not stopped:
             await app.stopService()
+
+
+def test_gateway_site_traverses_any_root_but_the_gateway() -> None:
+    # GatewayRequest skips traversal only in front of a GatewayResource;
+    # a leaf like ForwardAuthResource needs postpath to route its tree.
+    from twisted.web.resource import Resource
+    from twisted.web.test.requesthelper import DummyChannel
+
+    from fauth.resource import GatewaySite
+
+    seen: List[List[bytes]] = []
+
+    class Leaf(Resource):
+        isLeaf = True
+
+        def render(self, request: Any) -> bytes:
+            seen.append(list(request.postpath))
+            return b"ok"
+
+    site = GatewaySite(Leaf())
+    channel = DummyChannel()
+    channel.site = site
+    request = site.requestFactory(channel)
+    request.gotLength(0)
+    request.requestReceived(b"GET", b"/a/b", b"HTTP/1.1")
+    assert seen == [[b"a", b"b"]]

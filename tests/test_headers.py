@@ -106,3 +106,30 @@ async def test_bad_extra_header_name_fails_the_call_not_the_gateway(bad_name: st
         await gateway.stop()
         await auth.stopListening()
         await upstream.stopListening()
+
+
+def test_framing_headers_are_never_copied_to_the_auth_request() -> None:
+    # A client's Content-Length on a body-less auth GET would make the auth
+    # service read the next pooled request as this one's body.
+    conf = parse_forward_auth(
+        {
+            "uri": "http://127.0.0.1:9/auth",
+            "request_headers": ["Authorization", "Content-Length", "Transfer-Encoding", "Connection"],
+            "extra_headers": {"Expect": "100-continue", "X-Tenant": "t1"},
+        }
+    )
+    with LogCapture() as logs:
+        auth = ForwardAuth(conf, AuthClient(Clock(), AuthTarget.parse(conf.uri, True)), Clock())
+    for name in ("Content-Length", "Transfer-Encoding", "Connection", "Expect"):
+        assert logs.contains("%s frames the auth request itself and is not copied" % name), logs.lines
+    inbound = InboundRequest(
+        method="POST", request_uri="/x", path="/x", query="", host="gw.test", scheme="http",
+        remote_addr="127.0.0.1", remote_port=1, server_addr="127.0.0.1", server_port=2,
+        headers=Headers(
+            {b"Authorization": [b"321"], b"Content-Length": [b"48"], b"Transfer-Encoding": [b"chunked"],
+             b"Connection": [b"keep-alive"]}
+        ),
+    )
+    names = [name.lower() for name, _ in auth.build_headers(inbound)]
+    assert b"authorization" in names and b"x-tenant" in names
+    assert not {b"content-length", b"transfer-encoding", b"connection", b"expect"} & set(names)

@@ -135,3 +135,13 @@ def test_close_closes_idle_connections_and_the_timer() -> None:
     endpoint.connections[0].connectionLost(Failure(ConnectionDone()))
     assert done == [None]
     assert clock.getDelayedCalls() == []
+
+
+def test_a_connection_finishing_after_close_is_not_kept() -> None:
+    clock, endpoint = Clock(), Endpoint()
+    pool = ConnectionPool(clock, max_idle=4)
+    pool.request(KEY, endpoint, ClientRequest(b"GET", GET))
+    pool.close()
+    answer(endpoint.connections[0])
+    assert endpoint.connections[0].transport.disconnecting
+    assert clock.getDelayedCalls() == [] and pool.connection_counts() == {KEY: (0, 0)}

@@ -1121,3 +1121,13 @@ async def test_non_utf8_path_goes_upstream_as_its_own_bytes(reactor: Any, stack:
     reply = await fetch(reactor, gw.port_number, get("/%c3%a9/./x"))
     assert reply.status == 200
     assert upstream.seen[1].uri == b"/%C3%A9/x"
+
+
+@ensureDeferred
+async def test_client_gone_mid_download_is_not_blamed_on_the_upstream(reactor: Any, stack: Stack) -> None:
+    with LogCapture() as logs:
+        _, stream, reader = await _download(stack, 256 * MiB, pause_first=True)
+        reader.transport.abortConnection()
+        await stream.halted.addTimeout(2, reactor)
+        await sleep(reactor, 0.2)
+    assert not logs.contains("upstream failed mid-body"), logs.lines

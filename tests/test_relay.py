@@ -45,8 +45,9 @@ def relay_on(clock: Clock, response_timeout: float = 10.0, idle: float = 3.0) ->
     request = ClientRequest()
     relay = _Relay(request, clock, response_timeout, idle)
     cancelled: List[Optional[Failure]] = []
-    relay.call = Deferred(lambda d: cancelled.append(None))
-    relay.call.addErrback(lambda f: None)
+    call: Deferred = Deferred(lambda d: cancelled.append(None))
+    call.addErrback(lambda f: None)
+    relay.start(call)
     return relay, request, cancelled
 
 
@@ -87,4 +88,35 @@ def test_the_end_of_the_body_stops_the_timer() -> None:
     relay.body_data(b"ok")
     relay.body_done(None)
     assert request.finished and request.producers[-1] is None
+    assert clock.getDelayedCalls() == []
+
+
+def test_idle_deadline_after_a_late_head_when_send_exceeds_read() -> None:
+    # send 10 + read 1: the first check (at 1 s) re-arms for the head
+    # deadline; once the head is in, a stall must still be cut after 1 s.
+    clock = Clock()
+    relay, _, _ = relay_on(clock, response_timeout=11.0, idle=1.0)
+    upstream = Upstream()
+    clock.advance(1.5)
+    relay.body_start(upstream)
+    relay.relay()
+    relay.body_data(b"0123456789")
+    clock.advance(0.9)
+    assert upstream.stopped == 0
+    clock.advance(0.2)
+    assert upstream.stopped == 1 and relay.timed_out
+
+
+def test_the_server_stopping_the_relay_means_the_client_is_gone() -> None:
+    clock = Clock()
+    relay, request, _ = relay_on(clock)
+    upstream = Upstream()
+    relay.body_start(upstream)
+    relay.relay()
+    assert request.producers == [relay]
+    relay.stopProducing()
+    assert relay.client_gone and upstream.stopped == 1
+    # The failure the stopped upstream reports is not blamed on the upstream.
+    relay.body_done(Failure(RuntimeError("aborted")))
+    assert request.producers == [relay] and not request.finished
     assert clock.getDelayedCalls() == []
