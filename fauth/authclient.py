@@ -62,11 +62,6 @@ class AuthTarget:
             host = "%s:%d" % (host, self.port)
         return host.encode("idna")
 
-    @property
-    def url(self) -> bytes:
-        host = "[%s]" % self.host if ":" in self.host else self.host
-        return b"%s://%s:%d%s" % (self.scheme.encode(), host.encode("idna"), self.port, self.target)
-
     @classmethod
     def parse(cls, uri: str, ssl_verify: bool) -> "AuthTarget":
         """@raise AuthCallError: C{bad uri: ...} or invalid path characters."""
@@ -78,7 +73,7 @@ class AuthTarget:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise AuthCallError("bad uri: %s" % uri)
         try:
-            # host_header and url encode it: find out now, not per call.
+            # host_header and the connection encode it: find out now, not per call.
             parts.hostname.encode("idna")
         except UnicodeError as e:
             raise AuthCallError("bad uri: %s (%s)" % (uri, e))

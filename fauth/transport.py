@@ -102,8 +102,8 @@ class Connector:
 
 def is_cancellation(failure: Failure) -> bool:
     """
-    Whether a failed call was cancelled by its caller (possibly wrapped by
-    the Agent); a call cancelled while still connecting fails with
+    Whether a failed call was cancelled by its caller (also when wrapped in
+    a C{ResponseFailed}); a call cancelled while still connecting fails with
     L{ConnectingCancelledError} instead.
     """
     if failure.check(CancelledError, net_error.ConnectingCancelledError):
