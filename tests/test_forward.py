@@ -11,6 +11,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from fauth.config import Node, UpstreamConf, UpstreamTimeouts
+from fauth.h1 import ReplyHeaders, ResponseHead
 from fauth.inbound import InboundRequest
 from fauth.pools import ConnectionPool
 from fauth.proxy import UpstreamProxy
@@ -33,6 +34,8 @@ class Endpoint:
 
 
 class FakeRequest:
+    """Just enough of a server request for L{UpstreamProxy.forward}."""
+
     method = b"GET"
     finished = False
     startedWriting = False
@@ -45,16 +48,12 @@ class FakeRequest:
         self.written: List[bytes] = []
         self.code = 0
         self.channel = None
-        self.aborted = False
 
     def notifyFinish(self) -> Deferred:
         return self._finish
 
     def setResponseCode(self, code: int, message: Any = None) -> None:
         self.code = code
-
-    def setHeader(self, *a: Any) -> None:
-        pass
 
     def write(self, data: bytes) -> None:
         self.written.append(data)
@@ -69,6 +68,14 @@ class FakeRequest:
         self.finished = True
 
 
+def inbound_of(request: FakeRequest) -> InboundRequest:
+    return InboundRequest(
+        method="GET", request_uri="/x", path="/x", query="", host="gw.test", scheme="http",
+        remote_addr="127.0.0.1", remote_port=1, server_addr="127.0.0.1", server_port=2,
+        headers=request.requestHeaders,
+    )
+
+
 def _setup(timeouts: UpstreamTimeouts = UpstreamTimeouts()) -> Any:
     clock = Clock()
     pool = ConnectionPool(clock)
@@ -77,12 +84,7 @@ def _setup(timeouts: UpstreamTimeouts = UpstreamTimeouts()) -> Any:
     endpoint = Endpoint()
     proxy._connector._endpoints[(b"http", b"127.0.0.1", 9)] = endpoint
     request = FakeRequest()
-    inbound = InboundRequest(
-        method="GET", request_uri="/x", path="/x", query="", host="gw.test", scheme="http",
-        remote_addr="127.0.0.1", remote_port=1, server_addr="127.0.0.1", server_port=2,
-        headers=request.requestHeaders,
-    )
-    return clock, proxy, endpoint, request, inbound
+    return clock, proxy, endpoint, request, inbound_of(request)
 
 
 def test_client_gone_before_the_head_cancels_the_upstream_exchange() -> None:
@@ -111,3 +113,59 @@ def test_body_idle_timeout_holds_when_send_exceeds_read() -> None:
     assert not transport.disconnecting
     clock.advance(0.2)  # one read timeout after the last bytes
     assert transport.disconnecting
+
+
+class FakeUpstream:
+    """The upstream connection as the relay sees it (its producer)."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+
+class LateConnector:
+    """
+    A connector whose answer (with a 64 MiB body) is already in when the
+    client leaves: cancel() cannot stop it, and the upstream goes on sending
+    until its connection is stopped.
+    """
+
+    length = 64 * 1024 * 1024
+
+    def __init__(self) -> None:
+        self.upstream = FakeUpstream()
+        self.delivered: List[int] = []
+
+    def request(self, scheme: bytes, host: bytes, port: int, outgoing: Any) -> Deferred:
+        def too_late(d: Deferred) -> None:
+            outgoing.sink.body_start(self.upstream)
+            head = ResponseHead(
+                200, b"OK", ReplyHeaders({b"content-type": [b"application/octet-stream"]}),
+                self.length, False, True, frozenset(),
+            )
+            d.callback(head)
+            sent = 0
+            while not self.upstream.stopped and sent < self.length:
+                outgoing.sink.body_data(b"x" * 65536)
+                sent += 65536
+            self.delivered.append(sent)
+
+        return Deferred(too_late)
+
+
+def test_answer_after_the_client_left_stops_the_upstream_at_once() -> None:
+    clock = Clock()
+    proxy = UpstreamProxy(UpstreamConf(nodes=(Node("127.0.0.1", 9),)), clock, pool=None)
+    connector = LateConnector()
+    proxy._connector = connector  # type: ignore[assignment]
+    request = FakeRequest()
+    proxy.forward(request, inbound_of(request))
+    # The client leaves; the cancel comes too late and the answer is delivered.
+    request._finish.errback(Failure(ConnectionLost()))
+    assert connector.upstream.stopped
+    # Stopped before reading the body, not after reading all of it into nothing.
+    assert connector.delivered == [0]
+    assert request.code == 0 and request.written == []
+    assert clock.getDelayedCalls() == []
