@@ -85,6 +85,13 @@ async def raw_request(reactor: Any, port: int, payload: bytes, timeout: float = 
 
 
 @implementer(ILogObserver)
+def outcome(d: Deferred) -> List[Any]:
+    """What C{d} fires with, once it does: an empty list until then (failures are consumed)."""
+    results: List[Any] = []
+    d.addBoth(results.append)
+    return results
+
+
 class LogCapture:
     """
     Collects formatted log lines while active::

@@ -10,7 +10,7 @@ from typing import Any, List, Optional, Tuple
 
 import pytest
 from twisted.internet import error as net_error
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -27,7 +27,7 @@ from zope.interface import implementer
 from fauth.connection import BodyTooLarge, ClientConnection, ClientRequest, FileUpload, Reply
 from fauth.h1 import MAX_RESPONSE_HEAD, ResponseHead, request_head
 from fauth.transport import describe_failure
-from tests.harness import LogCapture
+from tests.harness import LogCapture, outcome
 
 GET = request_head(b"GET", b"/resource", [(b"Host", b"upstream")])
 OK_EMPTY = b"HTTP/1.1 204 No Content\r\n\r\n"
@@ -106,13 +106,6 @@ def connect(transport: Optional[Transport] = None) -> Tuple[ClientConnection, Tr
     transport = transport if transport is not None else Transport()
     connection.makeConnection(transport)
     return connection, transport, pooled
-
-
-def outcome(d: Deferred) -> List[Any]:
-    """What C{d} fires with, once it does: an empty list until then (failures are consumed)."""
-    results: List[Any] = []
-    d.addBoth(results.append)
-    return results
 
 
 def only(results: List[Any]) -> Any:

@@ -8,7 +8,7 @@ from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
 
 from fauth.lifecycle import when_finished
-from tests.harness import LogCapture
+from tests.harness import LogCapture, outcome
 
 
 class FakeRequest:
@@ -42,9 +42,7 @@ def test_a_lost_client_is_told_to_all_and_the_failure_consumed() -> None:
     d.errback(Failure(ConnectionLost()))
     assert len(reasons) == 2 and all(r is not None and r.check(ConnectionLost) for r in reasons)
     # Consumed: no "Unhandled error in Deferred" later.
-    results: List[Any] = []
-    d.addBoth(results.append)
-    assert results == [None]
+    assert outcome(d) == [None]
 
 
 def test_a_raising_party_is_logged_and_the_others_still_run() -> None:

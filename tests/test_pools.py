@@ -12,6 +12,7 @@ from twisted.python.failure import Failure
 from fauth.connection import ClientConnection, ClientRequest, Reply
 from fauth.h1 import request_head
 from fauth.pools import ConnectionPool
+from tests.harness import outcome
 
 KEY = (b"http", b"127.0.0.1", 80)
 GET = request_head(b"GET", b"/", [(b"Host", b"x")])
@@ -35,18 +36,12 @@ def answer(connection: ClientConnection, data: bytes = OK) -> None:
     connection.dataReceived(data)
 
 
-def fired(d: Deferred) -> List[Any]:
-    results: List[Any] = []
-    d.addBoth(results.append)
-    return results
-
-
 def test_a_finished_connection_is_reused() -> None:
     clock, endpoint = Clock(), Endpoint()
     pool = ConnectionPool(clock, max_idle=4)
-    first = fired(pool.request(KEY, endpoint, ClientRequest(b"GET", GET)))
+    first = outcome(pool.request(KEY, endpoint, ClientRequest(b"GET", GET)))
     answer(endpoint.connections[0])
-    second = fired(pool.request(KEY, endpoint, ClientRequest(b"GET", GET)))
+    second = outcome(pool.request(KEY, endpoint, ClientRequest(b"GET", GET)))
     answer(endpoint.connections[0])
     assert len(endpoint.connections) == 1
     assert isinstance(first[0], Reply) and isinstance(second[0], Reply)
@@ -98,7 +93,7 @@ def test_a_get_on_a_stale_reused_connection_is_sent_once_more_on_a_new_one() -> 
     pool.request(KEY, endpoint, ClientRequest(b"GET", GET))
     answer(endpoint.connections[0])
     stale(endpoint.connections[0])
-    result = fired(pool.request(KEY, endpoint, ClientRequest(b"GET", GET)))
+    result = outcome(pool.request(KEY, endpoint, ClientRequest(b"GET", GET)))
     assert len(endpoint.connections) == 2
     assert endpoint.connections[1].transport.value() == GET
     answer(endpoint.connections[1])
@@ -111,7 +106,7 @@ def test_a_request_with_a_body_is_never_sent_twice() -> None:
     pool.request(KEY, endpoint, ClientRequest(b"GET", GET))
     answer(endpoint.connections[0])
     stale(endpoint.connections[0])
-    result = fired(pool.request(KEY, endpoint, ClientRequest(b"POST", GET, b"")))
+    result = outcome(pool.request(KEY, endpoint, ClientRequest(b"POST", GET, b"")))
     assert len(endpoint.connections) == 1
     assert isinstance(result[0], Failure)
 
@@ -130,7 +125,7 @@ def test_close_closes_idle_connections_and_the_timer() -> None:
     pool = ConnectionPool(clock, max_idle=4)
     pool.request(KEY, endpoint, ClientRequest(b"GET", GET))
     answer(endpoint.connections[0])
-    done = fired(pool.close())
+    done = outcome(pool.close())
     assert endpoint.connections[0].transport.disconnecting and done == []
     endpoint.connections[0].connectionLost(Failure(ConnectionDone()))
     assert done == [None]
