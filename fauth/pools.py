@@ -29,7 +29,8 @@ __all__ = ["ConnectionPool", "target_label"]
 # Methods a request may be sent again for, when a reused connection turns
 # out to have been closed before it answered (RFC 9110 section 9.2.2).
 _RETRYABLE = frozenset([b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"])
-# ClientConnection states: carrying a request, and gone.
+# ClientConnection states: ready for a request, carrying one, and gone.
+_IDLE = "QUIESCENT"
 _BUSY = "WAITING"
 _LOST = "CONNECTION_LOST"
 
@@ -94,7 +95,7 @@ class ConnectionPool:
         idle = self._idle.get(key)
         while idle:
             connection = idle.pop()[0]
-            if connection.state == "QUIESCENT":
+            if connection.state == _IDLE:
                 d = connection.request(request)
                 if not request.has_body and request.method in _RETRYABLE:
                     d.addErrback(self._retry, key, endpoint, request)
@@ -127,7 +128,7 @@ class ConnectionPool:
         deadline = now - self.idle_timeout
         oldest = None
         for key, idle in list(self._idle.items()):
-            while idle and (idle[0][1] <= deadline or idle[0][0].state != "QUIESCENT"):
+            while idle and (idle[0][1] <= deadline or idle[0][0].state != _IDLE):
                 idle.pop(0)[0].transport.loseConnection()
             if idle:
                 oldest = idle[0][1] if oldest is None else min(oldest, idle[0][1])
@@ -154,7 +155,7 @@ class ConnectionPool:
                     connections.discard(connection)
             counts[key] = (0, active)
         for key, idle in self._idle.items():
-            alive = sum(1 for connection, _ in idle if connection.state == "QUIESCENT")
+            alive = sum(1 for connection, _ in idle if connection.state == _IDLE)
             counts[key] = (alive, counts.get(key, (0, 0))[1])
         return counts
 

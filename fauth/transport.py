@@ -14,12 +14,10 @@ from twisted.internet import endpoints
 from twisted.internet import error as net_error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import client as web_client
 from twisted.web._newclient import (
     ParseError,
-    RequestGenerationFailed,
     ResponseFailed,
     ResponseNeverReceived,
     _DataLoss,
@@ -35,8 +33,6 @@ __all__ = [
     "is_cancellation",
     "tls_policy",
 ]
-
-log = Logger()
 
 
 @implementer(IPolicyForHTTPS)
@@ -115,7 +111,7 @@ def is_cancellation(failure: Failure) -> bool:
 def describe_failure(failure: Failure) -> str:
     """The reference's short error strings (C{closed}, C{timeout}, ...) for a failed call."""
     exc = failure.value
-    if isinstance(exc, (ResponseFailed, ResponseNeverReceived, RequestGenerationFailed)):
+    if isinstance(exc, (ResponseFailed, ResponseNeverReceived)):
         reasons = getattr(exc, "reasons", None) or []
         for inner in reasons:
             if not isinstance(inner.value, (net_error.ConnectionDone, net_error.ConnectionLost)):
