@@ -15,8 +15,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from fauth import __version__
-from fauth.authclient import AuthCallError, AuthClient
-from fauth.connection import Reply
+from fauth.authclient import AuthCallError, AuthClient, Reply
 from fauth.h1 import ReplyHeaders
 from fauth.transport import describe_failure, is_cancellation
 from fauth.config import ForwardAuthConf
@@ -115,7 +114,6 @@ class ForwardAuth:
         self._client = client
         self._reactor = reactor
         self._post = conf.request_method == "POST"
-        self._method = conf.request_method.encode("ascii")
         self._timeout = conf.timeout / 1000.0
         self._request_headers = tuple(
             (name.lower(), name.encode("utf-8"), _lookup_names(name))
@@ -221,7 +219,7 @@ class ForwardAuth:
             # through $arg_*, say).  Degradation is for an auth service that
             # fails, not a client that can choose to fail it: never degrade.
             return succeed(self._failed(str(e), degradable=False))
-        call = self._client.call(self._method, headers, body, self._timeout)
+        call = self._client.call(self.conf.request_method, headers, body, self._timeout)
         return call.addCallbacks(self._interpret, self._transport_failure)
 
     def _body_too_big(self, inbound: InboundRequest) -> Optional[str]:

@@ -1,14 +1,14 @@
 # -*- test-case-name: tests.test_authclient -*-
 """
-The HTTP client of the auth leg: requests to one auth target over one
-pool of L{fauth.connection.ClientConnection}s.
+The HTTP client of the auth leg: C{treq.HTTPClient} over a L{PoolAgent}
+(L{fauth.agent}) and an L{HTTPConnectionPool}, calling one auth target.
 
-The URL is encoded once, at config time, and each call writes one
-pre-serialised head: the auth service sees exactly the headers the
-contract sends.  No cookie jar and no C{Accept-Encoding} are involved (treq
-would keep a jar across calls, so a C{Set-Cookie} in one user's auth answer
-would go out with the next user's auth request), and the timeout covers the
-whole exchange, body included.
+The URL is encoded once, at config time, and each call sends exactly the
+fields the contract builds: no cookie jar that keeps anything (a
+C{Set-Cookie} in one user's auth answer must not go out with the next
+user's auth request), no C{Accept-Encoding}, and the answer relayed as it
+was sent.  One timer cancels the whole call, body included; the body is
+read through treq under a 1 MiB cap.
 """
 from __future__ import annotations
 
@@ -16,13 +16,18 @@ from typing import Any, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
 import attr
-from twisted.internet.defer import Deferred, fail
+import treq
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
+from twisted.web.client import HTTPConnectionPool
+from twisted.web.iweb import IResponse
 
-from fauth.connection import ClientRequest, Reply
-from fauth.h1 import request_head
-from fauth.pools import ConnectionPool
-from fauth.transport import Connector, tls_policy
+from fauth.agent import BytesBody, NoCookies, PoolAgent, PreEncodedURL, PreparedHeaders, as_sent
+from fauth.h1 import ReplyHeaders
+from fauth.pool import StrictConnectionPool
+from fauth.transport import BodyTooLarge, tls_policy
 
 __all__ = [
     "AuthCallError",
@@ -38,6 +43,17 @@ MAX_AUTH_BODY = 1024 * 1024
 _PATH_OK = frozenset(
     b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@/%?"
 )
+
+
+class Reply:
+    """An auth service's whole answer, as it was sent."""
+
+    __slots__ = ("status", "headers", "body")
+
+    def __init__(self, status: int, headers: ReplyHeaders, body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
 
 
 class AuthCallError(Exception):
@@ -94,8 +110,12 @@ class AuthTarget:
 
 class AuthClient:
     """
-    Calls to one auth target over one connection pool.
+    Calls to one auth target through treq.
 
+    @param pool: the connections to use; by default a
+        L{StrictConnectionPool} of this client's own, built from the
+        keep-alive settings.  An application's own L{HTTPConnectionPool}
+        works too (its settings then apply, and it is not closed here).
     @param keepalive: keep connections for reuse.
     @param keepalive_timeout: seconds an idle pooled connection is kept.
     @param keepalive_pool: idle connections kept at most.
@@ -103,7 +123,7 @@ class AuthClient:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         target: Optional[AuthTarget],
         *,
         keepalive: bool = True,
@@ -112,27 +132,34 @@ class AuthClient:
         connect_timeout: float = 3.0,
         trust_root: Any = None,
         bad_uri: Optional[str] = None,
+        pool: Optional[HTTPConnectionPool] = None,
     ) -> None:
         self._reactor = reactor
         self.target = target
         self._bad_uri = bad_uri
-        self._keepalive = keepalive
-        self.pool = ConnectionPool(reactor, keepalive, keepalive_pool, keepalive_timeout)
-        self._connector = Connector(
-            reactor, self.pool, tls_policy(target.ssl_verify if target else True, trust_root), connect_timeout
+        self._own_pool = (
+            StrictConnectionPool(reactor, keepalive, keepalive_pool, keepalive_timeout) if pool is None else None
         )
-        if target is not None:
-            self._scheme = target.scheme.encode("ascii")
-            self._host = target.host.encode("idna")
-            self.host_header = target.host_header
-        else:
-            self.host_header = b""
-        # Framing fields every call of a kind sends.
-        self._close = ((b"Connection", b"close"),) if not keepalive else ()
+        self.pool: HTTPConnectionPool = pool or self._own_pool
+        policy = tls_policy(target.ssl_verify if target else True, trust_root)
+        self._jar = NoCookies()
+        self._http = HTTPClient(
+            PoolAgent(reactor, self.pool, policy, connect_timeout),
+            cookiejar=self._jar,
+            data_to_body_producer=BytesBody,
+        )
+        self.host_header = target.host_header if target is not None else b""
+        self._url = (
+            PreEncodedURL.encode(
+                "%s://%s%s" % (target.scheme, self.host_header.decode("ascii"), target.target.decode("ascii"))
+            )
+            if target is not None
+            else None
+        )
 
     def call(
         self,
-        method: bytes,
+        method: str,
         fields: Sequence[Tuple[bytes, bytes]],
         body: Optional[bytes],
         timeout: float,
@@ -142,15 +169,19 @@ class AuthClient:
         C{body}, answered in full within C{timeout} seconds; on expiry the
         whole exchange is cancelled and fails with C{AuthCallError("timeout")}.
         """
-        target = self.target
-        if target is None:
+        if self._url is None:
             return fail(AuthCallError(self._bad_uri or "bad uri"))
-        framing = self._close
-        if body is not None:
-            framing += ((b"Content-Length", b"%d" % len(body)),)
-        head = request_head(method, target.target, tuple(framing) + tuple(fields))
-        request = ClientRequest(method, head, body, limit=MAX_AUTH_BODY, persistent=self._keepalive)
-        exchange = self._connector.request(self._scheme, self._host, target.port, request)
+        exchange = self._http.request(
+            method,
+            self._url,
+            headers=PreparedHeaders(fields),
+            data=body,
+            cookies=self._jar,
+            allow_redirects=False,
+            unbuffered=True,
+            reactor=self._reactor,
+        )
+        exchange.addCallback(_read)
         expired = []
 
         def expire() -> None:
@@ -169,5 +200,34 @@ class AuthClient:
         return exchange.addBoth(finished)
 
     def close(self) -> Deferred:
-        """Close pooled connections."""
-        return self.pool.close()
+        """Close pooled connections (of this client's own pool only)."""
+        if self._own_pool is None:
+            return succeed(None)
+        return self._own_pool.close()
+
+
+def _read(response: IResponse) -> "Deferred[Reply]":
+    """The answer as the auth service sent it, its body read through treq, at most 1 MiB."""
+    raw = as_sent(response)
+    chunks = []
+    size = 0
+
+    def collect(data: bytes) -> None:
+        nonlocal size
+        size += len(data)
+        if size > MAX_AUTH_BODY:
+            raise BodyTooLarge()
+        chunks.append(data)
+
+    def settle(result: Any) -> None:
+        if read.called:
+            return  # cancelled: the stopped body's end is nobody's news
+        if isinstance(result, Failure):
+            read.errback(result)
+        else:
+            read.callback(Reply(raw.code, raw.sent_headers, b"".join(chunks)))
+
+    # treq's Deferred has no canceller: cancelling this one stops the body.
+    read: Deferred = Deferred(lambda _: raw.stop())
+    treq.collect(raw, collect).addBoth(settle)
+    return read

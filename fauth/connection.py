@@ -2,21 +2,22 @@
 """
 One pooled HTTP/1.1 client connection, for both outbound legs.
 
-It takes the place of Twisted's C{HTTP11ClientProtocol}, in a
-L{fauth.pools.ConnectionPool} (which keeps, times out, counts and retries
-connections).  Per request, the Agent parses the URL again, builds a
-C{Headers} object and a C{Request}, serialises it header by header, parses
-the answer a line at a time into another C{Headers}, and runs about twenty
-Deferred callbacks and a C{TransportProxyProducer}; on CPython that is most
-of the gateway's CPU.  Here a request is a head serialised by the caller in
-one join, the answer's head is parsed in one pass (L{fauth.h1}), and one
-Deferred fires per request: with the whole reply (auth leg), or with the
-head, the body then going to a sink with the connection as its push
-producer (upstream leg).
+It takes the place of Twisted's C{HTTP11ClientProtocol} under a
+L{twisted.web.client.HTTPConnectionPool} (L{fauth.pool}), which keeps,
+times out and retries connections as it does Twisted's own.  Twisted's
+protocol serialises a C{Request} header by header, parses the answer a line
+at a time into a C{Headers}, runs about twenty Deferred callbacks and a
+C{TransportProxyProducer}, and accepts answers a proxy must refuse (a header
+line without a colon, NUL, obs-fold, unbounded lines and header counts,
+stray bytes).  Here a request is a head serialised by the caller in one
+join, the answer's head is parsed in one pass with those checks
+(L{fauth.h1}), and one Deferred fires per request, when the head is in:
+the body then goes to the request's sink, with the connection as its push
+producer.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Protocol as TypingProtocol
 
 from twisted.internet import error as net_error
 from twisted.internet.defer import Deferred, fail, succeed
@@ -34,14 +35,13 @@ from twisted.web._newclient import (
 from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
-from fauth.h1 import MAX_RESPONSE_HEAD, MAX_RESPONSE_HEADERS, ChunkedDecoder, ReplyHeaders, ResponseHead, find_head_end, parse_head
+from fauth.h1 import MAX_RESPONSE_HEAD, MAX_RESPONSE_HEADERS, ChunkedDecoder, ResponseHead, find_head_end, parse_head
 
 __all__ = [
-    "BodyTooLarge",
     "ClientConnection",
     "ClientRequest",
     "FileUpload",
-    "Reply",
+    "ResponseSink",
 ]
 
 log = Logger()
@@ -49,19 +49,21 @@ log = Logger()
 _BIG_BODY = 64 * 1024
 
 
-class BodyTooLarge(Exception):
-    """A collected response body went over the request's limit."""
+class ResponseSink(TypingProtocol):
+    """What a L{ClientRequest}'s answer is streamed to."""
 
+    def body_start(self, producer: IPushProducer, head: ResponseHead) -> Any:
+        """
+        The head is in; the body follows.  C{producer} (the connection)
+        pauses, resumes or stops the body.  The request's Deferred fires
+        with what this returns.
+        """
 
-class Reply:
-    """A whole answer: what a request without a sink gets."""
+    def body_data(self, data: bytes) -> None:
+        """A piece of the body."""
 
-    __slots__ = ("status", "headers", "body")
-
-    def __init__(self, status: int, headers: ReplyHeaders, body: bytes) -> None:
-        self.status = status
-        self.headers = headers
-        self.body = body
+    def body_done(self, reason: Optional[Failure]) -> None:
+        """The body is complete (C{None}), or failed."""
 
 
 class ClientRequest:
@@ -72,27 +74,21 @@ class ClientRequest:
         (C{Content-Length}) already in, and the blank line.
     @ivar body: a body in memory, or C{None}.
     @ivar upload: a body streamed from a file (L{FileUpload}), or C{None}.
-    @ivar sink: for a streamed answer: gets C{body_start(producer)} (the
-        connection, to pause, resume or stop the body), C{body_data(bytes)}
-        and then
-        C{body_done(None)} or C{body_done(failure)}; the Deferred fires with
-        the L{ResponseHead}.  Without one, the body is collected (at most
-        C{limit} bytes) and the Deferred fires with a L{Reply}.
+    @ivar sink: the L{ResponseSink} the answer goes to.
     @ivar persistent: the connection may be pooled afterwards.
-    @ivar has_body: what the pool's retry looks at (a request with a body
-        is never sent again).
+    @ivar bodyProducer: what Twisted's pool reads to decide on a retry (a
+        request with a body is never sent again); C{None} without a body.
     """
 
-    __slots__ = ("method", "head", "body", "upload", "sink", "limit", "persistent", "has_body")
+    __slots__ = ("method", "head", "body", "upload", "sink", "persistent", "bodyProducer")
 
     def __init__(
         self,
         method: bytes,
         head: bytes,
+        sink: ResponseSink,
         body: Optional[bytes] = None,
         upload: Optional["FileUpload"] = None,
-        sink: Any = None,
-        limit: int = 1024 * 1024,
         persistent: bool = True,
     ) -> None:
         self.method = method
@@ -100,9 +96,8 @@ class ClientRequest:
         self.body = body
         self.upload = upload
         self.sink = sink
-        self.limit = limit
         self.persistent = persistent
-        self.has_body = body is not None or upload is not None
+        self.bodyProducer = upload if upload is not None else body
 
 
 @implementer(IPushProducer)
@@ -191,8 +186,6 @@ class ClientConnection(Protocol):
         self._received = False
         self._decoder: Optional[ChunkedDecoder] = None
         self._remaining: Optional[int] = None
-        self._chunks: List[bytes] = []
-        self._size = 0
         self._upload: Optional[FileUpload] = None
         self._reuse = True
         self._paused = False
@@ -206,8 +199,9 @@ class ClientConnection(Protocol):
 
     def request(self, request: ClientRequest) -> Deferred:
         """
-        Send C{request}; see L{ClientRequest} for what the result fires with.
-        Cancelling it before it fires aborts the connection.
+        Send C{request}.  The result fires, once the answer's head is in,
+        with what the request's sink made of it; cancelling it before then
+        aborts the connection.
         """
         if self.state != "QUIESCENT":
             return fail(RequestNotSent())
@@ -298,15 +292,13 @@ class ClientConnection(Protocol):
             self._reuse = False
         self._decoder = ChunkedDecoder() if head.chunked else None
         self._remaining = None if head.length is UNKNOWN_LENGTH else head.length
-        if request.sink is None:
-            self._chunks = []
-            self._size = 0
-        else:
-            request.sink.body_start(self)
-            d, self._deferred = self._deferred, None
-            d.callback(head)
-            if self._request is not request:
-                return  # the caller stopped it
+        # Taken first: a sink that stops the body at once is told so itself.
+        d, self._deferred = self._deferred, None
+        result = request.sink.body_start(self, head)
+        if d is not None:
+            d.callback(result)
+        if self._request is not request:
+            return  # the caller stopped it
         if self._remaining == 0:
             self._complete(buffer)
         elif buffer:
@@ -336,15 +328,7 @@ class ClientConnection(Protocol):
                 self._complete(data[remaining:])
 
     def _deliver(self, request: ClientRequest, data: bytes) -> None:
-        if request.sink is not None:
-            request.sink.body_data(data)
-            return
-        self._size += len(data)
-        if self._size > request.limit:
-            self._abandon()
-            self._fail(request, Failure(BodyTooLarge()))
-            return
-        self._chunks.append(data)
+        request.sink.body_data(data)
 
     def _complete(self, rest: bytes) -> None:
         request, head = self._request, self._head
@@ -358,9 +342,6 @@ class ClientConnection(Protocol):
         early = self._upload is not None and not self._upload.done
         self._request = self._head = self._decoder = None
         self._upload = None
-        # Taken before the connection can carry another request.
-        d, self._deferred = self._deferred, None
-        chunks, self._chunks = self._chunks, []
         if early:
             # The whole answer came before the whole body went out (an
             # upstream refusing an upload).  Stop sending while the body's
@@ -384,7 +365,7 @@ class ClientConnection(Protocol):
         else:
             self.state = "CLOSING"
             self.transport.loseConnection()
-        _answer(request, head, d, chunks)
+        request.sink.body_done(None)
 
     def _fail(self, request: ClientRequest, failure: Failure) -> None:
         """Tell the caller of C{request} that it failed."""
@@ -392,7 +373,7 @@ class ClientConnection(Protocol):
         if d is not None:
             wrapper = ResponseFailed if self._received else ResponseNeverReceived
             d.errback(Failure(wrapper([failure])))
-        elif request.sink is not None:
+        else:
             request.sink.body_done(Failure(ResponseFailed([failure])))
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
@@ -409,8 +390,7 @@ class ClientConnection(Protocol):
         if head is not None and self._remaining is None and self._decoder is None:
             # A body framed by the end of the connection: this is its end.
             self._head = None
-            d, self._deferred = self._deferred, None
-            _answer(request, head, d, self._chunks)
+            request.sink.body_done(None)
             return
         if self._head is not None:
             reason = Failure(_DataLoss(reason.value))
@@ -440,12 +420,18 @@ class ClientConnection(Protocol):
 
     def abort(self) -> Deferred:
         """Close the connection; fires once it is closed."""
+        closed = self.when_closed()
+        if self.state != "CONNECTION_LOST":
+            self.state = "CLOSING"
+            self.transport.loseConnection()
+        return closed
+
+    def when_closed(self) -> Deferred:
+        """Fires once the connection is closed."""
         if self.state == "CONNECTION_LOST":
             return succeed(None)
         d: Deferred = Deferred()
         self._lost.append(d)
-        self.state = "CLOSING"
-        self.transport.loseConnection()
         return d
 
     def _stray(self, size: int) -> None:
@@ -456,10 +442,3 @@ class ClientConnection(Protocol):
             size=size,
         )
 
-
-def _answer(request: ClientRequest, head: ResponseHead, d: Optional[Deferred], chunks: List[bytes]) -> None:
-    """Tell the caller of C{request} that the whole answer is in."""
-    if request.sink is not None:
-        request.sink.body_done(None)
-    elif d is not None:
-        d.callback(Reply(head.status, head.headers, b"".join(chunks)))

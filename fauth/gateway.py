@@ -11,13 +11,14 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import attr
 from twisted.internet.defer import DeferredList
 from twisted.logger import Logger
+from twisted.web.client import HTTPConnectionPool
 
 from fauth.auth import ForwardAuth
 from fauth.authclient import AuthCallError, AuthClient, AuthTarget
 from fauth.config import ForwardAuthConf, GatewayConf, RouteConf, UpstreamConf
 from fauth.proxy import UpstreamProxy
 from fauth.routing import RouteTable
-from fauth.pools import ConnectionPool
+from fauth.pool import StrictConnectionPool
 
 __all__ = ["AuthClients", "Gateway", "Route", "load_trust_root"]
 
@@ -50,13 +51,18 @@ def load_trust_root(path: Optional[str]) -> Any:
 
 class AuthClients:
     """
-    One L{AuthClient} (and so one connection pool) per auth target and pool
-    settings; routes calling the same auth service share it.
+    One L{AuthClient} per auth target and pool settings; routes calling the
+    same auth service share it.
+
+    @param pool: every client's connections come from this (an
+        application's own L{HTTPConnectionPool}); by default each client
+        has a L{fauth.pool.StrictConnectionPool} of its own.
     """
 
-    def __init__(self, reactor: Any, trust_root: Any = None) -> None:
+    def __init__(self, reactor: Any, trust_root: Any = None, pool: Optional[HTTPConnectionPool] = None) -> None:
         self._reactor = reactor
         self._trust_root = trust_root
+        self._pool = pool
         self._clients: Dict[Tuple[Any, ...], AuthClient] = {}
 
     def get(self, conf: ForwardAuthConf) -> AuthClient:
@@ -84,6 +90,7 @@ class AuthClients:
                 connect_timeout=conf.timeout / 1000.0,
                 trust_root=self._trust_root,
                 bad_uri=bad_uri,
+                pool=self._pool,
             )
         return client
 
@@ -115,14 +122,17 @@ class Gateway:
     """
     Everything a request needs, built once per configuration.
 
+    @param pool: an application's own L{HTTPConnectionPool} for the auth
+        calls (see L{AuthClients}).
+
     @ivar table: the current L{RouteTable}; replaced, never mutated.
     """
 
-    def __init__(self, reactor: Any, conf: GatewayConf) -> None:
+    def __init__(self, reactor: Any, conf: GatewayConf, pool: Optional[HTTPConnectionPool] = None) -> None:
         self._reactor = reactor
         self._trust_root = load_trust_root(conf.ssl_trusted_certificate)
-        self.auth_clients = AuthClients(reactor, self._trust_root)
-        self.upstream_pool = ConnectionPool(reactor, idle_timeout=60.0)
+        self.auth_clients = AuthClients(reactor, self._trust_root, pool)
+        self.upstream_pool = StrictConnectionPool(reactor, cachedConnectionTimeout=60.0)
         self.conf = conf
         self.table: RouteTable[Route] = self._build(conf)
         self._install(conf, self.table)
@@ -148,9 +158,7 @@ class Gateway:
         self._install(conf, table)
 
     def _install(self, conf: GatewayConf, table: "RouteTable[Route]") -> None:
-        self.upstream_pool.max_idle = max(
-            [r.upstream.keepalive_pool for r in conf.routes] + [32]
-        )
+        self.upstream_pool.keep_idle(max([r.upstream.keepalive_pool for r in conf.routes] + [32]))
         # The same keys as in _build: these are the clients the table uses.
         self.auth_clients.prune(
             [self.auth_clients.get(route.forward_auth) for route in conf.routes if route.forward_auth is not None]

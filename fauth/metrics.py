@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
 from fauth.lifecycle import when_finished
-from fauth.pools import target_label
+from fauth.pool import target_label
 
 if TYPE_CHECKING:
     from fauth.accesslog import AccessLog

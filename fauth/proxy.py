@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_proxy -*-
 """
-The upstream leg: pooled HTTP/1.1 connections (L{fauth.connection}),
+The upstream leg: HTTP/1.1 connections (L{fauth.connection}) from a
+L{fauth.pool.StrictConnectionPool},
 bodies streamed with backpressure, hop-by-hop headers dropped both ways.
 """
 from __future__ import annotations
@@ -130,8 +131,9 @@ class _Relay:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
 
-    def body_start(self, upstream: Any) -> None:
+    def body_start(self, upstream: Any, head: ResponseHead) -> ResponseHead:
         self._upstream = upstream
+        return head
 
     def relay(self) -> None:
         """Start passing the body on (the head has been copied)."""
@@ -193,7 +195,7 @@ class UpstreamProxy:
     """
     Sends allowed requests to one upstream's nodes.
 
-    @param pool: the upstream L{fauth.pools.ConnectionPool}, shared by
+    @param pool: the upstream L{fauth.pool.StrictConnectionPool}, shared by
         every upstream (keyed per scheme, host and port inside).
     """
 
@@ -263,9 +265,7 @@ class UpstreamProxy:
         body, upload = self._body(request, inbound)
         length = len(body) if body is not None else (upload.length if upload is not None else None)
         relay = _Relay(request, self._reactor, self._response_timeout, self.conf.timeout.read)
-        outgoing = ClientRequest(
-            request.method, self._head(request, inbound, netloc, length), body, upload, sink=relay
-        )
+        outgoing = ClientRequest(request.method, self._head(request, inbound, netloc, length), relay, body, upload)
         if exchange is not None:
             exchange.upstream_started()
         d = self._connector.request(self._scheme, host, node.port, outgoing)

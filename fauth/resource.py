@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
+from twisted.web.client import HTTPConnectionPool
 from twisted.web.http import datetimeToString
 from twisted.web.resource import IResource, Resource, getChildForRequest
 
@@ -220,7 +221,11 @@ class ForwardAuthResource(Resource):
     @param conf: the C{forward-auth} attribute dict, as in APISIX, or a
         L{ForwardAuthConf}.
     @param reactor: defaults to the global reactor, imported only then.
-    @param auth_clients: share pools with other guards (optional).
+    @param pool: an application's own L{HTTPConnectionPool} for the auth
+        calls, shared with its other clients (its settings then apply);
+        by default a L{fauth.pool.StrictConnectionPool} from C{conf}'s
+        keep-alive settings.
+    @param auth_clients: share clients with other guards (optional).
     """
 
     isLeaf = True
@@ -230,6 +235,7 @@ class ForwardAuthResource(Resource):
         wrapped: IResource,
         conf: Union[Mapping[str, Any], ForwardAuthConf],
         reactor: Any = None,
+        pool: Optional[HTTPConnectionPool] = None,
         auth_clients: Optional[AuthClients] = None,
     ) -> None:
         super().__init__()
@@ -240,7 +246,7 @@ class ForwardAuthResource(Resource):
         if not isinstance(conf, ForwardAuthConf):
             conf = parse_forward_auth(dict(conf))
         self._wrapped = wrapped
-        self.auth_clients = auth_clients or AuthClients(reactor)
+        self.auth_clients = auth_clients or AuthClients(reactor, pool=pool)
         self._auth = ForwardAuth(conf, self.auth_clients.get(conf), reactor)
 
     def render(self, request: Any) -> Any:

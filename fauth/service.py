@@ -13,6 +13,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
+from twisted.web.client import HTTPConnectionPool
 from twisted.python.failure import Failure
 
 from fauth.accesslog import AccessLogService
@@ -49,6 +50,9 @@ class GatewayService(MultiService):
     @param conf: a validated L{GatewayConf} (see L{fauth.config.load_config});
         with C{admin}, its source document is merged with the store.
     @param reactor: defaults to the global reactor, imported only then.
+    @param pool: an application's own L{HTTPConnectionPool} for every auth
+        call (its settings then apply); by default each auth target gets a
+        L{fauth.pool.StrictConnectionPool} from its keep-alive settings.
     @param control: the effective configuration, when the caller built it
         (L{from_file} does); C{conf} is then ignored.
     @param handle_signals: install SIGHUP (reload) and SIGTERM (graceful
@@ -75,6 +79,7 @@ class GatewayService(MultiService):
         self,
         conf: GatewayConf,
         reactor: Any = None,
+        pool: Optional[HTTPConnectionPool] = None,
         *,
         control: Optional[Control] = None,
         handle_signals: bool = False,
@@ -88,7 +93,7 @@ class GatewayService(MultiService):
         self._reactor = reactor
         self.control = control if control is not None else Control.from_conf(conf)
         conf = self.control.conf
-        self.gateway = Gateway(reactor, conf)
+        self.gateway = Gateway(reactor, conf, pool)
         self.control.on_change(self.gateway.update)
         self.metrics = GatewayMetrics(self.gateway, lambda: self.resource.in_flight.count)
         self.control.on_outcome(self.metrics.count_outcome)

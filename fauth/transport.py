@@ -1,9 +1,9 @@
 # -*- test-case-name: tests.test_auth_leg,tests.test_proxy_e2e -*-
 """
 Outbound connections for both legs: TLS policies, endpoints that connect to
-IP literals without a resolver round-trip, requests over a
-L{fauth.pools.ConnectionPool}, and the short error strings a failed exchange
-is logged with.
+IP literals without a resolver round-trip, requests over an
+L{HTTPConnectionPool}, and the short error strings a failed exchange is
+logged with.
 """
 from __future__ import annotations
 
@@ -25,9 +25,10 @@ from twisted.web._newclient import (
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from fauth.connection import BodyTooLarge, ClientRequest
+from fauth.connection import ClientRequest
 
 __all__ = [
+    "BodyTooLarge",
     "Connector",
     "describe_failure",
     "is_cancellation",
@@ -52,6 +53,10 @@ def tls_policy(verify: bool, trust_root: Any = None) -> IPolicyForHTTPS:
     return web_client.HostnameCachingHTTPSPolicy(web_client.BrowserLikePolicyForHTTPS(trust_root))
 
 
+class BodyTooLarge(Exception):
+    """A response body went over the size its reader allows."""
+
+
 class Connector:
     """
     Requests over one pool: one endpoint per C{(scheme, host, port)}, built
@@ -70,10 +75,10 @@ class Connector:
         self._timeout = connect_timeout
         self._endpoints: Dict[Tuple[bytes, bytes, int], Any] = {}
 
-    def request(self, scheme: bytes, host: bytes, port: int, request: ClientRequest) -> Deferred:
+    def endpoint(self, scheme: bytes, host: bytes, port: int) -> Tuple[Tuple[bytes, bytes, int], Any]:
         """
-        Send C{request} to C{host:port} (C{host} IDNA-encoded, IPv6 without
-        brackets) over a pooled connection; see L{ClientRequest}.
+        The pool key and endpoint of C{host:port} (C{host} IDNA-encoded,
+        IPv6 without brackets).
         """
         key = (scheme, host, port)
         endpoint = self._endpoints.get(key)
@@ -81,7 +86,23 @@ class Connector:
             if len(self._endpoints) >= self.max_endpoints:
                 self._endpoints.clear()
             endpoint = self._endpoints[key] = self._endpoint(scheme, host, port)
-        return self._pool.request(key, endpoint, request)
+        return key, endpoint
+
+    def request(self, scheme: bytes, host: bytes, port: int, request: ClientRequest) -> Deferred:
+        """
+        Send C{request} to C{host:port} over a connection from the pool;
+        see L{ClientConnection.request}.
+        """
+        key, endpoint = self.endpoint(scheme, host, port)
+        return self.send(key, endpoint, request)
+
+    def send(self, key: Any, endpoint: Any, request: Any) -> Deferred:
+        """
+        Send C{request} (a L{ClientRequest}, or a Twisted C{Request} with a
+        plain pool) over a connection for C{key}, from the pool or opened
+        with C{endpoint}.
+        """
+        return self._pool.getConnection(key, endpoint).addCallback(_send, request)
 
     def _endpoint(self, scheme: bytes, host: bytes, port: int) -> Any:
         text = host.decode("ascii")
@@ -140,3 +161,7 @@ def describe_failure(failure: Failure) -> str:
         return "response body too large"
     text = failure.getErrorMessage()
     return "%s: %s" % (type(exc).__name__, text) if text else type(exc).__name__
+
+
+def _send(connection: Any, request: Any) -> Deferred:
+    return connection.request(request)

@@ -767,9 +767,9 @@ def test_admin_changes_do_not_accumulate_auth_clients(tmp_path: Any) -> None:
 
 def test_upstream_keepalive_pool_applies_on_update(tmp_path: Any) -> None:
     control, gateway = _control_with_gateway(tmp_path)
-    assert gateway.upstream_pool.max_idle == 32  # no routes: the floor
+    assert gateway.upstream_pool.maxPersistentPerHost == 32  # no routes: the floor
     control.put("upstreams", "big", {"nodes": {"127.0.0.1:9": 1}, "keepalive_pool": {"size": 1000}})
     control.put("routes", "1", {"uri": "/r", "upstream_id": "big"})
-    assert gateway.upstream_pool.max_idle == 1000
+    assert gateway.upstream_pool.maxPersistentPerHost == 1000
     control.put("routes", "1", {"uri": "/r", "upstream_id": "u"})
-    assert gateway.upstream_pool.max_idle == 320
+    assert gateway.upstream_pool.maxPersistentPerHost == 320

@@ -11,18 +11,21 @@ well-behaved web server never would (stall, garbage, silent close).
 from __future__ import annotations
 
 import datetime
+import gzip
 import ipaddress
 from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pytest
 import pytest_twisted
 from pytest_twisted import async_yield_fixture
+from treq.client import HTTPClient
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.web.resource import Resource
 
+from fauth.agent import NoCookies
 from fauth.authclient import AuthCallError, AuthClient, AuthTarget
 from tests.harness import GatewayUnderTest, LogCapture, raw_request, start_gateway
 from tests.servers import listen_on_loopback
@@ -407,7 +410,7 @@ async def test_direct_client_body_stall_times_out_and_is_not_pooled(env: Env) ->
     try:
         started = env.reactor.seconds()
         with pytest.raises(AuthCallError) as info:
-            await client.call(b"GET", ((b"Host", client.host_header),), None, 0.2)
+            await client.call("GET", ((b"Host", client.host_header),), None, 0.2)
         assert str(info.value) == "timeout"
         assert env.reactor.seconds() - started < 1.0
         assert await eventually(env.reactor, lambda: not auth.open_connections)
@@ -669,6 +672,61 @@ async def test_listed_accept_encoding_is_the_clients_value_once(env: Env) -> Non
     assert (await request(gw, headers=[("Accept-Encoding", "gzip")])).status == 200
     assert (await request(gw)).status == 200
     assert [s.values(b"accept-encoding") for s in auth.requests] == [[b"br, deflate"], [b"gzip"], []]
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_auth_call_is_one_treq_request_without_redirects(env: Env, monkeypatch: Any) -> None:
+    calls: List[Dict[str, Any]] = []
+    real = HTTPClient.request
+
+    def spy(self: HTTPClient, method: str, url: Any, **kwargs: Any) -> Any:
+        calls.append(dict(kwargs, method=method, jar=self._cookiejar))
+        return real(self, method, url, **kwargs)
+
+    monkeypatch.setattr(HTTPClient, "request", spy)
+    auth = await env.auth()
+    gw = await env.gateway(auth.url())
+    for _ in range(3):
+        assert (await request(gw)).status == 200
+    assert len(calls) == len(auth.requests) == 3
+    for call in calls:
+        assert call["method"] == "GET" and call["allow_redirects"] is False
+        # One jar that keeps nothing, as the client's and as the call's.
+        assert isinstance(call["jar"], NoCookies) and call["cookies"] is call["jar"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_denial_without_content_encoding_gets_none_invented(env: Env) -> None:
+    auth = await env.auth(lambda seen, conn: conn.respond(401, [(b"X-Reason", b"no")], b"who?"))
+    gw = await env.gateway(auth.url(), client_headers=["Content-Encoding", "X-Reason"])
+    reply = await request(gw)
+    assert reply.status == 401 and reply.body == b"who?"
+    assert reply.headers[b"x-reason"] == [b"no"]
+    assert b"content-encoding" not in reply.headers
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_allow_without_content_encoding_sends_none_upstream(env: Env) -> None:
+    auth = await env.auth(lambda seen, conn: conn.respond(200, [(b"X-User-ID", b"alice")]))
+    gw = await env.gateway(auth.url(), upstream_headers=["X-User-ID", "Content-Encoding"])
+    assert (await request(gw, headers=[("Content-Encoding", "identity")])).status == 200
+    (seen,) = env.upstream.seen
+    assert seen.getRawHeaders(b"x-user-id") == [b"alice"]
+    # The auth service sent none: removed, not the client's, not an empty one.
+    assert seen.getRawHeaders(b"content-encoding") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_gzip_denial_is_relayed_as_the_auth_service_sent_it(env: Env) -> None:
+    compressed = gzip.compress(b"denied, in detail")
+    auth = await env.auth(
+        lambda seen, conn: conn.respond(403, [(b"Content-Encoding", b"gzip"), (b"Content-Type", b"text/plain")], compressed)
+    )
+    gw = await env.gateway(auth.url(), client_headers=["Content-Encoding", "Content-Type"])
+    reply = await request(gw, headers=[("Accept-Encoding", "gzip")])
+    assert reply.status == 403
+    assert reply.headers[b"content-encoding"] == [b"gzip"]
+    assert reply.body == compressed
 
 
 @pytest_twisted.ensureDeferred

@@ -1,16 +1,25 @@
 """
-The private Twisted names fauth relies on.
+The private Twisted, treq and hyperlink names and behaviours fauth relies on.
 
-Each exists in Twisted 25.5 (PyPy 3.9) and 26.10 (CPython 3.11).  A Twisted
-upgrade that drops or renames one fails here, by
-name, rather than somewhere deep in a proxy test.
+Each holds in Twisted 25.5 (PyPy 3.9) and 26.10 (CPython 3.11) with the treq
+and hyperlink releases that install beside them.  An upgrade that drops or
+renames one fails here, by name, rather than somewhere deep in a proxy test.
 """
 from __future__ import annotations
 
+from typing import Any, List, Tuple
+
 import pytest
+from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints, tcp, unix
-from twisted.web import _newclient, http, server
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.web import _newclient, client, http, server
+from twisted.web.iweb import IAgent
+from zope.interface import implementer
+
+from fauth.agent import BytesBody, NoCookies, PreEncodedURL, PreparedHeaders
 
 
 @pytest.mark.parametrize(
@@ -27,11 +36,21 @@ from twisted.web import _newclient, http, server
         (http, "_ChunkedTransferDecoder"),
         (http, "_MalformedChunkedDataError"),
         (http._ChunkedTransferDecoder, "_dataReceived_CHUNK_LENGTH"),
-        # fauth.connection, fauth.transport, fauth.pools: the errors a client
-        # connection fails with
+        # fauth.connection, fauth.transport: the errors a client connection
+        # fails with
         (_newclient, "_DataLoss"),
         (_newclient, "ParseError"),
         (_newclient, "RequestNotSent"),
+        # fauth.pool: the pool's connection factory (a documented instance
+        # variable since 12.1, with its signature), new connections, and the
+        # quiescent callback's return; fauth.agent: Twisted's Request for a
+        # plain pool
+        (client.HTTPConnectionPool, "_factory"),
+        (client.HTTPConnectionPool, "_newConnection"),
+        (client.HTTPConnectionPool, "_putConnection"),
+        (client.HTTPConnectionPool, "_removeConnection"),
+        (client, "_HTTP11ClientFactory"),
+        (_newclient, "Request"),
         # fauth.config, fauth.service, fauth.workers
         (endpoints, "_parseServer"),
         (StreamServerEndpointService, "_raiseSynchronously"),
@@ -41,3 +60,57 @@ from twisted.web import _newclient, http, server
 )
 def test_private_name_exists(owner: object, name: str) -> None:
     assert hasattr(owner, name), "%s.%s is gone" % (getattr(owner, "__name__", owner), name)
+
+
+def test_the_pool_keeps_idle_connections_per_key_in_connections() -> None:
+    # fauth.pool.StrictConnectionPool.connection_counts reads it.
+    pool = client.HTTPConnectionPool(Clock())
+    assert pool._connections == {} and pool._timeouts == {}
+    # The factory is called as (quiescentCallback, metadata).
+    factory = client.HTTPConnectionPool._factory(lambda protocol: None, "metadata")
+    assert factory.buildProtocol(None) is not None
+
+
+@implementer(IAgent)
+class RecordingAgent:
+    """Records what treq's wrappers hand the agent underneath."""
+
+    def __init__(self) -> None:
+        self.calls: List[Tuple[bytes, bytes, Any, Any]] = []
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Deferred:
+        self.calls.append((method, uri, headers, bodyProducer))
+        return Deferred()
+
+
+def test_treq_passes_a_pre_encoded_url_and_prepared_headers_through() -> None:
+    # fauth.agent: treq calls to_uri().to_text() on the URL, and its
+    # ContentDecoderAgent copies the Headers (PreparedHeaders.copy keeps the
+    # wire fields) before adding Accept-Encoding; the body goes through the
+    # client's data_to_body_producer.
+    agent = RecordingAgent()
+    jar = NoCookies()
+    http_client = HTTPClient(agent, cookiejar=jar, data_to_body_producer=BytesBody)
+    url = PreEncodedURL.encode("http://auth.test:9999/verify?a=%7e&b=%2F")
+    wire = ((b"Host", b"auth.test:9999"), (b"X-Forwarded-Uri", b"/x"))
+    http_client.request(
+        "POST", url, headers=PreparedHeaders(wire), data=b"body", cookies=jar,
+        allow_redirects=False, unbuffered=True, reactor=Clock(),
+    )
+    ((method, uri, headers, body),) = agent.calls
+    assert (method, uri) == (b"POST", b"http://auth.test:9999/verify?a=%7e&b=%2F")
+    assert isinstance(headers, PreparedHeaders) and headers.wire == wire
+    assert headers.hasHeader(b"accept-encoding")  # added by treq's wrapper, not sent by fauth
+    assert isinstance(body, BytesBody) and body.body == b"body"
+
+
+def test_treq_and_twisted_wrappers_keep_what_they_wrap_as_original() -> None:
+    # fauth.agent.as_sent walks .original beneath treq's response wrappers.
+    from treq.response import _Response
+
+    class Response:
+        length = 0
+
+    response = Response()
+    assert _Response(response, NoCookies()).original is response
+    assert client.GzipDecoder(response).original is response

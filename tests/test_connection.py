@@ -2,11 +2,14 @@
 L{fauth.connection.ClientConnection}, driven synchronously: the peer is a
 L{StringTransport} (what was sent is C{transport.value()}), its answers are
 C{dataReceived} calls and its closing is a C{connectionLost} call.
+
+Every request streams its answer to a sink: L{Collect} keeps the whole
+answer (as the auth leg's reader does), L{Sink} records each call it gets.
 """
 from __future__ import annotations
 
 from io import BytesIO
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, NamedTuple, Optional, Tuple
 
 import pytest
 from twisted.internet import error as net_error
@@ -24,7 +27,7 @@ from twisted.web._newclient import (
 from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
-from fauth.connection import BodyTooLarge, ClientConnection, ClientRequest, FileUpload, Reply
+from fauth.connection import ClientConnection, ClientRequest, FileUpload
 from fauth.h1 import MAX_RESPONSE_HEAD, ResponseHead, request_head
 from fauth.transport import describe_failure
 from tests.harness import LogCapture, outcome
@@ -75,14 +78,71 @@ class PausingTransport(Transport):
                 self.producer.pauseProducing()
 
 
+class Whole(NamedTuple):
+    """A whole answer, as L{Collect.reply} gives it."""
+
+    status: int
+    headers: Any
+    body: bytes
+
+
+class Collect:
+    """
+    A sink that keeps the whole answer: C{body_start} returns the sink
+    itself, so the request's Deferred fires with it once the head is in,
+    and L{reply} is the answer once the body has ended.
+    """
+
+    def __init__(self) -> None:
+        self.producer: Any = None
+        self.head: Optional[ResponseHead] = None
+        self.chunks: List[bytes] = []
+        self.done: List[Optional[Failure]] = []
+
+    def body_start(self, producer: Any, head: ResponseHead) -> "Collect":
+        assert self.head is None, "body_start called twice"
+        self.producer, self.head = producer, head
+        return self
+
+    def body_data(self, data: bytes) -> None:
+        assert self.head is not None and not self.done, "body_data outside the body"
+        self.chunks.append(data)
+
+    def body_done(self, reason: Optional[Failure]) -> None:
+        assert self.head is not None, "body_done before body_start"
+        self.done.append(reason)
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.chunks)
+
+    @property
+    def reply(self) -> Whole:
+        """The answer; only once its body ended, once, without a failure."""
+        assert self.done == [None], self.done
+        assert self.head is not None
+        return Whole(self.head.status, self.head.headers, self.body)
+
+    @property
+    def failure(self) -> Failure:
+        """How the body failed; only once it did, once."""
+        (reason,) = self.done
+        assert isinstance(reason, Failure), reason
+        return reason
+
+
 class Sink:
-    """Records what a streamed answer's sink is told."""
+    """Records what a streamed answer's sink is told; C{body_start} returns L{started}."""
 
     def __init__(self) -> None:
         self.events: List[Tuple[str, Any]] = []
+        self.heads: List[ResponseHead] = []
+        self.started = object()
 
-    def body_start(self, producer: Any) -> None:
+    def body_start(self, producer: Any, head: ResponseHead) -> object:
         self.events.append(("start", producer))
+        self.heads.append(head)
+        return self.started
 
     def body_data(self, data: bytes) -> None:
         self.events.append(("data", data))
@@ -108,6 +168,20 @@ def connect(transport: Optional[Transport] = None) -> Tuple[ClientConnection, Tr
     return connection, transport, pooled
 
 
+def send(
+    connection: ClientConnection,
+    method: bytes = b"GET",
+    head: bytes = GET,
+    body: Optional[bytes] = None,
+    upload: Optional[FileUpload] = None,
+    persistent: bool = True,
+) -> Tuple[Collect, List[Any]]:
+    """Send a request whose answer a new L{Collect} keeps: that sink, and what the request's Deferred fired with."""
+    sink = Collect()
+    results = outcome(connection.request(ClientRequest(method, head, sink, body, upload, persistent)))
+    return sink, results
+
+
 def only(results: List[Any]) -> Any:
     assert len(results) == 1, results
     return results[0]
@@ -127,18 +201,20 @@ def lost(connection: ClientConnection, exception: Optional[Exception] = None) ->
 @pytest.mark.parametrize("body", [None, b"", b"small body", b"b" * (64 * 1024), b"B" * (200 * 1024 + 3)])
 def test_head_and_body_written_as_given(body: Optional[bytes]) -> None:
     connection, transport, _ = connect()
-    connection.request(ClientRequest(b"POST", GET, body))
+    connection.request(ClientRequest(b"POST", GET, Collect(), body))
     assert transport.value() == GET + (body or b"")
     assert connection.state == "WAITING"
     assert not transport.disconnecting
 
 
-def test_has_body_is_what_the_pool_retry_looks_at() -> None:
-    # The pool re-sends a failed request only when it has no body.
-    assert not ClientRequest(b"GET", GET).has_body
-    assert ClientRequest(b"POST", GET, b"").has_body
+def test_body_producer_is_what_the_pool_retry_looks_at() -> None:
+    # Twisted's pool sends a failed request again only when its
+    # bodyProducer is None: an empty body is still a body.
+    assert ClientRequest(b"GET", GET, Collect()).bodyProducer is None
+    assert ClientRequest(b"POST", GET, Collect(), b"").bodyProducer == b""
+    assert ClientRequest(b"POST", GET, Collect(), b"data").bodyProducer == b"data"
     upload = FileUpload(BytesIO(b"x"), 1)
-    assert ClientRequest(b"POST", GET, upload=upload).has_body
+    assert ClientRequest(b"POST", GET, Collect(), upload=upload).bodyProducer is upload
 
 
 def test_connection_made_disables_nagle_on_tcp() -> None:
@@ -154,42 +230,47 @@ def test_connection_made_disables_nagle_on_tcp() -> None:
     assert transport.nodelay is True
 
 
-# -- collected answers
+# -- whole answers
 
 
 def test_collect_content_length_in_pieces() -> None:
     connection, transport, pooled = connect()
-    results = outcome(connection.request(ClientRequest(b"GET", GET)))
-    wire = b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nX-Reply: yes\r\nX-Reply: again\r\n\r\nhello world"
+    sink, results = send(connection)
+    wire = b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nX-Answer: yes\r\nX-Answer: again\r\n\r\nhello world"
+    head_size = wire.index(b"\r\n\r\n") + 4
     for index in range(len(wire) - 1):
         connection.dataReceived(wire[index : index + 1])
-        assert results == [] and pooled == [], index
+        # The Deferred fires with the sink as soon as the head is in; the
+        # body has not ended, and the connection is not pooled, before the last byte.
+        assert results == ([sink] if index + 1 >= head_size else []), index
+        assert sink.done == [] and pooled == [], index
     connection.dataReceived(wire[-1:])
-    reply = only(results)
-    assert isinstance(reply, Reply)
+    reply = sink.reply
     assert (reply.status, reply.body) == (200, b"hello world")
-    assert reply.headers.get(b"x-reply") == [b"yes", b"again"]
+    assert reply.headers.get(b"x-answer") == [b"yes", b"again"]
     assert b"content-length" not in reply.headers
+    assert sink.producer is connection
     assert pooled == [connection] and connection.state == "QUIESCENT"
     assert not transport.disconnecting
 
 
 def test_collect_head_and_body_in_one_packet() -> None:
     connection, _, pooled = connect()
-    results = outcome(connection.request(ClientRequest(b"GET", GET)))
+    sink, results = send(connection)
     connection.dataReceived(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")
-    assert only(results).body == b"ok"
+    assert only(results) is sink
+    assert (sink.reply.status, sink.reply.body) == (201, b"ok")
     assert pooled == [connection]
 
 
 def test_collect_chunked() -> None:
     connection, transport, pooled = connect()
-    results = outcome(connection.request(ClientRequest(b"GET", GET)))
+    sink, results = send(connection)
     connection.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel")
     connection.dataReceived(b"lo\r\n6\r\n world\r\n")
-    assert results == []
+    assert only(results) is sink and sink.done == [] and pooled == []
     connection.dataReceived(b"0\r\nX-Trailer: t\r\n\r\n")
-    reply = only(results)
+    reply = sink.reply
     assert (reply.status, reply.body) == (200, b"hello world")
     assert b"transfer-encoding" not in reply.headers
     assert pooled == [connection] and not transport.disconnecting
@@ -198,12 +279,12 @@ def test_collect_chunked() -> None:
 @pytest.mark.parametrize("status_line", [b"HTTP/1.1 200 OK", b"HTTP/1.0 200 OK"])
 def test_collect_body_until_close(status_line: bytes) -> None:
     connection, _, pooled = connect()
-    results = outcome(connection.request(ClientRequest(b"GET", GET)))
+    sink, results = send(connection)
     connection.dataReceived(status_line + b"\r\nX-A: 1\r\n\r\nuntil ")
     connection.dataReceived(b"the end")
-    assert results == []
+    assert only(results) is sink and sink.done == []
     lost(connection)
-    reply = only(results)
+    reply = sink.reply
     assert (reply.status, reply.body, reply.headers.get(b"x-a")) == (200, b"until the end", [b"1"])
     assert pooled == [] and connection.state == "CONNECTION_LOST"
 
@@ -215,17 +296,18 @@ def test_no_body_answers_complete_at_once() -> None:
         (b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n"),
     ]:
         connection, _, pooled = connect()
-        results = outcome(connection.request(ClientRequest(method, GET)))
+        sink, results = send(connection, method)
         connection.dataReceived(wire)
-        assert only(results).body == b"", wire
+        assert only(results) is sink, wire
+        assert sink.reply.body == b"" and sink.chunks == [], wire
         assert pooled == [connection], wire
 
 
 def test_head_answer_keeps_content_length() -> None:
     connection, _, _ = connect()
-    results = outcome(connection.request(ClientRequest(b"HEAD", GET)))
+    sink, _ = send(connection, b"HEAD")
     connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n")
-    assert only(results).headers.get(b"content-length") == [b"1234"]
+    assert sink.reply.headers.get(b"content-length") == [b"1234"]
 
 
 # -- reuse
@@ -233,44 +315,74 @@ def test_head_answer_keeps_content_length() -> None:
 
 def test_reused_connection_carries_a_second_request() -> None:
     connection, transport, pooled = connect()
-    first = outcome(connection.request(ClientRequest(b"GET", GET)))
+    first, _ = send(connection)
     connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
-    assert only(first).body == b"first"
+    assert first.reply.body == b"first"
     assert pooled == [connection] and connection.state == "QUIESCENT"
 
     second_head = request_head(b"GET", b"/second", [])
-    second = outcome(connection.request(ClientRequest(b"GET", second_head)))
+    second, _ = send(connection, head=second_head)
     assert transport.value() == GET + second_head
     assert connection.state == "WAITING"
     connection.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nsecond\r\n0\r\n\r\n")
-    assert only(second).body == b"second"
+    assert second.reply.body == b"second"
+    assert first.done == [None]  # the first sink hears nothing of the second answer
     assert pooled == [connection, connection]  # once per answer
     assert not transport.disconnecting
 
 
-def test_pooled_before_the_caller_hears() -> None:
+def test_pooled_before_the_sink_hears_of_the_end() -> None:
     # As with Twisted's HTTP11ClientProtocol: the caller's next request may use it.
     connection, _, pooled = connect()
     seen: List[Tuple[str, int]] = []
-    d = connection.request(ClientRequest(b"GET", GET))
-    d.addCallback(lambda reply: seen.append((connection.state, len(pooled))))
+
+    class Watching(Collect):
+        def body_done(self, reason: Optional[Failure]) -> None:
+            seen.append((connection.state, len(pooled)))
+            super().body_done(reason)
+
+    sink = Watching()
+    connection.request(ClientRequest(b"GET", GET, sink))
     connection.dataReceived(OK_EMPTY)
     assert seen == [("QUIESCENT", 1)]
+    assert sink.reply.status == 204
 
 
-def test_next_request_from_the_callback() -> None:
+def test_busy_until_the_body_ends() -> None:
+    # The Deferred fires with the head: the connection still carries the body then.
     connection, transport, _ = connect()
-    second: List[List[Any]] = []
+    refused: List[List[Any]] = []
 
-    def again(reply: Reply) -> None:
-        second.append(outcome(connection.request(ClientRequest(b"GET", b"NEXT\r\n\r\n"))))
-        # Nothing of the first exchange may leak into the second.
-        connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntwo")
+    def again(result: Any) -> None:
+        refused.append(outcome(connection.request(ClientRequest(b"GET", b"NEXT\r\n\r\n", Collect()))))
 
-    first = outcome(connection.request(ClientRequest(b"GET", GET)).addCallback(again))
+    sink = Collect()
+    connection.request(ClientRequest(b"GET", GET, sink)).addCallback(again)
+    connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\non")
+    assert only(only(refused)).check(RequestNotSent)
+    assert transport.value() == GET
+    connection.dataReceived(b"e")
+    assert sink.reply.body == b"one"
+
+
+def test_next_request_from_body_done() -> None:
+    connection, transport, _ = connect()
+    second: List[Collect] = []
+
+    class Again(Collect):
+        def body_done(self, reason: Optional[Failure]) -> None:
+            super().body_done(reason)
+            sink, results = send(connection, head=b"NEXT\r\n\r\n")
+            second.append(sink)
+            # Nothing of the first exchange may leak into the second.
+            connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntwo")
+            assert only(results) is sink
+
+    first = Again()
+    connection.request(ClientRequest(b"GET", GET, first))
     connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none")
-    assert first == [None]
-    assert only(only(second)).body == b"two"
+    assert first.reply.body == b"one"
+    assert only(second).reply.body == b"two"
     assert transport.value() == GET + b"NEXT\r\n\r\n"
 
 
@@ -285,9 +397,9 @@ def test_next_request_from_the_callback() -> None:
 )
 def test_answer_that_ends_the_connection_is_not_reused(wire: bytes) -> None:
     connection, transport, pooled = connect()
-    results = outcome(connection.request(ClientRequest(b"GET", GET)))
+    sink, _ = send(connection)
     connection.dataReceived(wire)
-    assert only(results).body == b"ok"
+    assert sink.reply.body == b"ok"
     assert pooled == []
     assert connection.state == "CLOSING"
     assert transport.disconnecting and transport.aborts == 0  # a clean close
@@ -295,9 +407,9 @@ def test_answer_that_ends_the_connection_is_not_reused(wire: bytes) -> None:
 
 def test_request_not_persistent_is_not_reused() -> None:
     connection, transport, pooled = connect()
-    results = outcome(connection.request(ClientRequest(b"GET", GET, persistent=False)))
+    sink, _ = send(connection, persistent=False)
     connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-    assert only(results).body == b"ok"
+    assert sink.reply.body == b"ok"
     assert pooled == [] and transport.disconnecting
 
 
@@ -312,10 +424,11 @@ def test_request_not_persistent_is_not_reused() -> None:
 )
 def test_stray_bytes_after_an_answer_prevent_reuse(wire: bytes) -> None:
     connection, transport, pooled = connect()
-    results = outcome(connection.request(ClientRequest(b"GET", GET)))
+    sink, _ = send(connection)
     with LogCapture() as logs:
         connection.dataReceived(wire)
-    assert only(results).status in (200, 204)  # the answer itself is fine
+    assert sink.reply.status in (200, 204)  # the answer itself is fine
+    assert sink.reply.body in (b"ok", b"")
     assert logs.contains("192.168.1.1:54321 sent ")
     assert logs.contains("bytes after the end of a response; connection closed, not reused")
     assert pooled == []
@@ -324,13 +437,14 @@ def test_stray_bytes_after_an_answer_prevent_reuse(wire: bytes) -> None:
 
 def test_stray_bytes_in_a_later_packet_close_the_pooled_connection() -> None:
     connection, transport, pooled = connect()
-    outcome(connection.request(ClientRequest(b"GET", GET)))
+    send(connection)
     connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     assert pooled == [connection] and not transport.disconnecting
     connection.dataReceived(b"\r\n")
     assert connection.state == "CLOSING" and transport.disconnecting
     # The pool then finds it not QUIESCENT and does not hand it out.
-    assert only(outcome(connection.request(ClientRequest(b"GET", GET)))).check(RequestNotSent)
+    _, results = send(connection)
+    assert only(results).check(RequestNotSent)
 
 
 def test_data_while_idle_closes_the_connection() -> None:
@@ -352,11 +466,11 @@ def test_quiescent_callback_that_fails_closes_the_connection() -> None:
     connection = ClientConnection(broken)
     transport = Transport()
     connection.makeConnection(transport)
-    results = outcome(connection.request(ClientRequest(b"GET", GET)))
+    sink, _ = send(connection)
     with LogCapture() as logs:
         connection.dataReceived(OK_EMPTY)
     assert logs.contains("could not return a connection to the pool")
-    assert only(results).status == 204  # the answer still gets through
+    assert sink.reply.status == 204  # the answer still gets through
     assert connection.state == "CLOSING" and transport.disconnecting
 
 
@@ -365,13 +479,14 @@ def test_quiescent_callback_that_fails_closes_the_connection() -> None:
 
 def test_interim_answers_are_skipped() -> None:
     connection, _, pooled = connect()
-    results = outcome(connection.request(ClientRequest(b"POST", GET, b"body")))
+    sink, results = send(connection, b"POST", body=b"body")
     connection.dataReceived(b"HTTP/1.1 100 Continue\r\n\r\n")
-    assert results == []
+    assert results == [] and sink.head is None
     connection.dataReceived(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\nHTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 20")
-    assert results == []
+    assert results == [] and sink.head is None
     connection.dataReceived(b"0 OK\r\nContent-Length: 4\r\n\r\ndone")
-    reply = only(results)
+    assert only(results) is sink
+    reply = sink.reply
     assert (reply.status, reply.body) == (200, b"done")
     assert b"link" not in reply.headers  # the hints were the interim answer's
     assert pooled == [connection]
@@ -387,6 +502,28 @@ def test_interim_answers_are_skipped() -> None:
         (b"SSH-2.0-OpenSSH\r\n\r\n", "bad response: bad status line b'SSH-2.0-OpenSSH\\r'"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\n", "bad response: conflicting Content-Length b'1, 2'"),
         (b"HTTP/1.1 200 OK\r\nX: a\x00b\r\n\r\n", "bad response: control character in header value b'X'"),
+    ],
+)
+def test_parse_error_in_the_head_fails_the_request(wire: bytes, message: str) -> None:
+    connection, transport, pooled = connect()
+    sink, results = send(connection)
+    connection.dataReceived(wire)
+    failure = only(results)
+    assert isinstance(failure, Failure) and failure.check(ResponseFailed)
+    assert not failure.check(ResponseNeverReceived)
+    assert reasons(failure)[0].check(ParseError)
+    assert describe_failure(failure) == message
+    assert sink.head is None and sink.done == []  # the sink never heard of it
+    assert transport.aborts == 1 and pooled == [] and connection.state == "CLOSING"
+    # Whatever else comes, or the end, is not an answer to anything.
+    connection.dataReceived(b"HTTP/1.1 200 OK\r\n\r\n")
+    lost(connection)
+    assert len(results) == 1 and sink.head is None
+
+
+@pytest.mark.parametrize(
+    "wire, message",
+    [
         (
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokX",
             "bad response: missing CRLF after a chunk b'X'",
@@ -394,25 +531,24 @@ def test_interim_answers_are_skipped() -> None:
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "bad response: bad chunk size b'zz\\r'"),
     ],
 )
-def test_parse_error_fails_the_request(wire: bytes, message: str) -> None:
+def test_parse_error_in_the_body_fails_the_body(wire: bytes, message: str) -> None:
     connection, transport, pooled = connect()
-    results = outcome(connection.request(ClientRequest(b"GET", GET)))
+    sink, results = send(connection)
     connection.dataReceived(wire)
-    failure = only(results)
-    assert isinstance(failure, Failure) and failure.check(ResponseFailed)
+    assert only(results) is sink  # the head was fine
+    failure = sink.failure
+    assert failure.check(ResponseFailed)
     assert reasons(failure)[0].check(ParseError)
-    assert describe_failure(failure).startswith("bad response:")
     assert describe_failure(failure) == message
     assert transport.aborts == 1 and pooled == [] and connection.state == "CLOSING"
-    # Whatever else comes, or the end, is not an answer to anything.
-    connection.dataReceived(b"HTTP/1.1 200 OK\r\n\r\n")
+    connection.dataReceived(b"0\r\n\r\n")
     lost(connection)
-    assert len(results) == 1
+    assert len(sink.done) == 1 and len(results) == 1
 
 
 def test_head_too_large() -> None:
     connection, transport, _ = connect()
-    results = outcome(connection.request(ClientRequest(b"GET", GET)))
+    _, results = send(connection)
     start = b"HTTP/1.1 200 OK\r\nX-Big: "
     connection.dataReceived(start + b"x" * (MAX_RESPONSE_HEAD - len(start)))
     assert results == []  # at the limit, not over it
@@ -423,7 +559,7 @@ def test_head_too_large() -> None:
 
 def test_too_many_headers_before_the_end_of_a_large_head() -> None:
     connection, _, _ = connect()
-    results = outcome(connection.request(ClientRequest(b"GET", GET)))
+    _, results = send(connection)
     # Over the size limit with its end not in sight: the message says why.
     connection.dataReceived(b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 600 + b"X-Big: " + b"x" * MAX_RESPONSE_HEAD)
     assert describe_failure(only(results)) == "bad response: too many headers"
@@ -431,61 +567,33 @@ def test_too_many_headers_before_the_end_of_a_large_head() -> None:
 
 def test_too_many_headers_in_a_small_head() -> None:
     connection, _, _ = connect()
-    results = outcome(connection.request(ClientRequest(b"GET", GET)))
+    _, results = send(connection)
     connection.dataReceived(b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 501 + b"\r\n")
     assert describe_failure(only(results)) == "bad response: too many headers"
-
-
-@pytest.mark.parametrize(
-    "wire",
-    [
-        b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nhello world",
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nhello \r\n5\r\nworld\r\n0\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\n\r\nhello world",
-    ],
-)
-def test_body_over_limit(wire: bytes) -> None:
-    connection, transport, pooled = connect()
-    results = outcome(connection.request(ClientRequest(b"GET", GET, limit=10)))
-    connection.dataReceived(wire)
-    failure = only(results)
-    assert failure.check(ResponseFailed)
-    assert reasons(failure)[0].check(BodyTooLarge)
-    assert describe_failure(failure) == "response body too large"
-    assert transport.aborts == 1 and pooled == []
-    lost(connection)
-    assert len(results) == 1
-
-
-def test_body_at_limit() -> None:
-    connection, _, pooled = connect()
-    results = outcome(connection.request(ClientRequest(b"GET", GET, limit=11)))
-    connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nhello")
-    connection.dataReceived(b" world")
-    assert only(results).body == b"hello world"
-    assert pooled == [connection]
 
 
 @pytest.mark.parametrize("exception", [net_error.ConnectionDone(), net_error.ConnectionLost()])
 def test_lost_before_any_byte(exception: Exception) -> None:
     connection, _, pooled = connect()
-    results = outcome(connection.request(ClientRequest(b"GET", GET)))
+    sink, results = send(connection)
     lost(connection, exception)
     failure = only(results)
     assert failure.check(ResponseNeverReceived)  # what the pool retries an idempotent request on
     assert reasons(failure)[0].value is exception
     assert describe_failure(failure) == "closed"
+    assert sink.head is None and sink.done == []
     assert connection.state == "CONNECTION_LOST" and pooled == []
 
 
 def test_lost_mid_head() -> None:
     connection, _, _ = connect()
-    results = outcome(connection.request(ClientRequest(b"GET", GET)))
+    sink, results = send(connection)
     connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Le")
     lost(connection)
     failure = only(results)
     assert failure.check(ResponseFailed) and not failure.check(ResponseNeverReceived)
     assert describe_failure(failure) == "closed"
+    assert sink.head is None and sink.done == []
 
 
 @pytest.mark.parametrize(
@@ -499,20 +607,21 @@ def test_lost_mid_head() -> None:
 )
 def test_lost_mid_body(wire: bytes) -> None:
     connection, _, pooled = connect()
-    results = outcome(connection.request(ClientRequest(b"GET", GET)))
+    sink, results = send(connection)
     connection.dataReceived(wire)
-    assert results == []
+    assert only(results) is sink and sink.done == []
     lost(connection)
-    failure = only(results)
+    failure = sink.failure
     assert failure.check(ResponseFailed)
     assert reasons(failure)[0].check(_DataLoss)  # a short body is never a whole answer
     assert describe_failure(failure) == "closed"
-    assert pooled == []
+    assert len(results) == 1 and pooled == []
 
 
 def test_cancel_before_the_head() -> None:
     connection, transport, pooled = connect()
-    d = connection.request(ClientRequest(b"GET", GET))
+    sink = Collect()
+    d = connection.request(ClientRequest(b"GET", GET, sink))
     results = outcome(d)
     connection.dataReceived(b"HTTP/1.1 200 OK\r\n")
     d.cancel()
@@ -523,28 +632,32 @@ def test_cancel_before_the_head() -> None:
     connection.dataReceived(b"Content-Length: 0\r\n\r\n")
     lost(connection)
     assert len(results) == 1 and pooled == []
+    assert sink.head is None and sink.done == []
 
 
-def test_cancel_while_collecting_the_body() -> None:
+def test_cancel_after_the_head_is_too_late() -> None:
+    # The Deferred has fired: stopping the body is the producer's
+    # stopProducing (see the streamed tests), not a cancel.
     connection, transport, pooled = connect()
-    d = connection.request(ClientRequest(b"GET", GET))
-    results = outcome(d)
-    connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
+    sink = Collect()
+    d = connection.request(ClientRequest(b"GET", GET, sink))
+    connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nhalf")
     d.cancel()
-    assert only(results).check(CancelledError)
-    assert transport.aborts == 1
+    assert transport.aborts == 0 and connection.state == "WAITING"
     connection.dataReceived(b"the rest")
-    assert len(results) == 1 and pooled == []
+    assert sink.reply.body == b"halfthe rest"
+    assert pooled == [connection]
 
 
 def test_request_while_busy_is_not_sent() -> None:
     connection, transport, _ = connect()
-    first = outcome(connection.request(ClientRequest(b"GET", GET)))
-    refused = outcome(connection.request(ClientRequest(b"GET", b"SECOND\r\n\r\n")))
+    first, _ = send(connection)
+    second, refused = send(connection, head=b"SECOND\r\n\r\n")
     assert only(refused).check(RequestNotSent)
     assert transport.value() == GET
     connection.dataReceived(OK_EMPTY)  # the first is unaffected
-    assert only(first).status == 204
+    assert first.reply.status == 204
+    assert second.head is None and second.done == []
 
 
 @pytest.mark.parametrize("how", ["closing", "lost"])
@@ -554,7 +667,8 @@ def test_request_on_a_closed_connection_is_not_sent(how: str) -> None:
         connection.abort()
     else:
         lost(connection)
-    assert only(outcome(connection.request(ClientRequest(b"GET", GET)))).check(RequestNotSent)
+    _, results = send(connection)
+    assert only(results).check(RequestNotSent)
     assert transport.value() == b""
 
 
@@ -564,16 +678,18 @@ def test_request_on_a_closed_connection_is_not_sent(how: str) -> None:
 def test_stream_body_to_a_sink() -> None:
     connection, transport, pooled = connect()
     sink = Sink()
-    heads: List[Any] = []
+    fired: List[Any] = []
 
-    def got_head(head: ResponseHead) -> None:
+    def got_head(result: Any) -> None:
         # The sink knows its producer before the caller hears of the head.
-        heads.append((head, list(sink.events)))
+        fired.append((result, list(sink.events)))
 
-    connection.request(ClientRequest(b"GET", GET, sink=sink)).addCallback(got_head)
+    connection.request(ClientRequest(b"GET", GET, sink)).addCallback(got_head)
     connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nX-A: 1\r\n\r\nfirst")
-    (head, events_then), = heads
+    ((result, events_then),) = fired
+    assert result is sink.started  # what body_start returned
     assert events_then == [("start", connection)]
+    head = only(sink.heads)
     assert (head.status, head.reason, head.length, head.headers.get(b"x-a")) == (200, b"OK", 11, [b"1"])
     assert sink.events == [("start", connection), ("data", b"first")]
     connection.dataReceived(b"secon")
@@ -587,9 +703,10 @@ def test_stream_body_to_a_sink() -> None:
 def test_stream_chunked() -> None:
     connection, _, pooled = connect()
     sink = Sink()
-    heads = outcome(connection.request(ClientRequest(b"GET", GET, sink=sink)))
+    results = outcome(connection.request(ClientRequest(b"GET", GET, sink)))
     connection.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
-    assert only(heads).length is UNKNOWN_LENGTH and only(heads).chunked
+    assert only(results) is sink.started
+    assert only(sink.heads).length is UNKNOWN_LENGTH and only(sink.heads).chunked
     connection.dataReceived(b"2\r\nde\r\n0\r\n\r\n")
     assert sink.body == b"abcde" and sink.done == [None]
     assert pooled == [connection]
@@ -598,7 +715,7 @@ def test_stream_chunked() -> None:
 def test_stream_body_until_close() -> None:
     connection, _, pooled = connect()
     sink = Sink()
-    outcome(connection.request(ClientRequest(b"GET", GET, sink=sink)))
+    connection.request(ClientRequest(b"GET", GET, sink))
     connection.dataReceived(b"HTTP/1.1 200 OK\r\n\r\nall of it")
     assert sink.done == []
     lost(connection)
@@ -609,9 +726,10 @@ def test_stream_body_until_close() -> None:
 def test_stream_no_body() -> None:
     connection, _, pooled = connect()
     sink = Sink()
-    heads = outcome(connection.request(ClientRequest(b"HEAD", GET, sink=sink)))
+    results = outcome(connection.request(ClientRequest(b"HEAD", GET, sink)))
     connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
-    assert only(heads).headers.get(b"content-length") == [b"5"]
+    assert only(results) is sink.started
+    assert only(sink.heads).headers.get(b"content-length") == [b"5"]
     assert sink.events == [("start", connection), ("done", None)]
     assert pooled == [connection]
 
@@ -619,19 +737,20 @@ def test_stream_no_body() -> None:
 def test_stream_lost_before_the_head() -> None:
     connection, _, _ = connect()
     sink = Sink()
-    heads = outcome(connection.request(ClientRequest(b"GET", GET, sink=sink)))
+    results = outcome(connection.request(ClientRequest(b"GET", GET, sink)))
     lost(connection)
-    assert only(heads).check(ResponseNeverReceived)
+    assert only(results).check(ResponseNeverReceived)
     assert sink.events == []  # the sink only hears of a body that started
 
 
 def test_stream_lost_mid_body() -> None:
     connection, _, _ = connect()
     sink = Sink()
-    heads = outcome(connection.request(ClientRequest(b"GET", GET, sink=sink)))
+    results = outcome(connection.request(ClientRequest(b"GET", GET, sink)))
     connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
     lost(connection)
-    assert only(heads).status == 200
+    assert only(results) is sink.started
+    assert only(sink.heads).status == 200
     (reason,) = sink.done
     assert isinstance(reason, Failure) and reason.check(ResponseFailed)
     assert describe_failure(reason) == "closed"
@@ -640,11 +759,12 @@ def test_stream_lost_mid_body() -> None:
 def test_stream_parse_error_mid_body() -> None:
     connection, transport, _ = connect()
     sink = Sink()
-    outcome(connection.request(ClientRequest(b"GET", GET, sink=sink)))
+    connection.request(ClientRequest(b"GET", GET, sink))
     connection.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n")
     connection.dataReceived(b"nope\r\n")
     (reason,) = sink.done
     assert sink.body == b"ok"
+    assert isinstance(reason, Failure)
     assert describe_failure(reason) == "bad response: bad chunk size b'nope\\r'"
     assert transport.aborts == 1
 
@@ -652,12 +772,13 @@ def test_stream_parse_error_mid_body() -> None:
 def test_stream_stop_producing_mid_body() -> None:
     connection, transport, pooled = connect()
     sink = Sink()
-    outcome(connection.request(ClientRequest(b"GET", GET, sink=sink)))
+    connection.request(ClientRequest(b"GET", GET, sink))
     connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
     connection.stopProducing()
     (reason,) = sink.done
     assert isinstance(reason, Failure) and reason.check(ResponseFailed)
     assert reason.value.reasons[0].check(net_error.ConnectionAborted)
+    assert describe_failure(reason) == "closed"
     assert transport.aborts == 1 and connection.state == "CLOSING"
     # The rest and the end are not delivered, and the sink is told only once.
     connection.dataReceived(b"the rest")
@@ -673,11 +794,32 @@ def test_stream_stop_producing_from_the_head_callback() -> None:
     # body bytes from the same packet must not reach the sink then.
     connection, transport, pooled = connect()
     sink = Sink()
-    d = connection.request(ClientRequest(b"GET", GET, sink=sink))
-    d.addCallback(lambda head: connection.stopProducing())
+    d = connection.request(ClientRequest(b"GET", GET, sink))
+    d.addCallback(lambda result: connection.stopProducing())
     connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbody")
     assert [kind for kind, _ in sink.events] == ["start", "done"]
     assert sink.done[0] is not None
+    assert transport.aborts == 1 and pooled == []
+
+
+def test_stream_stop_producing_from_body_start() -> None:
+    # A sink may refuse on the head alone (a length over its cap, say): it is
+    # told of the stop itself, and the Deferred still fires with its result.
+    connection, transport, pooled = connect()
+    sink = Sink()
+    start = sink.body_start
+
+    def body_start(producer: Any, head: ResponseHead) -> Any:
+        result = start(producer, head)
+        connection.stopProducing()
+        return result
+
+    sink.body_start = body_start  # type: ignore[method-assign]
+    results = outcome(connection.request(ClientRequest(b"GET", GET, sink)))
+    connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbody")
+    assert only(results) is sink.started
+    assert [kind for kind, _ in sink.events] == ["start", "done"]
+    assert sink.done[0] is not None and sink.done[0].check(ResponseFailed)
     assert transport.aborts == 1 and pooled == []
 
 
@@ -690,7 +832,7 @@ def test_stream_stop_producing_from_body_data() -> None:
         connection.stopProducing()
 
     sink.body_data = body_data  # type: ignore[method-assign]
-    outcome(connection.request(ClientRequest(b"GET", GET, sink=sink)))
+    connection.request(ClientRequest(b"GET", GET, sink))
     connection.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n1\r\nb\r\n0\r\n\r\n")
     assert sink.body == b"a"
     assert len(sink.done) == 1 and sink.done[0] is not None
@@ -700,7 +842,7 @@ def test_stream_stop_producing_from_body_data() -> None:
 def test_pause_and_resume_reach_the_transport() -> None:
     connection, transport, pooled = connect()
     sink = Sink()
-    outcome(connection.request(ClientRequest(b"GET", GET, sink=sink)))
+    connection.request(ClientRequest(b"GET", GET, sink))
     connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nab")
     connection.pauseProducing()
     assert transport.producerState == "paused"
@@ -733,19 +875,19 @@ def test_upload_writes_every_byte_and_unregisters() -> None:
     connection, transport, pooled = connect()
     data = bytes(range(256)) * 1000 + b"tail"  # several 64 KiB reads
     upload = FileUpload(BytesIO(data), len(data))
-    results = outcome(connection.request(ClientRequest(b"PUT", GET, upload=upload)))
+    sink, _ = send(connection, b"PUT", upload=upload)
     assert transport.value() == GET + data
     assert transport.registrations == [("register", (upload, True)), ("unregister", upload)]
     assert transport.producer is None and upload.done
     connection.dataReceived(OK_EMPTY)
-    assert only(results).status == 204
+    assert sink.reply.status == 204
     assert pooled == [connection] and transport.aborts == 0
 
 
 def test_upload_reads_no_more_than_its_length() -> None:
     connection, transport, _ = connect()
     upload = FileUpload(BytesIO(b"0123456789"), 4)
-    connection.request(ClientRequest(b"PUT", GET, upload=upload))
+    send(connection, b"PUT", upload=upload)
     assert transport.value() == GET + b"0123"
 
 
@@ -753,7 +895,7 @@ def test_upload_with_backpressure() -> None:
     connection, transport, pooled = connect(PausingTransport(pause_after=64 * 1024))
     data = b"u" * (150 * 1024)
     upload = FileUpload(BytesIO(data), len(data))
-    connection.request(ClientRequest(b"PUT", GET, upload=upload))
+    send(connection, b"PUT", upload=upload)
     assert transport.value() == GET + data[: 64 * 1024]
     assert transport.producer is upload and not upload.done
     upload.resumeProducing()
@@ -768,7 +910,7 @@ def test_upload_with_backpressure() -> None:
 def test_upload_shorter_than_its_length_fails_the_request() -> None:
     connection, transport, pooled = connect()
     upload = FileUpload(BytesIO(b"x" * 100), 1000)
-    results = outcome(connection.request(ClientRequest(b"PUT", GET, upload=upload)))
+    sink, results = send(connection, b"PUT", upload=upload)
     failure = only(results)
     assert failure.check(ResponseNeverReceived)
     assert reasons(failure)[0].check(_DataLoss)
@@ -777,6 +919,7 @@ def test_upload_shorter_than_its_length_fails_the_request() -> None:
     assert connection.state == "CLOSING" and pooled == []
     lost(connection)
     assert len(results) == 1
+    assert sink.head is None and sink.done == []
 
 
 def test_upload_read_error_fails_the_request() -> None:
@@ -785,7 +928,7 @@ def test_upload_read_error_fails_the_request() -> None:
             raise OSError("disk gone")
 
     connection, transport, _ = connect()
-    results = outcome(connection.request(ClientRequest(b"PUT", GET, upload=FileUpload(Broken(), 10))))
+    _, results = send(connection, b"PUT", upload=FileUpload(Broken(), 10))
     failure = only(results)
     assert reasons(failure)[0].check(OSError)
     assert transport.aborts == 1 and transport.producer is None
@@ -796,10 +939,10 @@ def test_early_answer_stops_a_paused_upload() -> None:
     connection, transport, pooled = connect(PausingTransport(pause_after=64 * 1024))
     data = b"u" * (200 * 1024)
     upload = FileUpload(BytesIO(data), len(data))
-    results = outcome(connection.request(ClientRequest(b"PUT", GET, upload=upload)))
+    sink, _ = send(connection, b"PUT", upload=upload)
     assert not upload.done and transport.producer is upload
     connection.dataReceived(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n")
-    assert only(results).status == 413
+    assert sink.reply.status == 413
     assert upload.done and transport.producer is None
     assert transport.aborts == 1 and connection.state == "CLOSING"
     assert pooled == []
@@ -813,7 +956,7 @@ def test_early_answer_streamed() -> None:
     data = b"u" * (200 * 1024)
     upload = FileUpload(BytesIO(data), len(data))
     sink = Sink()
-    connection.request(ClientRequest(b"PUT", GET, upload=upload, sink=sink))
+    connection.request(ClientRequest(b"PUT", GET, sink, upload=upload))
     connection.dataReceived(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno")
     assert sink.body == b"no" and sink.done == [None]
     assert upload.done and transport.producer is None and transport.aborts == 1
@@ -824,7 +967,7 @@ def test_lost_mid_upload_stops_it() -> None:
     connection, transport, _ = connect(PausingTransport(pause_after=64 * 1024))
     data = b"u" * (200 * 1024)
     upload = FileUpload(BytesIO(data), len(data))
-    results = outcome(connection.request(ClientRequest(b"PUT", GET, upload=upload)))
+    _, results = send(connection, b"PUT", upload=upload)
     lost(connection, net_error.ConnectionLost())
     assert upload.done and transport.producer is None
     assert describe_failure(only(results)) == "closed"
@@ -834,14 +977,14 @@ def test_cancel_mid_upload_stops_it() -> None:
     connection, transport, _ = connect(PausingTransport(pause_after=64 * 1024))
     data = b"u" * (200 * 1024)
     upload = FileUpload(BytesIO(data), len(data))
-    d = connection.request(ClientRequest(b"PUT", GET, upload=upload))
+    d = connection.request(ClientRequest(b"PUT", GET, Collect(), upload=upload))
     results = outcome(d)
     d.cancel()
     assert only(results).check(CancelledError)
     assert upload.done and transport.producer is None and transport.aborts == 1
 
 
-# -- abort, for the pool
+# -- closing, for the pool
 
 
 def test_abort_fires_when_the_connection_is_lost() -> None:
@@ -858,7 +1001,7 @@ def test_abort_fires_when_the_connection_is_lost() -> None:
 
 def test_abort_during_a_request_fails_it() -> None:
     connection, _, _ = connect()
-    results = outcome(connection.request(ClientRequest(b"GET", GET)))
+    _, results = send(connection)
     closed = outcome(connection.abort())
     assert results == []
     lost(connection)
@@ -866,29 +1009,53 @@ def test_abort_during_a_request_fails_it() -> None:
     assert describe_failure(only(results)) == "closed"
 
 
-def test_stop_producing_without_a_sink_fails_the_call() -> None:
+def test_when_closed_waits_for_the_end_without_closing() -> None:
     connection, transport, pooled = connect()
-    d = connection.request(ClientRequest(b"GET", GET))
+    first = outcome(connection.when_closed())
+    second = outcome(connection.when_closed())
+    assert first == [] and second == []
+    assert not transport.disconnecting and connection.state == "QUIESCENT"
+    # The connection still carries a request meanwhile.
+    sink, _ = send(connection)
+    connection.dataReceived(OK_EMPTY)
+    assert sink.reply.status == 204 and pooled == [connection]
+    assert first == [] and second == []
+    lost(connection)
+    assert first == [None] and second == [None]
+    assert only(outcome(connection.when_closed())) is None  # already closed: at once
+
+
+def test_when_closed_after_stop_producing() -> None:
+    # What a sink stopping a body waits on: the connection aborted, then gone.
+    connection, transport, _ = connect()
+    sink = Sink()
+    connection.request(ClientRequest(b"GET", GET, sink))
     connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
     connection.stopProducing()
-    failures: List[Failure] = []
-    d.addErrback(failures.append)
-    assert len(failures) == 1 and describe_failure(failures[0]) == "closed"
-    assert transport.aborts == 1 and pooled == []
+    closed = outcome(connection.when_closed())
+    assert transport.aborts == 1 and closed == []
+    lost(connection, net_error.ConnectionAborted())
+    assert closed == [None]
+    assert len(sink.done) == 1  # the loss is not news to the sink
 
 
 def test_a_caller_reusing_the_connection_at_once_gets_its_own_answer() -> None:
     # The pool may hand the connection out again from inside the quiescent
-    # callback: the first caller's answer must already be taken by then.
-    replies: List[Any] = []
+    # callback: the first sink must still be told of its own end, and the
+    # second answer go to the second sink only.
+    sinks: List[Collect] = []
 
     def reuse(connection: ClientConnection) -> None:
-        connection.request(ClientRequest(b"GET", GET)).addCallback(replies.append)
+        if len(sinks) < 2:
+            sinks.append(send(connection)[0])
 
     connection = ClientConnection(reuse)
     connection.makeConnection(Transport())
-    connection.request(ClientRequest(b"GET", GET)).addCallback(replies.append)
+    sinks.append(send(connection)[0])
     connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
-    assert [r.body for r in replies] == [b"first"]
+    first, second = sinks
+    assert first.reply.body == b"first"
+    assert second.head is None and connection.state == "WAITING"
     connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
-    assert [r.body for r in replies] == [b"first", b"second"]
+    assert first.reply.body == b"first"
+    assert second.reply.body == b"second"

@@ -19,6 +19,7 @@ from twisted.application.service import MultiService
 from twisted.internet.error import ConnectionRefusedError
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from fauth.config import ForwardAuthConf, parse_config, parse_forward_auth
 from fauth.demo import DemoAuthResource, EchoResource
@@ -269,3 +270,75 @@ def test_gateway_site_traverses_any_root_but_the_gateway() -> None:
     request.gotLength(0)
     request.requestReceived(b"GET", b"/a/b", b"HTTP/1.1")
     assert seen == [[b"a", b"b"]]
+
+
+class CountingDemoAuth(DemoAuthResource):
+    """The demo auth service, noting the client port of every request it answers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.client_ports: List[int] = []
+
+    def render(self, request: Any) -> Any:
+        self.client_ports.append(request.getClientAddress().port)
+        return super().render(request)
+
+
+@ensureDeferred
+async def test_one_application_pool_serves_its_treq_calls_and_the_auth_calls(env: Env) -> None:
+    auth = CountingDemoAuth()
+    auth_url = await env.serve(auth)
+    pool = HTTPConnectionPool(env.reactor, persistent=True)
+    app_client = HTTPClient(Agent(env.reactor, pool=pool))
+    try:
+        # The application's own call leaves a connection in its pool ...
+        response = await app_client.get(auth_url + "/", headers={"Authorization": "123"})
+        assert response.code == 200
+        await response.content()
+        resource = ForwardAuthResource(user_tree(), env.conf(uri=auth_url + "/"), reactor=env.reactor, pool=pool)
+        assert resource.auth_clients.get(resource._auth.conf).pool is pool
+        base = await env.serve(resource)
+        # ... which fauth's auth calls then use (Twisted's own protocol),
+        # allowed and denied alike, and give back.
+        response, body = await env.get(base + "/hello", {"Authorization": "321"})
+        assert (response.code, body) == (200, b"hello i-am-user")
+        response, body = await env.get(base + "/hello")
+        assert response.code == 403 and body == b"403 Forbidden"
+        assert response.headers.getRawHeaders(b"location") == [b"http://example.com/auth"]
+        response = await app_client.get(auth_url + "/", headers={"Authorization": "123"})
+        assert response.code == 200
+        await response.content()
+        assert len(auth.client_ports) == 4 and len(set(auth.client_ports)) == 1
+        # The application's pool is the application's: fauth does not close it.
+        await resource.auth_clients.close()
+        assert len(set(pool._connections.get((b"http", b"127.0.0.1", int(auth_url.rsplit(":", 1)[1])), []))) == 1
+    finally:
+        await pool.closeCachedConnections()
+
+
+@ensureDeferred
+async def test_an_application_pool_call_is_bounded_by_the_timeout_body_included(env: Env) -> None:
+    class StallingBody(Resource):
+        isLeaf = True
+
+        def render(self, request: Any) -> Any:
+            request.setResponseCode(403)
+            request.setHeader(b"Content-Length", b"100")
+            request.write(b"only part of it")
+            return NOT_DONE_YET
+
+    auth_url = await env.serve(StallingBody())
+    pool = HTTPConnectionPool(env.reactor, persistent=True)
+    try:
+        resource = ForwardAuthResource(
+            user_tree(), env.conf(uri=auth_url + "/", timeout=300, status_on_error=503), reactor=env.reactor, pool=pool
+        )
+        base = await env.serve(resource)
+        started = env.reactor.seconds()
+        response, body = await env.get(base + "/hello")
+        assert response.code == 503
+        assert env.reactor.seconds() - started < 2.0
+        # The half-read connection was closed, not given back to the pool.
+        assert all(not connections for connections in pool._connections.values())
+    finally:
+        await pool.closeCachedConnections()

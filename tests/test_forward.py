@@ -13,7 +13,7 @@ from twisted.web.http_headers import Headers
 from fauth.config import Node, UpstreamConf, UpstreamTimeouts
 from fauth.h1 import ReplyHeaders, ResponseHead
 from fauth.inbound import InboundRequest
-from fauth.pools import ConnectionPool
+from fauth.pool import StrictConnectionPool
 from fauth.proxy import UpstreamProxy
 
 
@@ -78,7 +78,7 @@ def inbound_of(request: FakeRequest) -> InboundRequest:
 
 def _setup(timeouts: UpstreamTimeouts = UpstreamTimeouts()) -> Any:
     clock = Clock()
-    pool = ConnectionPool(clock)
+    pool = StrictConnectionPool(clock)
     conf = UpstreamConf(nodes=(Node("127.0.0.1", 9),), timeout=timeouts)
     proxy = UpstreamProxy(conf, clock, pool)
     endpoint = Endpoint()
@@ -140,12 +140,11 @@ class LateConnector:
 
     def request(self, scheme: bytes, host: bytes, port: int, outgoing: Any) -> Deferred:
         def too_late(d: Deferred) -> None:
-            outgoing.sink.body_start(self.upstream)
             head = ResponseHead(
                 200, b"OK", ReplyHeaders({b"content-type": [b"application/octet-stream"]}),
                 self.length, False, True, frozenset(),
             )
-            d.callback(head)
+            d.callback(outgoing.sink.body_start(self.upstream, head))
             sent = 0
             while not self.upstream.stopped and sent < self.length:
                 outgoing.sink.body_data(b"x" * 65536)

@@ -19,7 +19,7 @@ from twisted.internet.task import deferLater
 
 from fauth.demo import DemoAuthResource, EchoResource
 from fauth.metrics import DURATION_BUCKETS, Histogram
-from fauth.pools import target_label
+from fauth.pool import target_label
 from tests.adminenv import KEY, AdminEnv, Slow, free_ports, start_admin_env
 from tests.servers import listen_on_loopback, port_url
 

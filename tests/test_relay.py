@@ -7,7 +7,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from fauth.h1 import ReplyHeaders, ResponseHead
 from fauth.proxy import _Relay
+
+HEAD = ResponseHead(200, b"OK", ReplyHeaders(), 2, False, True, frozenset())
 
 
 class Upstream:
@@ -66,7 +69,7 @@ def test_a_slow_but_steady_body_is_never_cut() -> None:
     relay, request, _ = relay_on(clock, response_timeout=10.0, idle=3.0)
     upstream = Upstream()
     clock.advance(8)  # the head comes late, but in time
-    relay.body_start(upstream)
+    assert relay.body_start(upstream, HEAD) is HEAD
     relay.relay()
     for _ in range(10):  # 20 s of body, a chunk every 2 s
         clock.advance(2)
@@ -83,7 +86,7 @@ def test_a_slow_but_steady_body_is_never_cut() -> None:
 def test_the_end_of_the_body_stops_the_timer() -> None:
     clock = Clock()
     relay, request, _ = relay_on(clock)
-    relay.body_start(Upstream())
+    relay.body_start(Upstream(), HEAD)
     relay.relay()
     relay.body_data(b"ok")
     relay.body_done(None)
@@ -98,7 +101,7 @@ def test_idle_deadline_after_a_late_head_when_send_exceeds_read() -> None:
     relay, _, _ = relay_on(clock, response_timeout=11.0, idle=1.0)
     upstream = Upstream()
     clock.advance(1.5)
-    relay.body_start(upstream)
+    relay.body_start(upstream, HEAD)
     relay.relay()
     relay.body_data(b"0123456789")
     clock.advance(0.9)
@@ -111,7 +114,7 @@ def test_the_server_stopping_the_relay_means_the_client_is_gone() -> None:
     clock = Clock()
     relay, request, _ = relay_on(clock)
     upstream = Upstream()
-    relay.body_start(upstream)
+    relay.body_start(upstream, HEAD)
     relay.relay()
     assert request.producers == [relay]
     relay.stopProducing()
