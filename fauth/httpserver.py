@@ -42,8 +42,9 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web import http, server
 from twisted.web.resource import IResource
@@ -62,6 +63,10 @@ _TARGET = re.compile(rb"[\x21-\x7e]+\Z")
 # Content-Length: digits only, and few enough to fit 63 bits.
 _LENGTH = re.compile(rb"[0-9]{1,18}\Z")
 _MAX_CHUNK_SIZE = 2**63 - 1
+# A block of header lines each of which passes the per-line checks of
+# lineReceived: a token, a colon, a value without control characters (HTAB
+# allowed), CRLF.  Obs-fold and whitespace before the colon fail it.
+_FIELD_LINES = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
 
 _REASONS = {
     400: b"Bad Request",
@@ -96,11 +101,19 @@ class HardenedHTTPChannel(http.HTTPChannel):
     @param limits: C{max_request_line}, C{max_headers}, C{max_header_bytes},
         C{header_timeout}, C{body_timeout} (the idle timeout is the
         factory's C{timeOut}, set by L{HardenedSite}).
+    @param clock: what the deadlines are read from: the reactor whose
+        C{callLater} the factory gives the channel (the global one by
+        default, imported only then).
     """
 
-    def __init__(self, limits: HttpLimits = HttpLimits()) -> None:
+    def __init__(self, limits: HttpLimits = HttpLimits(), clock: Optional[IReactorTime] = None) -> None:
         super().__init__()
         self._limits = limits
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self._clock = clock.seconds  # type: ignore[union-attr]
+        self._deadline: Optional[Tuple[float, str]] = None
+        self._fields_checked = False
         # Twisted's own limits answer 400; ours are checked first (and
         # answer 414/431), so Twisted's must never trigger before them.
         self.maxHeaders = limits.max_headers + 1
@@ -140,18 +153,46 @@ class HardenedHTTPChannel(http.HTTPChannel):
 
     # -- timers --------------------------------------------------------------
 
+    # One timer per connection, not a callLater and a cancel per request:
+    # a phase only notes its deadline, and the timer, when it fires,
+    # re-arms itself for whatever deadline is set by then (or stops).
+
     def _start_timer(self, seconds: float, phase: str) -> None:
-        self._cancel_timer()
-        if seconds and math.isfinite(seconds):
-            self._timer = self.callLater(seconds, self._timed_out, phase)
+        """The current C{phase} must be over within C{seconds}."""
+        if not seconds or not math.isfinite(seconds):
+            self._deadline = None
+            return
+        now = self._clock()
+        self._deadline = (now + seconds, phase)
+        timer = self._timer
+        if timer is None:
+            self._timer = self.callLater(seconds, self._check_deadline)
+        elif timer.getTime() > now + seconds:
+            timer.reset(seconds)  # rare: moving a timer sooner scans the reactor's heap
 
     def _cancel_timer(self) -> None:
+        """No deadline: the timer, if any, finds nothing due and stops."""
+        self._deadline = None
+
+    def _stop_timer(self) -> None:
+        self._deadline = None
         timer, self._timer = self._timer, None
         if timer is not None and timer.active():
             timer.cancel()
 
-    def _timed_out(self, phase: str) -> None:
+    def _check_deadline(self) -> None:
         self._timer = None
+        if self._deadline is None:
+            return
+        when, phase = self._deadline
+        left = when - self._clock()
+        if left > 0:
+            self._timer = self.callLater(left, self._check_deadline)
+            return
+        self._deadline = None
+        self._timed_out(phase)
+
+    def _timed_out(self, phase: str) -> None:
         if self._phase != phase:
             return
         peer = self.transport.getPeer() if self.transport is not None else None
@@ -175,7 +216,7 @@ class HardenedHTTPChannel(http.HTTPChannel):
         self._start_timer(self._limits.header_timeout, _HEAD)
 
     def connectionLost(self, reason: Any) -> None:
-        self._cancel_timer()
+        self._stop_timer()
         self._phase = _CLOSED
         super().connectionLost(reason)
 
@@ -187,7 +228,29 @@ class HardenedHTTPChannel(http.HTTPChannel):
                 self._begin_head()
             if self._phase == _HEAD:
                 self._head_started = True
+                if self._expect_request_line and not self._buffer:
+                    self._fields_checked = self._check_fields(data)
         super().dataReceived(data)
+
+    def _check_fields(self, data: bytes) -> bool:
+        """
+        Whether the header fields of the request head at the start of
+        C{data} pass every per-line check and limit, checked in one pass
+        (then lineReceived skips them line by line); C{False} also when the
+        head is not all there, or something is wrong with it, for
+        lineReceived to find and answer.
+        """
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        start = data.find(b"\r\n") + 2
+        fields = data[start : end + 2] if start <= end else b""
+        limits = self._limits
+        return (
+            len(fields) <= limits.max_header_bytes
+            and fields.count(b"\n") <= limits.max_headers
+            and _FIELD_LINES.fullmatch(fields) is not None
+        )
 
     def _begin_head(self) -> None:
         """The first bytes of a request on a persistent connection."""
@@ -196,7 +259,7 @@ class HardenedHTTPChannel(http.HTTPChannel):
         self._start_timer(self._limits.header_timeout, _HEAD)
 
     def _close(self) -> None:
-        self._cancel_timer()
+        self._stop_timer()
         transport = self.transport
         if transport is None:
             return
@@ -251,7 +314,7 @@ class HardenedHTTPChannel(http.HTTPChannel):
             self.MAX_LENGTH = self._limits.max_header_bytes
             super().lineReceived(line)
             return
-        if line:
+        if line and not self._fields_checked:
             if line[:1] in (b" ", b"\t"):
                 self._refuse(400)  # obsolete line folding
                 return
@@ -308,6 +371,7 @@ class HardenedHTTPChannel(http.HTTPChannel):
     # -- phases --------------------------------------------------------------
 
     def allHeadersReceived(self) -> None:
+        self._fields_checked = False
         super().allHeadersReceived()
         if self._phase == _CLOSED:
             return
@@ -350,4 +414,4 @@ class HardenedSite(server.Site):
 
     def protocol(self) -> HardenedHTTPChannel:  # type: ignore[override]
         """Called by C{Factory.buildProtocol}: a channel with this site's limits."""
-        return HardenedHTTPChannel(self.limits)
+        return HardenedHTTPChannel(self.limits, self.reactor)

@@ -57,6 +57,7 @@ def makeService(options: Any) -> Any:
     """
     from fauth.config import ConfigError
     from fauth.control import Control
+    from fauth.gcsettings import settle_heap
     from fauth.service import GatewayService
 
     try:
@@ -69,7 +70,9 @@ def makeService(options: Any) -> Any:
 
             return WorkerSupervisor(control, workers, handle_signals=True)
         # What GatewayService.from_file does.
-        return GatewayService(control.conf, control=control, handle_signals=True)
+        service = GatewayService(control.conf, control=control, handle_signals=True)
+        settle_heap()
+        return service
     except ConfigError as e:
         # One line and a non-zero exit, never a traceback.
         sys.stderr.write("fauth: %s\n" % e)

@@ -102,7 +102,14 @@ class Connector:
         plain pool) over a connection for C{key}, from the pool or opened
         with C{endpoint}.
         """
-        return self._pool.getConnection(key, endpoint).addCallback(_send, request)
+        connecting = self._pool.getConnection(key, endpoint)
+        if connecting.called and not isinstance(connecting.result, Failure):
+            # A pooled connection, handed over at once: sending now returns
+            # a Deferred nobody has fired yet, so every callback the callers
+            # add is appended, rather than each one re-entering a fired
+            # Deferred that waits on another (about a dozen per request).
+            return connecting.result.request(request)
+        return connecting.addCallback(_send, request)
 
     def _endpoint(self, scheme: bytes, host: bytes, port: int) -> Any:
         text = host.decode("ascii")

@@ -1020,11 +1020,13 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> int:
         control = Control.from_document(payload["document"], config_path=config_path)
         control.reload_store = True
         specs = [SocketSpec.from_json(doc) for doc in payload["sockets"]]
+        from fauth.gcsettings import settle_heap
         from fauth.service import GatewayService
 
         endpoints = [InheritedEndpoint(reactor, spec) for spec in specs]
         service = GatewayService(control.conf, reactor, control=control, handle_signals=True, endpoints=endpoints)
         service.startService()
+        settle_heap()
     except ConfigError as e:
         log.critical("worker {index}: {error}", index=index, error=str(e))
         return 3

@@ -62,6 +62,15 @@ def test_private_name_exists(owner: object, name: str) -> None:
     assert hasattr(owner, name), "%s.%s is gone" % (getattr(owner, "__name__", owner), name)
 
 
+def test_a_fired_deferred_shows_its_result() -> None:
+    # fauth.transport.Connector.send reads a pooled connection off the
+    # already-fired Deferred of getConnection.
+    from twisted.internet.defer import succeed
+
+    d = succeed("connection")
+    assert d.called and d.result == "connection"
+
+
 def test_the_pool_keeps_idle_connections_per_key_in_connections() -> None:
     # fauth.pool.StrictConnectionPool.connection_counts reads it.
     pool = client.HTTPConnectionPool(Clock())

@@ -404,3 +404,27 @@ def test_connection_counts_leave_out_connections_being_opened() -> None:
 )
 def test_target_label(key: Any, label: str) -> None:
     assert target_label(key) == label
+
+
+def test_the_connector_sends_over_a_pooled_connection_at_once() -> None:
+    # fauth.transport.Connector.send: with a connection ready in the pool the
+    # request goes out now and its Deferred is the connection's own, not yet
+    # fired (callbacks the callers add are appended, not run through a fired
+    # Deferred waiting on another).
+    from fauth.transport import Connector, tls_policy
+
+    clock, endpoint, pool = new_pool(maxPersistentPerHost=2)
+    connector = Connector(clock, pool, tls_policy(True), 1.0)
+    connector._endpoints[KEY] = endpoint
+    first = Body()
+    results = outcome(connector.request(b"http", b"127.0.0.1", 80, ClientRequest(b"GET", GET, first)))
+    (connection,) = endpoint.connections
+    answer(connection)
+    assert only(results) is first
+    second = Body()
+    d = connector.request(b"http", b"127.0.0.1", 80, ClientRequest(b"GET", GET, second))
+    assert not d.called and sent(connection) == GET + GET
+    later = outcome(d)
+    answer(connection)
+    assert only(later) is second and second.body == b"ok"
+    assert endpoint.connections == [connection]
