@@ -44,9 +44,9 @@ def micro(n: int) -> None:
     from twisted.internet.defer import Deferred
     from twisted.web.http_headers import Headers
 
-    from fauth.accesslog import AccessLog
-    from fauth.auth import Allow
-    from fauth.metrics import Exchange, GatewayMetrics
+    from fauth.observe.accesslog import AccessLog
+    from fauth.auth.decision import Allow
+    from fauth.observe.metrics import Exchange, GatewayMetrics
 
     class Request:
         __slots__ = ("code", "startedWriting", "method", "uri", "sentLength", "_d")
@@ -141,7 +141,7 @@ def serve(config: str, mode: str) -> None:
     """The gateway process of the wrk mode."""
     from twisted.internet import reactor
 
-    from fauth.service import GatewayService
+    from fauth.process.service import GatewayService
 
     service = GatewayService.from_file(config, reactor)
     if mode == "off":

@@ -21,7 +21,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from fauth.service import GatewayService
+from fauth.process.service import GatewayService
 from tests.servers import port_url, service_port
 
 __all__ = [

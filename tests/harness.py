@@ -14,8 +14,8 @@ from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from zope.interface import implementer
 
 from fauth.config import GatewayConf, parse_config
-from fauth.gateway import Gateway
-from fauth.resource import GatewayResource, GatewaySite
+from fauth.edge.gateway import Gateway
+from fauth.edge.resources import GatewayResource, GatewaySite
 
 __all__ = ["GatewayUnderTest", "LogCapture", "raw_request", "start_gateway"]
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 
-from fauth.demo import quiet_site
+from fauth.process.demo import quiet_site
 
 if TYPE_CHECKING:
     from twisted.application.internet import StreamServerEndpointService

@@ -17,13 +17,13 @@ import pytest
 from pytest_twisted import async_yield_fixture, ensureDeferred
 from twisted.internet.task import Clock
 
-from fauth.accesslog import FLUSH_BYTES, AccessLog, AccessLogService, iso_utc
-from fauth.auth import Allow
+from fauth.observe.accesslog import FLUSH_BYTES, AccessLog, AccessLogService, iso_utc
+from fauth.auth.decision import Allow
 from fauth.config import ConfigError, parse_config
-from fauth.demo import DemoAuthResource, EchoResource
-from fauth.h1 import ReplyHeaders
-from fauth.metrics import GatewayMetrics, RouteMetrics
-from fauth.service import GatewayService
+from fauth.process.demo import DemoAuthResource, EchoResource
+from fauth.wire.h1 import ReplyHeaders
+from fauth.observe.metrics import GatewayMetrics, RouteMetrics
+from fauth.process.service import GatewayService
 from tests.adminenv import AdminEnv, env_doc, free_ports, start_admin_env, write_config
 from tests.harness import LogCapture
 from tests.servers import listen_on_loopback, port_url

@@ -14,10 +14,10 @@ import attr
 import pytest
 from pytest_twisted import async_yield_fixture, ensureDeferred
 
-from fauth.admin import key_matches
+from fauth.admin.api import key_matches
 from fauth.config import AdminConf, ConfigError, parse_config
-from fauth.control import merge_patch
-from fauth.demo import DemoAuthResource, EchoResource
+from fauth.admin.control import merge_patch
+from fauth.process.demo import DemoAuthResource, EchoResource
 from tests.adminenv import KEY, TWISTD, AdminEnv, Marker, REPO_ROOT, refused_start_line, start_admin_env, subprocess_env
 from tests.servers import listen_on_loopback, port_url
 
@@ -628,7 +628,7 @@ async def test_deeply_nested_json_is_400_not_500(world: World) -> None:
 
 @ensureDeferred
 async def test_oversized_body_is_413_before_the_key(reactor: Any, world: World) -> None:
-    from fauth.admin import MAX_ADMIN_BODY
+    from fauth.admin.api import MAX_ADMIN_BODY
     from tests.harness import raw_request
 
     port = _admin_port(world)
@@ -663,8 +663,8 @@ async def test_oversized_body_is_413_before_the_key(reactor: Any, world: World) 
 
 @ensureDeferred
 async def test_admin_listener_is_hardened(reactor: Any, world: World) -> None:
-    from fauth.admin import AdminSite
-    from fauth.httpserver import HardenedHTTPChannel, HardenedSite
+    from fauth.admin.api import AdminSite
+    from fauth.edge.server import HardenedHTTPChannel, HardenedSite
     from tests.harness import raw_request
 
     site = AdminSite(world.env.service.admin_root)
@@ -685,8 +685,8 @@ async def test_admin_listener_is_hardened(reactor: Any, world: World) -> None:
 def _control_with_gateway(tmp_path: Any) -> Any:
     from twisted.internet.testing import MemoryReactorClock
 
-    from fauth.control import Control
-    from fauth.gateway import Gateway
+    from fauth.admin.control import Control
+    from fauth.edge.gateway import Gateway
     from tests.adminenv import env_doc
 
     doc = env_doc(tmp_path, {"upstreams": [{"id": "u", "nodes": {"127.0.0.1:9": 1}}]})
@@ -703,8 +703,8 @@ def _auth_route(**plugin: Any) -> Dict[str, Any]:
 
 
 def test_admin_change_that_cannot_be_built_is_400_and_not_stored(tmp_path: Any, monkeypatch: Any) -> None:
-    from fauth.control import AdminError
-    from fauth.gateway import Gateway
+    from fauth.admin.control import AdminError
+    from fauth.edge.gateway import Gateway
 
     control, gateway = _control_with_gateway(tmp_path)
     control.put("routes", "1", _auth_route())
@@ -731,7 +731,7 @@ def test_admin_change_that_cannot_be_built_is_400_and_not_stored(tmp_path: Any, 
 
 
 def test_admin_refuses_a_header_name_that_is_not_a_token(tmp_path: Any) -> None:
-    from fauth.control import AdminError
+    from fauth.admin.control import AdminError
 
     control, gateway = _control_with_gateway(tmp_path)
     with pytest.raises(AdminError) as info:

@@ -1,5 +1,5 @@
 """
-L{fauth.agent}, driven synchronously: no sockets, no reactor.
+L{fauth.wire.agent}, driven synchronously: no sockets, no reactor.
 
 The agent's connector is given an in-memory endpoint (L{MemoryEndpoint}):
 each connection it opens is the pool's own protocol (fauth's
@@ -31,7 +31,7 @@ from twisted.web._newclient import HTTP11ClientProtocol, ResponseFailed
 from twisted.web.client import FileBodyProducer, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
 
-from fauth.agent import (
+from fauth.wire.agent import (
     BytesBody,
     NoCookies,
     PoolAgent,
@@ -41,10 +41,10 @@ from fauth.agent import (
     _PlainResponse,
     as_sent,
 )
-from fauth.connection import ClientConnection
-from fauth.h1 import ReplyHeaders
-from fauth.pool import StrictConnectionPool
-from fauth.transport import tls_policy
+from fauth.wire.connection import ClientConnection
+from fauth.wire.h1 import ReplyHeaders
+from fauth.wire.pool import StrictConnectionPool
+from fauth.wire.transport import tls_policy
 from tests.harness import outcome
 
 KEY = (b"http", b"127.0.0.1", 9999)
@@ -90,13 +90,13 @@ class Setup:
         return outcome(self.agent.request(method, uri, headers, body))
 
     def treq(self, jar: Optional[IndexableCookieJar] = None) -> HTTPClient:
-        """treq's client as L{fauth.authclient} builds it, over this agent."""
+        """treq's client as L{fauth.auth.client} builds it, over this agent."""
         jar = jar if jar is not None else NoCookies()
         return HTTPClient(self.agent, cookiejar=jar, data_to_body_producer=BytesBody)
 
 
 def treq_call(http: HTTPClient, clock: Clock, url: Any, **kwargs: Any) -> List[Any]:
-    """One call with the options L{fauth.authclient.AuthClient.call} uses."""
+    """One call with the options L{fauth.auth.client.AuthClient.call} uses."""
     kwargs.setdefault("cookies", http._cookiejar)
     return outcome(
         http.request(kwargs.pop("method", "GET"), url, allow_redirects=False, unbuffered=True, reactor=clock, **kwargs)

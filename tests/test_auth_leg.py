@@ -25,8 +25,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.web.resource import Resource
 
-from fauth.agent import NoCookies
-from fauth.authclient import AuthCallError, AuthClient, AuthTarget
+from fauth.wire.agent import NoCookies
+from fauth.auth.client import AuthCallError, AuthClient, AuthTarget
 from tests.harness import GatewayUnderTest, LogCapture, raw_request, start_gateway
 from tests.servers import listen_on_loopback
 

@@ -19,31 +19,31 @@ from twisted.web import _newclient, client, http, server
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
-from fauth.agent import BytesBody, NoCookies, PreEncodedURL, PreparedHeaders
+from fauth.wire.agent import BytesBody, NoCookies, PreEncodedURL, PreparedHeaders
 
 
 @pytest.mark.parametrize(
     "owner, name",
     [
-        # fauth.httpserver: the hardened server channel
+        # fauth.edge.server: the hardened server channel
         (http.HTTPChannel, "_maybeChooseTransferDecoder"),
         (http.HTTPChannel, "_respondToBadRequestAndDisconnect"),
         (http.HTTPChannel, "_finishRequestBody"),
         (http.HTTPChannel, "_abortingCall"),
-        # fauth.resource: whether the client has gone, and GatewayRequest.process
+        # fauth.edge.resources: whether the client has gone, and GatewayRequest.process
         (http.Request, "_disconnected"),
         (server.Request, "_handleStar"),
         (http, "_ChunkedTransferDecoder"),
         (http, "_MalformedChunkedDataError"),
         (http._ChunkedTransferDecoder, "_dataReceived_CHUNK_LENGTH"),
-        # fauth.connection, fauth.transport: the errors a client connection
+        # fauth.wire.connection, fauth.wire.transport: the errors a client connection
         # fails with
         (_newclient, "_DataLoss"),
         (_newclient, "ParseError"),
         (_newclient, "RequestNotSent"),
-        # fauth.pool: the pool's connection factory (a documented instance
+        # fauth.wire.pool: the pool's connection factory (a documented instance
         # variable since 12.1, with its signature), new connections, and the
-        # quiescent callback's return; fauth.agent: Twisted's Request for a
+        # quiescent callback's return; fauth.wire.agent: Twisted's Request for a
         # plain pool
         (client.HTTPConnectionPool, "_factory"),
         (client.HTTPConnectionPool, "_newConnection"),
@@ -51,7 +51,7 @@ from fauth.agent import BytesBody, NoCookies, PreEncodedURL, PreparedHeaders
         (client.HTTPConnectionPool, "_removeConnection"),
         (client, "_HTTP11ClientFactory"),
         (_newclient, "Request"),
-        # fauth.config, fauth.service, fauth.workers
+        # fauth.config, fauth.process.service, fauth.process.workers
         (endpoints, "_parseServer"),
         (StreamServerEndpointService, "_raiseSynchronously"),
         (tcp.Port, "_fromListeningDescriptor"),
@@ -63,7 +63,7 @@ def test_private_name_exists(owner: object, name: str) -> None:
 
 
 def test_a_fired_deferred_shows_its_result() -> None:
-    # fauth.transport.Connector.send reads a pooled connection off the
+    # fauth.wire.transport.Connector.send reads a pooled connection off the
     # already-fired Deferred of getConnection.
     from twisted.internet.defer import succeed
 
@@ -72,7 +72,7 @@ def test_a_fired_deferred_shows_its_result() -> None:
 
 
 def test_the_pool_keeps_idle_connections_per_key_in_connections() -> None:
-    # fauth.pool.StrictConnectionPool.connection_counts reads it.
+    # fauth.wire.pool.StrictConnectionPool.connection_counts reads it.
     pool = client.HTTPConnectionPool(Clock())
     assert pool._connections == {} and pool._timeouts == {}
     # The factory is called as (quiescentCallback, metadata).
@@ -93,7 +93,7 @@ class RecordingAgent:
 
 
 def test_treq_passes_a_pre_encoded_url_and_prepared_headers_through() -> None:
-    # fauth.agent: treq calls to_uri().to_text() on the URL, and its
+    # fauth.wire.agent: treq calls to_uri().to_text() on the URL, and its
     # ContentDecoderAgent copies the Headers (PreparedHeaders.copy keeps the
     # wire fields) before adding Accept-Encoding; the body goes through the
     # client's data_to_body_producer.
@@ -114,7 +114,7 @@ def test_treq_passes_a_pre_encoded_url_and_prepared_headers_through() -> None:
 
 
 def test_treq_and_twisted_wrappers_keep_what_they_wrap_as_original() -> None:
-    # fauth.agent.as_sent walks .original beneath treq's response wrappers.
+    # fauth.wire.agent.as_sent walks .original beneath treq's response wrappers.
     from treq.response import _Response
 
     class Response:

@@ -1,5 +1,5 @@
 """
-L{fauth.connection.ClientConnection}, driven synchronously: the peer is a
+L{fauth.wire.connection.ClientConnection}, driven synchronously: the peer is a
 L{StringTransport} (what was sent is C{transport.value()}), its answers are
 C{dataReceived} calls and its closing is a C{connectionLost} call.
 
@@ -27,9 +27,9 @@ from twisted.web._newclient import (
 from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
-from fauth.connection import ClientConnection, ClientRequest, FileUpload
-from fauth.h1 import MAX_RESPONSE_HEAD, ResponseHead, request_head
-from fauth.transport import describe_failure
+from fauth.wire.connection import ClientConnection, ClientRequest, FileUpload
+from fauth.wire.h1 import MAX_RESPONSE_HEAD, ResponseHead, request_head
+from fauth.wire.transport import describe_failure
 from tests.harness import LogCapture, outcome
 
 GET = request_head(b"GET", b"/resource", [(b"Host", b"upstream")])

@@ -34,10 +34,10 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from fauth.auth import ForwardAuth
+from fauth.auth.forward import ForwardAuth
 from fauth.config import parse_forward_auth
-from fauth.gateway import AuthClients
-from fauth.schema import SchemaError, check_forward_auth
+from fauth.edge.gateway import AuthClients
+from fauth.config.schema import SchemaError, check_forward_auth
 from tests.harness import GatewayUnderTest, LogCapture, raw_request, start_gateway
 from tests.servers import listen_on_loopback, port_url
 

@@ -1,7 +1,7 @@
-"""Tests for the quickstart demo services (``fauth.demo``).
+"""Tests for the quickstart demo services (``fauth.process.demo``).
 
 The auth branches and the echo routes are exercised over real loopback
-sockets, through :func:`fauth.demo.demo_services` as the quickstart starts
+sockets, through :func:`fauth.process.demo.demo_services` as the quickstart starts
 them; the ``/bytes`` producer's backpressure is checked synchronously.
 """
 
@@ -21,7 +21,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.test.requesthelper import DummyRequest
 
-from fauth.demo import (
+from fauth.process.demo import (
     AUTH_SERVICE_NAME,
     MAX_BYTES,
     UPSTREAM_SERVICE_NAME,

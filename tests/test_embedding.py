@@ -22,10 +22,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from fauth.config import ForwardAuthConf, parse_config, parse_forward_auth
-from fauth.demo import DemoAuthResource, EchoResource
-from fauth.resource import ForwardAuthResource
-from fauth.schema import SchemaError
-from fauth.service import GatewayService
+from fauth.process.demo import DemoAuthResource, EchoResource
+from fauth.edge.resources import ForwardAuthResource
+from fauth.config.schema import SchemaError
+from fauth.process.service import GatewayService
 from tests.servers import listen_on_loopback, port_url, service_port
 
 
@@ -252,7 +252,7 @@ def test_gateway_site_traverses_any_root_but_the_gateway() -> None:
     from twisted.web.resource import Resource
     from twisted.web.test.requesthelper import DummyChannel
 
-    from fauth.resource import GatewaySite
+    from fauth.edge.resources import GatewaySite
 
     seen: List[List[bytes]] = []
 

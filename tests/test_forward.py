@@ -11,10 +11,10 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from fauth.config import Node, UpstreamConf, UpstreamTimeouts
-from fauth.h1 import ReplyHeaders, ResponseHead
-from fauth.inbound import InboundRequest
-from fauth.pool import StrictConnectionPool
-from fauth.proxy import UpstreamProxy
+from fauth.wire.h1 import ReplyHeaders, ResponseHead
+from fauth.request.inbound import InboundRequest
+from fauth.wire.pool import StrictConnectionPool
+from fauth.upstream.proxy import UpstreamProxy
 
 
 class Endpoint:

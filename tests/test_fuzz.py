@@ -24,7 +24,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.testing import MemoryReactorClock
 
 from fauth.config import ConfigError, parse_config
-from fauth.gateway import Gateway
+from fauth.edge.gateway import Gateway
 from tests.hostile_env import HostileEnv, start_env
 
 ALLOWED = {200, 400, 403, 404, 405, 408, 411, 413, 414, 431, 501, 502, 503, 504}

@@ -1,4 +1,4 @@
-"""L{fauth.gcsettings.settle_heap}, in a fresh interpreter (it changes the process's collector)."""
+"""L{fauth.process.gcsettings.settle_heap}, in a fresh interpreter (it changes the process's collector)."""
 from __future__ import annotations
 
 import json
@@ -6,12 +6,12 @@ import platform
 import subprocess
 import sys
 
-from fauth.gcsettings import YOUNG_THRESHOLD
+from fauth.process.gcsettings import YOUNG_THRESHOLD
 
 
 def test_settle_heap_freezes_what_exists_and_collects_the_young_less_often() -> None:
     script = (
-        "import gc, json; from fauth.gcsettings import settle_heap; settle_heap(); "
+        "import gc, json; from fauth.process.gcsettings import settle_heap; settle_heap(); "
         "print(json.dumps([getattr(gc, 'get_freeze_count', lambda: -1)(), gc.get_threshold()[0], gc.isenabled()]))"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, check=True, text=True).stdout
@@ -25,11 +25,11 @@ def test_settle_heap_freezes_what_exists_and_collects_the_young_less_often() -> 
 
 
 def test_twistd_fauth_settles_the_heap_of_a_single_process(monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    import fauth.gcsettings
-    from fauth import tap
+    import fauth.process.gcsettings
+    from fauth.process import tap
 
     calls = []
-    monkeypatch.setattr(fauth.gcsettings, "settle_heap", lambda: calls.append(True))
+    monkeypatch.setattr(fauth.process.gcsettings, "settle_heap", lambda: calls.append(True))
     config = tmp_path / "fauth.yaml"
     config.write_text(json.dumps({"listen": ["tcp:0:interface=127.0.0.1"], "routes": []}))
     options = tap.Options()

@@ -1,5 +1,5 @@
 """
-The HTTP/1.1 wire format of both outbound legs (L{fauth.h1}): request heads,
+The HTTP/1.1 wire format of both outbound legs (L{fauth.wire.h1}): request heads,
 response heads and their framing, and the chunked body decoder.  Pure
 functions on bytes: no reactor, no sockets.
 """
@@ -11,7 +11,7 @@ import pytest
 from twisted.web._newclient import ParseError
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from fauth.h1 import (
+from fauth.wire.h1 import (
     MAX_RESPONSE_HEAD,
     MAX_RESPONSE_HEADERS,
     ChunkedDecoder,

@@ -9,12 +9,12 @@ from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.web.http_headers import Headers
 
-from fauth.auth import ForwardAuth
-from fauth.authclient import AuthCallError, AuthClient, AuthTarget
+from fauth.auth.forward import ForwardAuth
+from fauth.auth.client import AuthCallError, AuthClient, AuthTarget
 from fauth.config import parse_forward_auth
-from fauth.demo import DemoAuthResource, EchoResource
-from fauth.headers import HeaderError
-from fauth.inbound import InboundRequest
+from fauth.process.demo import DemoAuthResource, EchoResource
+from fauth.wire.headers import HeaderError
+from fauth.request.inbound import InboundRequest
 from tests.harness import LogCapture, start_gateway
 from tests.servers import listen_on_loopback
 

@@ -1,5 +1,5 @@
 """
-L{fauth.httpserver.HardenedHTTPChannel} on a memory reactor: its one
+L{fauth.edge.server.HardenedHTTPChannel} on a memory reactor: its one
 deadline timer per connection, and the one-pass check of a head's fields.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.web.resource import Resource
 
 from fauth.config import HttpLimits
-from fauth.httpserver import HardenedHTTPChannel, HardenedSite
+from fauth.edge.server import HardenedHTTPChannel, HardenedSite
 
 GET = b"GET / HTTP/1.1\r\nHost: a.test\r\nAccept: */*\r\n\r\n"
 

@@ -1,4 +1,4 @@
-"""fauth.lifecycle: several parties told of a request's end through one notifyFinish."""
+"""fauth.request.lifecycle: several parties told of a request's end through one notifyFinish."""
 from __future__ import annotations
 
 from typing import Any, List, Optional
@@ -7,7 +7,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
 
-from fauth.lifecycle import when_finished
+from fauth.request.lifecycle import when_finished
 from tests.harness import LogCapture, outcome
 
 

@@ -1,5 +1,5 @@
 """
-L{fauth.pool.StrictConnectionPool}, driven over in-memory transports and a
+L{fauth.wire.pool.StrictConnectionPool}, driven over in-memory transports and a
 fake clock: connections are L{ClientConnection}s on L{StringTransport}s,
 answers are C{dataReceived} calls and a peer's close a C{connectionLost}.
 """
@@ -15,9 +15,9 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
 
-from fauth.connection import ClientConnection, ClientRequest
-from fauth.h1 import ResponseHead, request_head
-from fauth.pool import StrictConnectionPool, target_label
+from fauth.wire.connection import ClientConnection, ClientRequest
+from fauth.wire.h1 import ResponseHead, request_head
+from fauth.wire.pool import StrictConnectionPool, target_label
 from tests.harness import outcome
 
 KEY = (b"http", b"127.0.0.1", 80)
@@ -85,7 +85,7 @@ def send(
     key: Any = KEY,
 ) -> Tuple[Body, List[Any]]:
     """
-    A request over a connection from C{pool}, as L{fauth.transport.Connector}
+    A request over a connection from C{pool}, as L{fauth.wire.transport.Connector}
     sends one: its sink, and what its Deferred fired with.
     """
     sink = Body()
@@ -407,11 +407,11 @@ def test_target_label(key: Any, label: str) -> None:
 
 
 def test_the_connector_sends_over_a_pooled_connection_at_once() -> None:
-    # fauth.transport.Connector.send: with a connection ready in the pool the
+    # fauth.wire.transport.Connector.send: with a connection ready in the pool the
     # request goes out now and its Deferred is the connection's own, not yet
     # fired (callbacks the callers add are appended, not run through a fired
     # Deferred waiting on another).
-    from fauth.transport import Connector, tls_policy
+    from fauth.wire.transport import Connector, tls_policy
 
     clock, endpoint, pool = new_pool(maxPersistentPerHost=2)
     connector = Connector(clock, pool, tls_policy(True), 1.0)

@@ -29,9 +29,9 @@ from twisted.web import server
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
-from fauth.balancer import SmoothWeightedRoundRobin
+from fauth.upstream.balancer import SmoothWeightedRoundRobin
 from fauth.config import Node
-from fauth.demo import quiet_site
+from fauth.process.demo import quiet_site
 from tests.harness import GatewayUnderTest, LogCapture, raw_request, start_gateway
 from tests.servers import listen_on_loopback
 
@@ -973,7 +973,7 @@ async def test_client_gone_mid_download_stops_the_upstream(reactor: Any, stack: 
 async def test_unexpected_error_after_headers_gives_a_bare_502(
     reactor: Any, stack: Stack, monkeypatch: Any
 ) -> None:
-    from fauth import proxy
+    from fauth.upstream import proxy
 
     heads: List[bytes] = []
     canned = (

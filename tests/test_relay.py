@@ -7,8 +7,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from fauth.h1 import ReplyHeaders, ResponseHead
-from fauth.proxy import _Relay
+from fauth.wire.h1 import ReplyHeaders, ResponseHead
+from fauth.upstream.proxy import _Relay
 
 HEAD = ResponseHead(200, b"OK", ReplyHeaders(), 2, False, True, frozenset())
 

@@ -20,9 +20,9 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from fauth.demo import DemoAuthResource
-from fauth.drain import InFlight
-from fauth.service import GatewayService
+from fauth.process.demo import DemoAuthResource
+from fauth.edge.drain import InFlight
+from fauth.process.service import GatewayService
 from tests.adminenv import (
     KEY,
     AdminEnv,
@@ -535,8 +535,8 @@ async def test_a_second_sigterm_stops_at_once(reactor: Any, tmp_path: Any) -> No
 def _reloadable(tmp_path: Any) -> Any:
     from twisted.internet.testing import MemoryReactorClock
 
-    from fauth.control import Control
-    from fauth.gateway import Gateway
+    from fauth.admin.control import Control
+    from fauth.edge.gateway import Gateway
 
     config_path = str(tmp_path / "fauth.yaml")
     doc = {"routes": [{"id": "one", "uri": "/one", "upstream": {"nodes": {"127.0.0.1:9": 1}}}]}
@@ -551,7 +551,7 @@ def _reloadable(tmp_path: Any) -> Any:
 
 def test_reload_that_cannot_be_built_is_refused_with_a_config_error(tmp_path: Any, monkeypatch: Any) -> None:
     from fauth.config import ConfigError
-    from fauth.gateway import Gateway
+    from fauth.edge.gateway import Gateway
 
     control, gateway = _reloadable(tmp_path)
     conf, table = control.conf, gateway.table
@@ -577,7 +577,7 @@ def test_reload_that_cannot_be_built_is_refused_with_a_config_error(tmp_path: An
 
 
 def test_reload_wraps_an_unexpected_error_in_a_config_error(tmp_path: Any, monkeypatch: Any) -> None:
-    from fauth import control as control_module
+    from fauth.admin import control as control_module
     from fauth.config import ConfigError
 
     control, gateway = _reloadable(tmp_path)

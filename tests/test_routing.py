@@ -1,4 +1,4 @@
-"""Tests for L{fauth.routing.RouteTable} and L{fauth.inbound.normalise_path}."""
+"""Tests for L{fauth.routing.table.RouteTable} and L{fauth.request.inbound.normalise_path}."""
 from __future__ import annotations
 
 from typing import Any, AsyncIterator, Dict, List, Optional
@@ -8,9 +8,9 @@ from pytest_twisted import async_yield_fixture, ensureDeferred
 from twisted.web.resource import Resource
 
 from fauth.config import RouteConf, parse_config
-from fauth.demo import DemoAuthResource
-from fauth.inbound import BadRequest, normalise_path
-from fauth.routing import RouteTable
+from fauth.process.demo import DemoAuthResource
+from fauth.request.inbound import BadRequest, normalise_path
+from fauth.routing.table import RouteTable
 from tests.harness import raw_request, start_gateway
 from tests.servers import listen_on_loopback
 

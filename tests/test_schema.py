@@ -1,4 +1,4 @@
-"""Tests for fauth.schema: APISIX forward-auth schema checks and wording."""
+"""Tests for fauth.config.schema: APISIX forward-auth schema checks and wording."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any, Dict
 
 import pytest
 
-from fauth.schema import (
+from fauth.config.schema import (
     FORWARD_AUTH_DEFAULTS,
     SchemaError,
     check_forward_auth,

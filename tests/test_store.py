@@ -17,11 +17,11 @@ from typing import Any, Dict, List
 import pytest
 from pytest_twisted import ensureDeferred
 
-from fauth import store as store_module
+from fauth.admin import store as store_module
 from fauth.config import ConfigError
-from fauth.control import AdminError, Control
-from fauth.service import GatewayService
-from fauth.store import Store, StoreContents, atomic_write
+from fauth.admin.control import AdminError, Control
+from fauth.process.service import GatewayService
+from fauth.admin.store import Store, StoreContents, atomic_write
 from tests.adminenv import (
     KEY,
     Marker,

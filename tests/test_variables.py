@@ -8,13 +8,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from twisted.logger import LogEvent, globalLogPublisher
 from twisted.web.http_headers import Headers
 
-from fauth.variables import (
-    NULL,
-    RequestVariables,
-    VarRef,
-    compile_template,
-    lua_tostring,
-)
+from fauth.auth.variables import RequestVariables
+from fauth.config.templates import NULL, VarRef, compile_template, lua_tostring
 
 
 class DictSource:
@@ -306,7 +301,7 @@ def test_post_arg_unsupported_content_type_logs_warning() -> None:
     texts = [
         e["log_format"].format(**e)
         for e in events
-        if e.get("log_namespace") == "fauth.variables"
+        if e.get("log_namespace") == "fauth.auth.variables"
     ]
     assert any(
         t.startswith("failed to fetch post args value by key: tenant_id") for t in texts

@@ -320,7 +320,7 @@ def test_workers_option_zero_is_refused_in_one_line(tmp_path: Any) -> None:
 def test_bad_worker_settings_are_refused(
     tmp_path: Any, capsys: Any, doc: Dict[str, Any], workers: Optional[str], message: str
 ) -> None:
-    from fauth import tap
+    from fauth.process import tap
 
     config_path = str(tmp_path / "fauth.yaml")
     write_config(config_path, dict({"listen": ["tcp:0:interface=127.0.0.1"]}, **doc))
@@ -345,7 +345,7 @@ def test_restart_delay_and_exit_description() -> None:
     from twisted.internet.error import ProcessDone, ProcessTerminated
     from twisted.python.failure import Failure
 
-    from fauth.workers import MAX_RESTART_DELAY, describe_exit, restart_delay
+    from fauth.process.workers import MAX_RESTART_DELAY, describe_exit, restart_delay
 
     assert [restart_delay(n) for n in (1, 2, 3, 4)] == [0.1, 0.2, 0.4, 0.8]
     assert restart_delay(50) == MAX_RESTART_DELAY
@@ -362,8 +362,8 @@ def test_new_workers_start_on_the_running_configuration(tmp_path: Any, monkeypat
     """
     from twisted.internet.testing import MemoryReactorClock
 
-    from fauth.control import Control
-    from fauth.workers import WorkerSupervisor
+    from fauth.admin.control import Control
+    from fauth.process.workers import WorkerSupervisor
 
     monkeypatch.chdir(tmp_path)
     config_path = str(tmp_path / "fauth.yaml")
@@ -392,8 +392,8 @@ def test_restarts_back_off_while_workers_keep_exiting() -> None:
     from twisted.internet.testing import MemoryReactorClock
     from twisted.python.failure import Failure
 
-    from fauth.control import Control
-    from fauth.workers import MAX_RESTART_DELAY, WorkerSupervisor
+    from fauth.admin.control import Control
+    from fauth.process.workers import MAX_RESTART_DELAY, WorkerSupervisor
 
     clock = MemoryReactorClock()
     supervisor = WorkerSupervisor(Control(parse_config({}), config_path="/nonexistent.yaml"), 2, clock)
@@ -538,7 +538,7 @@ async def test_reloads_and_admin_changes_reach_every_worker_and_sigterm_drains(
 
     async def worker_reloads(total: int) -> None:
         deadline = time.monotonic() + 10
-        while s.count(r"\[worker \d+, pid \d+, fauth\.control#info\] reloaded ") < total:
+        while s.count(r"\[worker \d+, pid \d+, fauth\.admin\.control#info\] reloaded ") < total:
             assert time.monotonic() < deadline, s.log()
             await sleep(reactor, 0.05)
 
@@ -598,7 +598,7 @@ async def test_reloads_and_admin_changes_reach_every_worker_and_sigterm_drains(
         assert refused_after is not None and refused_after < 0.5
         assert draining == (503, b"draining")
         assert not any(alive(pid) for pid in workers)
-        assert s.count(r"fauth\.service#info\] all requests finished; stopping") == 2
+        assert s.count(r"fauth\.process\.service#info\] all requests finished; stopping") == 2
         assert "all workers exited; stopping" in s.log()
     finally:
         for pool in pools + [admin_pool]:

@@ -4,7 +4,7 @@ from twisted.application.service import ServiceMaker
 
 fauth = ServiceMaker(
     "fauth",
-    "fauth.tap",
+    "fauth.process.tap",
     "Forward-authentication gateway (APISIX forward-auth compatible)",
     "fauth",
 )

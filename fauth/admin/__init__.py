@@ -1,0 +1,1 @@
+"""The APISIX-compatible admin API, the effective configuration (file + store), the store."""

@@ -1,0 +1,338 @@
+# -*- test-case-name: tests.test_admin -*-
+"""
+The admin API, on its own listener: an APISIX-compatible subset
+(C{/apisix/admin/routes}, C{/apisix/admin/upstreams}), C{POST
+/apisix/admin/reload}, and C{GET /healthz}.
+
+Resource tree of L{AdminRoot}::
+
+    /healthz            no key; 200 "ok" while the gateway accepts requests
+    /metrics            added by GatewayService (L{fauth.observe.metrics}); no key
+                        unless admin.metrics_require_key
+    /apisix/admin/...   X-API-KEY required (L{KeyGuard})
+    anything else       X-API-KEY required, then 404
+
+Extension hook: more endpoints are added as children of the root, e.g.
+C{root.putChild(b"metrics", root.guard(metrics))} (or unguarded, when
+C{admin.metrics_require_key} is false).
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import math
+from typing import Any, Callable, Iterable, List, Optional, Sequence
+
+from twisted.logger import Logger
+from twisted.web import server
+from twisted.web.resource import IResource, Resource, getChildForRequest
+
+from fauth.config import ConfigError, HttpLimits
+from fauth.admin.control import KINDS, AdminError, Control, Entry
+from fauth.edge.server import _CLOSED, HardenedHTTPChannel, HardenedSite
+
+__all__ = ["MAX_ADMIN_BODY", "AdminRoot", "AdminSite", "ApisixAdmin", "Healthz", "KeyGuard", "key_matches"]
+
+log = Logger()
+
+_JSON = b"application/json"
+_BAD_TOKEN = b'{"error_msg":"failed to check token"}'
+_TOO_LARGE = b'{"error_msg":"request body too large"}'
+
+#: Largest admin request body, in bytes; larger ones get 413 before the
+#: key is checked, and the connection is closed.
+MAX_ADMIN_BODY = 1024 * 1024
+
+
+def key_matches(given: Optional[bytes], keys: Sequence[bytes]) -> bool:
+    """
+    Whether C{given} is one of C{keys}, in constant time: every key is
+    compared (no early exit) with L{hmac.compare_digest}.
+    """
+    candidate = given if given is not None else b""
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(candidate, key)
+    return found and given is not None
+
+
+def _answer(request: Any, status: int, doc: object) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", _JSON)
+    return json.dumps(doc, ensure_ascii=False).encode("utf-8")
+
+
+def _error(request: Any, status: int, message: str) -> bytes:
+    return _answer(request, status, {"error_msg": message})
+
+
+class KeyGuard(Resource):
+    """
+    Lets a request through to C{wrapped} (traversing it) only with an
+    C{X-API-KEY} header equal to one of C{keys}; else 401 with APISIX's
+    C{{"error_msg":"failed to check token"}}.
+    """
+
+    isLeaf = True
+
+    def __init__(self, wrapped: IResource, keys: Iterable[str]) -> None:
+        super().__init__()
+        self._wrapped = wrapped
+        self._keys = [k.encode("utf-8") for k in keys]
+
+    def render(self, request: Any) -> Any:
+        given = request.requestHeaders.getRawHeaders(b"x-api-key")
+        # Exactly one header: two different values must not be read as either.
+        if not key_matches(given[0] if given and len(given) == 1 else None, self._keys):
+            request.setResponseCode(401)
+            request.setHeader(b"content-type", _JSON)
+            return _BAD_TOKEN
+        return getChildForRequest(self._wrapped, request).render(request)
+
+
+class _NotFound(Resource):
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        return _error(request, 404, "not found")
+
+
+class Healthz(Resource):
+    """
+    C{GET /healthz}: 200 C{ok} while C{serving()} is true, 503 C{draining}
+    once a shutdown stopped accepting requests.  No key needed.
+    """
+
+    isLeaf = True
+
+    def __init__(self, serving: Callable[[], bool]) -> None:
+        super().__init__()
+        self._serving = serving
+
+    def render(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        if self._serving():
+            return b"ok"
+        request.setResponseCode(503)
+        return b"draining"
+
+
+class ApisixAdmin(Resource):
+    """
+    Everything under C{/apisix/admin/} (the key is checked by the
+    L{KeyGuard} in front of it).
+    """
+
+    isLeaf = True
+
+    def __init__(self, control: Control) -> None:
+        super().__init__()
+        self._control = control
+
+    def render(self, request: Any) -> bytes:
+        method = request.method.decode("ascii", "replace")
+        try:
+            parts = [p.decode("utf-8") for p in request.postpath]
+        except UnicodeDecodeError:
+            return _error(request, 400, "invalid id: not UTF-8")
+        # Tolerate a trailing slash (/apisix/admin/routes/).
+        if len(parts) > 1 and parts[-1] == "":
+            parts.pop()
+        try:
+            if not parts or parts[0] != "admin":
+                raise AdminError(404, "not found")
+            return self._dispatch(request, method, parts[1:])
+        except AdminError as e:
+            return _error(request, e.status, e.message)
+        except Exception:
+            log.failure("admin API: unexpected error on {method} {uri}", method=method, uri=request.uri)
+            return _error(request, 500, "internal error")
+
+    def _dispatch(self, request: Any, method: str, parts: List[str]) -> bytes:
+        if parts == ["reload"]:
+            if method != "POST":
+                raise self._not_allowed(request, "POST")
+            try:
+                self._control.reload()
+            except ConfigError as e:
+                return _error(request, 400, str(e))
+            return _answer(request, 200, {"reloaded": True})
+        if not parts or parts[0] not in KINDS:
+            raise AdminError(404, "Unsupported resource type: %s" % (parts[0] if parts else ""))
+        kind = parts[0]
+        if len(parts) == 1:
+            if method in ("GET", "HEAD"):
+                entries = self._control.list(kind)
+                return _answer(request, 200, {"total": len(entries), "list": [self._item(e) for e in entries]})
+            if method == "POST":
+                entry = self._control.create(kind, self._body(request))
+                self._audit(request, method, entry, "created")
+                return _answer(request, 201, {"key": entry.key, "value": entry.value})
+            raise self._not_allowed(request, "GET, POST")
+        if len(parts) != 2:
+            raise AdminError(404, "not found")
+        doc_id = parts[1]
+        if method in ("GET", "HEAD"):
+            return _answer(request, 200, self._item(self._control.get(kind, doc_id)))
+        if method == "PUT":
+            created, entry = self._control.put(kind, doc_id, self._body(request))
+            self._audit(request, method, entry, "created" if created else "updated")
+            return _answer(request, 201 if created else 200, {"key": entry.key, "value": entry.value})
+        if method == "PATCH":
+            entry = self._control.patch(kind, doc_id, self._body(request))
+            self._audit(request, method, entry, "updated")
+            return _answer(request, 200, {"key": entry.key, "value": entry.value})
+        if method == "DELETE":
+            entry = self._control.delete(kind, doc_id)
+            self._audit(request, method, entry, "deleted")
+            return _answer(request, 200, {"key": entry.key, "deleted": "1"})
+        raise self._not_allowed(request, "GET, PUT, PATCH, DELETE")
+
+    @staticmethod
+    def _item(entry: Entry) -> dict:
+        # "source" is ours (APISIX has no file-owned objects); clients that
+        # do not know it ignore it.
+        return {"key": entry.key, "value": entry.value, "source": entry.source}
+
+    @staticmethod
+    def _not_allowed(request: Any, allowed: str) -> AdminError:
+        request.setHeader(b"allow", allowed.encode("ascii"))
+        return AdminError(405, "method %s not allowed here" % request.method.decode("ascii", "replace"))
+
+    @staticmethod
+    def _body(request: Any) -> object:
+        # Any Content-Type: curl -d sends application/x-www-form-urlencoded.
+        request.content.seek(0)
+        data = request.content.read()
+
+        def refuse_constant(name: str) -> Any:
+            raise ValueError("%s is not valid JSON" % name)
+
+        def finite(text: str) -> float:
+            # 1e400 would become inf, which the store could not write back.
+            value = float(text)
+            if not math.isfinite(value):
+                raise ValueError("number %s is out of range" % text)
+            return value
+
+        try:
+            return json.loads(data.decode("utf-8"), parse_constant=refuse_constant, parse_float=finite)
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+            raise AdminError(400, "invalid request body: %s" % e)
+        except RecursionError:
+            # [[[[...]]]] nested deeper than the interpreter's stack.
+            raise AdminError(400, "invalid request body: nested too deeply")
+
+    @staticmethod
+    def _audit(request: Any, method: str, entry: Entry, what: str) -> None:
+        peer = request.getClientAddress()
+        log.info(
+            "admin API: {method} {key} {what} (from {peer})",
+            method=method,
+            key=entry.key,
+            what=what,
+            peer=getattr(peer, "host", peer),
+        )
+
+
+class AdminRoot(Resource):
+    """
+    The admin listener's root (see the module docstring for its tree).
+
+    @param control: what the API reads and changes.
+    @param keys: the accepted C{X-API-KEY} values.
+    @param serving: whether the gateway accepts requests (for C{/healthz}).
+    """
+
+    def __init__(self, control: Control, keys: Iterable[str], serving: Callable[[], bool]) -> None:
+        super().__init__()
+        self.keys = tuple(keys)
+        self.putChild(b"healthz", Healthz(serving))
+        self.putChild(b"apisix", self.guard(ApisixAdmin(control)))
+
+    def guard(self, resource: IResource) -> KeyGuard:
+        """C{resource} behind this API's C{X-API-KEY} check."""
+        return KeyGuard(resource, self.keys)
+
+    def getChild(self, path: bytes, request: Any) -> IResource:
+        # Unknown paths need the key too: no probing without it.
+        return self.guard(_NotFound())
+
+    def render(self, request: Any) -> Any:
+        return self.guard(_NotFound()).render(request)
+
+
+class _AdminRequest(server.Request):
+    """A request whose body may not exceed C{MAX_ADMIN_BODY} (chunked included)."""
+
+    _received = 0
+
+    def handleContentChunk(self, data: bytes) -> None:
+        channel = self.channel
+        if isinstance(channel, _AdminChannel) and channel.refused:
+            return
+        self._received += len(data)
+        if self._received > MAX_ADMIN_BODY:
+            if isinstance(channel, _AdminChannel):
+                channel.too_large()
+            return
+        super().handleContentChunk(data)
+
+
+class _AdminChannel(HardenedHTTPChannel):
+    """
+    A L{HardenedHTTPChannel} refusing request bodies over
+    C{MAX_ADMIN_BODY} with 413 and closing the connection: by the
+    C{Content-Length} as soon as the head is in, for a chunked body as soon
+    as it has grown too large.  Nothing of such a request is rendered.
+    """
+
+    refused = False
+
+    def too_large(self) -> None:
+        """Answer 413 and close; the request is never handed to the resource."""
+        if self.refused:
+            return
+        self.refused = True
+        if self.transport is not None:
+            self.transport.write(
+                b"HTTP/1.1 413 Content Too Large\r\nConnection: close\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(_TOO_LARGE), _TOO_LARGE)
+            )
+        # Ignore anything further, and close.
+        self._phase = _CLOSED
+        self._close()
+
+    def allHeadersReceived(self) -> None:
+        if self.length is not None and self.length > MAX_ADMIN_BODY:
+            self.too_large()
+            return
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        if self.refused:
+            return
+        super().allContentReceived()
+
+
+class AdminSite(HardenedSite):
+    """
+    The admin listener's site: the client-facing server's hardening
+    (L{HardenedSite}: strict parsing, header and body timeouts), bodies
+    capped at C{MAX_ADMIN_BODY}, and no access log (admin writes are logged
+    by the API itself).
+    """
+
+    displayTracebacks = False
+
+    def __init__(self, resource: IResource, limits: HttpLimits = HttpLimits(), **kwargs: Any) -> None:
+        kwargs.setdefault("requestFactory", _AdminRequest)
+        super().__init__(resource, limits, **kwargs)
+
+    def protocol(self) -> HardenedHTTPChannel:  # type: ignore[override]
+        return _AdminChannel(self.limits)
+
+    def log(self, request: Any) -> None:
+        pass

@@ -1,0 +1,543 @@
+# -*- test-case-name: tests.test_admin,tests.test_store,tests.test_reload -*-
+"""
+The effective configuration and every way it changes at run time: admin API
+writes, and reloads of the configuration file (SIGHUP, C{POST
+/apisix/admin/reload}).
+
+The effective configuration is the file's document with the store's routes
+and upstreams appended, validated as a whole with L{parse_config} (so a
+route from one side may name an upstream from the other).  A change is
+validated completely first, its runtime built (L{Gateway.build}), then
+written to the store, and only then installed with L{Gateway.update}: a
+refused change (invalid, or one the runtime cannot be built from) leaves
+both the store and the running table alone.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+import attr
+from twisted.logger import Logger
+
+from fauth.config import (
+    ConfigError,
+    GatewayConf,
+    parse_config,
+    parse_route,
+    parse_upstream,
+    read_document,
+)
+from fauth.config.schema import SchemaError
+from fauth.admin.store import KINDS, Store, StoreContents
+
+__all__ = ["AdminError", "Control", "Entry", "KINDS", "merge_patch"]
+
+log = Logger()
+
+#: The admin API's resource types, as in its URLs.
+#: Sections a reload cannot change in a running process.
+RESTART_ONLY = ("listen", "admin", "demo", "http", "ssl_trusted_certificate", "workers")
+
+# APISIX's id schema: a string of 1-64 of these, or a positive integer.
+_ID_RE = re.compile(r"^[a-zA-Z0-9\-_.]{1,64}$")
+_LABEL_RE = re.compile(r'^(route|upstream) "([^"]*)": ')
+# Messages parse_route already words as APISIX's admin API does.
+_APISIX_WORDED = ("failed to check the configuration of plugin", "unknown plugin", "failed to fetch upstream")
+
+
+class _BuildError(Exception):
+    """The runtime could not be built from (or install) a valid configuration."""
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return "%s: %s" % (type(e).__name__, text) if text else type(e).__name__
+
+
+class AdminError(Exception):
+    """A refused admin operation: the HTTP status and APISIX's C{error_msg}."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@attr.frozen
+class Entry:
+    """One route or upstream as the admin API shows it."""
+
+    kind: str
+    id: str
+    value: Mapping[str, Any]
+    #: C{"file"} (owned by the configuration file, read-only) or C{"api"}.
+    source: str = "api"
+
+    @property
+    def key(self) -> str:
+        """APISIX's etcd-style key, e.g. C{/apisix/routes/1}."""
+        return "/apisix/%s/%s" % (self.kind, self.id)
+
+
+def merge_patch(target: object, patch: object) -> object:
+    """Apply an RFC 7396 JSON merge patch (a new value; inputs untouched)."""
+    if not isinstance(patch, dict):
+        return patch
+    result: Dict[str, Any] = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def _singular(kind: str) -> str:
+    return kind[:-1]
+
+
+def _file_docs(doc: Mapping[str, Any], kind: str) -> List[Any]:
+    docs = doc.get(kind) or []
+    if not isinstance(docs, list):
+        raise ConfigError('config: property "%s" validation failed: wrong type: expected array' % kind)
+    return docs
+
+
+def _file_ids(doc: Mapping[str, Any], kind: str) -> List[str]:
+    return [str(d["id"]) for d in _file_docs(doc, kind) if isinstance(d, dict) and d.get("id") is not None]
+
+
+def merge(base: GatewayConf, contents: StoreContents, store_path: Optional[str] = None) -> GatewayConf:
+    """
+    The effective configuration: C{base} (its C{source} document is the
+    file's) with the store's routes and upstreams appended after the file's.
+
+    @param store_path: when given, an error about a stored document is
+        prefixed with C{store <path>:} so an operator knows which file to fix.
+    @raise ConfigError: one line.
+    """
+    doc = base.source
+    docs: Dict[str, List[Any]] = {}
+    for kind in ("upstreams", "routes"):
+        file_docs = _file_docs(doc, kind)
+        owned = set(_file_ids(doc, kind))
+        for doc_id in contents.of(kind):
+            if doc_id in owned:
+                raise ConfigError(
+                    'store %s: %s "%s" is also defined in the configuration file; remove it from one of them'
+                    % (store_path or "", _singular(kind), doc_id)
+                )
+        docs[kind] = list(file_docs) + list(contents.of(kind).values())
+    try:
+        parsed = parse_config(docs)
+    except ConfigError as e:
+        match = _LABEL_RE.match(str(e))
+        if store_path is not None and match and match.group(2) in contents.of(match.group(1) + "s"):
+            raise ConfigError("store %s: %s" % (store_path, e))
+        raise
+    return attr.evolve(base, routes=parsed.routes, upstreams=parsed.upstreams)
+
+
+def parse_base(doc: object) -> GatewayConf:
+    """
+    Validate everything in a configuration document except its routes and
+    upstreams (validated later, together with the store's).
+    """
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError("config: expected a mapping at the top level")
+    _file_docs(doc, "routes")
+    _file_docs(doc, "upstreams")
+    base = parse_config(dict(doc, routes=[], upstreams=[]))
+    return attr.evolve(base, source=doc)
+
+
+def _check_id(kind: str, doc_id: str) -> None:
+    if not _ID_RE.match(doc_id):
+        raise AdminError(
+            400,
+            'invalid configuration: property "id" validation failed: %s id "%s" must be 1 to 64 '
+            "letters, digits, '-', '_' or '.'" % (_singular(kind), doc_id),
+        )
+
+
+def _timestamps(value: Dict[str, Any], previous: Optional[Mapping[str, Any]], now: int, patch: bool = False) -> None:
+    for name in ("create_time", "update_time"):
+        stamp = value.get(name)
+        if stamp is not None and (isinstance(stamp, bool) or not isinstance(stamp, int)):
+            raise AdminError(
+                400, 'invalid configuration: property "%s" validation failed: wrong type: expected integer' % name
+            )
+    # As APISIX: a client's own stamps are kept (restoring a backup), the
+    # creation time survives updates, the update time is now.
+    if "create_time" not in value:
+        value["create_time"] = previous.get("create_time", now) if previous else now
+    if patch or "update_time" not in value:
+        value["update_time"] = now
+
+
+class Control:
+    """
+    Owns the effective configuration of a running gateway and changes it.
+
+    @param conf: the effective configuration (see L{from_document}).
+    @param store: where admin changes go, or C{None} without C{admin}.
+    @param contents: what the store held when C{conf} was built.
+    @param config_path: the file reloads read, if any.
+    @param clock: seconds since the epoch (for C{create_time}/C{update_time}).
+    @ivar conf: the effective L{GatewayConf}, as last applied.
+    @ivar contents: the store's documents, as last written.
+    @ivar reload_store: whether L{reload} re-reads the store file too (a
+        worker of C{--workers N}: its supervisor's admin API writes it).
+    """
+
+    def __init__(
+        self,
+        conf: GatewayConf,
+        store: Optional[Store] = None,
+        contents: StoreContents = StoreContents(),
+        config_path: Optional[str] = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.conf = conf
+        self.store = store
+        self.contents = contents
+        self.config_path = config_path
+        self._clock = clock
+        self._appliers: List[Tuple[Callable[..., None], Optional[Callable[[GatewayConf], Any]]]] = []
+        self._outcome_listeners: List[Callable[[str, str], None]] = []
+        self._last_id = 0
+        self.reload_store = False
+
+    @classmethod
+    def from_document(cls, doc: object, config_path: Optional[str] = None) -> "Control":
+        """
+        Validate a configuration document, load the store its C{admin}
+        section names, and build the effective configuration.
+
+        @raise ConfigError: one line; errors in the store name its file.
+        """
+        base = parse_base(doc)
+        store = Store(base.admin.store) if base.admin is not None else None
+        contents = store.load() if store is not None else StoreContents()
+        conf = merge(base, contents, store.path if store is not None else None)
+        return cls(conf, store, contents, config_path)
+
+    @classmethod
+    def from_file(cls, path: str) -> "Control":
+        """L{from_document} on the file at C{path}; reloads re-read it."""
+        # Absolute: reloads must find it even after twistd changed directory.
+        return cls.from_document(read_document(path), config_path=os.path.abspath(path))
+
+    @classmethod
+    def from_conf(cls, conf: GatewayConf) -> "Control":
+        """
+        For a configuration parsed by the caller: with C{admin}, its
+        C{source} document is merged with the store; without, it is used as
+        it is (nothing to merge, nothing to reload).
+        """
+        if conf.admin is None:
+            return cls(conf)
+        return cls.from_document(conf.source)
+
+    def on_change(
+        self, apply: Callable[..., None], build: Optional[Callable[[GatewayConf], Any]] = None
+    ) -> None:
+        """
+        Call C{apply(conf)} with every new effective configuration.
+
+        With C{build}, in two phases: C{build(conf)} runs before anything is
+        written or installed (whatever it raises refuses the change), then
+        C{apply(conf, built)} installs what it returned.  A bound C{update}
+        of an object with a C{build} method (L{Gateway.update}) is taken
+        that way without being told.
+        """
+        if build is None and getattr(apply, "__name__", None) == "update":
+            owner_build = getattr(getattr(apply, "__self__", None), "build", None)
+            if callable(owner_build):
+                build = owner_build
+        self._appliers.append((apply, build))
+
+    def on_outcome(self, listener: Callable[[str, str], None]) -> None:
+        """
+        Call C{listener(event, result)} after every reload (C{"reload"},
+        C{"ok"} or C{"refused"}) and every store write (C{"store_write"},
+        C{"ok"} or C{"error"}); for metrics, and to reopen the access log.
+        """
+        self._outcome_listeners.append(listener)
+
+    def _report(self, event: str, result: str) -> None:
+        for listener in self._outcome_listeners:
+            try:
+                listener(event, result)
+            except Exception:
+                log.failure("{event} listener failed", event=event)
+
+    # -- reads ---------------------------------------------------------------
+
+    def file_ids(self, kind: str) -> List[str]:
+        """The ids of C{kind} the configuration file owns."""
+        return _file_ids(self.conf.source, kind)
+
+    def get(self, kind: str, doc_id: str) -> Entry:
+        """One route or upstream, from the file or the store."""
+        for entry in self._file_entries(kind):
+            if entry.id == doc_id:
+                return entry
+        value = self.contents.of(kind).get(doc_id)
+        if value is None:
+            raise AdminError(404, "%s %s not found" % (_singular(kind), doc_id))
+        return Entry(kind, doc_id, value)
+
+    def list(self, kind: str) -> List[Entry]:
+        """The file's, then the store's, in configuration order."""
+        stored = [Entry(kind, doc_id, value) for doc_id, value in self.contents.of(kind).items()]
+        return self._file_entries(kind) + stored
+
+    def _file_entries(self, kind: str) -> List[Entry]:
+        return [
+            Entry(kind, str(d["id"]), d, "file")
+            for d in _file_docs(self.conf.source, kind)
+            if isinstance(d, dict) and d.get("id") is not None
+        ]
+
+    # -- writes --------------------------------------------------------------
+
+    def put(self, kind: str, doc_id: str, body: object) -> Tuple[bool, Entry]:
+        """
+        Create or replace C{doc_id}.
+
+        @return: whether it was created, and the stored entry.
+        @raise AdminError: refused; nothing changed.
+        """
+        _check_id(kind, doc_id)
+        self._check_writable(kind, doc_id)
+        doc = self._object(body)
+        if "id" in doc and str(doc["id"]) != doc_id:
+            raise AdminError(400, "wrong %s id" % _singular(kind))
+        previous = self.contents.of(kind).get(doc_id)
+        value = {"id": doc_id}
+        value.update((k, v) for k, v in doc.items() if k != "id")
+        _timestamps(value, previous, int(self._clock()))
+        self._commit(kind, doc_id, value)
+        return previous is None, Entry(kind, doc_id, value)
+
+    def create(self, kind: str, body: object) -> Entry:
+        """C{POST}: store under a generated id."""
+        doc = self._object(body)
+        if "id" in doc:
+            raise AdminError(400, "wrong %s id, do not need it" % _singular(kind))
+        doc_id = self._new_id()
+        value = {"id": doc_id}
+        value.update(doc)
+        _timestamps(value, None, int(self._clock()))
+        self._commit(kind, doc_id, value)
+        return Entry(kind, doc_id, value)
+
+    def patch(self, kind: str, doc_id: str, patch: object) -> Entry:
+        """C{PATCH}: an RFC 7396 merge patch of the stored document, then full validation."""
+        _check_id(kind, doc_id)
+        self._check_writable(kind, doc_id)
+        previous = self.contents.of(kind).get(doc_id)
+        if previous is None:
+            raise AdminError(404, "%s %s not found" % (_singular(kind), doc_id))
+        merged = self._object(merge_patch(previous, patch))
+        if "id" in merged and str(merged["id"]) != doc_id:
+            raise AdminError(400, "wrong %s id" % _singular(kind))
+        value = {"id": doc_id}
+        value.update((k, v) for k, v in merged.items() if k != "id")
+        patched_stamp = isinstance(patch, dict) and "update_time" in patch
+        _timestamps(value, previous, int(self._clock()), patch=not patched_stamp)
+        self._commit(kind, doc_id, value)
+        return Entry(kind, doc_id, value)
+
+    def delete(self, kind: str, doc_id: str) -> Entry:
+        """Remove C{doc_id}; an upstream still named by a route is kept."""
+        _check_id(kind, doc_id)
+        self._check_writable(kind, doc_id)
+        previous = self.contents.of(kind).get(doc_id)
+        if previous is None:
+            raise AdminError(404, "%s %s not found" % (_singular(kind), doc_id))
+        if kind == "upstreams":
+            for route in self.list("routes"):
+                if str(route.value.get("upstream_id")) == doc_id and "upstream_id" in route.value:
+                    raise AdminError(
+                        400, "can not delete this upstream, route [%s] is still using it now" % route.id
+                    )
+        contents = self.contents.without(kind, doc_id)
+        self._save_and_apply(self._effective(contents), contents)
+        return Entry(kind, doc_id, previous)
+
+    def _check_writable(self, kind: str, doc_id: str) -> None:
+        if self.store is None:
+            raise AdminError(400, "the admin API is not configured (no admin section)")
+        if doc_id in self.file_ids(kind):
+            where = " " + self.config_path if self.config_path else ""
+            raise AdminError(
+                409,
+                "%s %s is defined in the configuration file%s; edit the file and reload"
+                % (_singular(kind), doc_id, where),
+            )
+
+    @staticmethod
+    def _object(body: object) -> Dict[str, Any]:
+        if not isinstance(body, dict):
+            raise AdminError(400, "invalid configuration: wrong type: expected object")
+        return body
+
+    def _new_id(self) -> str:
+        # Time-based and increasing, so a deleted id is not handed out again
+        # (clients may still hold it); unique against every known id.
+        taken = set(self.contents.routes) | set(self.contents.upstreams)
+        taken.update(self.file_ids("routes"), self.file_ids("upstreams"))
+        candidate = max(int(self._clock() * 1000000), self._last_id + 1)
+        while str(candidate) in taken:
+            candidate += 1
+        self._last_id = candidate
+        return str(candidate)
+
+    def _commit(self, kind: str, doc_id: str, value: Dict[str, Any]) -> None:
+        # The document alone first: its errors get APISIX's exact wording.
+        try:
+            if kind == "routes":
+                parse_route(value, self.conf.upstreams)
+            else:
+                parse_upstream(value)
+        except SchemaError as e:
+            message = str(e)
+            if not message.startswith(_APISIX_WORDED):
+                message = "invalid configuration: " + message
+            raise AdminError(400, message)
+        contents = self.contents.with_doc(kind, doc_id, value)
+        self._save_and_apply(self._effective(contents), contents)
+
+    def _effective(self, contents: StoreContents) -> GatewayConf:
+        try:
+            return merge(self.conf, contents)
+        except ConfigError as e:
+            raise AdminError(400, str(e))
+
+    def _save_and_apply(self, conf: GatewayConf, contents: StoreContents) -> None:
+        assert self.store is not None
+        try:
+            built = self._build(conf)
+        except _BuildError as e:
+            raise AdminError(400, "invalid configuration: %s" % e)
+        try:
+            self.store.save(contents)
+        except OSError as e:
+            log.error("admin change not saved to {path}: {error}", path=self.store.path, error=e)
+            self._report("store_write", "error")
+            raise AdminError(500, "failed to write the store %s: %s" % (self.store.path, e.strerror or e))
+        self.contents = contents
+        self._report("store_write", "ok")
+        try:
+            self._apply(conf, built)
+        except _BuildError as e:
+            raise AdminError(500, "saved, but not applied: %s" % e)
+
+    def _build(self, conf: GatewayConf) -> List[Any]:
+        """
+        Phase one: every two-phase applier's runtime for C{conf}, nothing
+        installed.
+
+        @raise _BuildError: one line; the traceback is logged.
+        """
+        built = []
+        for _, build in self._appliers:
+            if build is None:
+                built.append(None)
+                continue
+            try:
+                built.append(build(conf))
+            except Exception as e:
+                log.failure("the runtime cannot be built from the new configuration")
+                raise _BuildError("the gateway cannot run it: %s" % _one_line(e))
+        return built
+
+    def _apply(self, conf: GatewayConf, built: List[Any]) -> None:
+        """
+        Phase two: install what L{_build} made, then (the new runtime
+        serving) record C{conf} and tell the one-phase appliers.
+
+        @raise _BuildError: installing failed (logged); C{conf} not recorded.
+        """
+        for (apply, build), runtime in zip(self._appliers, built):
+            if build is not None:
+                try:
+                    apply(conf, runtime)
+                except Exception as e:
+                    log.failure("installing the new configuration failed")
+                    raise _BuildError("installing it failed: %s" % _one_line(e))
+        self.conf = conf
+        for apply, build in self._appliers:
+            if build is None:
+                try:
+                    apply(conf)
+                except Exception:
+                    log.failure("a configuration change listener failed")
+
+    # -- reload --------------------------------------------------------------
+
+    def reload(self) -> GatewayConf:
+        """
+        Re-read the configuration file: a valid one (merged with the store)
+        replaces the route table; an invalid one is refused, the reason
+        logged as C{reload refused: <reason>}, and the running table kept.
+        Sections in L{RESTART_ONLY} keep their running values.  With
+        L{reload_store}, the store file is read again too.
+
+        @raise ConfigError: the refusal.
+        """
+        # A signal handler calls this: nothing but ConfigError may escape.
+        try:
+            try:
+                if self.config_path is None:
+                    raise ConfigError("config: the gateway was not started from a file; nothing to reload")
+                doc = read_document(self.config_path)
+                base = parse_base(doc)
+                contents = self.contents
+                if self.reload_store and self.store is not None:
+                    contents = self.store.load()
+                conf = merge(base, contents, self.store.path if self.store is not None else None)
+                changed = [name for name in RESTART_ONLY if getattr(conf, name) != getattr(self.conf, name)]
+                conf = attr.evolve(conf, **{name: getattr(self.conf, name) for name in RESTART_ONLY})
+                built = self._build(conf)
+            except (ConfigError, _BuildError):
+                raise
+            except Exception as e:
+                log.failure("reload: unexpected error")
+                raise ConfigError("config: reload failed: %s" % _one_line(e))
+        except _BuildError as e:
+            error = ConfigError("config: %s" % e)
+            log.warn("reload refused: {error}", error=str(error))
+            self._report("reload", "refused")
+            raise error
+        except ConfigError as e:
+            log.warn("reload refused: {error}", error=str(e))
+            self._report("reload", "refused")
+            raise
+        if changed:
+            log.warn(
+                "reload: changes to {sections} need a restart; ignored", sections=", ".join(changed)
+            )
+        try:
+            self._apply(conf, built)
+        except _BuildError as e:
+            error = ConfigError("config: %s" % e)
+            log.warn("reload refused: {error}", error=str(error))
+            self._report("reload", "refused")
+            raise error
+        self.contents = contents
+        log.info(
+            "reloaded {path}: {routes} routes, {stored} of them from the admin store",
+            path=self.config_path,
+            routes=len(conf.routes),
+            stored=len(self.contents.routes),
+        )
+        self._report("reload", "ok")
+        return conf

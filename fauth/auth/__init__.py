@@ -1,0 +1,1 @@
+"""Forward-auth: decision types, the check, per-request variables, the treq client."""

@@ -1,0 +1,233 @@
+# -*- test-case-name: tests.test_authclient -*-
+"""
+The HTTP client of the auth leg: C{treq.HTTPClient} over a L{PoolAgent}
+(L{fauth.wire.agent}) and an L{HTTPConnectionPool}, calling one auth target.
+
+The URL is encoded once, at config time, and each call sends exactly the
+fields the contract builds: no cookie jar that keeps anything (a
+C{Set-Cookie} in one user's auth answer must not go out with the next
+user's auth request), no C{Accept-Encoding}, and the answer relayed as it
+was sent.  One timer cancels the whole call, body included; the body is
+read through treq under a 1 MiB cap.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Tuple
+from urllib.parse import urlsplit
+
+import attr
+import treq
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+from twisted.web.client import HTTPConnectionPool
+from twisted.web.iweb import IResponse
+
+from fauth.wire.agent import BytesBody, NoCookies, PoolAgent, PreEncodedURL, PreparedHeaders, as_sent
+from fauth.wire.h1 import ReplyHeaders
+from fauth.wire.pool import StrictConnectionPool
+from fauth.wire.transport import BodyTooLarge, tls_policy
+
+__all__ = [
+    "AuthCallError",
+    "AuthClient",
+    "AuthTarget",
+    "Reply",
+]
+
+# A denial's body goes back to the client; beyond this an auth service is
+# misbehaving, and the call fails rather than buffering without bound.
+MAX_AUTH_BODY = 1024 * 1024
+
+_PATH_OK = frozenset(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@/%?"
+)
+
+
+class Reply:
+    """An auth service's whole answer, as it was sent."""
+
+    __slots__ = ("status", "headers", "body")
+
+    def __init__(self, status: int, headers: ReplyHeaders, body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+
+class AuthCallError(Exception):
+    """The auth call failed before or without an HTTP answer; the message is the log's C{err}."""
+
+
+@attr.frozen
+class AuthTarget:
+    """Where C{conf.uri} points, parsed once at config time."""
+
+    scheme: str
+    host: str
+    port: int
+    target: bytes
+    ssl_verify: bool
+
+    @property
+    def host_header(self) -> bytes:
+        default = 443 if self.scheme == "https" else 80
+        host = "[%s]" % self.host if ":" in self.host else self.host
+        if self.port != default:
+            host = "%s:%d" % (host, self.port)
+        return host.encode("idna")
+
+    @classmethod
+    def parse(cls, uri: str, ssl_verify: bool) -> "AuthTarget":
+        """@raise AuthCallError: C{bad uri: ...} or invalid path characters."""
+        try:
+            parts = urlsplit(uri)
+            port = parts.port
+        except ValueError as e:
+            raise AuthCallError("bad uri: %s (%s)" % (uri, e))
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise AuthCallError("bad uri: %s" % uri)
+        try:
+            # host_header and the connection encode it: find out now, not per call.
+            parts.hostname.encode("idna")
+        except UnicodeError as e:
+            raise AuthCallError("bad uri: %s (%s)" % (uri, e))
+        path = (parts.path or "/").encode("utf-8")
+        query = parts.query.encode("utf-8")
+        if not set(path) <= _PATH_OK:
+            raise AuthCallError("invalid characters found in path")
+        if not set(query) <= _PATH_OK:
+            raise AuthCallError("invalid characters found in query")
+        return cls(
+            scheme=parts.scheme,
+            host=parts.hostname,
+            port=port or (443 if parts.scheme == "https" else 80),
+            target=path + (b"?" + query if parts.query else b""),
+            ssl_verify=ssl_verify,
+        )
+
+
+class AuthClient:
+    """
+    Calls to one auth target through treq.
+
+    @param pool: the connections to use; by default a
+        L{StrictConnectionPool} of this client's own, built from the
+        keep-alive settings.  An application's own L{HTTPConnectionPool}
+        works too (its settings then apply, and it is not closed here).
+    @param keepalive: keep connections for reuse.
+    @param keepalive_timeout: seconds an idle pooled connection is kept.
+    @param keepalive_pool: idle connections kept at most.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        target: Optional[AuthTarget],
+        *,
+        keepalive: bool = True,
+        keepalive_timeout: float = 60.0,
+        keepalive_pool: int = 5,
+        connect_timeout: float = 3.0,
+        trust_root: Any = None,
+        bad_uri: Optional[str] = None,
+        pool: Optional[HTTPConnectionPool] = None,
+    ) -> None:
+        self._reactor = reactor
+        self.target = target
+        self._bad_uri = bad_uri
+        self._own_pool = (
+            StrictConnectionPool(reactor, keepalive, keepalive_pool, keepalive_timeout) if pool is None else None
+        )
+        self.pool: HTTPConnectionPool = pool or self._own_pool
+        policy = tls_policy(target.ssl_verify if target else True, trust_root)
+        self._jar = NoCookies()
+        self._http = HTTPClient(
+            PoolAgent(reactor, self.pool, policy, connect_timeout),
+            cookiejar=self._jar,
+            data_to_body_producer=BytesBody,
+        )
+        self.host_header = target.host_header if target is not None else b""
+        self._url = (
+            PreEncodedURL.encode(
+                "%s://%s%s" % (target.scheme, self.host_header.decode("ascii"), target.target.decode("ascii"))
+            )
+            if target is not None
+            else None
+        )
+
+    def call(
+        self,
+        method: str,
+        fields: Sequence[Tuple[bytes, bytes]],
+        body: Optional[bytes],
+        timeout: float,
+    ) -> "Deferred[Reply]":
+        """
+        One auth exchange: C{fields} (checked names and values) and
+        C{body}, answered in full within C{timeout} seconds; on expiry the
+        whole exchange is cancelled and fails with C{AuthCallError("timeout")}.
+        """
+        if self._url is None:
+            return fail(AuthCallError(self._bad_uri or "bad uri"))
+        exchange = self._http.request(
+            method,
+            self._url,
+            headers=PreparedHeaders(fields),
+            data=body,
+            cookies=self._jar,
+            allow_redirects=False,
+            unbuffered=True,
+            reactor=self._reactor,
+        )
+        exchange.addCallback(_read)
+        expired = []
+
+        def expire() -> None:
+            expired.append(True)
+            exchange.cancel()
+
+        timer = self._reactor.callLater(timeout, expire)
+
+        def finished(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            if expired and isinstance(result, Failure):
+                return Failure(AuthCallError("timeout"))
+            return result
+
+        return exchange.addBoth(finished)
+
+    def close(self) -> Deferred:
+        """Close pooled connections (of this client's own pool only)."""
+        if self._own_pool is None:
+            return succeed(None)
+        return self._own_pool.close()
+
+
+def _read(response: IResponse) -> "Deferred[Reply]":
+    """The answer as the auth service sent it, its body read through treq, at most 1 MiB."""
+    raw = as_sent(response)
+    chunks = []
+    size = 0
+
+    def collect(data: bytes) -> None:
+        nonlocal size
+        size += len(data)
+        if size > MAX_AUTH_BODY:
+            raise BodyTooLarge()
+        chunks.append(data)
+
+    def settle(result: Any) -> None:
+        if read.called:
+            return  # cancelled: the stopped body's end is nobody's news
+        if isinstance(result, Failure):
+            read.errback(result)
+        else:
+            read.callback(Reply(raw.code, raw.sent_headers, b"".join(chunks)))
+
+    # treq's Deferred has no canceller: cancelling this one stops the body.
+    read: Deferred = Deferred(lambda _: raw.stop())
+    treq.collect(raw, collect).addBoth(settle)
+    return read

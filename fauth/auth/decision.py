@@ -1,0 +1,85 @@
+# -*- test-case-name: tests.auth.test_decision -*-
+"""
+What a forward-auth check decides, as frozen values: L{Allow} (with the
+identity headers to set), L{Degrade}, or L{Respond} (the answer the client
+gets instead).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import attr
+from twisted.web.http_headers import Headers
+
+from fauth.wire.h1 import ReplyHeaders
+
+__all__ = ["Allow", "Decision", "Degrade", "Respond"]
+
+
+@attr.frozen
+class Allow:
+    """
+    Let the request through.  C{set_headers} maps each configured
+    C{upstream_headers} name to the auth service's values, or to C{None}
+    when it gave none: such a header must be removed from the request.
+    """
+
+    set_headers: Tuple[Tuple[bytes, Optional[Tuple[bytes, ...]]], ...] = ()
+    #: The auth service's response headers (for the access log's C{user}).
+    reply_headers: Optional[ReplyHeaders] = attr.field(default=None, eq=False, repr=False)
+    #: For metrics and the access log (L{fauth.observe.metrics}).
+    outcome = "allow"
+
+    def apply(self, headers: Headers) -> None:
+        """
+        Rewrite request headers in place.  Client headers spelled with
+        underscores (C{X_User_ID}) go too: many upstreams (CGI, WSGI, PHP)
+        read them as the dashed name, so they could smuggle an identity.
+        """
+        if not self.set_headers:
+            return
+        folded = {name.lower().replace(b"_", b"-") for name, _ in self.set_headers}
+        for raw_name, _ in list(headers.getAllRawHeaders()):
+            if b"_" in raw_name and raw_name.lower().replace(b"_", b"-") in folded:
+                headers.removeHeader(raw_name)
+        # "Connection: X-User-ID" would make the proxy drop the auth's value
+        # as hop-by-hop: such tokens go, the rest of Connection stays.
+        connection = headers.getRawHeaders(b"connection")
+        if connection:
+            kept = [
+                token.strip()
+                for value in connection
+                for token in value.split(b",")
+                if token.strip() and token.strip().lower().replace(b"_", b"-") not in folded
+            ]
+            if kept:
+                headers.setRawHeaders(b"connection", [b", ".join(kept)])
+            else:
+                headers.removeHeader(b"connection")
+        for name, values in self.set_headers:
+            if values is None:
+                headers.removeHeader(name)
+            else:
+                headers.setRawHeaders(name, list(values))
+
+
+@attr.frozen
+class Degrade:
+    """The auth service failed and C{allow_degradation} lets the request through untouched."""
+
+    outcome = "degraded"
+
+
+@attr.frozen
+class Respond:
+    """Answer the client now: the auth service's denial, a 413, or C{status_on_error}."""
+
+    status: int
+    headers: Tuple[Tuple[bytes, Tuple[bytes, ...]], ...] = ()
+    body: bytes = b""
+    #: C{deny} (the auth service's answer), C{error} (C{status_on_error}) or
+    #: C{rejected} (413, no auth call); for metrics and the access log.
+    outcome: str = attr.field(default="deny", eq=False)
+
+
+Decision = Union[Allow, Degrade, Respond]

@@ -1,0 +1,232 @@
+# -*- test-case-name: tests.test_auth,tests.test_contract -*-
+"""
+The forward-auth decision: build the auth request exactly as APISIX does,
+call the auth service over its pooled client, and turn its answer into a
+decision.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from fauth import __version__
+from fauth.auth.client import AuthCallError, AuthClient, Reply
+from fauth.auth.decision import Allow, Decision, Degrade, Respond
+from fauth.wire.transport import describe_failure, is_cancellation
+from fauth.config import ForwardAuthConf
+from fauth.wire.headers import CTL, HOP_BY_HOP, TOKEN, HeaderError, first_value
+from fauth.request.inbound import InboundRequest
+from fauth.auth.variables import RequestVariables
+
+__all__ = ["ForwardAuth"]
+
+log = Logger()
+
+_USER_AGENT = ("fauth/%s" % __version__).encode("ascii")
+
+
+
+class ForwardAuth:
+    """
+    One C{forward-auth} plugin instance: config compiled once, then
+    L{check} per request.
+
+    @param conf: the validated plugin attributes.
+    @param client: the pooled client for C{conf.uri}'s host.
+    @param reactor: used for the timeout.
+    """
+
+    def __init__(self, conf: ForwardAuthConf, client: AuthClient, reactor: Any) -> None:
+        self.conf = conf
+        self._client = client
+        self._reactor = reactor
+        self._post = conf.request_method == "POST"
+        self._timeout = conf.timeout / 1000.0
+        self._request_headers = tuple(
+            (name.lower(), name.encode("utf-8"), _lookup_names(name))
+            for name in _sendable(conf.request_headers, "request_headers")
+        )
+        extra = dict(conf.extra_headers or ())
+        self._extra = tuple(
+            (name.lower(), name.encode("utf-8"), extra[name])
+            for name in _sendable(list(extra), "extra_headers")
+        )
+        # APISIX accepts any extra_headers key; one that is not a token fails
+        # each call (as lua-resty-http refuses it then), found out once here.
+        # The other names are fixed, or only sent when a client's header of
+        # that name (a token: the server refuses others) was found.
+        self._bad_name = any(TOKEN.fullmatch(name) is None for _, name, _ in self._extra)
+        self._extra_needs_vars = any(not t.is_literal for _, _, t in self._extra)
+        self._upstream_headers = tuple(n.encode("utf-8") for n in conf.upstream_headers)
+        self._client_headers = tuple(n.encode("utf-8") for n in conf.client_headers)
+        self._host_header = client.host_header
+        for warning in conf.warnings:
+            log.warn("{warning}", warning=warning)
+
+    def build_headers(self, inbound: InboundRequest, route_id: str = "") -> Tuple[Tuple[bytes, bytes], ...]:
+        """
+        The auth request's headers, in the reference's precedence: generated
+        C{X-Forwarded-*}, then C{extra_headers} (overwrite), then
+        C{request_headers} (fill only), then C{Host} and C{User-Agent}.
+        Names compare case-insensitively.
+
+        @raise HeaderError: a name or value that must not be sent.
+        """
+        table: Dict[str, Tuple[bytes, bytes]] = {
+            "x-forwarded-proto": (b"X-Forwarded-Proto", inbound.scheme.encode("ascii")),
+            "x-forwarded-method": (b"X-Forwarded-Method", inbound.method.encode("latin-1")),
+            "x-forwarded-host": (b"X-Forwarded-Host", inbound.host.encode("latin-1")),
+            "x-forwarded-uri": (b"X-Forwarded-Uri", inbound.request_uri.encode("latin-1")),
+            "x-forwarded-for": (b"X-Forwarded-For", inbound.remote_addr.encode("latin-1")),
+        }
+        if self._post:
+            encoding = first_value(inbound.headers, b"content-encoding")
+            if encoding is not None:
+                table["content-encoding"] = (b"Content-Encoding", encoding)
+        if self._extra:
+            variables = self._variables(inbound, route_id) if self._extra_needs_vars else None
+            for key, name, template in self._extra:
+                value = template.source.encode("utf-8") if variables is None else template.render_bytes(variables)
+                table[key] = (name, value)
+        for key, name, lookups in self._request_headers:
+            if key in table:
+                continue
+            for lookup in lookups:
+                value = first_value(inbound.headers, lookup)
+                if value is not None:
+                    table[key] = (name, value)
+                    break
+        if "host" not in table:
+            table["host"] = (b"Host", self._host_header)
+        if "user-agent" not in table:
+            table["user-agent"] = (b"User-Agent", _USER_AGENT)
+        if self._bad_name:
+            raise HeaderError("invalid characters found in header key")
+        fields = tuple(table.values())
+        for _, value in fields:
+            if CTL.search(value) is not None:
+                raise HeaderError("invalid characters found in header value")
+        return fields
+
+    @staticmethod
+    def _variables(inbound: InboundRequest, route_id: str) -> RequestVariables:
+        return RequestVariables(
+            method=inbound.method,
+            request_uri=inbound.request_uri,
+            path=inbound.path,
+            query=inbound.query,
+            headers=inbound.headers,
+            remote_addr=inbound.remote_addr,
+            remote_port=inbound.remote_port,
+            server_addr=inbound.server_addr,
+            server_port=inbound.server_port,
+            scheme=inbound.scheme,
+            host=inbound.host,
+            body=inbound.body,
+            route_id=route_id,
+        )
+
+    def check(self, inbound: InboundRequest, route_id: str = "") -> "Deferred[Decision]":
+        """
+        Ask the auth service about one request.  Never fails: every outcome,
+        transport errors included, is a L{Decision}.  Cancelling the result
+        cancels the auth call.
+        """
+        body: Optional[bytes] = None
+        if self._post:
+            too_big = self._body_too_big(inbound)
+            if too_big is not None:
+                log.warn("failed to read request body: {err}", err=too_big)
+                return succeed(Respond(413, outcome="rejected"))
+            body = inbound.body()
+        try:
+            headers = self.build_headers(inbound, route_id)
+        except HeaderError as e:
+            # The client's own data made the auth request unsendable (CR/LF
+            # through $arg_*, say).  Degradation is for an auth service that
+            # fails, not a client that can choose to fail it: never degrade.
+            return succeed(self._failed(str(e), degradable=False))
+        call = self._client.call(self.conf.request_method, headers, body, self._timeout)
+        return call.addCallbacks(self._interpret, self._transport_failure)
+
+    def _body_too_big(self, inbound: InboundRequest) -> Optional[str]:
+        limit = self.conf.max_req_body_size
+        declared = first_value(inbound.headers, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            size = int(declared)
+        else:
+            size = inbound.body_length()
+            if size <= limit:
+                return None
+        return "request size %d is greater than the maximum size %d allowed" % (size, limit)
+
+    def _interpret(self, reply: Reply) -> Decision:
+        if reply.status < 300:
+            return Allow(
+                tuple(
+                    (name, _tuple_or_none(reply.headers.get(name)))
+                    for name in self._upstream_headers
+                ),
+                reply.headers,
+            )
+        headers = []
+        for name in self._client_headers:
+            values = reply.headers.get(name)
+            if values:
+                headers.append((name, tuple(values)))
+        body = reply.body
+        if self.conf.error_response is not None and reply.status >= 400:
+            body = self.conf.error_response.encode("utf-8")
+        return Respond(reply.status, tuple(headers), body)
+
+    def _transport_failure(self, failure: Failure) -> Decision:
+        if failure.check(AuthCallError):
+            return self._failed(str(failure.value))
+        if is_cancellation(failure):
+            # The caller cancelled (the client went away): nobody to answer.
+            return failure  # type: ignore[return-value]
+        return self._failed(describe_failure(failure))
+
+    def _failed(self, reason: str, degradable: bool = True) -> Decision:
+        log.warn("failed to process forward auth, err: {err}", err=reason)
+        if degradable and self.conf.allow_degradation:
+            return Degrade()
+        body = b""
+        if self.conf.error_response is not None:
+            body = self.conf.error_response.encode("utf-8")
+        return Respond(self.conf.status_on_error, (), body, outcome="error")
+
+
+# Names that frame the auth request's own hop: the gateway writes them (a
+# client's Content-Length on a body-less auth request would make the auth
+# service read the next user's request as its body).
+_HOP_FIELDS = frozenset(name.decode("ascii") for name in HOP_BY_HOP) | {"content-length", "expect"}
+
+
+def _sendable(names: Sequence[str], attribute: str) -> List[str]:
+    """C{names} without those of L{_HOP_FIELDS}, each dropped with a warning."""
+    kept = []
+    for name in names:
+        if name.lower() in _HOP_FIELDS:
+            log.warn(
+                "forward-auth {attribute}: {name} frames the auth request itself and is not copied",
+                attribute=attribute,
+                name=name,
+            )
+        else:
+            kept.append(name)
+    return kept
+
+
+def _lookup_names(name: str) -> Tuple[bytes, ...]:
+    """Client-side spellings to try: as configured, then lower-case with C{_} as C{-}."""
+    exact = name.encode("utf-8")
+    folded = name.lower().replace("_", "-").encode("utf-8")
+    return (exact,) if folded == exact.lower() else (exact, folded)
+
+
+def _tuple_or_none(values: Optional[Sequence[bytes]]) -> Optional[Tuple[bytes, ...]]:
+    return tuple(values) if values else None

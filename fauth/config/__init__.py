@@ -1,0 +1,41 @@
+"""
+Configuration: frozen models, APISIX objects and their wording, the document, templates.
+
+The public names are importable from here: C{from fauth.config import
+parse_config, ConfigError, GatewayConf}.
+"""
+from fauth.config.apisix import parse_forward_auth, parse_route, parse_upstream
+from fauth.config.document import load_config, parse_config, read_document
+from fauth.config.errors import ConfigError
+from fauth.config.models import (
+    AdminConf,
+    DemoConf,
+    ForwardAuthConf,
+    GatewayConf,
+    HttpLimits,
+    Node,
+    RouteConf,
+    UpstreamConf,
+    UpstreamTimeouts,
+)
+from fauth.config.schema import SchemaError
+
+__all__ = [
+    "AdminConf",
+    "ConfigError",
+    "DemoConf",
+    "ForwardAuthConf",
+    "GatewayConf",
+    "HttpLimits",
+    "Node",
+    "RouteConf",
+    "SchemaError",
+    "UpstreamConf",
+    "UpstreamTimeouts",
+    "load_config",
+    "parse_config",
+    "parse_forward_auth",
+    "parse_route",
+    "parse_upstream",
+    "read_document",
+]

@@ -1,0 +1,358 @@
+# -*- test-case-name: tests.config.test_apisix -*-
+"""
+APISIX objects: C{forward-auth} plugin attributes, upstreams and routes,
+validated in the wording APISIX's validator uses, so an APISIX user's route
+JSON works unchanged.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import re
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+
+from fauth.config.models import ForwardAuthConf, Node, RouteConf, UpstreamConf, UpstreamTimeouts
+from fauth.config.schema import SchemaError, check_forward_auth, check_integer_range, check_type, security_warnings
+from fauth.config.templates import compile_template
+
+__all__ = [
+    "HEADER_NAME",
+    "HTTP_METHODS",
+    "KNOWN_PLUGINS",
+    "check_string_list",
+    "parse_forward_auth",
+    "parse_route",
+    "parse_upstream",
+]
+
+HTTP_METHODS = frozenset(
+    ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE", "PURGE"]
+)
+KNOWN_PLUGINS = frozenset(["forward-auth"])
+_ROUTE_KEYS = frozenset(
+    [
+        "id", "name", "desc", "uri", "uris", "methods", "host", "hosts", "priority",
+        "plugins", "upstream", "upstream_id", "status", "labels", "enable_websocket",
+        "create_time", "update_time",
+    ]
+)
+_UPSTREAM_KEYS = frozenset(
+    [
+        "id", "name", "desc", "type", "scheme", "nodes", "pass_host", "upstream_host",
+        "timeout", "keepalive_pool", "labels", "create_time", "update_time",
+    ]
+)
+HEADER_NAME = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")  # an RFC 9110 token; fullmatch
+_HOST_RE = re.compile(r"^\*?[0-9a-zA-Z-._\[\]:]+$")
+_HOSTNAME_RE = re.compile(r"^[0-9A-Za-z]([0-9A-Za-z-]{0,62})(\.[0-9A-Za-z]([0-9A-Za-z-]{0,62}))*\.?$")
+
+
+def _shown(value: str) -> str:
+    """C{value} for a one-line message: control characters escaped."""
+    return value if value.isprintable() else value.encode("unicode_escape").decode("ascii")
+
+
+def _prop(name: str, message: str) -> SchemaError:
+    return SchemaError('property "%s" validation failed: %s' % (name, message))
+
+
+def parse_forward_auth(conf: object) -> ForwardAuthConf:
+    """
+    Validate a C{forward-auth} attribute dict (as APISIX would) and return
+    the frozen model.
+
+    @raise SchemaError: with APISIX's message.
+    """
+    checked = check_forward_auth(conf)
+    # Beyond APISIX's schema: a list item that is not a header name can only
+    # be a mistake, and would fail every request at run time.
+    for prop in ("request_headers", "upstream_headers", "client_headers"):
+        for i, name in enumerate(checked[prop], 1):  # type: ignore[call-overload, arg-type]
+            if not HEADER_NAME.fullmatch(name):
+                raise _prop(prop, 'failed to validate item %d: invalid header name "%s"' % (i, _shown(name)))
+    warnings = list(security_warnings(checked))
+    if checked["allow_degradation"] and checked["upstream_headers"]:
+        warnings.append(
+            "allow_degradation with upstream_headers: a degraded request keeps the client's own values "
+            "of those headers"
+        )
+    extra = checked.get("extra_headers")
+    extra_headers = None
+    if extra is not None:
+        extra_headers = tuple(
+            # Keys containing ':' skip validation in APISIX and fail at call
+            # time; a non-string value there is stringified the Lua way.
+            (str(name), compile_template(value if isinstance(value, str) else str(value)))
+            for name, value in dict(extra).items()  # type: ignore[call-overload]
+        )
+    meta = checked.get("_meta")
+    error_response = None
+    if isinstance(meta, dict) and meta.get("error_response") is not None:
+        er = meta["error_response"]
+        error_response = er if isinstance(er, str) else json.dumps(er, separators=(",", ":"))
+    return ForwardAuthConf(
+        uri=checked["uri"],  # type: ignore[arg-type]
+        ssl_verify=checked["ssl_verify"],  # type: ignore[arg-type]
+        request_method=checked["request_method"],  # type: ignore[arg-type]
+        max_req_body_size=checked["max_req_body_size"],  # type: ignore[arg-type]
+        request_headers=tuple(checked["request_headers"]),  # type: ignore[call-overload]
+        extra_headers=extra_headers,
+        upstream_headers=tuple(checked["upstream_headers"]),  # type: ignore[call-overload]
+        client_headers=tuple(checked["client_headers"]),  # type: ignore[call-overload]
+        timeout=checked["timeout"],  # type: ignore[arg-type]
+        keepalive=checked["keepalive"],  # type: ignore[arg-type]
+        keepalive_timeout=checked["keepalive_timeout"],  # type: ignore[arg-type]
+        keepalive_pool=checked["keepalive_pool"],  # type: ignore[arg-type]
+        allow_degradation=checked["allow_degradation"],  # type: ignore[arg-type]
+        status_on_error=checked["status_on_error"],  # type: ignore[arg-type]
+        error_response=error_response,
+        warnings=tuple(warnings),
+    )
+
+
+def _parse_node_address(address: str) -> Tuple[str, Optional[int]]:
+    # No control characters, spaces or non-ASCII anywhere (an IPv6 scope id
+    # would otherwise carry them into a Host header).
+    if not address.isascii() or any(c <= " " or c == "\x7f" for c in address):
+        raise _prop("nodes", 'invalid node address "%s"' % _shown(address))
+    if address.startswith("["):
+        host, sep, rest = address[1:].partition("]")
+        if not sep:
+            raise _prop("nodes", 'invalid node address "%s"' % _shown(address))
+        port_text = rest[1:] if rest.startswith(":") else None
+        if rest and not rest.startswith(":"):
+            raise _prop("nodes", 'invalid node address "%s"' % _shown(address))
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise _prop("nodes", 'invalid node address "%s"' % _shown(address))
+    else:
+        host, sep, port_text_ = address.rpartition(":")
+        if not sep:
+            host, port_text = address, None
+        else:
+            port_text = port_text_
+        if ":" in host:
+            raise _prop("nodes", 'invalid node address "%s" (IPv6 needs brackets)' % _shown(address))
+        if not host or not _HOSTNAME_RE.fullmatch(host):
+            raise _prop("nodes", 'invalid node address "%s"' % _shown(address))
+    if port_text is None:
+        return host, None
+    if not port_text.isascii() or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise _prop("nodes", 'invalid node address "%s": bad port' % _shown(address))
+    return host, int(port_text)
+
+
+def _parse_nodes(nodes: object, scheme: str) -> Tuple[Node, ...]:
+    default_port = 443 if scheme == "https" else 80
+    parsed = []
+    if isinstance(nodes, dict):
+        items: Iterable[Tuple[str, object, object]] = [
+            (str(k), None, v) for k, v in nodes.items()
+        ]
+        for address, _, weight in items:
+            host, port = _parse_node_address(address)
+            check_type("nodes", weight, "integer")
+            check_integer_range("nodes", weight, minimum=0)
+            parsed.append(Node(host, port or default_port, int(weight)))  # type: ignore[call-overload]
+    elif isinstance(nodes, list):
+        for i, item in enumerate(nodes, 1):
+            if not isinstance(item, dict):
+                raise _prop("nodes", "failed to validate item %d: wrong type: expected object" % i)
+            host = item.get("host")
+            check_type("nodes", host, "string")
+            port = item.get("port", default_port)
+            check_type("nodes", port, "integer")
+            check_integer_range("nodes", port, minimum=1, maximum=65535)
+            weight = item.get("weight", 1)
+            check_type("nodes", weight, "integer")
+            check_integer_range("nodes", weight, minimum=0)
+            h, _ = _parse_node_address(host.strip("[]") if ":" not in host else "[%s]" % host.strip("[]"))  # type: ignore[union-attr]
+            parsed.append(Node(h, int(port), int(weight)))  # type: ignore[call-overload]
+    else:
+        check_type("nodes", nodes, "object")
+    if not parsed or not any(n.weight > 0 for n in parsed):
+        raise _prop("nodes", "expect at least one node with a weight above 0")
+    return tuple(parsed)
+
+
+def _object(what: str, doc: object, allowed: frozenset) -> Dict[str, Any]:
+    """An APISIX object with only the C{allowed} keys; an empty array passes as one (Lua cannot tell them apart)."""
+    check_type(what, doc, "object")
+    if not isinstance(doc, dict):
+        return {}
+    for key in doc:
+        if key not in allowed:
+            raise SchemaError("additional properties forbidden, found %s" % key)
+    return doc
+
+
+def parse_upstream(doc: object, upstream_id: Optional[str] = None) -> UpstreamConf:
+    """Validate one APISIX upstream object."""
+    doc = _object("upstream", doc, _UPSTREAM_KEYS)
+    kind = doc.get("type", "roundrobin")
+    if kind not in ("roundrobin",):
+        raise _prop("type", "matches none of the enum values")
+    scheme = doc.get("scheme", "http")
+    if scheme not in ("http", "https"):
+        raise _prop("scheme", "matches none of the enum values")
+    if "nodes" not in doc:
+        raise SchemaError('property "nodes" is required')
+    nodes = _parse_nodes(doc["nodes"], scheme)
+    pass_host = doc.get("pass_host", "pass")
+    if pass_host not in ("pass", "node", "rewrite"):
+        raise _prop("pass_host", "matches none of the enum values")
+    upstream_host = doc.get("upstream_host")
+    if upstream_host is not None:
+        check_type("upstream_host", upstream_host, "string")
+    if pass_host == "rewrite" and not upstream_host:
+        raise SchemaError('property "upstream_host" is required when "pass_host" is "rewrite"')
+    if upstream_host:
+        # It becomes the Host header: host[:port], as a node address.
+        try:
+            _parse_node_address(upstream_host)  # type: ignore[arg-type]
+        except SchemaError:
+            raise _prop("upstream_host", 'invalid host "%s"' % _shown(upstream_host))  # type: ignore[arg-type]
+    timeouts = UpstreamTimeouts()
+    if "timeout" in doc:
+        t = doc["timeout"]
+        check_type("timeout", t, "object")
+        values = {}
+        for k, v in (t.items() if isinstance(t, dict) else ()):
+            if k not in ("connect", "send", "read"):
+                raise _prop("timeout", "additional properties forbidden, found %s" % k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                check_type("timeout", v, "number")
+            if not math.isfinite(v):
+                raise _prop("timeout", "expected %s to be a finite number" % v)
+            if v <= 0:
+                raise _prop("timeout", "expected %s to be greater than 0" % v)
+            values[k] = float(v)
+        timeouts = UpstreamTimeouts(**values)
+    pool = 320
+    if "keepalive_pool" in doc:
+        kp = doc["keepalive_pool"]
+        check_type("keepalive_pool", kp, "object")
+        size = kp.get("size", 320) if isinstance(kp, dict) else 320
+        check_type("keepalive_pool", size, "integer")
+        check_integer_range("keepalive_pool", size, minimum=1)
+        pool = int(size)
+    uid = doc.get("id", upstream_id)
+    return UpstreamConf(
+        id=None if uid is None else str(uid),
+        nodes=nodes,
+        type=kind,
+        scheme=scheme,
+        pass_host=pass_host,
+        upstream_host=upstream_host,
+        timeout=timeouts,
+        keepalive_pool=pool,
+    )
+
+
+def check_string_list(name: str, value: object) -> Tuple[str, ...]:
+    check_type(name, value, "array")
+    if not isinstance(value, list):
+        value = []  # an empty object passes as an array (Lua cannot tell them apart)
+    for i, item in enumerate(value, 1):
+        if not isinstance(item, str):
+            raise _prop(name, "failed to validate item %d: wrong type: expected string" % i)
+    if not value:
+        raise _prop(name, "expect array to have at least 1 items")
+    return tuple(value)
+
+
+def parse_route(
+    doc: object, upstreams: Mapping[str, UpstreamConf], route_id: Optional[str] = None
+) -> RouteConf:
+    """
+    Validate one APISIX route object.
+
+    @raise SchemaError: what is wrong, without the route prefix.
+    """
+    doc = _object("route", doc, _ROUTE_KEYS)
+    if "uri" in doc and "uris" in doc:
+        raise SchemaError('only one of "uri" and "uris" is allowed')
+    if "uri" in doc:
+        check_type("uri", doc["uri"], "string")
+        uris: Tuple[str, ...] = (doc["uri"],)
+    elif "uris" in doc:
+        uris = check_string_list("uris", doc["uris"])
+    else:
+        raise SchemaError('property "uri" is required')
+    for uri in uris:
+        if not uri.startswith("/"):
+            raise _prop("uri", 'expected "%s" to start with "/"' % uri)
+    methods = None
+    if "methods" in doc:
+        listed = check_string_list("methods", doc["methods"])
+        for m in listed:
+            if m not in HTTP_METHODS:
+                raise _prop("methods", "failed to validate item: matches none of the enum values")
+        methods = frozenset(listed)
+    hosts = None
+    if "host" in doc and "hosts" in doc:
+        raise SchemaError('only one of "host" and "hosts" is allowed')
+    if "host" in doc:
+        check_type("host", doc["host"], "string")
+        hosts = (doc["host"],)
+    elif "hosts" in doc:
+        hosts = check_string_list("hosts", doc["hosts"])
+    for h in hosts or ():
+        if not _HOST_RE.match(h):
+            raise _prop("hosts", 'invalid host "%s"' % h)
+    hosts = tuple(h.lower() for h in hosts) if hosts else None
+    priority = doc.get("priority", 0)
+    check_type("priority", priority, "integer")
+    status = doc.get("status", 1)
+    check_type("status", status, "integer")
+    if status not in (0, 1):
+        raise _prop("status", "matches none of the enum values")
+    name = doc.get("name", "")
+    check_type("name", name, "string")
+    plugins = doc.get("plugins", {})
+    if plugins == []:
+        plugins = {}
+    check_type("plugins", plugins, "object")
+    forward_auth = None
+    for plugin_name, plugin_conf in plugins.items():
+        if plugin_name not in KNOWN_PLUGINS:
+            raise SchemaError("unknown plugin [%s]" % plugin_name)
+        try:
+            forward_auth = parse_forward_auth(plugin_conf)
+        except SchemaError as e:
+            raise SchemaError("failed to check the configuration of plugin %s err: %s" % (plugin_name, e))
+    if "upstream" in doc and "upstream_id" in doc:
+        raise SchemaError('only one of "upstream" and "upstream_id" is allowed')
+    if "upstream" in doc:
+        try:
+            upstream = parse_upstream(doc["upstream"])
+        except SchemaError as e:
+            raise SchemaError("upstream: %s" % e)
+    elif "upstream_id" in doc:
+        uid = doc["upstream_id"]
+        if isinstance(uid, bool) or not isinstance(uid, (str, int)):
+            check_type("upstream_id", uid, "string")
+        if str(uid) not in upstreams:
+            raise SchemaError("failed to fetch upstream info by upstream id [%s]" % uid)
+        upstream = upstreams[str(uid)]
+    else:
+        raise SchemaError('property "upstream" is required (or "upstream_id")')
+    rid = doc.get("id", route_id)
+    if rid is None:
+        raise SchemaError('property "id" is required')
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        check_type("id", rid, "string")
+    return RouteConf(
+        id=str(rid),
+        uris=uris,
+        upstream=upstream,
+        name=name,
+        methods=methods,
+        hosts=hosts,
+        priority=priority,
+        forward_auth=forward_auth,
+        enabled=status == 1,
+        source=doc,
+    )

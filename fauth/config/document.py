@@ -1,0 +1,257 @@
+# -*- test-case-name: tests.config.test_document -*-
+"""
+A whole configuration document: YAML/JSON loading, the top-level keys, the
+routes and upstreams in it (L{fauth.config.apisix}), and C{${ENV_VAR}} in
+admin keys.  Every error is one line naming the route and the attribute.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Mapping, Optional
+
+import attr
+import yaml
+
+from fauth.config.apisix import HEADER_NAME, check_string_list, parse_route, parse_upstream
+from fauth.config.errors import ConfigError
+from fauth.config.models import AdminConf, DemoConf, GatewayConf, HttpLimits
+from fauth.config.schema import SchemaError
+
+__all__ = ["load_config", "parse_config", "read_document"]
+
+_TOP_LEVEL_KEYS = frozenset(
+    [
+        "listen", "routes", "upstreams", "demo", "ssl_trusted_certificate", "http", "admin", "shutdown_grace",
+        "access_log", "access_log_user_header", "workers",
+    ]
+)
+_ADMIN_KEYS = frozenset(["listen", "keys", "store", "metrics_require_key"])
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def parse_config(doc: object, environ: Optional[Mapping[str, str]] = None) -> GatewayConf:
+    """
+    Validate a whole configuration document (already parsed from YAML/JSON).
+
+    @param environ: where C{${ENV_VAR}} in C{admin.keys} are looked up;
+        C{os.environ} by default.
+    @raise ConfigError: one line naming the route and attribute.
+    """
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError("config: expected a mapping at the top level")
+    for key in doc:
+        if key not in _TOP_LEVEL_KEYS:
+            raise ConfigError(
+                'config: unknown top-level key "%s" (known: %s)' % (key, ", ".join(sorted(_TOP_LEVEL_KEYS)))
+            )
+    listen = doc.get("listen", ["tcp:9080"])
+    if isinstance(listen, str):
+        listen = [listen]
+    try:
+        listen_t = check_string_list("listen", listen)
+    except SchemaError as e:
+        raise ConfigError("config: %s" % e)
+    for desc in listen_t:
+        _check_endpoint("listen", desc)
+
+    upstreams = {}
+    raw_upstreams = doc.get("upstreams") or []
+    if not isinstance(raw_upstreams, list):
+        raise ConfigError('config: property "upstreams" validation failed: wrong type: expected array')
+    for i, up in enumerate(raw_upstreams, 1):
+        uid = up.get("id") if isinstance(up, dict) else None
+        label = 'upstream "%s"' % uid if uid is not None else "upstream #%d" % i
+        if uid is None:
+            raise ConfigError('%s: property "id" is required' % label)
+        try:
+            parsed = parse_upstream(up)
+        except SchemaError as e:
+            raise ConfigError("%s: %s" % (label, e))
+        if str(uid) in upstreams:
+            raise ConfigError("%s: duplicate id" % label)
+        upstreams[str(uid)] = parsed
+
+    routes = []
+    seen = set()
+    raw_routes = doc.get("routes") or []
+    if not isinstance(raw_routes, list):
+        raise ConfigError('config: property "routes" validation failed: wrong type: expected array')
+    for i, r in enumerate(raw_routes, 1):
+        rid = r.get("id") if isinstance(r, dict) else None
+        label = 'route "%s"' % rid if rid is not None else "route #%d" % i
+        try:
+            route = parse_route(r, upstreams)
+        except SchemaError as e:
+            message = str(e)
+            prefix = "failed to check the configuration of plugin forward-auth err: "
+            if message.startswith(prefix):
+                message = "plugin forward-auth: " + message[len(prefix):]
+            raise ConfigError("%s: %s" % (label, message))
+        if route.id in seen:
+            raise ConfigError("%s: duplicate id" % label)
+        seen.add(route.id)
+        routes.append(route)
+
+    demo = None
+    if doc.get("demo") is not None:
+        d = doc["demo"]
+        if not isinstance(d, dict) or set(d) - {"auth", "upstream"}:
+            raise ConfigError('config: "demo" takes "auth" and "upstream" endpoint descriptions')
+        for k in ("auth", "upstream"):
+            if not isinstance(d.get(k), str):
+                raise ConfigError('config: demo: property "%s" is required (an endpoint description)' % k)
+            _check_endpoint("demo.%s" % k, d[k])
+        demo = DemoConf(auth=d["auth"], upstream=d["upstream"])
+
+    trusted = doc.get("ssl_trusted_certificate")
+    if trusted is not None and not isinstance(trusted, str):
+        raise ConfigError('config: property "ssl_trusted_certificate" validation failed: wrong type: expected string')
+
+    http = HttpLimits()
+    if doc.get("http") is not None:
+        h = doc["http"]
+        if not isinstance(h, dict):
+            raise ConfigError('config: property "http" validation failed: wrong type: expected object')
+        values = {}
+        for k, v in h.items():
+            if k not in attr.fields_dict(HttpLimits):
+                raise ConfigError('config: http: unknown key "%s"' % k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+                raise ConfigError('config: http: property "%s" must be a positive number' % k)
+            if attr.fields_dict(HttpLimits)[k].type in (int, "int") and not isinstance(v, int):
+                raise ConfigError('config: http: property "%s" must be a positive integer' % k)
+            values[k] = v
+        http = HttpLimits(**values)
+
+    admin = None
+    if "admin" in doc:
+        admin = _parse_admin(doc["admin"], os.environ if environ is None else environ)
+
+    grace = doc.get("shutdown_grace", 30.0)
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace < float("inf"):
+        raise ConfigError('config: property "shutdown_grace" must be a number of seconds, 0 or more')
+
+    access_log = doc.get("access_log")
+    if access_log is not None and (not isinstance(access_log, str) or not access_log or "\x00" in access_log):
+        raise ConfigError('config: property "access_log" must be a file path or "-" (standard output)')
+    user_header = doc.get("access_log_user_header", "X-User-ID")
+    if not isinstance(user_header, str) or not HEADER_NAME.fullmatch(user_header):
+        raise ConfigError('config: property "access_log_user_header" must be a header name')
+
+    workers = doc.get("workers", 1)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError('config: property "workers" must be an integer, 1 or more')
+
+    return GatewayConf(
+        listen=listen_t,
+        routes=tuple(routes),
+        upstreams=upstreams,
+        demo=demo,
+        ssl_trusted_certificate=trusted,
+        http=http,
+        admin=admin,
+        shutdown_grace=float(grace),
+        access_log=access_log,
+        access_log_user_header=user_header,
+        workers=workers,
+        source=doc,
+    )
+
+
+def _expand_env(text: str, environ: Mapping[str, str]) -> str:
+    def one(match: "re.Match[str]") -> str:
+        name = match.group(1)
+        if name not in environ:
+            raise ConfigError('config: admin: keys: environment variable "%s" is not set' % name)
+        return environ[name]
+
+    return _ENV_RE.sub(one, text)
+
+
+def _parse_admin(doc: object, environ: Mapping[str, str]) -> AdminConf:
+    if not isinstance(doc, dict):
+        raise ConfigError('config: property "admin" validation failed: wrong type: expected object')
+    for key in doc:
+        if key not in _ADMIN_KEYS:
+            raise ConfigError(
+                'config: admin: unknown key "%s" (known: %s)' % (key, ", ".join(sorted(_ADMIN_KEYS)))
+            )
+    listen = doc.get("listen", "tcp:9180:interface=127.0.0.1")
+    if not isinstance(listen, str):
+        raise ConfigError('config: admin: property "listen" must be an endpoint description (a string)')
+    _check_endpoint("admin.listen", listen)
+    raw_keys = doc.get("keys")
+    # A lone string is one key, as "listen" accepts one description.
+    if isinstance(raw_keys, str):
+        raw_keys = [raw_keys]
+    if raw_keys is None:
+        raw_keys = []
+    if not isinstance(raw_keys, list) or not all(isinstance(k, str) for k in raw_keys):
+        raise ConfigError('config: admin: property "keys" must be a list of strings')
+    keys = tuple(_expand_env(k, environ) for k in raw_keys)
+    # An admin API without a key would let anyone who reaches it rewrite the
+    # routes: refuse to start rather than run it open.
+    if not keys or not all(keys):
+        raise ConfigError(
+            'config: admin: property "keys" needs at least one non-empty key (the X-API-KEY value): '
+            "without one anybody reaching the admin listener could change the routes"
+        )
+    store = doc.get("store", "fauth-store.json")
+    if not isinstance(store, str) or not store:
+        raise ConfigError('config: admin: property "store" must be a file path')
+    require = doc.get("metrics_require_key", False)
+    if not isinstance(require, bool):
+        raise ConfigError('config: admin: property "metrics_require_key" must be true or false')
+    return AdminConf(keys=keys, listen=listen, store=store, metrics_require_key=require)
+
+
+def _check_endpoint(where: str, description: str) -> None:
+    """Refuse endpoint strings Twisted could not parse (this also opens TLS key files), without listening."""
+    from twisted.internet.endpoints import _parseServer  # type: ignore[attr-defined]
+
+    try:
+        kind, args, _ = _parseServer(description, None)
+    except Exception as e:  # Twisted raises several types for bad strings
+        raise ConfigError('config: %s: bad endpoint description "%s": %s' % (where, description, e))
+    if kind in ("TCP", "SSL") and not 0 <= args[0] <= 65535:
+        raise ConfigError('config: %s: bad endpoint description "%s": bad port' % (where, description))
+
+
+def load_config(path: str) -> GatewayConf:
+    """Read and validate a YAML (or JSON) configuration file."""
+    return parse_config(read_document(path))
+
+
+class _NonFiniteNumber(Exception):
+    pass
+
+
+def _refuse_constant(name: str) -> object:
+    raise _NonFiniteNumber(name)
+
+
+def read_document(path: str) -> object:
+    """
+    Read a YAML (or JSON) configuration file without validating it.
+
+    @raise ConfigError: the file cannot be read or parsed.
+    """
+    try:
+        with open(path, "rb") as f:
+            # JSON first: PyYAML refuses tab-indented JSON and reads 1e3 as a string.
+            try:
+                doc = json.loads(f.read(), parse_constant=_refuse_constant)
+            except _NonFiniteNumber as e:
+                raise ConfigError("config: %s: %s is not a number (JSON has no NaN or Infinity)" % (path, e))
+            except ValueError:
+                f.seek(0)
+                doc = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError("config: cannot read %s: %s" % (path, e.strerror or e))
+    except yaml.YAMLError as e:
+        raise ConfigError("config: %s is not valid YAML: %s" % (path, str(e).replace("\n", " ")))
+    return doc

@@ -1,0 +1,171 @@
+# -*- test-case-name: tests.config.test_document -*-
+"""
+The gateway's configuration as frozen models: what every other stage reads,
+built once per document by L{fauth.config.document}.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Tuple
+
+import attr
+
+from fauth.config.templates import Template
+
+__all__ = [
+    "AdminConf",
+    "DemoConf",
+    "ForwardAuthConf",
+    "GatewayConf",
+    "HttpLimits",
+    "Node",
+    "RouteConf",
+    "UpstreamConf",
+    "UpstreamTimeouts",
+]
+
+
+@attr.frozen
+class ForwardAuthConf:
+    """One validated C{forward-auth} plugin instance (defaults filled in)."""
+
+    uri: str
+    ssl_verify: bool = True
+    request_method: str = "GET"
+    max_req_body_size: int = 67108864
+    request_headers: Tuple[str, ...] = ()
+    extra_headers: Optional[Tuple[Tuple[str, Template], ...]] = None
+    upstream_headers: Tuple[str, ...] = ()
+    client_headers: Tuple[str, ...] = ()
+    timeout: int = 3000
+    keepalive: bool = True
+    keepalive_timeout: int = 60000
+    keepalive_pool: int = 5
+    allow_degradation: bool = False
+    status_on_error: int = 403
+    error_response: Optional[str] = None
+    warnings: Tuple[str, ...] = attr.field(default=(), eq=False)
+
+
+@attr.frozen
+class Node:
+    """One upstream node."""
+
+    host: str
+    port: int
+    weight: int = 1
+
+    @property
+    def netloc(self) -> str:
+        host = "[%s]" % self.host if ":" in self.host else self.host
+        return "%s:%d" % (host, self.port)
+
+
+@attr.frozen
+class UpstreamTimeouts:
+    """Seconds, as APISIX."""
+
+    connect: float = 60.0
+    send: float = 60.0
+    read: float = 60.0
+
+
+@attr.frozen
+class UpstreamConf:
+    """A validated upstream: where allowed requests go."""
+
+    nodes: Tuple[Node, ...]
+    id: Optional[str] = None
+    type: str = "roundrobin"
+    scheme: str = "http"
+    pass_host: str = "pass"
+    upstream_host: Optional[str] = None
+    timeout: UpstreamTimeouts = UpstreamTimeouts()
+    keepalive_pool: int = 320
+
+
+@attr.frozen
+class RouteConf:
+    """A validated route."""
+
+    id: str
+    uris: Tuple[str, ...]
+    upstream: UpstreamConf
+    name: str = ""
+    methods: Optional[frozenset] = None
+    hosts: Optional[Tuple[str, ...]] = None
+    priority: int = 0
+    forward_auth: Optional[ForwardAuthConf] = None
+    enabled: bool = True
+    source: Mapping[str, Any] = attr.field(factory=dict, eq=False, repr=False)
+
+
+@attr.frozen
+class HttpLimits:
+    """
+    Limits of the client-facing HTTP server (L{fauth.edge.server}).
+
+    @ivar idle_timeout: seconds a persistent connection may wait for its
+        next request.
+    @ivar max_headers: header fields per request; more get 431.
+    @ivar max_header_bytes: bytes of header fields (request line excluded,
+        CRLFs included); more get 431.
+    @ivar max_request_line: bytes of the request line; more get 414.
+    @ivar header_timeout: seconds from a request's first byte (or from the
+        connection, for the first request) to the end of its head; then 408.
+    @ivar body_timeout: seconds from the end of the head to the end of the
+        body; then 408.
+    """
+
+    idle_timeout: float = 60.0
+    max_headers: int = 500
+    max_header_bytes: int = 16384
+    max_request_line: int = 8192
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+
+
+@attr.frozen
+class DemoConf:
+    """The in-process demo auth service and echo upstream of the quickstart."""
+
+    auth: str
+    upstream: str
+
+
+@attr.frozen
+class AdminConf:
+    """
+    The admin API: its own listener, the accepted C{X-API-KEY} values
+    (C{${ENV_VAR}} already expanded) and the store file of its changes.
+    """
+
+    keys: Tuple[str, ...] = attr.field(repr=False)  # secrets: kept out of logs
+    listen: str = "tcp:9180:interface=127.0.0.1"
+    store: str = "fauth-store.json"
+    metrics_require_key: bool = False
+
+
+@attr.frozen
+class GatewayConf:
+    """
+    The whole gateway configuration.
+
+    @ivar source: the configuration document as written in the file (admin
+        API additions live in the store, not here).
+    """
+
+    listen: Tuple[str, ...] = ("tcp:9080",)
+    routes: Tuple[RouteConf, ...] = ()
+    upstreams: Mapping[str, UpstreamConf] = attr.field(factory=dict)
+    demo: Optional[DemoConf] = None
+    ssl_trusted_certificate: Optional[str] = None
+    http: HttpLimits = HttpLimits()
+    admin: Optional[AdminConf] = None
+    shutdown_grace: float = 30.0
+    #: Access log path, C{"-"} for standard output, or C{None} (off).
+    access_log: Optional[str] = None
+    #: Auth-response header whose value the access log shows as C{user}.
+    access_log_user_header: str = "X-User-ID"
+    #: Worker processes under C{twistd fauth} (C{--workers} overrides it).
+    workers: int = 1
+    source: Mapping[str, Any] = attr.field(factory=dict, eq=False, repr=False)

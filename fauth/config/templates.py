@@ -1,0 +1,237 @@
+# -*- test-case-name: tests.config.test_templates -*-
+"""
+Compile-once templates for APISIX C{extra_headers} values.
+
+A template such as C{"tenant=$post_arg.tenant_id;${http_x_user ?? anon}"}
+is parsed once (L{compile_template}) into literal text and variable
+references; L{Template.render} then only looks the variables up and
+concatenates, which keeps the per-request cost small.  The variables of one
+request are resolved by L{fauth.auth.variables.RequestVariables}.
+
+String convention: everything that comes from the wire (headers, query,
+body fields) is a "byte string" -- a C{str} obtained by decoding the raw
+bytes as latin-1, one character per byte, exactly like a Lua string.
+Callers encode rendered values back with latin-1.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, List, Optional, Protocol, Tuple, Union
+
+import attrs
+
+__all__ = [
+    "MISSING",
+    "NULL",
+    "Template",
+    "VarRef",
+    "VariableSource",
+    "compile_template",
+    "lua_tostring",
+    "to_byte_string",
+]
+
+MISSING = object()
+
+
+# Lua value model
+# --------------------------------------------------------------------------
+
+
+class _LuaNull:
+    """Singleton standing for cjson's ``null`` userdata.
+
+    Lookups must distinguish "missing" (``None``, so ``??`` defaults apply)
+    from a JSON ``null`` that is present (APISIX renders it as
+    ``userdata: NULL`` and does not apply the default).
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NULL"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+#: The JSON ``null`` value as returned by :meth:`RequestVariables.lookup`.
+NULL = _LuaNull()
+
+
+def lua_tostring(value: object) -> str:
+    """Stringify *value* the way Lua's ``tostring`` would in APISIX.
+
+    ``bool`` -> ``true``/``false``; ``int`` -> decimal; ``float`` ->
+    ``%.14g`` (LuaJIT's number format); ``None``/:data:`NULL` ->
+    ``userdata: NULL``; ``dict``/``list``/``tuple`` -> ``table: 0x<id>``;
+    ``bytes`` -> latin-1 text; ``str`` unchanged.
+    """
+    cls = value.__class__
+    if cls is str:
+        return value  # type: ignore[return-value]
+    # bool before int: bool is an int subclass.
+    if cls is bool:
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return "%.14g" % value
+    if value is None or value is NULL:
+        return "userdata: NULL"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("latin-1")
+    if isinstance(value, (dict, list, tuple)):
+        return "table: 0x%08x" % id(value)
+    return str(value)
+
+
+def to_byte_string(text: str) -> str:
+    """Re-express decoded Unicode text as latin-1 chars of its UTF-8 bytes."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "surrogatepass").decode("latin-1")
+
+
+# --------------------------------------------------------------------------
+# Templates
+# --------------------------------------------------------------------------
+
+
+class VariableSource(Protocol):
+    """Anything that can resolve a variable name for :meth:`Template.render`."""
+
+    def lookup(self, name: str) -> Optional[Any]:
+        """Return the variable's value, or ``None`` when it is missing."""
+        ...
+
+
+@attrs.frozen
+class VarRef:
+    """A ``$name`` / ``${name ?? default}`` reference inside a template."""
+
+    name: str
+    #: Text used when the variable is missing; ``None`` when no ``??`` given.
+    default: Optional[str] = None
+
+
+# ``$name`` is greedy over [A-Za-z0-9_.] so ``$post_arg.a.b`` is one name;
+# the braced form allows whitespace and an optional ``?? default`` (trailing
+# whitespace before ``}`` is trimmed).  ``\$`` is left untouched.
+_VAR_RE = re.compile(
+    r"(?<!\\)\$(?:"
+    r"\{\s*([A-Za-z0-9_.]+)\s*(?:\?\?\s*([^}]*?)\s*)?\}"
+    r"|([A-Za-z0-9_.]+)"
+    r")"
+)
+
+_Part = Union[str, VarRef]
+
+
+def _parse(source: str) -> Tuple[_Part, ...]:
+    """Split *source* into literal strings and :class:`VarRef` parts."""
+    if "$" not in source:
+        return (source,) if source else ()
+    parts: List[_Part] = []
+    pos = 0
+    for m in _VAR_RE.finditer(source):
+        if m.start() > pos:
+            parts.append(source[pos : m.start()])
+        braced = m.group(1)
+        if braced is not None:
+            parts.append(VarRef(braced, m.group(2)))
+        else:
+            parts.append(VarRef(m.group(3)))
+        pos = m.end()
+    if pos < len(source):
+        parts.append(source[pos:])
+    return tuple(parts)
+
+
+@attrs.frozen
+class Template:
+    """A parsed ``extra_headers`` value; build it once, render per request.
+
+    Output convention: :meth:`render` returns a latin-1 "byte string" (one
+    character per byte).  Literal text from the configuration is held as its
+    UTF-8 bytes, request data as the raw bytes, so ``render(v).encode(
+    "latin-1")`` -- or simply :meth:`render_bytes` -- gives exactly the bytes
+    APISIX would send.  For ASCII templates this is plain text.
+    """
+
+    source: str
+    _parts: Tuple[_Part, ...] = attrs.field(init=False, repr=False, eq=False)
+    # Flattened (is_literal, text_or_name, default) triples so the render
+    # loop needs no attribute access or isinstance checks; empty when the
+    # template has no variables.
+    _ops: Tuple[Tuple[bool, str, str], ...] = attrs.field(
+        init=False, repr=False, eq=False
+    )
+    # Rendering of a variable-free template (source as a byte string).
+    _constant: str = attrs.field(init=False, repr=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        parts = _parse(self.source)
+        ops: Tuple[Tuple[bool, str, str], ...] = ()
+        if any(p.__class__ is VarRef for p in parts):
+            ops = tuple(
+                (True, to_byte_string(p), "")
+                if isinstance(p, str)
+                else (False, p.name, to_byte_string(p.default or ""))
+                for p in parts
+            )
+        object.__setattr__(self, "_parts", parts)
+        object.__setattr__(self, "_ops", ops)
+        object.__setattr__(self, "_constant", to_byte_string(self.source))
+
+    @property
+    def parts(self) -> Tuple[_Part, ...]:
+        """The compiled parts: literal ``str`` and :class:`VarRef` items."""
+        return self._parts
+
+    @property
+    def is_literal(self) -> bool:
+        """True when the template references no variables at all."""
+        return not self._ops
+
+    def render(self, variables: VariableSource) -> str:
+        """Substitute variables from *variables* and return the text.
+
+        A missing variable (``lookup`` returned ``None``) becomes its ``??``
+        default or the empty string; other values go through
+        :func:`lua_tostring`.  A variable-free template returns its source
+        (as a byte string, i.e. unchanged when ASCII) without any lookup.
+        """
+        ops = self._ops
+        if not ops:
+            return self._constant
+        lookup = variables.lookup
+        out: List[str] = []
+        append = out.append
+        for literal, text, default in ops:
+            if literal:
+                append(text)
+                continue
+            value = lookup(text)
+            if value is None:
+                append(default)
+            elif value.__class__ is str:
+                append(value)
+            else:
+                append(lua_tostring(value))
+        return "".join(out)
+
+    def render_bytes(self, variables: VariableSource) -> bytes:
+        """:meth:`render`, encoded to the bytes to put on the wire."""
+        text = self.render(variables)
+        try:
+            return text.encode("latin-1")
+        except UnicodeEncodeError:
+            # Only a foreign VariableSource returning real (non-latin-1)
+            # Unicode text gets here; send that as UTF-8.
+            return text.encode("utf-8", "surrogateescape")
+
+
+def compile_template(value: str) -> Template:
+    """Parse *value* once into a reusable :class:`Template`."""
+    return Template(value)

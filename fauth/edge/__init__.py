@@ -1,0 +1,1 @@
+"""The client-facing server: hardened channel and request, resources, the gateway runtime, drain."""

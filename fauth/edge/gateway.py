@@ -1,0 +1,190 @@
+# -*- test-case-name: tests.test_gateway -*-
+"""
+The runtime built from a configuration: one route table whose entries carry
+their compiled forward-auth checker and upstream proxy, and the connection
+pools they share.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import attr
+from twisted.internet.defer import DeferredList
+from twisted.logger import Logger
+from twisted.web.client import HTTPConnectionPool
+
+from fauth.auth.forward import ForwardAuth
+from fauth.auth.client import AuthCallError, AuthClient, AuthTarget
+from fauth.config import ForwardAuthConf, GatewayConf, RouteConf, UpstreamConf
+from fauth.upstream.proxy import UpstreamProxy
+from fauth.routing.table import RouteTable
+from fauth.wire.pool import StrictConnectionPool
+
+__all__ = ["AuthClients", "Gateway", "Route", "load_trust_root"]
+
+log = Logger()
+
+
+@attr.frozen
+class Route:
+    """A route's runtime: what L{RouteTable.match} returns."""
+
+    conf: RouteConf
+    auth: Optional[ForwardAuth]
+    upstream: UpstreamProxy
+
+
+def load_trust_root(path: Optional[str]) -> Any:
+    """The CA bundle of C{ssl_trusted_certificate}, or the platform's trust."""
+    if path is None:
+        return None
+    from twisted.internet import ssl
+
+    with open(path, "rb") as f:
+        pem = f.read()
+    certs = [
+        ssl.Certificate.loadPEM(b"-----BEGIN CERTIFICATE-----" + chunk)
+        for chunk in pem.split(b"-----BEGIN CERTIFICATE-----")[1:]
+    ]
+    return ssl.trustRootFromCertificates(certs)
+
+
+class AuthClients:
+    """
+    One L{AuthClient} per auth target and pool settings; routes calling the
+    same auth service share it.
+
+    @param pool: every client's connections come from this (an
+        application's own L{HTTPConnectionPool}); by default each client
+        has a L{fauth.wire.pool.StrictConnectionPool} of its own.
+    """
+
+    def __init__(self, reactor: Any, trust_root: Any = None, pool: Optional[HTTPConnectionPool] = None) -> None:
+        self._reactor = reactor
+        self._trust_root = trust_root
+        self._pool = pool
+        self._clients: Dict[Tuple[Any, ...], AuthClient] = {}
+
+    def get(self, conf: ForwardAuthConf) -> AuthClient:
+        """The client for this plugin instance's C{uri} and keep-alive settings."""
+        try:
+            target: Optional[AuthTarget] = AuthTarget.parse(conf.uri, conf.ssl_verify)
+            bad_uri = None
+        except AuthCallError as e:
+            target, bad_uri = None, str(e)
+        key = (
+            target or conf.uri,
+            conf.keepalive,
+            conf.keepalive_timeout,
+            conf.keepalive_pool,
+            conf.timeout,
+        )
+        client = self._clients.get(key)
+        if client is None:
+            client = self._clients[key] = AuthClient(
+                self._reactor,
+                target,
+                keepalive=conf.keepalive,
+                keepalive_timeout=conf.keepalive_timeout / 1000.0,
+                keepalive_pool=conf.keepalive_pool,
+                connect_timeout=conf.timeout / 1000.0,
+                trust_root=self._trust_root,
+                bad_uri=bad_uri,
+                pool=self._pool,
+            )
+        return client
+
+    def clients(self) -> List[AuthClient]:
+        """Every client in use (for the pool metrics)."""
+        return list(self._clients.values())
+
+    def prune(self, keep: Iterable[AuthClient]) -> None:
+        """
+        Close and forget every client not in C{keep} (those the installed
+        table uses).  A request in flight holds its own reference, so it
+        completes; only the idle pooled connections are closed.
+        """
+        kept = {id(c) for c in keep}
+        for key, client in list(self._clients.items()):
+            if id(client) not in kept:
+                del self._clients[key]
+                try:
+                    client.close()
+                except Exception:
+                    log.failure("closing an unused auth client failed")
+
+    def close(self) -> Any:
+        """Close every pooled connection."""
+        return DeferredList([c.close() for c in self._clients.values()])
+
+
+class Gateway:
+    """
+    Everything a request needs, built once per configuration.
+
+    @param pool: an application's own L{HTTPConnectionPool} for the auth
+        calls (see L{AuthClients}).
+
+    @ivar table: the current L{RouteTable}; replaced, never mutated.
+    """
+
+    def __init__(self, reactor: Any, conf: GatewayConf, pool: Optional[HTTPConnectionPool] = None) -> None:
+        self._reactor = reactor
+        self._trust_root = load_trust_root(conf.ssl_trusted_certificate)
+        self.auth_clients = AuthClients(reactor, self._trust_root, pool)
+        self.upstream_pool = StrictConnectionPool(reactor, cachedConnectionTimeout=60.0)
+        self.conf = conf
+        self.table: RouteTable[Route] = self._build(conf)
+        self._install(conf, self.table)
+
+    def build(self, conf: GatewayConf) -> "RouteTable[Route]":
+        """
+        The route table for C{conf}, built completely but not installed
+        (see L{update}); whatever it raises, the running table is untouched.
+        It may add auth clients: the next L{update} drops the unused ones.
+        """
+        return self._build(conf)
+
+    def update(self, conf: GatewayConf, table: "Optional[RouteTable[Route]]" = None) -> None:
+        """
+        Serve C{conf} from the next request on.  The new table (C{table},
+        from L{build}, or built now) is swapped in one assignment: requests
+        in flight keep the route they matched, and pools carry over; auth
+        clients the new table does not use are closed and dropped.
+        """
+        if table is None:
+            table = self._build(conf)
+        self.conf, self.table = conf, table
+        self._install(conf, table)
+
+    def _install(self, conf: GatewayConf, table: "RouteTable[Route]") -> None:
+        self.upstream_pool.keep_idle(max([r.upstream.keepalive_pool for r in conf.routes] + [32]))
+        # The same keys as in _build: these are the clients the table uses.
+        self.auth_clients.prune(
+            [self.auth_clients.get(route.forward_auth) for route in conf.routes if route.forward_auth is not None]
+        )
+
+    def _build(self, conf: GatewayConf) -> "RouteTable[Route]":
+        proxies: Dict[int, UpstreamProxy] = {}
+        entries: List[Tuple[RouteConf, Route]] = []
+        for route in conf.routes:
+            upstream = self._proxy(route.upstream, proxies)
+            auth = None
+            if route.forward_auth is not None:
+                auth = ForwardAuth(
+                    route.forward_auth, self.auth_clients.get(route.forward_auth), self._reactor
+                )
+            entries.append((route, Route(route, auth, upstream)))
+        return RouteTable(entries)
+
+    def _proxy(self, conf: UpstreamConf, proxies: Dict[int, UpstreamProxy]) -> UpstreamProxy:
+        # Routes naming the same upstream share its balancer state.
+        key = id(conf)
+        proxy = proxies.get(key)
+        if proxy is None:
+            proxy = proxies[key] = UpstreamProxy(conf, self._reactor, self.upstream_pool, self._trust_root)
+        return proxy
+
+    def close(self) -> Any:
+        """Close the pools of both legs."""
+        return DeferredList([self.auth_clients.close(), self.upstream_pool.close()])

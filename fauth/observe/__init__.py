@@ -1,0 +1,1 @@
+"""Observability: per-request exchange records, metrics, access log."""

@@ -1,0 +1,1065 @@
+# -*- test-case-name: tests.test_workers -*-
+"""
+Several processes: C{twistd fauth --workers N} (or C{workers: N}).
+
+The supervisor (the process twistd runs) binds the gateway's listening
+sockets itself and never accepts on them; it starts N worker processes
+(C{python -m fauth.process.workers}, same interpreter, C{reactor.spawnProcess})
+that inherit the sockets (C{childFDs}) and adopt them (L{adopt_shared}: what
+C{reactor.adoptStreamPort} does, with Twisted's own port classes, adjusted
+for a socket several processes share).  Each worker is a whole gateway with
+its own route table and connection pools.  Every idle worker is woken for a
+new connection and the first to accept it serves it; workers accept one
+connection per wake-up, so that one worker does not take a whole burst.
+
+Because the sockets belong to the supervisor, a worker that dies takes
+only its own connections with it: the listening socket stays open (new
+connections queue in its backlog and the other workers keep accepting)
+while the supervisor starts a replacement.  (C{SO_REUSEPORT} with a socket
+per worker would close that worker's accept queue with it, resetting the
+connections waiting there, and does not exist for UNIX sockets.)
+
+The supervisor also runs what must exist once: the admin API (its changes
+go to the store file, then every worker is told to reload with SIGHUP and
+re-reads the configuration file and the store, which is the one source of
+truth they share) and the C{demo} services.  It relays the workers' logs
+(each worker writes JSON log events to a pipe), restarts a worker that
+exits (after a short, growing delay), forwards SIGHUP, and on SIGTERM
+makes every worker drain (each for C{shutdown_grace}) before it exits
+with status 0.  A worker whose supervisor disappears (its standard
+input, a pipe from the supervisor, reaches end-of-file) drains and exits.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import os
+import signal
+import socket
+import stat
+import sys
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import attr
+import yaml
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from fauth.config import ConfigError
+from fauth.admin.control import RESTART_ONLY, Control
+from fauth.process.signals import ProcessSignals, stop_reactor
+
+__all__ = [
+    "InheritedEndpoint",
+    "SharedSocket",
+    "SocketSpec",
+    "WorkerSupervisor",
+    "adopt_shared",
+    "bind_shared",
+    "check_shareable",
+    "worker_main",
+]
+
+log = Logger()
+
+#: First restart delay (seconds); doubled for every further quick exit.
+RESTART_DELAY = 0.1
+#: Longest restart delay (seconds).
+MAX_RESTART_DELAY = 10.0
+#: A worker that ran this long (seconds) before exiting restarts at once
+#: (after L{RESTART_DELAY}): its exit is not part of a crash loop.
+STABLE_AFTER = 10.0
+#: After C{shutdown_grace}, how long (seconds) the supervisor still waits
+#: for a draining worker before it sends SIGKILL.
+KILL_MARGIN = 5.0
+#: How long (seconds) workers stopping at once (SIGINT) get before SIGKILL.
+STOP_NOW_TIMEOUT = 5.0
+#: Event key a worker sets on the log event saying it is ready (its signal
+#: handlers are installed and it accepts connections).
+READY_KEY = "fauth_worker_ready"
+#: In a worker: the pipe its log events go to (JSON text sequence).
+EVENTS_FD = 3
+#: In a worker: the first inherited listening socket (then 5, 6, ...).
+FIRST_SOCKET_FD = 4
+
+_SUPPORTED = "tcp, tcp6, ssl, unix and systemd"
+# Environment variables that describe sockets systemd passed to the supervisor.
+_SYSTEMD_VARIABLES = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
+
+
+# --- the listening sockets (supervisor side) ---------------------------------
+
+
+@attr.frozen
+class SocketSpec:
+    """
+    A listening socket as a worker receives it.
+
+    @ivar fd: its file descriptor in the worker.
+    @ivar family: C{"AF_INET"}, C{"AF_INET6"} or C{"AF_UNIX"}.
+    @ivar description: the C{listen} endpoint description it was bound for;
+        for TLS, the worker reads its certificate and key from it.
+    @ivar tls: whether the worker wraps accepted connections in TLS.
+    """
+
+    fd: int
+    family: str
+    description: str
+    tls: bool = False
+
+    def to_json(self) -> Dict[str, Any]:
+        """A JSON-able dict (see L{from_json})."""
+        return {"fd": self.fd, "family": self.family, "description": self.description, "tls": self.tls}
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> "SocketSpec":
+        """The spec L{to_json} described."""
+        return cls(int(doc["fd"]), str(doc["family"]), str(doc["description"]), bool(doc["tls"]))
+
+
+@attr.s(auto_attribs=True, eq=False)
+class SharedSocket:
+    """
+    A listening socket the supervisor holds for its workers: bound by it, or
+    inherited from systemd.  The supervisor never accepts on it.
+
+    @ivar description: the C{listen} endpoint description.
+    @ivar fd: the supervisor's file descriptor.
+    @ivar family: the socket's address family.
+    @ivar tls: whether workers wrap its connections in TLS (C{ssl:}).
+    """
+
+    description: str
+    fd: int
+    family: int
+    tls: bool = False
+    _socket: Optional[socket.socket] = None
+    _unix_path: Optional[str] = None
+    _lock: Any = None
+    _closed: bool = False
+
+    def close(self) -> None:
+        """
+        Close the supervisor's copy: without C{shutdown()}, so the workers
+        that still hold the socket keep it until they stop listening; the
+        kernel closes it (and refuses new connections) after the last one.
+        A UNIX socket's file is removed now (no new client finds it).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self._socket is not None:
+            self._socket.close()
+        else:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+        if self._unix_path is not None:
+            try:
+                os.unlink(self._unix_path)
+            except OSError:
+                pass
+        if self._lock is not None:
+            self._lock.unlock()
+
+
+def _family_name(family: int) -> str:
+    for name in ("AF_INET", "AF_INET6", "AF_UNIX"):
+        if family == getattr(socket, name, None):
+            return name
+    raise ValueError("unsupported address family %r" % (family,))
+
+
+def _parse(description: str) -> Tuple[str, Tuple[Any, ...], Dict[str, Any]]:
+    """
+    C{(kind, args, kwargs)} of a server endpoint description, C{kind} one
+    of C{TCP}, C{SSL}, C{UNIX}, C{TCP6}, C{SYSTEMD}.
+
+    @raise ConfigError: a description workers cannot share.
+    """
+    from twisted.internet.endpoints import _parseServer  # type: ignore[attr-defined]
+
+    try:
+        kind, args, kwargs = _parseServer(description, None)
+    except Exception as e:  # Twisted raises several types for bad strings
+        raise ConfigError('config: listen: bad endpoint description "%s": %s' % (description, e))
+    if isinstance(kind, str) and kind in ("TCP", "SSL", "UNIX"):
+        return kind, tuple(args), dict(kwargs)
+    prefix = str(getattr(kind, "prefix", "")).upper()
+    if prefix in ("TCP6", "SYSTEMD"):
+        return prefix, tuple(args), dict(kwargs)
+    raise ConfigError(
+        'config: listen: "%s": several workers can share %s listeners only (set workers to 1 for this one)'
+        % (description, _SUPPORTED)
+    )
+
+
+def check_shareable(description: str) -> None:
+    """
+    Refuse (without binding anything) a C{listen} description the
+    supervisor cannot bind for its workers.
+
+    @raise ConfigError: one line.
+    """
+    _parse(description)
+
+
+def _bind_inet(interface: str, port: int, backlog: int) -> socket.socket:
+    # What twisted.internet.tcp.Port does: the family follows the interface
+    # ("" is every IPv4 address), SO_REUSEADDR, a numeric IPv6 address with
+    # its scope id.
+    from twisted.internet.abstract import isIPv6Address
+    from twisted.internet.error import CannotListenError
+
+    if isIPv6Address(interface):
+        family = socket.AF_INET6
+        flags = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
+        address: Any = socket.getaddrinfo(interface, port, family, socket.SOCK_STREAM, 0, flags)[0][4]
+    else:
+        family, address = socket.AF_INET, (interface, port)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError as e:
+        sock.close()
+        raise CannotListenError(interface, port, e)
+    sock.setblocking(False)
+    return sock
+
+
+def _in_filesystem(path: str) -> bool:
+    return not path.startswith("\0")
+
+
+def _bind_unix(path: str, mode: int, backlog: int, want_pid: bool) -> Tuple[socket.socket, Any]:
+    # What twisted.internet.unix.Port does, lock file included.
+    from twisted.internet.error import CannotListenError
+    from twisted.python.lockfile import FilesystemLock
+
+    lock = None
+    if want_pid:
+        lock = FilesystemLock(path + ".lock")
+        if not lock.lock():
+            raise CannotListenError(None, path, "Cannot acquire lock")
+        if not lock.clean:
+            try:
+                if stat.S_ISSOCK(os.stat(path).st_mode):
+                    os.remove(path)
+            except OSError:
+                pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        if _in_filesystem(path):
+            os.chmod(path, mode)
+        sock.listen(backlog)
+    except OSError as e:
+        sock.close()
+        if lock is not None:
+            lock.unlock()
+        raise CannotListenError(None, path, e)
+    sock.setblocking(False)
+    return sock, lock
+
+
+def _tcp6_arguments(port: str, backlog: Any = 50, interface: str = "::") -> Tuple[int, int, str]:
+    return int(port), int(backlog), interface
+
+
+def bind_shared(reactor: Any, description: str) -> SharedSocket:
+    """
+    Bind the listening socket of a C{listen} description (with Twisted's
+    semantics for it), or take the one systemd passed, for workers to share.
+
+    @raise ConfigError: a description workers cannot share.
+    @raise twisted.internet.error.CannotListenError: it cannot be bound.
+    """
+    kind, args, kwargs = _parse(description)
+    if kind in ("TCP", "SSL"):
+        sock = _bind_inet(kwargs["interface"], args[0], kwargs["backlog"])
+        return SharedSocket(description, sock.fileno(), sock.family, kind == "SSL", sock)
+    if kind == "TCP6":
+        port, backlog, interface = _tcp6_arguments(*args, **kwargs)
+        sock = _bind_inet(interface, port, backlog)
+        return SharedSocket(description, sock.fileno(), sock.family, False, sock)
+    if kind == "UNIX":
+        path = args[0]
+        sock, lock = _bind_unix(path, kwargs["mode"], kwargs["backlog"], kwargs["wantPID"])
+        unix_path = path if _in_filesystem(path) else None
+        return SharedSocket(description, sock.fileno(), socket.AF_UNIX, False, sock, unix_path, lock)
+    # SYSTEMD: the endpoint only names an inherited descriptor.
+    from twisted.internet.endpoints import serverFromString
+
+    endpoint = serverFromString(reactor, description)
+    return SharedSocket(description, int(endpoint.fileno), int(endpoint.addressFamily))
+
+
+# --- the listening sockets (worker side) -------------------------------------
+
+
+#: Connections a worker accepts per readiness event of a shared socket.
+ACCEPTS_PER_EVENT = 1
+
+
+@functools.lru_cache(maxsize=None)
+def _port_classes() -> Tuple[Any, Any]:
+    """
+    The port classes of L{adopt_shared}: Twisted's TCP and UNIX ports with
+    the changes a socket shared by processes needs.
+    """
+    from twisted.internet import tcp, unix
+
+    class SharedTCPPort(tcp.Port):  # type: ignore[misc]
+        """
+        Accepts L{ACCEPTS_PER_EVENT} connections per readiness event (as
+        nginx's C{multi_accept off}), where Twisted accepts up to 100 and
+        more: every worker is woken for a new connection, and a worker that
+        took a whole burst would serve it alone while the others idle.
+        """
+
+        def doRead(self) -> Any:
+            self.numberAccepts = ACCEPTS_PER_EVENT
+            return tcp.Port.doRead(self)
+
+    class SharedUNIXPort(unix.Port):  # type: ignore[misc]
+        """
+        As L{SharedTCPPort}; also, the socket and its file are the
+        supervisor's: closing never calls C{shutdown()} on the socket (it
+        would stop every worker's accepts) nor removes the file, and the
+        file's mode is left alone (Twisted would set its default, 0666).
+        """
+
+        _shouldShutdown = False
+
+        def doRead(self) -> Any:
+            self.numberAccepts = ACCEPTS_PER_EVENT
+            return unix.Port.doRead(self)
+
+        def connectionLost(self, reason: Any) -> None:
+            tcp.Port.connectionLost(self, reason)
+
+    return SharedTCPPort, SharedUNIXPort
+
+
+def adopt_shared(reactor: Any, fd: int, family: int, factory: Any) -> Any:
+    """
+    What C{reactor.adoptStreamPort(fd, family, factory)} does (the same
+    Twisted port classes, built the same way), for a listening socket that
+    other worker processes share: see L{_port_classes} for the differences.
+    The caller still owns (and closes) C{fd}.
+    """
+    tcp_port, unix_port = _port_classes()
+    if family == socket.AF_UNIX:
+        port = unix_port._fromListeningDescriptor(reactor, fd, factory)
+        probe = socket.fromfd(fd, socket.AF_UNIX, socket.SOCK_STREAM)  # a duplicate
+        try:
+            path = probe.getsockname()
+        finally:
+            probe.close()
+        if isinstance(path, bytes):
+            path = path.decode(sys.getfilesystemencoding())
+        if path and _in_filesystem(path):
+            port.mode = stat.S_IMODE(os.stat(path).st_mode)  # its chmod is then a no-op
+    else:
+        port = tcp_port._fromListeningDescriptor(reactor, fd, family, factory)
+    port.startListening()
+    return port
+
+
+class InheritedEndpoint:
+    """
+    A server endpoint (L{IStreamServerEndpoint}) for a worker: listens on a
+    socket inherited from the supervisor, wrapping connections in TLS for an
+    C{ssl:} description.  The inherited descriptor is closed once adopted
+    (the reactor holds a duplicate).
+    """
+
+    def __init__(self, reactor: Any, spec: SocketSpec) -> None:
+        self._reactor = reactor
+        self.spec = spec
+        self._used = False
+
+    def listen(self, factory: Any) -> "Deferred[Any]":
+        """Adopt the socket and serve C{factory} on it."""
+        from twisted.internet import fdesc
+        from twisted.internet.error import AlreadyListened
+
+        if self._used:
+            return fail(AlreadyListened())
+        self._used = True
+        try:
+            if self.spec.tls:
+                from twisted.internet.endpoints import _parseServer  # type: ignore[attr-defined]
+                from twisted.protocols.tls import TLSMemoryBIOFactory
+
+                _, args, _ = _parseServer(self.spec.description, None)
+                factory = TLSMemoryBIOFactory(args[2], False, factory)
+            fd = self.spec.fd
+            fdesc.setNonBlocking(fd)
+            port = adopt_shared(self._reactor, fd, getattr(socket, self.spec.family), factory)
+            os.close(fd)
+        except BaseException:
+            return fail()
+        return succeed(port)
+
+
+# --- the supervisor -----------------------------------------------------------------
+
+
+@attr.s(auto_attribs=True, eq=False)
+class WorkerSlot:
+    """
+    One of the N worker positions and the process currently in it.
+
+    @ivar index: 1 to N.
+    @ivar process: the running worker's process transport, or C{None}.
+    @ivar pid: its process id (the last one, once it exited).
+    @ivar ready: whether it said it serves (and handles SIGHUP).
+    @ivar reload_pending: a reload was asked for before it was ready.
+    @ivar started: when it was started (reactor seconds).
+    @ivar quick_exits: consecutive exits within L{STABLE_AFTER} of a start.
+    @ivar restarts: how many times this slot was restarted.
+    """
+
+    index: int
+    process: Any = None
+    pid: Optional[int] = None
+    ready: bool = False
+    reload_pending: bool = False
+    started: float = 0.0
+    quick_exits: int = 0
+    restarts: int = 0
+    restart_call: Any = None
+
+
+def describe_exit(reason: Failure) -> str:
+    """C{exited with status N} or C{killed by signal N (SIGNAME)}, from C{processEnded}'s reason."""
+    value = reason.value
+    signum = getattr(value, "signal", None)
+    if signum:
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = "?"
+        return "killed by signal %d (%s)" % (signum, name)
+    return "exited with status %s" % (getattr(value, "exitCode", None),)
+
+
+def restart_delay(quick_exits: int) -> float:
+    """Seconds before a restart, after C{quick_exits} consecutive quick exits (1 or more)."""
+    return float(min(RESTART_DELAY * 2 ** max(0, quick_exits - 1), MAX_RESTART_DELAY))
+
+
+class _WorkerProtocol(ProcessProtocol):
+    """The supervisor's end of one worker process: relays its output, reports its end."""
+
+    def __init__(self, supervisor: "WorkerSupervisor", slot: WorkerSlot) -> None:
+        self._supervisor = supervisor
+        self._slot = slot
+        self._buffers: Dict[int, bytes] = {EVENTS_FD: b"", 2: b""}
+        self.pid: Optional[int] = None
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        buffered = self._buffers.get(childFD, b"") + data
+        *lines, rest = buffered.split(b"\n")
+        if len(rest) > 1 << 20:  # a runaway line: pass it on as it is
+            lines.append(rest)
+            rest = b""
+        self._buffers[childFD] = rest
+        for line in lines:
+            self._line(childFD, line)
+
+    def _line(self, childFD: int, line: bytes) -> None:
+        text = line.decode("utf-8", "replace").rstrip("\r")
+        if not text.strip("\x1e "):
+            return
+        if childFD == EVENTS_FD:
+            self._supervisor._relay(self._slot, self.pid, text)
+        else:
+            log.warn("worker {index} (pid {pid}) stderr: {line}", index=self._slot.index, pid=self.pid, line=text)
+
+    def processEnded(self, reason: Failure) -> None:
+        for childFD, rest in sorted(self._buffers.items()):
+            if rest:
+                self._line(childFD, rest)
+        self._buffers = {EVENTS_FD: b"", 2: b""}
+        self._supervisor._ended(self._slot, self.pid, reason)
+
+
+def _worker_pythonpath(environ: Mapping[str, str]) -> Optional[str]:
+    """
+    The C{PYTHONPATH} a worker needs to import this very C{fauth} (a source
+    checkout not otherwise on the path), or C{None} to leave it as it is.
+    """
+    import site
+
+    import fauth
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fauth.__file__)))
+    site_dirs = list(getattr(site, "getsitepackages", lambda: [])())
+    user_site = getattr(site, "getusersitepackages", lambda: None)()
+    if user_site:
+        site_dirs.append(user_site)
+    current = [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if root in [os.path.abspath(p) for p in site_dirs + current]:
+        return None
+    return os.pathsep.join([root] + current)
+
+
+def _reactor_module(reactor: Any) -> Optional[str]:
+    """The module whose C{install()} gives a worker the supervisor's kind of reactor."""
+    module = type(reactor).__module__
+    if module.startswith("twisted.internet.") and hasattr(sys.modules.get(module), "install"):
+        return module
+    return None
+
+
+class WorkerSupervisor(MultiService):
+    """
+    The supervisor of C{--workers N}: binds the C{listen} sockets, runs N
+    worker processes on them, the admin API (when configured) and the demo
+    services; restarts workers, forwards reloads, drains them on SIGTERM.
+
+    @param control: the effective configuration, read from a file
+        (L{Control.from_file}).
+    @param workers: how many worker processes (2 or more makes sense).
+    @param reactor: defaults to the global reactor, imported only then.
+    @param handle_signals: install SIGHUP (reload, forwarded) and SIGTERM
+        (drain every worker, then stop) handlers once the reactor runs.
+    @param executable: the interpreter workers run (C{sys.executable}).
+    @ivar slots: the L{WorkerSlot}s.
+    @ivar sockets: the bound L{SharedSocket}s (after start).
+    @ivar admin_root: the admin API's root resource, or C{None}.
+    @ivar accepting: true while running and not shutting down.
+    """
+
+    def __init__(
+        self,
+        control: Control,
+        workers: int,
+        reactor: Any = None,
+        *,
+        handle_signals: bool = False,
+        executable: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        conf = control.conf
+        if control.config_path is None:
+            raise ConfigError("config: several workers need a configuration file (they read it)")
+        for description in conf.listen:
+            check_shareable(description)
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self._reactor = reactor
+        self.control = control
+        self._executable = executable or sys.executable
+        # Workers resolve relative paths (store, certificates) as this
+        # process did when it read the configuration, whatever twistd's
+        # --rundir does later.
+        self._cwd = os.getcwd()
+        # Sections a reload cannot change stay as they were at start-up, for
+        # every worker, including those started later.
+        self._startup_source = dict(conf.source)
+        self.slots = [WorkerSlot(index) for index in range(1, workers + 1)]
+        self.sockets: List[SharedSocket] = []
+        self.accepting = False
+        self._handle_signals = handle_signals
+        self._signals = ProcessSignals(reactor, self.terminate, self._reload_on_signal)
+        self._terminating = False
+        self._stopping = False
+        self._signal_reload = False
+        self._waiting: List[Deferred[None]] = []
+        if conf.demo is not None:
+            from fauth.process.demo import demo_services
+
+            demo_services(reactor, conf.demo.auth, conf.demo.upstream).setServiceParent(self)
+        self.admin_root: Any = None
+        self.admin_listener: Any = None
+        if conf.admin is not None:
+            from fauth.admin.api import AdminRoot, AdminSite
+            from fauth.process.service import _listener
+
+            self.admin_root = AdminRoot(control, conf.admin.keys, self.serving)
+            self.admin_listener = _listener(reactor, conf.admin.listen, AdminSite(self.admin_root), "admin.listen")
+            self.admin_listener.setServiceParent(self)
+        control.on_change(self._configuration_changed)
+
+    # -- start and stop ------------------------------------------------------
+
+    def _bind(self) -> None:
+        if self.sockets:
+            return
+        try:
+            for description in self.control.conf.listen:
+                self.sockets.append(bind_shared(self._reactor, description))
+        except BaseException:
+            self._close_sockets()
+            self.sockets = []
+            raise
+
+    def privilegedStartService(self) -> None:
+        # Bound here, before twistd sheds privileges (ports below 1024).
+        self._bind()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        self._bind()
+        super().startService()
+        self.accepting = True
+        self._reactor.callWhenRunning(self._started)
+
+    def _started(self) -> None:
+        if not self.running or self._stopping:
+            return
+        if self._handle_signals:
+            self._signals.install()
+        log.info(
+            "starting {count} workers on {listen}",
+            count=len(self.slots),
+            listen=", ".join(s.description for s in self.sockets),
+        )
+        for slot in self.slots:
+            self._spawn(slot)
+
+    def stopService(self) -> "Deferred[None]":
+        self.accepting = False
+        if not self._terminating:
+            self._signals.restore()
+        self._stopping = True
+        self._cancel_restarts()
+        if not self._terminating and self.live():
+            # The reactor stops for another reason (SIGINT, the embedding
+            # application): workers stop at once too.
+            log.info("stopping {count} workers now", count=len(self.live()))
+            self._signal_all(signal.SIGINT)
+            gone = self._wait_for_workers(STOP_NOW_TIMEOUT)
+        else:
+            gone = self._wait_for_workers(self.control.conf.shutdown_grace + KILL_MARGIN)
+        self._close_sockets()
+
+        def stop_children(_: object) -> Any:
+            return MultiService.stopService(self)
+
+        return gone.addBoth(stop_children)
+
+    def _close_sockets(self) -> None:
+        for shared in self.sockets:
+            shared.close()
+
+    def live(self) -> List[WorkerSlot]:
+        """The slots whose worker process is running."""
+        return [slot for slot in self.slots if slot.process is not None]
+
+    def serving(self) -> bool:
+        """For C{/healthz}: not shutting down, and at least one worker ready."""
+        return self.accepting and any(slot.ready for slot in self.slots)
+
+    # -- worker processes ---------------------------------------------------
+
+    def worker_document(self) -> Dict[str, Any]:
+        """
+        The configuration document a new worker starts from: the one this
+        process runs now (its last valid load), with the sections a reload
+        cannot change as they were at start-up, and the store file's
+        absolute path.
+        """
+        doc = dict(self.control.conf.source)
+        for key in RESTART_ONLY:
+            if key in self._startup_source:
+                doc[key] = self._startup_source[key]
+            else:
+                doc.pop(key, None)
+        if self.control.store is not None and isinstance(doc.get("admin"), dict):
+            doc["admin"] = dict(doc["admin"], store=self.control.store.path)
+        return doc
+
+    def _payload(self) -> bytes:
+        specs = [
+            SocketSpec(FIRST_SOCKET_FD + n, _family_name(shared.family), shared.description, shared.tls).to_json()
+            for n, shared in enumerate(self.sockets)
+        ]
+        payload = {"document": self.worker_document(), "sockets": specs}
+        try:
+            data = b"json " + json.dumps(payload).encode("utf-8")
+        except (TypeError, ValueError):  # YAML's own types (dates, sets, ...)
+            data = b"yaml " + yaml.safe_dump(payload).encode("utf-8")
+        return b"%d\n" % len(data) + data
+
+    def _environment(self) -> Dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in _SYSTEMD_VARIABLES}
+        path = _worker_pythonpath(env)
+        if path is not None:
+            env["PYTHONPATH"] = path
+        return env
+
+    def _spawn(self, slot: WorkerSlot) -> None:
+        slot.restart_call = None
+        if self._stopping or self._terminating:
+            return
+        argv = [self._executable, "-m", "fauth.process.workers", "--index", str(slot.index)]
+        argv += ["--config", str(self.control.config_path)]
+        reactor_module = _reactor_module(self._reactor)
+        if reactor_module is not None:
+            argv += ["--reactor", reactor_module]
+        # 0: a pipe that only tells the worker when this process is gone;
+        # 1: this process's standard output (an access log to "-" goes
+        # there as from a single process); 2 and EVENTS_FD: relayed.
+        child_fds: Dict[int, Any] = {0: "w", 1: 1, 2: "r", EVENTS_FD: "r"}
+        for n, shared in enumerate(self.sockets):
+            child_fds[FIRST_SOCKET_FD + n] = shared.fd
+        protocol = _WorkerProtocol(self, slot)
+        try:
+            process = self._reactor.spawnProcess(
+                protocol,
+                self._executable,
+                argv,
+                env=self._environment(),
+                path=self._cwd if self._cwd != os.getcwd() else None,
+                childFDs=child_fds,
+            )
+        except Exception:
+            log.failure("worker {index}: could not start it", index=slot.index)
+            self._schedule_restart(slot, quick=True)
+            return
+        protocol.pid = process.pid
+        slot.process = process
+        slot.pid = process.pid
+        slot.ready = False
+        slot.reload_pending = False
+        slot.started = self._reactor.seconds()
+        log.info("worker {index} started: pid {pid}", index=slot.index, pid=process.pid)
+        process.writeToChild(0, self._payload())
+
+    def _relay(self, slot: WorkerSlot, pid: Optional[int], line: str) -> None:
+        """Publish one line of a worker's log (a JSON event) in this process's log."""
+        try:
+            event = eventFromJSON(line.lstrip("\x1e"))
+        except ValueError:
+            event = None
+        if not isinstance(event, dict) or "log_format" not in event:
+            log.info("worker {index} (pid {pid}): {line}", index=slot.index, pid=pid, line=line)
+            return
+        namespace = event.get("log_namespace", "-")
+        level_name = getattr(event.get("log_level"), "name", "-")
+        event["log_system"] = "worker %d, pid %s, %s#%s" % (slot.index, pid, namespace, level_name)
+        event["fauth_worker"] = slot.index
+        globalLogPublisher(event)
+        if event.get(READY_KEY) is True and slot.pid == pid:
+            self._ready(slot)
+
+    def _ready(self, slot: WorkerSlot) -> None:
+        slot.ready = True
+        if slot.reload_pending:
+            slot.reload_pending = False
+            self._signal(slot, signal.SIGHUP)
+
+    def _ended(self, slot: WorkerSlot, pid: Optional[int], reason: Failure) -> None:
+        status = describe_exit(reason)
+        slot.process = None
+        slot.ready = False
+        if self._stopping or self._terminating:
+            log.info("worker {index} (pid {pid}) {status}", index=slot.index, pid=pid, status=status)
+            self._check_gone()
+            return
+        uptime = self._reactor.seconds() - slot.started
+        self._schedule_restart(slot, quick=uptime < STABLE_AFTER, pid=pid, status=status, uptime=uptime)
+
+    def _schedule_restart(
+        self, slot: WorkerSlot, quick: bool, pid: Optional[int] = None, status: str = "", uptime: float = 0.0
+    ) -> None:
+        slot.quick_exits = slot.quick_exits + 1 if quick else 1
+        delay = restart_delay(slot.quick_exits)
+        if pid is not None:
+            log.warn(
+                "worker {index} (pid {pid}) {status} after {uptime:.1f}s; restarting it in {delay}s",
+                index=slot.index,
+                pid=pid,
+                status=status,
+                uptime=uptime,
+                delay=delay,
+            )
+        slot.restarts += 1
+        slot.restart_call = self._reactor.callLater(delay, self._spawn, slot)
+
+    def _cancel_restarts(self) -> None:
+        for slot in self.slots:
+            if slot.restart_call is not None and slot.restart_call.active():
+                slot.restart_call.cancel()
+            slot.restart_call = None
+
+    def _signal(self, slot: WorkerSlot, signum: int) -> None:
+        if slot.process is None:
+            return
+        try:
+            slot.process.signalProcess(signum)
+        except (ProcessExitedAlready, OSError):
+            pass
+
+    def _signal_all(self, signum: int) -> None:
+        for slot in self.live():
+            self._signal(slot, signum)
+
+    def _check_gone(self) -> None:
+        if self.live():
+            return
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+    def _wait_for_workers(self, timeout: float) -> "Deferred[None]":
+        """Fires when no worker runs; SIGKILLs those still running after C{timeout} seconds."""
+        if not self.live():
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+
+        def kill() -> None:
+            stuck = self.live()
+            if stuck:
+                log.warn(
+                    "{count} workers still running after {timeout}s; killing them (SIGKILL)",
+                    count=len(stuck),
+                    timeout=timeout,
+                )
+                self._signal_all(signal.SIGKILL)
+
+        call = self._reactor.callLater(timeout, kill)
+
+        def done(result: object) -> object:
+            if call.active():
+                call.cancel()
+            return result
+
+        return d.addBoth(done)
+
+    # -- reload ----------------------------------------------------------------
+
+    def _configuration_changed(self, conf: Any) -> None:
+        """After every applied change (admin API write, reload): every worker reloads."""
+        if not self._signal_reload:
+            self.reload_workers()
+
+    def reload_workers(self) -> None:
+        """
+        Send SIGHUP to every worker: it re-reads the configuration file and
+        the store.  A worker still starting gets it once it is ready; one
+        being restarted starts from the new configuration anyway.
+        """
+        told = 0
+        for slot in self.live():
+            if slot.ready:
+                self._signal(slot, signal.SIGHUP)
+                told += 1
+            else:
+                slot.reload_pending = True
+        log.info("telling {count} workers to reload", count=told)
+
+    def _reload_on_signal(self) -> None:
+        # Forwarded whatever this process made of the file: a worker refuses
+        # an invalid file too, and reopens its access log either way, as a
+        # single process does on SIGHUP.
+        log.info("SIGHUP: reloading {path}, then every worker", path=self.control.config_path)
+        self._signal_reload = True
+        try:
+            self.control.reload()
+        except ConfigError:
+            pass  # logged by Control.reload ("reload refused: ...")
+        finally:
+            self._signal_reload = False
+        self.reload_workers()
+
+    # -- shutdown ----------------------------------------------------------------
+
+    def terminate(self) -> "Deferred[None]":
+        """
+        What SIGTERM does: stop listening (the workers stop accepting, the
+        socket closes once the last one let go), let every worker drain for
+        up to C{shutdown_grace}, then stop the reactor (exit status 0).  A
+        second call tells the workers to stop at once.
+        """
+        if self._terminating:
+            log.warn("SIGTERM again: telling {count} workers to stop now", count=len(self.live()))
+            self._signal_all(signal.SIGTERM)
+            return succeed(None)
+        self._terminating = True
+        self.accepting = False
+        self._cancel_restarts()
+        grace = self.control.conf.shutdown_grace
+        log.info(
+            "SIGTERM: stopping {count} workers; each finishes its requests in flight (up to {grace}s)",
+            count=len(self.live()),
+            grace=grace,
+        )
+        self._signal_all(signal.SIGTERM)
+        self._close_sockets()
+
+        def gone(_: object) -> None:
+            log.info("all workers exited; stopping")
+            stop_reactor(self._reactor)
+
+        return self._wait_for_workers(grace + KILL_MARGIN).addCallback(gone)
+
+
+# --- the worker process ---------------------------------------------------------
+
+
+def _read_exactly(fd: int, count: int) -> bytes:
+    chunks = []
+    while count > 0:
+        chunk = os.read(fd, min(count, 1 << 16))
+        if not chunk:
+            raise EOFError("the supervisor closed the pipe")
+        chunks.append(chunk)
+        count -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_payload(fd: int = 0) -> Dict[str, Any]:
+    """Read what the supervisor sends a new worker: C{{"document": ..., "sockets": [...]}}."""
+    header = b""
+    while not header.endswith(b"\n"):
+        byte = os.read(fd, 1)
+        if not byte:
+            raise EOFError("the supervisor closed the pipe")
+        header += byte
+    data = _read_exactly(fd, int(header))
+    kind, _, body = data.partition(b" ")
+    payload = json.loads(body) if kind == b"json" else yaml.safe_load(body)
+    if not isinstance(payload, dict):
+        raise ValueError("bad payload from the supervisor")
+    return payload
+
+
+@implementer(IReadDescriptor)
+class _SupervisorWatch:
+    """
+    Reads the worker's standard input (a pipe from the supervisor, which
+    never writes to it after the start-up payload): end-of-file means the
+    supervisor is gone.  An C{IReadDescriptor}.
+    """
+
+    def __init__(self, fd: int, gone: Callable[[], None]) -> None:
+        self._fd = fd
+        self._gone = gone
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def logPrefix(self) -> str:
+        return "supervisor-pipe"
+
+    def doRead(self) -> Any:
+        from twisted.internet import main
+
+        try:
+            data = os.read(self._fd, 4096)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EINTR):
+                return None
+            return main.CONNECTION_LOST
+        return None if data else main.CONNECTION_DONE
+
+    def connectionLost(self, reason: Any) -> None:
+        self._gone()
+
+
+def _parse_worker_arguments(argv: Sequence[str]) -> Tuple[int, str, Optional[str]]:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m fauth.process.workers", description="A fauth worker (started by its supervisor)."
+    )
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--reactor", default=None)
+    args = parser.parse_args(list(argv))
+    return args.index, args.config, args.reactor
+
+
+def worker_main(argv: Optional[Sequence[str]] = None) -> int:
+    """
+    A worker process: read the payload from the supervisor (standard
+    input), log JSON events to L{EVENTS_FD}, adopt the inherited sockets
+    and run the gateway (no admin API, no demo services) until SIGTERM,
+    SIGINT or the supervisor's end.
+
+    @return: the exit status.
+    """
+    index, config_path, reactor_module = _parse_worker_arguments(sys.argv[1:] if argv is None else argv)
+    from twisted.logger import globalLogBeginner, jsonFileLogObserver
+
+    events = open(EVENTS_FD, "w", encoding="utf-8")
+    observers: List[Any] = [jsonFileLogObserver(events)]
+    globalLogBeginner.beginLoggingTo(observers)
+    if reactor_module:
+        try:
+            import importlib
+
+            importlib.import_module(reactor_module).install()  # type: ignore[attr-defined]
+        except Exception:
+            log.failure(
+                "worker {index}: could not install {module}; using the default reactor", index=index, module=reactor_module
+            )
+    from twisted.internet import reactor as installed
+
+    reactor: Any = installed
+    try:
+        payload = read_payload(0)
+        control = Control.from_document(payload["document"], config_path=config_path)
+        control.reload_store = True
+        specs = [SocketSpec.from_json(doc) for doc in payload["sockets"]]
+        from fauth.process.gcsettings import settle_heap
+        from fauth.process.service import GatewayService
+
+        endpoints = [InheritedEndpoint(reactor, spec) for spec in specs]
+        service = GatewayService(control.conf, reactor, control=control, handle_signals=True, endpoints=endpoints)
+        service.startService()
+        settle_heap()
+    except ConfigError as e:
+        log.critical("worker {index}: {error}", index=index, error=str(e))
+        return 3
+    except Exception:
+        log.failure("worker {index}: could not start", index=index)
+        return 3
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+
+    def supervisor_gone() -> None:
+        if not service.running:
+            return
+        log.warn("worker {index}: the supervisor is gone; shutting down", index=index)
+        service.terminate()
+
+    def ready() -> None:
+        os.set_blocking(0, False)
+        reactor.addReader(_SupervisorWatch(0, supervisor_gone))
+        log.info(
+            "worker {index} ready: pid {pid}, {count} listening sockets",
+            index=index,
+            pid=os.getpid(),
+            count=len(specs),
+            **{READY_KEY: True},
+        )
+
+    reactor.callWhenRunning(ready)
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    # Through the module's own name, so that its classes and its logger's
+    # namespace are fauth.process.workers's, not __main__'s.
+    from fauth.process.workers import worker_main as main
+
+    sys.exit(main())

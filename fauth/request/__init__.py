@@ -1,0 +1,1 @@
+"""One client request as fauth sees it: inbound view, end-of-request notice, gateway-made replies."""

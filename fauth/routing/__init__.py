@@ -1,0 +1,1 @@
+"""The immutable route table, swapped whole on reload."""

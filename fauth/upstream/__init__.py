@@ -1,0 +1,1 @@
+"""The upstream leg: node selection and the streaming proxy."""

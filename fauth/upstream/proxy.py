@@ -1,0 +1,332 @@
+# -*- test-case-name: tests.test_proxy -*-
+"""
+The upstream leg: HTTP/1.1 connections (L{fauth.wire.connection}) from a
+L{fauth.wire.pool.StrictConnectionPool},
+bodies streamed with backpressure, hop-by-hop headers dropped both ways.
+"""
+from __future__ import annotations
+
+import re
+from io import BytesIO
+from typing import Any, Dict, List, Optional, Tuple
+
+from twisted.internet import error as net_error
+from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
+from zope.interface import implementer
+
+from fauth.upstream.balancer import SmoothWeightedRoundRobin
+from fauth.config import Node, UpstreamConf
+from fauth.wire.connection import ClientRequest, FileUpload
+from fauth.wire.h1 import ResponseHead, request_head
+from fauth.wire.headers import HOP_BY_HOP, connection_listed
+from fauth.request.inbound import InboundRequest
+from fauth.request.lifecycle import when_finished
+from fauth.request.replies import send_simple
+from fauth.wire.transport import Connector, describe_failure, tls_policy
+
+__all__ = ["UpstreamProxy"]
+
+log = Logger()
+
+# Framing is redone for the upstream connection; Host is set per pass_host;
+# the X-Forwarded-* and X-Real-IP a client sent are replaced.
+_REQUEST_DROP = HOP_BY_HOP | frozenset(
+    [
+        b"host",
+        b"content-length",
+        b"expect",
+        b"x-forwarded-for",
+        b"x-real-ip",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+    ]
+)
+_BODY_METHODS = frozenset([b"POST", b"PUT", b"PATCH"])
+# Responses whose Content-Length, if any, is not the length of what follows.
+_NO_BODY_CODES = frozenset([204, 304])
+_TARGET_OK = re.compile(rb"[\x21-\x7e]+")
+_TARGET_UNSAFE = re.compile(rb"[^\x21-\x7e]")
+
+
+
+
+def wire_target(target: bytes) -> bytes:
+    """C{target} with any byte a request line cannot carry percent-encoded."""
+    if _TARGET_OK.fullmatch(target) is not None:
+        return target
+    return _TARGET_UNSAFE.sub(lambda m: b"%%%02X" % m.group()[0], target)
+
+
+@implementer(IPushProducer)
+class _Relay:
+    """
+    One allowed request's trip upstream and back: the sink of the streamed
+    L{ClientRequest}.  The body goes to the client with the relay as the
+    client request's push producer, passing pauses on to the upstream
+    connection, so a slow client pauses the upstream socket instead of
+    growing a buffer; the server stopping it means the client is gone.
+
+    One timer serves both waits, for the head (C{send} + C{read} timeout)
+    and then between body chunks (C{read} timeout).  Each chunk only notes
+    the time, and the timer, when it fires, re-arms itself for what is
+    left: moving a Twisted timer sooner scans the reactor's whole timer
+    heap, which is done at most once per exchange here.
+    """
+
+    def __init__(self, request: Any, reactor: Any, response_timeout: float, idle_timeout: float) -> None:
+        self._request = request
+        self._reactor = reactor
+        self._response_timeout = response_timeout
+        self._idle_timeout = idle_timeout
+        self._timer: Any = None
+        self._head_deadline = 0.0
+        self._last_data = 0.0
+        self._upstream: Any = None
+        self._relaying = False
+        self.call: Any = None
+        self.client_gone = False
+        self.timed_out = False
+
+    def start(self, call: Any) -> None:
+        """Wait for the answer to C{call} (cancelled if the head is late)."""
+        self.call = call
+        now = self._reactor.seconds()
+        self._head_deadline = now + self._response_timeout
+        self._timer = self._reactor.callLater(min(self._response_timeout, self._idle_timeout), self._check)
+
+    @property
+    def answered(self) -> bool:
+        """The head is in: the body is (or was) on its way."""
+        return self._upstream is not None
+
+    def _check(self) -> None:
+        deadline = self._last_data + self._idle_timeout if self._relaying else self._head_deadline
+        left = deadline - self._reactor.seconds()
+        if left > 0:
+            self._timer = self._reactor.callLater(left, self._check)
+            return
+        self.timed_out = True
+        if self._relaying:
+            log.warn("upstream read timed out in the body; aborting the client connection")
+            self._upstream.stopProducing()
+        else:
+            self.call.cancel()
+
+    def stop_timer(self) -> None:
+        """No more waiting: the exchange failed or is over."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+
+    def body_start(self, upstream: Any, head: ResponseHead) -> ResponseHead:
+        self._upstream = upstream
+        return head
+
+    def relay(self) -> None:
+        """Start passing the body on (the head has been copied)."""
+        self._request.registerProducer(self, True)
+        self._relaying = True
+        now = self._last_data = self._reactor.seconds()
+        timer = self._timer
+        if timer is None or not timer.active():  # fired, but the answer came first
+            self._timer = self._reactor.callLater(self._idle_timeout, self._check)
+        elif timer.getTime() > now + self._idle_timeout:
+            # Re-armed for a head deadline (send > read): the idle one is sooner.
+            timer.reset(self._idle_timeout)
+
+    def body_data(self, data: bytes) -> None:
+        if self.client_gone:
+            return
+        self._last_data = self._reactor.seconds()
+        self._request.write(data)
+
+    def stop(self) -> None:
+        """The client went away: stop the upstream transfer."""
+        self.client_gone = True
+        self.stop_timer()
+        if self._upstream is not None:
+            self._upstream.stopProducing()
+
+    # IPushProducer, for the client's side
+
+    def pauseProducing(self) -> None:
+        self._upstream.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._upstream.resumeProducing()
+
+    def stopProducing(self) -> None:
+        # The server stops its producer when the client's connection is lost.
+        self.stop()
+
+    def body_done(self, reason: Optional[Failure]) -> None:
+        self.stop_timer()
+        request = self._request
+        if self.client_gone or not self._relaying:
+            return
+        request.unregisterProducer()
+        if reason is None:
+            request.finish()
+        else:
+            # The status line has gone out: the only honest signal left is
+            # to abort, so the client never takes a truncated body as whole.
+            if not self.timed_out:  # already said, and "closed" would be wrong
+                log.warn("upstream failed mid-body: {err}", err=describe_failure(reason))
+            transport = request.channel.transport if request.channel else None
+            if transport is not None:
+                abort = getattr(transport, "abortConnection", None)
+                (abort or transport.loseConnection)()
+
+
+class UpstreamProxy:
+    """
+    Sends allowed requests to one upstream's nodes.
+
+    @param pool: the upstream L{fauth.wire.pool.StrictConnectionPool}, shared by
+        every upstream (keyed per scheme, host and port inside).
+    """
+
+    def __init__(self, conf: UpstreamConf, reactor: Any, pool: Any, trust_root: Any = None) -> None:
+        self.conf = conf
+        self._reactor = reactor
+        self._balancer = SmoothWeightedRoundRobin(conf.nodes)
+        self._connector = Connector(reactor, pool, tls_policy(True, trust_root), conf.timeout.connect)
+        self._scheme = conf.scheme.encode("ascii")
+        self._response_timeout = conf.timeout.send + conf.timeout.read
+        self._rewrite_host = (conf.upstream_host or "").encode("idna") if conf.pass_host == "rewrite" else None
+        # Per node: the host to connect to and the netloc for Host, encoded once.
+        self._wire: Dict[Node, Tuple[bytes, bytes]] = {
+            node: (node.host.encode("idna"), node.netloc.encode("idna")) for node in conf.nodes
+        }
+
+    def _head(self, request: Any, inbound: InboundRequest, netloc: bytes, length: Optional[int]) -> bytes:
+        incoming = request.requestHeaders
+        if self.conf.pass_host == "node":
+            host = netloc
+        elif self._rewrite_host is not None:
+            host = self._rewrite_host
+        else:
+            host = incoming.getRawHeaders(b"host", [netloc])[0]
+        fields: List[Tuple[bytes, bytes]] = [(b"Host", host)]
+        if length is not None:
+            fields.append((b"Content-Length", b"%d" % length))
+        drop = _REQUEST_DROP | connection_listed(incoming)
+        forwarded: List[bytes] = []
+        for name, values in incoming.getAllRawHeaders():
+            lower = name.lower()
+            if lower not in drop:
+                fields.extend([(name, value) for value in values])
+            elif lower == b"x-forwarded-for":
+                forwarded = list(values)
+        peer = inbound.remote_addr.encode("latin-1")
+        fields += [
+            (b"X-Forwarded-For", b", ".join(forwarded + [peer]) if forwarded else peer),
+            (b"X-Real-IP", peer),
+            (b"X-Forwarded-Proto", inbound.scheme.encode("ascii")),
+            (b"X-Forwarded-Host", inbound.host.encode("latin-1")),
+            (b"X-Forwarded-Port", b"%d" % inbound.server_port),
+        ]
+        return request_head(request.method, wire_target(inbound.upstream_target), fields)
+
+    def _body(self, request: Any, inbound: InboundRequest) -> Tuple[Optional[bytes], Optional[FileUpload]]:
+        content = request.content
+        size = inbound.body_length()
+        if size == 0:
+            if request.method in _BODY_METHODS or request.requestHeaders.hasHeader(b"content-length"):
+                return b"", None
+            return None, None
+        if isinstance(content, BytesIO):
+            return content.getvalue(), None
+        content.seek(0)
+        return None, FileUpload(content, size)
+
+    def forward(self, request: Any, inbound: InboundRequest, exchange: Any = None) -> None:
+        """
+        Proxy C{request} to the next node and stream the answer back.
+
+        @param exchange: a L{fauth.observe.metrics.Exchange} to time the upstream
+            leg, or C{None}.
+        """
+        node = self._balancer.pick()
+        host, netloc = self._wire[node]
+        body, upload = self._body(request, inbound)
+        length = len(body) if body is not None else (upload.length if upload is not None else None)
+        relay = _Relay(request, self._reactor, self._response_timeout, self.conf.timeout.read)
+        outgoing = ClientRequest(request.method, self._head(request, inbound, netloc, length), relay, body, upload)
+        if exchange is not None:
+            exchange.upstream_started()
+        d = self._connector.request(self._scheme, host, node.port, outgoing)
+        relay.start(d)
+
+        def client_gone(reason: Optional[Failure]) -> None:
+            if reason is None:
+                return
+            if relay.answered:
+                relay.stop()
+            else:
+                # Connecting, or waiting for the head (maybe on a retry):
+                # cancelling reaches whichever Deferred is pending.
+                relay.client_gone = True
+                d.cancel()
+
+        when_finished(request, client_gone)
+
+        def got_response(head: ResponseHead) -> None:
+            if exchange is not None:
+                exchange.upstream_answered()
+            if relay.client_gone:
+                # Nobody waits for this answer: stop it now, which closes that
+                # connection, rather than read its body into nothing.
+                relay.stop()
+                return
+            request.setResponseCode(head.status, head.reason)
+            out = request.responseHeaders
+            listed = head.connection
+            for name, values in head.headers.items():
+                if name not in HOP_BY_HOP and name not in listed:
+                    out.setRawHeaders(name, values)
+            # HEAD keeps the upstream's own Content-Length (in head.headers); 204 must
+            # have none and a 304's describes the 200 it stands for: never an invented 0.
+            if (
+                head.length is not UNKNOWN_LENGTH
+                and request.method != b"HEAD"
+                and head.status not in _NO_BODY_CODES
+            ):
+                out.setRawHeaders(b"content-length", [b"%d" % head.length])
+            relay.relay()
+
+        def failed(failure: Failure) -> None:
+            relay.stop_timer()
+            if relay.client_gone:
+                return
+            if exchange is not None:
+                exchange.upstream_failed()
+            if relay.timed_out or failure.check(net_error.TimeoutError):
+                status = 504
+                reason = "timeout"
+            else:
+                status = 502
+                reason = describe_failure(failure)
+            log.warn("upstream {node} failed: {err}", node=node.netloc, err=reason)
+            send_simple(request, status)
+
+        d.addCallbacks(got_response, failed)
+        d.addErrback(self._unexpected, request, relay)
+
+    @staticmethod
+    def _unexpected(failure: Failure, request: Any, relay: _Relay) -> None:
+        if failure.check(CancelledError):
+            return
+        log.failure("unexpected error in the upstream leg", failure)
+        relay.stop()
+        if not request.finished and not request.startedWriting:
+            # got_response may have copied the upstream's headers already
+            # (Set-Cookie, Content-Encoding...): none of them may go out
+            # with a 502 the gateway made up.
+            request.responseHeaders = Headers()
+            send_simple(request, 502)

@@ -1,0 +1,141 @@
+# -*- test-case-name: tests.test_pool -*-
+"""
+L{StrictConnectionPool}: Twisted's L{HTTPConnectionPool} with fauth's strict
+HTTP/1.1 connection (L{fauth.wire.connection.ClientConnection}) in place of
+C{HTTP11ClientProtocol}.
+
+The pooling is Twisted's own: C{getConnection} hands out an idle connection
+(wrapped to retry an idempotent request once on a stale one) or opens a new
+one, and a connection that finishes an exchange comes back through the
+pool's quiescent callback, to be closed after C{cachedConnectionTimeout}
+or when more than C{maxPersistentPerHost} are idle.  This subclass only
+builds different connections, remembers them per target for the
+C{fauth_pool_connections} gauges, and keeps nothing once closed.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable, Dict, Hashable, Tuple
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.web.client import HTTPConnectionPool
+
+from fauth.wire.connection import ClientConnection
+
+__all__ = ["StrictConnectionPool", "target_label"]
+
+_IDLE = "QUIESCENT"
+_BUSY = "WAITING"
+
+
+def target_label(key: Hashable) -> str:
+    """
+    C{host:port} of a pool key C{(scheme, host, port)} (IPv6 literals in
+    brackets); any other key as C{str()}.
+    """
+    if isinstance(key, tuple) and len(key) == 3:
+        _, host, port = key
+        if isinstance(host, bytes):
+            host = host.decode("ascii", "replace")
+        host = host.strip("[]")
+        return "%s:%s" % ("[%s]" % host if ":" in host else host, port)
+    return str(key)
+
+
+class _StrictFactory(Factory):
+    """
+    Builds L{ClientConnection}s; the signature is that of Twisted's
+    C{_HTTP11ClientFactory}, the pool's C{_factory}.
+    """
+
+    # One "Starting factory" log line per connection is noise.
+    noisy = False
+
+    def __init__(self, quiescentCallback: Callable[[ClientConnection], None], metadata: Any) -> None:
+        self._quiescentCallback = quiescentCallback
+        self._metadata = metadata
+
+    def buildProtocol(self, addr: Any) -> ClientConnection:
+        return ClientConnection(self._quiescentCallback)
+
+
+class StrictConnectionPool(HTTPConnectionPool):
+    """
+    An L{HTTPConnectionPool} of fauth's strict connections.
+
+    @param persistent: keep connections for reuse at all (C{keepalive}).
+    @param maxPersistentPerHost: idle connections kept per target
+        (C{keepalive_pool}).
+    @param cachedConnectionTimeout: seconds an idle connection is kept
+        (C{keepalive_timeout}).
+    """
+
+    _factory = _StrictFactory
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        persistent: bool = True,
+        maxPersistentPerHost: int = 2,
+        cachedConnectionTimeout: float = 60.0,
+    ) -> None:
+        super().__init__(reactor, persistent)
+        self.maxPersistentPerHost = maxPersistentPerHost
+        self.cachedConnectionTimeout = cachedConnectionTimeout
+        self._opened: Dict[Hashable, "weakref.WeakSet[ClientConnection]"] = {}
+        self._closed = False
+
+    def _newConnection(self, key: Hashable, endpoint: IStreamClientEndpoint) -> Deferred:
+        # Twisted's, but the quiescent callback closes what a closed pool
+        # would otherwise take back, and no repr(endpoint) per connection.
+        def quiescentCallback(connection: ClientConnection) -> None:
+            if self._closed or not self.persistent:
+                connection.transport.loseConnection()
+            else:
+                self._putConnection(key, connection)
+
+        opened = self._opened.get(key)
+        if opened is None:
+            opened = self._opened[key] = weakref.WeakSet()
+        return endpoint.connect(self._factory(quiescentCallback, key)).addCallback(_remember, opened)
+
+    def keep_idle(self, count: int) -> None:
+        """
+        Keep at most C{count} idle connections per target from now on;
+        those already idle beyond it are closed now (Twisted's pool only
+        trims when a returning connection finds exactly the old limit).
+        """
+        self.maxPersistentPerHost = count
+        for key, idle in list(self._connections.items()):
+            while len(idle) > count:
+                self._timeouts[idle[0]].cancel()
+                self._removeConnection(key, idle[0])
+
+    def connection_counts(self) -> Dict[Hashable, Tuple[int, int]]:
+        """
+        Per target: C{(idle, active)}.  Idle: kept for reuse; active:
+        carrying a request or its response now (connections still being
+        opened, and closing ones, are in neither).  Every target ever
+        connected to is listed, with zeros once its connections are gone.
+        """
+        counts: Dict[Hashable, Tuple[int, int]] = {}
+        for key, connections in list(self._opened.items()):
+            active = sum(1 for connection in list(connections) if connection.state == _BUSY)
+            idle = sum(1 for connection in self._connections.get(key, ()) if connection.state == _IDLE)
+            counts[key] = (idle, active)
+        return counts
+
+    def close(self) -> Deferred:
+        """
+        Close every idle connection, and each busy one as its exchange ends;
+        fires once the idle ones are closed.
+        """
+        self._closed = True
+        return self.closeCachedConnections()
+
+
+def _remember(connection: ClientConnection, opened: "weakref.WeakSet[ClientConnection]") -> ClientConnection:
+    opened.add(connection)
+    return connection
