@@ -46,7 +46,8 @@ def micro(n: int) -> None:
 
     from fauth.observe.accesslog import AccessLog
     from fauth.auth.decision import Allow
-    from fauth.observe.metrics import Exchange, GatewayMetrics
+    from fauth.observe.exchange import Exchange
+    from fauth.observe.metrics import GatewayMetrics
 
     class Request:
         __slots__ = ("code", "startedWriting", "method", "uri", "sentLength", "_d")

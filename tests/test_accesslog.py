@@ -22,7 +22,8 @@ from fauth.auth.decision import Allow
 from fauth.config import ConfigError, parse_config
 from fauth.process.demo import DemoAuthResource, EchoResource
 from fauth.wire.h1 import ReplyHeaders
-from fauth.observe.metrics import GatewayMetrics, RouteMetrics
+from fauth.observe.exchange import RouteMetrics
+from fauth.observe.metrics import GatewayMetrics
 from fauth.process.service import GatewayService
 from tests.adminenv import AdminEnv, env_doc, free_ports, start_admin_env, write_config
 from tests.harness import LogCapture

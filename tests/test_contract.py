@@ -372,6 +372,7 @@ def build_routes(auth: str, closed_port: int) -> List[Dict[str, Any]]:
         ("x8", "/x8", fa("/inspect", extra_headers={"X-Missing": "$http_x_nope", "X-Dflt": "${http_x_nope ?? dflt}"})),
         ("x9", "/x9", fa("/inspect", extra_headers={"X-Forwarded-Host": "override"})),
         ("x10", "/x10", fa("/inspect", request_method="POST")),
+        ("x12", "/x12", fa("/inspect", extra_headers={"X-Route": "$route_id", "X-Route-Name": "$route_name"})),
         (
             "x11",
             "/x11",
@@ -388,6 +389,8 @@ def build_routes(auth: str, closed_port: int) -> List[Dict[str, Any]]:
         route: Dict[str, Any] = {"id": rid, "uri": uri, "plugins": {"forward-auth": conf}, "upstream_id": "echo"}
         if rid == "d3":
             route["methods"] = ["POST"]
+        if rid == "x12":
+            route["name"] = "inspected route"
         routes.append(route)
     return routes
 
@@ -940,6 +943,15 @@ async def test_extra_X9_extra_headers_override_generated(env: Env) -> None:
     reply = await env.request("GET", "/x9")
     assert reply.status == 403
     assert reply.json()["headers"]["x-forwarded-host"] == "override"
+
+
+@pytest_twisted.ensureDeferred
+async def test_extra_X12_route_id_and_name_in_extra_headers(env: Env) -> None:
+    # The matched route reaches the variables: $route_name was always empty.
+    reply = await env.request("GET", "/x12")
+    assert reply.status == 403
+    headers = reply.json()["headers"]
+    assert (headers["x-route"], headers["x-route-name"]) == ("x12", "inspected route")
 
 
 @pytest_twisted.ensureDeferred

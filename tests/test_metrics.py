@@ -18,7 +18,7 @@ from pytest_twisted import async_yield_fixture, ensureDeferred
 from twisted.internet.task import deferLater
 
 from fauth.process.demo import DemoAuthResource, EchoResource
-from fauth.observe.metrics import DURATION_BUCKETS, Histogram
+from fauth.observe.exchange import DURATION_BUCKETS, Histogram
 from fauth.wire.pool import target_label
 from tests.adminenv import KEY, AdminEnv, Slow, free_ports, start_admin_env
 from tests.servers import listen_on_loopback, port_url

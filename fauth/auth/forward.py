@@ -16,7 +16,7 @@ from fauth import __version__
 from fauth.auth.client import AuthCallError, AuthClient, Reply
 from fauth.auth.decision import Allow, Decision, Degrade, Respond
 from fauth.wire.transport import describe_failure, is_cancellation
-from fauth.config import ForwardAuthConf
+from fauth.config import ForwardAuthConf, RouteConf
 from fauth.wire.headers import CTL, HOP_BY_HOP, TOKEN, HeaderError, first_value
 from fauth.request.inbound import InboundRequest
 from fauth.auth.variables import RequestVariables
@@ -66,7 +66,7 @@ class ForwardAuth:
         for warning in conf.warnings:
             log.warn("{warning}", warning=warning)
 
-    def build_headers(self, inbound: InboundRequest, route_id: str = "") -> Tuple[Tuple[bytes, bytes], ...]:
+    def build_headers(self, inbound: InboundRequest, route: Optional[RouteConf] = None) -> Tuple[Tuple[bytes, bytes], ...]:
         """
         The auth request's headers, in the reference's precedence: generated
         C{X-Forwarded-*}, then C{extra_headers} (overwrite), then
@@ -87,7 +87,7 @@ class ForwardAuth:
             if encoding is not None:
                 table["content-encoding"] = (b"Content-Encoding", encoding)
         if self._extra:
-            variables = self._variables(inbound, route_id) if self._extra_needs_vars else None
+            variables = RequestVariables.for_request(inbound, route) if self._extra_needs_vars else None
             for key, name, template in self._extra:
                 value = template.source.encode("utf-8") if variables is None else template.render_bytes(variables)
                 table[key] = (name, value)
@@ -111,25 +111,8 @@ class ForwardAuth:
                 raise HeaderError("invalid characters found in header value")
         return fields
 
-    @staticmethod
-    def _variables(inbound: InboundRequest, route_id: str) -> RequestVariables:
-        return RequestVariables(
-            method=inbound.method,
-            request_uri=inbound.request_uri,
-            path=inbound.path,
-            query=inbound.query,
-            headers=inbound.headers,
-            remote_addr=inbound.remote_addr,
-            remote_port=inbound.remote_port,
-            server_addr=inbound.server_addr,
-            server_port=inbound.server_port,
-            scheme=inbound.scheme,
-            host=inbound.host,
-            body=inbound.body,
-            route_id=route_id,
-        )
 
-    def check(self, inbound: InboundRequest, route_id: str = "") -> "Deferred[Decision]":
+    def check(self, inbound: InboundRequest, route: Optional[RouteConf] = None) -> "Deferred[Decision]":
         """
         Ask the auth service about one request.  Never fails: every outcome,
         transport errors included, is a L{Decision}.  Cancelling the result
@@ -143,7 +126,7 @@ class ForwardAuth:
                 return succeed(Respond(413, outcome="rejected"))
             body = inbound.body()
         try:
-            headers = self.build_headers(inbound, route_id)
+            headers = self.build_headers(inbound, route)
         except HeaderError as e:
             # The client's own data made the auth request unsendable (CR/LF
             # through $arg_*, say).  Degradation is for an auth service that

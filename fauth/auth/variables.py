@@ -20,6 +20,9 @@ from fauth.config.templates import MISSING, NULL, to_byte_string
 if TYPE_CHECKING:
     from twisted.web.http_headers import Headers
 
+    from fauth.config.models import RouteConf
+    from fauth.request.inbound import InboundRequest
+
 __all__ = ["DEFAULT_MAX_POST_ARGS_SIZE", "RequestVariables"]
 
 _log = Logger()
@@ -351,6 +354,26 @@ class RequestVariables:
         return None
 
     # -- simple variables --------------------------------------------------
+
+    @classmethod
+    def for_request(cls, inbound: "InboundRequest", route: "Optional[RouteConf]" = None) -> "RequestVariables":
+        """The variables of C{inbound}, matched to C{route} (C{$route_id}, C{$route_name})."""
+        return cls(
+            method=inbound.method,
+            request_uri=inbound.request_uri,
+            path=inbound.path,
+            query=inbound.query,
+            headers=inbound.headers,
+            remote_addr=inbound.remote_addr,
+            remote_port=inbound.remote_port,
+            server_addr=inbound.server_addr,
+            server_port=inbound.server_port,
+            scheme=inbound.scheme,
+            host=inbound.host,
+            body=inbound.body,
+            route_id=route.id if route is not None else "",
+            route_name=route.name if route is not None else "",
+        )
 
     def _route_id_var(self) -> Optional[str]:
         # api_ctx.route_id is nil in APISIX when unset, so "" is missing.

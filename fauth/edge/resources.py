@@ -19,13 +19,14 @@ from twisted.web.resource import IResource, Resource, getChildForRequest
 from fauth.auth.decision import Allow, Decision, Respond
 from fauth.auth.forward import ForwardAuth
 from fauth.wire.transport import is_cancellation
-from fauth.config import ForwardAuthConf, HttpLimits, parse_forward_auth
+from fauth.config import ForwardAuthConf, HttpLimits, RouteConf, parse_forward_auth
 from fauth.edge.drain import InFlight
 from fauth.edge.gateway import AuthClients, Gateway
 from fauth.edge.server import HardenedSite
 from fauth.request.inbound import BadRequest, InboundRequest
 from fauth.request.lifecycle import when_finished
-from fauth.observe.metrics import Exchange, GatewayMetrics
+from fauth.observe.exchange import Exchange
+from fauth.observe.metrics import GatewayMetrics
 from fauth.request.replies import send_simple
 
 __all__ = ["ForwardAuthResource", "GatewayResource", "GatewayRequest", "GatewaySite"]
@@ -125,7 +126,7 @@ def guard(
     request: Any,
     inbound: InboundRequest,
     proceed: Callable[[], None],
-    route_id: str = "",
+    route: Optional[RouteConf] = None,
     exchange: Optional[Exchange] = None,
 ) -> None:
     """
@@ -133,11 +134,13 @@ def guard(
     apply the allowed header changes and call C{proceed}.  A client that
     goes away cancels its pending auth call.
 
+    @param route: the matched route (C{$route_id} and C{$route_name} in
+        C{extra_headers}).
     @param exchange: told when the check starts and what it decided (metrics).
     """
     if exchange is not None:
         exchange.auth_started()
-    d = auth.check(inbound, route_id)
+    d = auth.check(inbound, route)
     when_finished(request, lambda reason: d.cancel() if reason is not None else None)
 
     def decided(decision: Decision) -> None:
@@ -204,7 +207,7 @@ class GatewayResource(Resource):
             request,
             inbound,
             lambda: route.upstream.forward(request, inbound, exchange),
-            route.conf.id,
+            route.conf,
             exchange,
         )
         return server.NOT_DONE_YET

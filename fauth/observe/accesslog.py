@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, List, Optional
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, List, Optional, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
@@ -33,7 +33,13 @@ from fauth.config import ConfigError
 
 if TYPE_CHECKING:
     from fauth.config import GatewayConf
-    from fauth.observe.metrics import Exchange, GatewayMetrics
+    from fauth.observe.exchange import Exchange
+
+
+class _LogHolder(Protocol):
+    """What keeps the open log (a L{fauth.observe.metrics.GatewayMetrics})."""
+
+    access_log: Optional["AccessLog"]
 
 __all__ = ["AccessLog", "AccessLogService", "FLUSH_BYTES", "FLUSH_INTERVAL", "iso_utc"]
 
@@ -218,7 +224,7 @@ class AccessLogService(Service):
     @raise ConfigError: C{access_log} cannot be opened.
     """
 
-    def __init__(self, reactor: Any, metrics: "GatewayMetrics", conf: "GatewayConf") -> None:
+    def __init__(self, reactor: Any, metrics: _LogHolder, conf: "GatewayConf") -> None:
         self._reactor = reactor
         self._metrics = metrics
         self._timer: Optional[LoopingCall] = None

@@ -249,7 +249,7 @@ class UpstreamProxy:
         """
         Proxy C{request} to the next node and stream the answer back.
 
-        @param exchange: a L{fauth.observe.metrics.Exchange} to time the upstream
+        @param exchange: a L{fauth.observe.exchange.Exchange} to time the upstream
             leg, or C{None}.
         """
         node = self._balancer.pick()
