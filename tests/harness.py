@@ -10,14 +10,13 @@ import attr
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
-from zope.interface import implementer
 
 from fauth.config import GatewayConf, parse_config
 from fauth.edge.gateway import Gateway
 from fauth.edge.resources import GatewayResource, GatewaySite
+from fauth.testing import LogCapture
 
-__all__ = ["GatewayUnderTest", "LogCapture", "raw_request", "start_gateway"]
+__all__ = ["GatewayUnderTest", "LogCapture", "outcome", "raw_request", "start_gateway"]
 
 
 @attr.s(auto_attribs=True)
@@ -84,7 +83,6 @@ async def raw_request(reactor: Any, port: int, payload: bytes, timeout: float = 
             timer.cancel()
 
 
-@implementer(ILogObserver)
 def outcome(d: Deferred) -> List[Any]:
     """What C{d} fires with, once it does: an empty list until then (failures are consumed)."""
     results: List[Any] = []
@@ -92,29 +90,3 @@ def outcome(d: Deferred) -> List[Any]:
     return results
 
 
-class LogCapture:
-    """
-    Collects formatted log lines while active::
-
-        with LogCapture() as logs:
-            ...
-        assert logs.contains("failed to process forward auth, err: closed")
-    """
-
-    def __init__(self) -> None:
-        self.lines: List[str] = []
-
-    def __call__(self, event: Dict[str, Any]) -> None:
-        text = formatEvent(event)
-        if text:
-            self.lines.append(text)
-
-    def __enter__(self) -> "LogCapture":
-        globalLogPublisher.addObserver(self)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        globalLogPublisher.removeObserver(self)
-
-    def contains(self, text: str) -> bool:
-        return any(text in line for line in self.lines)

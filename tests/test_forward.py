@@ -4,16 +4,14 @@ from __future__ import annotations
 from typing import Any, List
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
-from twisted.web.http_headers import Headers
 
 from fauth.config import Node, UpstreamConf, UpstreamTimeouts
 from fauth.wire.h1 import ReplyHeaders, ResponseHead
 from fauth.request.inbound import InboundRequest
 from fauth.wire.pool import StrictConnectionPool
+from fauth.testing import FakeRequest
 from fauth.upstream.proxy import UpstreamProxy
 
 
@@ -33,39 +31,6 @@ class Endpoint:
         return succeed(protocol)
 
 
-class FakeRequest:
-    """Just enough of a server request for L{UpstreamProxy.forward}."""
-
-    method = b"GET"
-    finished = False
-    startedWriting = False
-
-    def __init__(self) -> None:
-        self.requestHeaders = Headers({b"host": [b"gw.test"]})
-        self.responseHeaders = Headers()
-        self.content = None
-        self._finish: Deferred = Deferred()
-        self.written: List[bytes] = []
-        self.code = 0
-        self.channel = None
-
-    def notifyFinish(self) -> Deferred:
-        return self._finish
-
-    def setResponseCode(self, code: int, message: Any = None) -> None:
-        self.code = code
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        pass
-
-    def unregisterProducer(self) -> None:
-        pass
-
-    def finish(self) -> None:
-        self.finished = True
 
 
 def inbound_of(request: FakeRequest) -> InboundRequest:
@@ -94,7 +59,7 @@ def test_client_gone_before_the_head_cancels_the_upstream_exchange() -> None:
     assert transport.value().startswith(b"GET /x HTTP/1.1\r\n")
     # The client goes away while the upstream has not answered yet (a fresh
     # connection: the pool's Deferred has fired, the request's has not).
-    request._finish.errback(Failure(ConnectionLost()))
+    request.finish_by_client_gone()
     assert transport.disconnecting
     assert endpoint.protocols[0].state == "CLOSING"
     assert clock.getDelayedCalls() == []
@@ -162,7 +127,7 @@ def test_answer_after_the_client_left_stops_the_upstream_at_once() -> None:
     request = FakeRequest()
     proxy.forward(request, inbound_of(request))
     # The client leaves; the cancel comes too late and the answer is delivered.
-    request._finish.errback(Failure(ConnectionLost()))
+    request.finish_by_client_gone()
     assert connector.upstream.stopped
     # Stopped before reading the body, not after reading all of it into nothing.
     assert connector.delivered == [0]

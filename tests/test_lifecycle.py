@@ -3,24 +3,14 @@ from __future__ import annotations
 
 from typing import Any, List, Optional
 
-from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
 
 from fauth.request.lifecycle import when_finished
-from tests.harness import LogCapture, outcome
+from fauth.testing import FakeRequest, LogCapture
+from tests.harness import outcome
 
 
-class FakeRequest:
-    """Counts the notifyFinish Deferreds asked for."""
-
-    def __init__(self) -> None:
-        self.notifications: List[Deferred] = []
-
-    def notifyFinish(self) -> Deferred:
-        d: Deferred = Deferred()
-        self.notifications.append(d)
-        return d
 
 
 def test_one_notify_finish_for_every_party_in_order() -> None:

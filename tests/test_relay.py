@@ -8,6 +8,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from fauth.wire.h1 import ReplyHeaders, ResponseHead
+from fauth.testing import FakeRequest
 from fauth.upstream.proxy import _Relay
 
 HEAD = ResponseHead(200, b"OK", ReplyHeaders(), 2, False, True, frozenset())
@@ -21,31 +22,10 @@ class Upstream:
         self.stopped += 1
 
 
-class ClientRequest:
-    """What the relay touches of a server request."""
-
-    channel = None
-
-    def __init__(self) -> None:
-        self.written: List[bytes] = []
-        self.finished = False
-        self.producers: List[Any] = []
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self.producers.append(producer)
-
-    def unregisterProducer(self) -> None:
-        self.producers.append(None)
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def finish(self) -> None:
-        self.finished = True
 
 
 def relay_on(clock: Clock, response_timeout: float = 10.0, idle: float = 3.0) -> Any:
-    request = ClientRequest()
+    request = FakeRequest()
     relay = _Relay(request, clock, response_timeout, idle)
     cancelled: List[Optional[Failure]] = []
     call: Deferred = Deferred(lambda d: cancelled.append(None))

@@ -124,14 +124,22 @@ class Gateway:
 
     @param pool: an application's own L{HTTPConnectionPool} for the auth
         calls (see L{AuthClients}).
+    @param auth_clients: where the auth clients come from (a test double's,
+        L{fauth.testing.StubAuthService.clients}); by default built here.
 
     @ivar table: the current L{RouteTable}; replaced, never mutated.
     """
 
-    def __init__(self, reactor: Any, conf: GatewayConf, pool: Optional[HTTPConnectionPool] = None) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        conf: GatewayConf,
+        pool: Optional[HTTPConnectionPool] = None,
+        auth_clients: Optional[AuthClients] = None,
+    ) -> None:
         self._reactor = reactor
         self._trust_root = load_trust_root(conf.ssl_trusted_certificate)
-        self.auth_clients = AuthClients(reactor, self._trust_root, pool)
+        self.auth_clients = auth_clients or AuthClients(reactor, self._trust_root, pool)
         self.upstream_pool = StrictConnectionPool(reactor, cachedConnectionTimeout=60.0)
         self.conf = conf
         self.table: RouteTable[Route] = self._build(conf)
