@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_admin -*-
+# -*- test-case-name: tests.admin.test_api -*-
 """
 The admin API, on its own listener: an APISIX-compatible subset
 (C{/apisix/admin/routes}, C{/apisix/admin/upstreams}), C{POST

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_admin,tests.test_store,tests.test_reload -*-
+# -*- test-case-name: tests.admin.test_api,tests.admin.test_store,tests.admin.test_reload -*-
 """
 The effective configuration and every way it changes at run time: admin API
 writes, and reloads of the configuration file (SIGHUP, C{POST
@@ -447,7 +447,7 @@ class Control:
 
         @raise _BuildError: one line; the traceback is logged.
         """
-        built = []
+        built: List[Any] = []
         for _, build in self._appliers:
             if build is None:
                 built.append(None)

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_store -*-
+# -*- test-case-name: tests.admin.test_store -*-
 """
 Where the admin API's changes are kept: one small JSON file,
 C{{"routes": {id: doc}, "upstreams": {id: doc}}}, replaced atomically on

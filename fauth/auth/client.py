@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_authclient -*-
+# -*- test-case-name: tests.auth.test_client -*-
 """
 The HTTP client of the auth leg: C{treq.HTTPClient} over a L{PoolAgent}
 (L{fauth.wire.agent}) and an L{HTTPConnectionPool}, calling one auth target.
@@ -12,14 +12,13 @@ read through treq under a 1 MiB cap.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Tuple, cast
 from urllib.parse import urlsplit
 
 import attr
 import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.iweb import IResponse
@@ -27,7 +26,10 @@ from twisted.web.iweb import IResponse
 from fauth.wire.agent import BytesBody, NoCookies, PoolAgent, PreEncodedURL, PreparedHeaders, as_sent
 from fauth.wire.h1 import ReplyHeaders
 from fauth.wire.pool import StrictConnectionPool
-from fauth.wire.transport import BodyTooLarge, tls_policy
+from fauth.wire.transport import BodyTooLarge, IClientReactor, tls_policy
+
+if TYPE_CHECKING:
+    from treq._types import _ITreqReactor
 
 __all__ = [
     "AuthCallError",
@@ -123,7 +125,7 @@ class AuthClient:
 
     def __init__(
         self,
-        reactor: IReactorTime,
+        reactor: IClientReactor,
         target: Optional[AuthTarget],
         *,
         keepalive: bool = True,
@@ -135,12 +137,15 @@ class AuthClient:
         pool: Optional[HTTPConnectionPool] = None,
     ) -> None:
         self._reactor = reactor
+        # treq's reactor type (private) names the same interfaces as
+        # IClientReactor, which is not nominally one of it.
+        self._treq_reactor = cast("_ITreqReactor", reactor)
         self.target = target
         self._bad_uri = bad_uri
-        self._own_pool = (
-            StrictConnectionPool(reactor, keepalive, keepalive_pool, keepalive_timeout) if pool is None else None
-        )
-        self.pool: HTTPConnectionPool = pool or self._own_pool
+        self._own_pool: Optional[StrictConnectionPool] = None
+        if pool is None:
+            pool = self._own_pool = StrictConnectionPool(reactor, keepalive, keepalive_pool, keepalive_timeout)
+        self.pool: HTTPConnectionPool = pool
         policy = tls_policy(target.ssl_verify if target else True, trust_root)
         self._jar = NoCookies()
         self._http = HTTPClient(
@@ -179,7 +184,7 @@ class AuthClient:
             cookies=self._jar,
             allow_redirects=False,
             unbuffered=True,
-            reactor=self._reactor,
+            reactor=self._treq_reactor,
         )
         exchange.addCallback(_read)
         expired = []

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_auth,tests.test_contract -*-
+# -*- test-case-name: tests.auth.test_forward,tests.auth.test_contract -*-
 """
 The forward-auth decision: build the auth request exactly as APISIX does,
 call the auth service over its pooled client, and turn its answer into a

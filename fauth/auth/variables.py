@@ -6,6 +6,7 @@ L{fauth.config.templates} (APISIX's C{ctx.var}).
 """
 from __future__ import annotations
 
+import email.message
 import email.parser
 import email.utils
 import json
@@ -109,7 +110,7 @@ def _parse_multipart(content_type: str, body: bytes) -> Dict[str, str]:
     if not isinstance(payload, list):
         return fields
     for part in payload:
-        if part.is_multipart():
+        if not isinstance(part, email.message.Message) or part.is_multipart():
             continue
         name = part.get_param("name", header="content-disposition")
         if name is None:

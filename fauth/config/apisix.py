@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.config.test_apisix -*-
+# -*- test-case-name: tests.config.test_document -*-
 """
 APISIX objects: C{forward-auth} plugin attributes, upstreams and routes,
 validated in the wording APISIX's validator uses, so an APISIX user's route
@@ -10,7 +10,7 @@ import ipaddress
 import json
 import math
 import re
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Type, TypeVar
 
 from fauth.config.models import ForwardAuthConf, Node, RouteConf, UpstreamConf, UpstreamTimeouts
 from fauth.config.schema import SchemaError, check_forward_auth, check_integer_range, check_type, security_warnings
@@ -57,6 +57,16 @@ def _prop(name: str, message: str) -> SchemaError:
     return SchemaError('property "%s" validation failed: %s' % (name, message))
 
 
+_T = TypeVar("_T")
+
+
+def _checked(checked: Mapping[str, object], prop: str, kind: Type[_T]) -> _T:
+    """C{checked[prop]}, which L{check_forward_auth} validated (or defaulted) as a C{kind}."""
+    value = checked[prop]
+    assert isinstance(value, kind), prop
+    return value
+
+
 def parse_forward_auth(conf: object) -> ForwardAuthConf:
     """
     Validate a C{forward-auth} attribute dict (as APISIX would) and return
@@ -68,7 +78,7 @@ def parse_forward_auth(conf: object) -> ForwardAuthConf:
     # Beyond APISIX's schema: a list item that is not a header name can only
     # be a mistake, and would fail every request at run time.
     for prop in ("request_headers", "upstream_headers", "client_headers"):
-        for i, name in enumerate(checked[prop], 1):  # type: ignore[call-overload, arg-type]
+        for i, name in enumerate(_checked(checked, prop, list), 1):
             if not HEADER_NAME.fullmatch(name):
                 raise _prop(prop, 'failed to validate item %d: invalid header name "%s"' % (i, _shown(name)))
     warnings = list(security_warnings(checked))
@@ -80,11 +90,12 @@ def parse_forward_auth(conf: object) -> ForwardAuthConf:
     extra = checked.get("extra_headers")
     extra_headers = None
     if extra is not None:
+        assert isinstance(extra, dict)  # as check_forward_auth returns it
         extra_headers = tuple(
             # Keys containing ':' skip validation in APISIX and fail at call
             # time; a non-string value there is stringified the Lua way.
             (str(name), compile_template(value if isinstance(value, str) else str(value)))
-            for name, value in dict(extra).items()  # type: ignore[call-overload]
+            for name, value in extra.items()
         )
     meta = checked.get("_meta")
     error_response = None
@@ -92,20 +103,20 @@ def parse_forward_auth(conf: object) -> ForwardAuthConf:
         er = meta["error_response"]
         error_response = er if isinstance(er, str) else json.dumps(er, separators=(",", ":"))
     return ForwardAuthConf(
-        uri=checked["uri"],  # type: ignore[arg-type]
-        ssl_verify=checked["ssl_verify"],  # type: ignore[arg-type]
-        request_method=checked["request_method"],  # type: ignore[arg-type]
-        max_req_body_size=checked["max_req_body_size"],  # type: ignore[arg-type]
-        request_headers=tuple(checked["request_headers"]),  # type: ignore[call-overload]
+        uri=_checked(checked, "uri", str),
+        ssl_verify=_checked(checked, "ssl_verify", bool),
+        request_method=_checked(checked, "request_method", str),
+        max_req_body_size=_checked(checked, "max_req_body_size", int),
+        request_headers=tuple(_checked(checked, "request_headers", list)),
         extra_headers=extra_headers,
-        upstream_headers=tuple(checked["upstream_headers"]),  # type: ignore[call-overload]
-        client_headers=tuple(checked["client_headers"]),  # type: ignore[call-overload]
-        timeout=checked["timeout"],  # type: ignore[arg-type]
-        keepalive=checked["keepalive"],  # type: ignore[arg-type]
-        keepalive_timeout=checked["keepalive_timeout"],  # type: ignore[arg-type]
-        keepalive_pool=checked["keepalive_pool"],  # type: ignore[arg-type]
-        allow_degradation=checked["allow_degradation"],  # type: ignore[arg-type]
-        status_on_error=checked["status_on_error"],  # type: ignore[arg-type]
+        upstream_headers=tuple(_checked(checked, "upstream_headers", list)),
+        client_headers=tuple(_checked(checked, "client_headers", list)),
+        timeout=_checked(checked, "timeout", int),
+        keepalive=_checked(checked, "keepalive", bool),
+        keepalive_timeout=_checked(checked, "keepalive_timeout", int),
+        keepalive_pool=_checked(checked, "keepalive_pool", int),
+        allow_degradation=_checked(checked, "allow_degradation", bool),
+        status_on_error=_checked(checked, "status_on_error", int),
         error_response=error_response,
         warnings=tuple(warnings),
     )
@@ -155,21 +166,24 @@ def _parse_nodes(nodes: object, scheme: str) -> Tuple[Node, ...]:
             host, port = _parse_node_address(address)
             check_type("nodes", weight, "integer")
             check_integer_range("nodes", weight, minimum=0)
-            parsed.append(Node(host, port or default_port, int(weight)))  # type: ignore[call-overload]
+            assert isinstance(weight, (int, float))  # an integer, maybe written as 2.0
+            parsed.append(Node(host, port or default_port, int(weight)))
     elif isinstance(nodes, list):
         for i, item in enumerate(nodes, 1):
             if not isinstance(item, dict):
                 raise _prop("nodes", "failed to validate item %d: wrong type: expected object" % i)
-            host = item.get("host")
-            check_type("nodes", host, "string")
+            node_host = item.get("host")
+            check_type("nodes", node_host, "string")
+            assert isinstance(node_host, str)
             port = item.get("port", default_port)
             check_type("nodes", port, "integer")
             check_integer_range("nodes", port, minimum=1, maximum=65535)
             weight = item.get("weight", 1)
             check_type("nodes", weight, "integer")
             check_integer_range("nodes", weight, minimum=0)
-            h, _ = _parse_node_address(host.strip("[]") if ":" not in host else "[%s]" % host.strip("[]"))  # type: ignore[union-attr]
-            parsed.append(Node(h, int(port), int(weight)))  # type: ignore[call-overload]
+            bare = node_host.strip("[]")
+            h, _ = _parse_node_address(bare if ":" not in node_host else "[%s]" % bare)
+            parsed.append(Node(h, int(port), int(weight)))
     else:
         check_type("nodes", nodes, "object")
     if not parsed or not any(n.weight > 0 for n in parsed):
@@ -211,9 +225,9 @@ def parse_upstream(doc: object, upstream_id: Optional[str] = None) -> UpstreamCo
     if upstream_host:
         # It becomes the Host header: host[:port], as a node address.
         try:
-            _parse_node_address(upstream_host)  # type: ignore[arg-type]
+            _parse_node_address(upstream_host)
         except SchemaError:
-            raise _prop("upstream_host", 'invalid host "%s"' % _shown(upstream_host))  # type: ignore[arg-type]
+            raise _prop("upstream_host", 'invalid host "%s"' % _shown(upstream_host))
     timeouts = UpstreamTimeouts()
     if "timeout" in doc:
         t = doc["timeout"]
@@ -291,7 +305,7 @@ def parse_route(
             if m not in HTTP_METHODS:
                 raise _prop("methods", "failed to validate item: matches none of the enum values")
         methods = frozenset(listed)
-    hosts = None
+    hosts: Optional[Tuple[str, ...]] = None
     if "host" in doc and "hosts" in doc:
         raise SchemaError('only one of "host" and "hosts" is allowed')
     if "host" in doc:

@@ -211,7 +211,7 @@ def _parse_admin(doc: object, environ: Mapping[str, str]) -> AdminConf:
 
 def _check_endpoint(where: str, description: str) -> None:
     """Refuse endpoint strings Twisted could not parse (this also opens TLS key files), without listening."""
-    from twisted.internet.endpoints import _parseServer  # type: ignore[attr-defined]
+    from twisted.internet.endpoints import _parseServer
 
     try:
         kind, args, _ = _parseServer(description, None)

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.config.test_schema -*-
 """JSON-schema-style validation with APISIX (api7/jsonschema) error wording.
 
 APISIX validates plugin, route and upstream configuration with the Lua
@@ -256,8 +257,9 @@ def check_string_array(prop: str, value: object) -> List[str]:
     ``failed to validate item 2: wrong type: expected string, got number``.
     """
     items = check_type(prop, value, "array")
+    assert isinstance(items, (list, tuple))  # what check_type lets through as an array
     result: List[str] = []
-    for index, item in enumerate(items, start=1):  # type: ignore[arg-type]
+    for index, item in enumerate(items, start=1):
         if not isinstance(item, str):
             raise property_error(
                 prop, f"failed to validate item {index}: {type_mismatch(item, 'string')}"

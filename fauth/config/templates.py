@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.config.test_templates -*-
+# -*- test-case-name: tests.auth.test_variables -*-
 """
 Compile-once templates for APISIX C{extra_headers} values.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_reload -*-
+# -*- test-case-name: tests.admin.test_reload -*-
 """Counting the requests in flight, so a shutdown can wait for them."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_gateway -*-
+# -*- test-case-name: tests.admin.test_reload -*-
 """
 The runtime built from a configuration: one route table whose entries carry
 their compiled forward-auth checker and upstream proxy, and the connection

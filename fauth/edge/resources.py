@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_resource,tests.test_embedding -*-
+# -*- test-case-name: tests.edge.test_embedding -*-
 """
 The web side: L{GatewayResource}, the gateway's single leaf resource, and
 L{ForwardAuthResource}, which guards any existing L{IResource}.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_hostile_clients -*-
+# -*- test-case-name: tests.edge.test_hostile_clients -*-
 """
 The client-facing HTTP/1.1 server, hardened: L{HardenedHTTPChannel} is
 Twisted's L{HTTPChannel} with stricter parsing, limits that answer with the
@@ -42,10 +42,12 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Tuple, cast
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import IResource
 
@@ -84,13 +86,13 @@ _BUSY = "busy"  # request handed to the resource: no read timeout
 _CLOSED = "closed"  # refused or timed out: ignore everything
 
 
-class _StrictChunkedDecoder(http._ChunkedTransferDecoder):  # type: ignore[name-defined,misc]
+class _StrictChunkedDecoder(http._ChunkedTransferDecoder):
     """Twisted's chunked decoder, refusing chunk sizes beyond 63 bits."""
 
     def _dataReceived_CHUNK_LENGTH(self) -> bool:
         done: bool = super()._dataReceived_CHUNK_LENGTH()
         if done and self.length > _MAX_CHUNK_SIZE:
-            raise http._MalformedChunkedDataError("chunk size too large")  # type: ignore[attr-defined]
+            raise http._MalformedChunkedDataError("chunk size too large")
         return done
 
 
@@ -110,8 +112,10 @@ class HardenedHTTPChannel(http.HTTPChannel):
         super().__init__()
         self._limits = limits
         if clock is None:
-            from twisted.internet import reactor as clock
-        self._clock = clock.seconds  # type: ignore[union-attr]
+            from twisted.internet import reactor
+
+            clock = cast(IReactorTime, reactor)  # mypy sees the module, not the reactor it becomes
+        self._clock = clock.seconds
         self._deadline: Optional[Tuple[float, str]] = None
         self._fields_checked = False
         # Twisted's own limits answer 400; ours are checked first (and
@@ -125,28 +129,30 @@ class HardenedHTTPChannel(http.HTTPChannel):
         self._header_count = 0
         self._header_bytes = 0
         self._framing: Optional[bytes] = None
-        self._timer: Any = None
-        self._addresses: Any = None
+        self._timer: Optional[IDelayedCall] = None
+        self._addresses: Optional[Tuple[IAddress, IAddress, bool]] = None
 
     # -- per connection, not per request ------------------------------------
 
-    def getPeer(self) -> Any:
+    def getPeer(self) -> IAddress:
         # Twisted's Request asks for both addresses on every request, and
         # the local one is a getsockname() system call each time.
         return self._known_addresses()[0]
 
-    def getHost(self) -> Any:
+    def getHost(self) -> IAddress:
         return self._known_addresses()[1]
 
     def isSecure(self) -> bool:
         return self._known_addresses()[2]
 
-    def _known_addresses(self) -> Any:
+    def _known_addresses(self) -> Tuple[IAddress, IAddress, bool]:
         addresses = self._addresses
         if addresses is None:
+            transport = self.transport
+            assert transport is not None  # asked by a request, on a connection
             addresses = self._addresses = (
-                self.transport.getPeer(),
-                self.transport.getHost(),
+                transport.getPeer(),
+                transport.getHost(),
                 bool(super().isSecure()),
             )
         return addresses
@@ -215,7 +221,7 @@ class HardenedHTTPChannel(http.HTTPChannel):
         self._phase = _HEAD
         self._start_timer(self._limits.header_timeout, _HEAD)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_timer()
         self._phase = _CLOSED
         super().connectionLost(reason)
@@ -389,7 +395,7 @@ class HardenedHTTPChannel(http.HTTPChannel):
         self.MAX_LENGTH = self._limits.max_request_line
         super().allContentReceived()
 
-    def requestDone(self, request: Any) -> None:
+    def requestDone(self, request: http.Request) -> None:
         if self._phase != _CLOSED:
             # Pipelined bytes already buffered are replayed by Twisted below,
             # through dataReceived, which starts the header timer for them.
@@ -412,6 +418,7 @@ class HardenedSite(server.Site):
         super().__init__(resource, timeout=limits.idle_timeout, **kwargs)
         self.limits = limits
 
+    # Twisted declares Factory.protocol as a class; buildProtocol only calls it.
     def protocol(self) -> HardenedHTTPChannel:  # type: ignore[override]
         """Called by C{Factory.buildProtocol}: a channel with this site's limits."""
         return HardenedHTTPChannel(self.limits, self.reactor)

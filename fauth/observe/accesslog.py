@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_accesslog -*-
+# -*- test-case-name: tests.observe.test_accesslog -*-
 """
 The optional access log: one JSON object per line per request, to a file
 (top-level C{access_log: path}) or to standard output (C{access_log: "-"}).

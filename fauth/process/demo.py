@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.process.test_demo -*-
 """In-process demo services started by the quickstart configuration.
 
 Two plain ``twisted.web`` leaf resources stand in for the outside world, so
@@ -33,6 +34,7 @@ from zope.interface import implementer
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorCore
+    from twisted.web.http import Request as HTTPRequest
     from twisted.web.resource import IResource
 
 __all__ = [
@@ -345,7 +347,7 @@ class EchoResource(Resource):
 class _QuietSite(Site):
     """A ``Site`` that writes no access log: the demo is not what is measured."""
 
-    def log(self, request: Request) -> None:
+    def log(self, request: HTTPRequest) -> None:
         """Do nothing (``Site.log`` formats a line per request)."""
 
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_gcsettings -*-
+# -*- test-case-name: tests.process.test_gcsettings -*-
 """
 The garbage collector of a process that is all gateway.
 

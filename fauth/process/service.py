@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_service -*-
+# -*- test-case-name: tests.process.test_cli -*-
 """
 The whole gateway as a L{Service}, for twistd or an existing L{MultiService}:
 its listeners, the admin API's listener, live reload (SIGHUP) and graceful
@@ -6,12 +6,13 @@ shutdown (SIGTERM).
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, cast
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IProtocolFactory, IReactorCore, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool
 from twisted.python.failure import Failure
@@ -24,13 +25,25 @@ from fauth.edge.gateway import Gateway
 from fauth.observe.metrics import GatewayMetrics, MetricsResource
 from fauth.edge.resources import GatewayResource, GatewaySite
 from fauth.process.signals import ProcessSignals, stop_reactor
+from fauth.wire.transport import IClientReactor
 
-__all__ = ["GatewayService"]
+__all__ = ["GatewayService", "IGatewayReactor"]
 
 log = Logger()
 
 
-def _listener(reactor: Any, description: str, factory: Any, where: str) -> StreamServerEndpointService:
+class IGatewayReactor(IReactorCore, IClientReactor):
+    """
+    What a gateway process needs of its reactor, for type checking: the
+    outbound legs' (L{IClientReactor}: TCP, timers, name resolution), and
+    running and stopping (L{IReactorCore}).  Every reactor Twisted ships
+    provides them.
+    """
+
+
+def _listener(
+    reactor: IReactorCore, description: str, factory: IProtocolFactory, where: str
+) -> StreamServerEndpointService:
     try:
         endpoint = serverFromString(reactor, description)
     except Exception as e:  # bad TLS files and the like
@@ -78,18 +91,19 @@ class GatewayService(MultiService):
     def __init__(
         self,
         conf: GatewayConf,
-        reactor: Any = None,
+        reactor: Optional[IGatewayReactor] = None,
         pool: Optional[HTTPConnectionPool] = None,
         *,
         control: Optional[Control] = None,
         handle_signals: bool = False,
-        endpoints: Optional[Sequence[Any]] = None,
+        endpoints: Optional[Sequence[IStreamServerEndpoint]] = None,
     ) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor as global_reactor
 
-            reactor = global_reactor
+            # mypy sees the module, not the reactor it becomes.
+            reactor = cast(IGatewayReactor, global_reactor)
         self._reactor = reactor
         self.control = control if control is not None else Control.from_conf(conf)
         conf = self.control.conf
@@ -136,7 +150,9 @@ class GatewayService(MultiService):
         self._terminating = False
 
     @classmethod
-    def from_file(cls, path: str, reactor: Any = None, handle_signals: bool = False) -> "GatewayService":
+    def from_file(
+        cls, path: str, reactor: Optional[IGatewayReactor] = None, handle_signals: bool = False
+    ) -> "GatewayService":
         """
         The gateway of the configuration file at C{path}, merged with its
         admin store; reloads re-read C{path}.
@@ -152,7 +168,11 @@ class GatewayService(MultiService):
         if self._handle_signals:
             # Not now: twistd calls startService before reactor.run(), which
             # then installs the reactor's own SIGTERM handler over ours.
-            self._reactor.callWhenRunning(lambda: self.running and self._signals.install())
+            self._reactor.callWhenRunning(self._install_signals)
+
+    def _install_signals(self) -> None:
+        if self.running:
+            self._signals.install()
 
     def stopService(self) -> Optional[Any]:
         self.accepting = False

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_reload,tests.test_workers -*-
+# -*- test-case-name: tests.admin.test_reload,tests.process.test_workers -*-
 """
 SIGTERM and SIGHUP for the gateway process and the worker supervisor.
 

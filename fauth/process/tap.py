@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tap -*-
+# -*- test-case-name: tests.process.test_cli -*-
 """C{twistd fauth} / C{twist fauth}: options and service construction."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_workers -*-
+# -*- test-case-name: tests.process.test_workers -*-
 """
 Several processes: C{twistd fauth --workers N} (or C{workers: N}).
 

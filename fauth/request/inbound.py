@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_inbound -*-
+# -*- test-case-name: tests.edge.test_hostile_clients -*-
 """
 What the gateway knows about one client request, computed once: the raw
 target, the normalised path routes match on, the host, the peer.
@@ -6,7 +6,7 @@ target, the normalised path routes match on, the host, the peer.
 from __future__ import annotations
 
 import re
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 from urllib.parse import quote, unquote_to_bytes
 
 import attr
@@ -72,7 +72,7 @@ def _normalise(raw: bytes) -> Tuple[str, str]:
             raise BadRequest("overlong UTF-8 in path")
         codec = "latin-1"
         text = decoded.decode(codec)
-    segments = []
+    segments: List[str] = []
     for segment in text.split("/")[1:]:
         if ";" in segment and segment.partition(";")[0] in (".", ".."):
             raise BadRequest("dot segment with parameters in path")

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_lifecycle -*-
+# -*- test-case-name: tests.request.test_lifecycle -*-
 """
 The end of a request, told to several parties through one C{notifyFinish}.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_routing -*-
+# -*- test-case-name: tests.routing.test_table -*-
 """
 An immutable route table: exact URIs beat prefixes, the longest prefix wins,
 C{priority} breaks ties, C{methods} and C{hosts} filter.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_balancer -*-
+# -*- test-case-name: tests.upstream.test_proxy_e2e -*-
 """Node selection: nginx's smooth weighted round-robin."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_proxy -*-
+# -*- test-case-name: tests.upstream.test_proxy_e2e -*-
 """
 The upstream leg: HTTP/1.1 connections (L{fauth.wire.connection}) from a
 L{fauth.wire.pool.StrictConnectionPool},
@@ -12,11 +12,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.client import HTTPConnectionPool
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
 from fauth.upstream.balancer import SmoothWeightedRoundRobin
@@ -27,7 +27,7 @@ from fauth.wire.headers import HOP_BY_HOP, connection_listed
 from fauth.request.inbound import InboundRequest
 from fauth.request.lifecycle import when_finished
 from fauth.request.replies import send_simple
-from fauth.wire.transport import Connector, describe_failure, tls_policy
+from fauth.wire.transport import Connector, IClientReactor, describe_failure, tls_policy
 
 __all__ = ["UpstreamProxy"]
 
@@ -79,12 +79,12 @@ class _Relay:
     heap, which is done at most once per exchange here.
     """
 
-    def __init__(self, request: Any, reactor: Any, response_timeout: float, idle_timeout: float) -> None:
+    def __init__(self, request: Any, reactor: IReactorTime, response_timeout: float, idle_timeout: float) -> None:
         self._request = request
         self._reactor = reactor
         self._response_timeout = response_timeout
         self._idle_timeout = idle_timeout
-        self._timer: Any = None
+        self._timer: Optional[IDelayedCall] = None
         self._head_deadline = 0.0
         self._last_data = 0.0
         self._upstream: Any = None
@@ -191,7 +191,9 @@ class UpstreamProxy:
         every upstream (keyed per scheme, host and port inside).
     """
 
-    def __init__(self, conf: UpstreamConf, reactor: Any, pool: Any, trust_root: Any = None) -> None:
+    def __init__(
+        self, conf: UpstreamConf, reactor: IClientReactor, pool: HTTPConnectionPool, trust_root: Any = None
+    ) -> None:
         self.conf = conf
         self._reactor = reactor
         self._balancer = SmoothWeightedRoundRobin(conf.nodes)
@@ -292,12 +294,9 @@ class UpstreamProxy:
                     out.setRawHeaders(name, values)
             # HEAD keeps the upstream's own Content-Length (in head.headers); 204 must
             # have none and a 304's describes the 200 it stands for: never an invented 0.
-            if (
-                head.length is not UNKNOWN_LENGTH
-                and request.method != b"HEAD"
-                and head.status not in _NO_BODY_CODES
-            ):
-                out.setRawHeaders(b"content-length", [b"%d" % head.length])
+            length = head.length  # an int, or UNKNOWN_LENGTH
+            if isinstance(length, int) and request.method != b"HEAD" and head.status not in _NO_BODY_CODES:
+                out.setRawHeaders(b"content-length", [b"%d" % length])
             relay.relay()
 
         def failed(failure: Failure) -> None:

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_agent -*-
+# -*- test-case-name: tests.wire.test_agent -*-
 """
 What fauth's auth calls go through below treq: an L{IAgent} over an
 L{HTTPConnectionPool}, and the pieces handed to C{treq.HTTPClient} so that
@@ -31,7 +31,7 @@ from hyperlink import EncodedURL
 from treq.cookies import IndexableCookieJar
 from twisted.internet import error as net_error
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IConsumer, IProtocol, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IConsumer, IProtocol, IPushProducer
 from twisted.python.components import proxyForInterface
 from twisted.python.failure import Failure
 from twisted.web.client import URI, HTTPConnectionPool, ResponseDone
@@ -43,7 +43,7 @@ from zope.interface import implementer
 from fauth.wire.connection import ClientRequest
 from fauth.wire.h1 import ReplyHeaders, ResponseHead, request_head
 from fauth.wire.pool import StrictConnectionPool
-from fauth.wire.transport import Connector
+from fauth.wire.transport import Connector, IClientReactor
 
 __all__ = [
     "BytesBody",
@@ -375,7 +375,7 @@ class PoolAgent:
     max_targets = 1024
 
     def __init__(
-        self, reactor: IReactorTime, pool: HTTPConnectionPool, policy: IPolicyForHTTPS, connect_timeout: float
+        self, reactor: IClientReactor, pool: HTTPConnectionPool, policy: IPolicyForHTTPS, connect_timeout: float
     ) -> None:
         self._pool = pool
         self._connector = Connector(reactor, pool, policy, connect_timeout)

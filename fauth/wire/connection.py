@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_connection -*-
+# -*- test-case-name: tests.wire.test_connection -*-
 """
 One pooled HTTP/1.1 client connection, for both outbound legs.
 
@@ -17,12 +17,12 @@ producer.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Protocol as TypingProtocol
+from typing import Any, Callable, Iterable, List, Optional, Protocol as TypingProtocol, cast
 
 from twisted.internet import error as net_error
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IPushProducer, ITCPTransport
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IAddress, IProducer, IPushProducer, ITCPTransport
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import (
@@ -32,7 +32,6 @@ from twisted.web._newclient import (
     ResponseNeverReceived,
     _DataLoss,
 )
-from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
 from fauth.wire.h1 import MAX_RESPONSE_HEAD, MAX_RESPONSE_HEADERS, ChunkedDecoder, ResponseHead, find_head_end, parse_head
@@ -64,6 +63,32 @@ class ResponseSink(TypingProtocol):
 
     def body_done(self, reason: Optional[Failure]) -> None:
         """The body is complete (C{None}), or failed."""
+
+
+class _Wire(TypingProtocol):
+    """
+    What a L{ClientConnection} uses of its transport: a TCP connection's
+    (L{ITCPTransport}, directly or under TLS), which is also the push
+    producer of what it receives.
+    """
+
+    def write(self, data: bytes) -> None: ...
+
+    def writeSequence(self, data: Iterable[bytes]) -> None: ...
+
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None: ...
+
+    def unregisterProducer(self) -> None: ...
+
+    def pauseProducing(self) -> None: ...
+
+    def resumeProducing(self) -> None: ...
+
+    def loseConnection(self) -> None: ...
+
+    def abortConnection(self) -> None: ...
+
+    def getPeer(self) -> IAddress: ...
 
 
 class ClientRequest:
@@ -116,11 +141,11 @@ class FileUpload:
         self.length = length
         self._remaining = length
         self._paused = False
-        self._transport: Any = None
+        self._transport: Optional[_Wire] = None
         self._failed: Optional[Callable[[Failure], None]] = None
         self.done = False
 
-    def start(self, transport: Any, failed: Callable[[Failure], None]) -> None:
+    def start(self, transport: _Wire, failed: Callable[[Failure], None]) -> None:
         """Write to C{transport}; C{failed} is told if the file cannot be read to its length."""
         self._transport = transport
         self._failed = failed
@@ -176,6 +201,9 @@ class ClientConnection(Protocol):
         C{CONNECTION_LOST}.
     """
 
+    # The transport, as what this protocol uses of it; set by connectionMade.
+    _wire: _Wire
+
     def __init__(self, quiescent: Callable[["ClientConnection"], None] = lambda c: None) -> None:
         self._quiescent = quiescent
         self.state = "QUIESCENT"
@@ -192,8 +220,13 @@ class ClientConnection(Protocol):
         self._lost: List[Deferred] = []
 
     def connectionMade(self) -> None:
-        if ITCPTransport.providedBy(self.transport):
-            self.transport.setTcpNoDelay(True)
+        transport = self.transport
+        assert transport is not None
+        # ITransport declares none of abortConnection and the producer
+        # methods; the transports of a client connection (TCP, TLS) have them.
+        self._wire = cast(_Wire, transport)
+        if ITCPTransport.providedBy(transport):
+            transport.setTcpNoDelay(True)
 
     # -- the request
 
@@ -213,14 +246,14 @@ class ClientConnection(Protocol):
         d = self._deferred = Deferred(self._cancel)
         body = request.body
         if body is None:
-            self.transport.write(request.head)
+            self._wire.write(request.head)
         elif len(body) < _BIG_BODY:
-            self.transport.write(request.head + body)
+            self._wire.write(request.head + body)
         else:
-            self.transport.writeSequence([request.head, body])
+            self._wire.writeSequence([request.head, body])
         if request.upload is not None:
             self._upload = request.upload
-            request.upload.start(self.transport, self._upload_failed)
+            request.upload.start(self._wire, self._upload_failed)
         return d
 
     def _cancel(self, d: Deferred) -> None:
@@ -240,7 +273,7 @@ class ClientConnection(Protocol):
         self._stop_upload()
         self.state = "CLOSING"
         if self.transport is not None:
-            self.transport.abortConnection()
+            self._wire.abortConnection()
 
     def _stop_upload(self) -> None:
         upload, self._upload = self._upload, None
@@ -255,7 +288,7 @@ class ClientConnection(Protocol):
                 # An answer to no request, while pooled: the peer is out of step.
                 self._stray(len(data))
                 self.state = "CLOSING"
-                self.transport.loseConnection()
+                self._wire.loseConnection()
             return
         try:
             if self._head is None:
@@ -271,6 +304,7 @@ class ClientConnection(Protocol):
     def _head_received(self, data: bytes) -> None:
         self._received = True
         request = self._request
+        assert request is not None
         buffer = self._buffer + data if self._buffer else data
         while True:
             end = find_head_end(buffer)
@@ -291,7 +325,8 @@ class ClientConnection(Protocol):
         if not head.keep_alive:
             self._reuse = False
         self._decoder = ChunkedDecoder() if head.chunked else None
-        self._remaining = None if head.length is UNKNOWN_LENGTH else head.length
+        length = head.length  # an int, or UNKNOWN_LENGTH
+        self._remaining = length if isinstance(length, int) else None
         # Taken first: a sink that stops the body at once is told so itself.
         d, self._deferred = self._deferred, None
         result = request.sink.body_start(self, head)
@@ -306,6 +341,7 @@ class ClientConnection(Protocol):
 
     def _body_received(self, data: bytes) -> None:
         request = self._request
+        assert request is not None
         if self._decoder is not None:
             pieces, done = self._decoder.feed(data)
             for piece in pieces:
@@ -339,19 +375,18 @@ class ClientConnection(Protocol):
             # would desynchronise it.
             self._stray(len(rest))
             self._reuse = False
-        early = self._upload is not None and not self._upload.done
+        upload, self._upload = self._upload, None
         self._request = self._head = self._decoder = None
-        self._upload = None
-        if early:
+        if upload is not None and not upload.done:
             # The whole answer came before the whole body went out (an
             # upstream refusing an upload).  Stop sending while the body's
             # source is open; the connection can carry nothing more.
-            request.upload.stopProducing()  # type: ignore[union-attr]
+            upload.stopProducing()
             self.state = "CLOSING"
-            self.transport.abortConnection()
+            self._wire.abortConnection()
         elif self._reuse:
             if self._paused:
-                self.transport.resumeProducing()
+                self._wire.resumeProducing()
                 self._paused = False
             self.state = "QUIESCENT"
             # Back in the pool before the caller hears of the end, as
@@ -361,10 +396,10 @@ class ClientConnection(Protocol):
             except Exception:
                 log.failure("could not return a connection to the pool")
                 self.state = "CLOSING"
-                self.transport.loseConnection()
+                self._wire.loseConnection()
         else:
             self.state = "CLOSING"
-            self.transport.loseConnection()
+            self._wire.loseConnection()
         request.sink.body_done(None)
 
     def _fail(self, request: ClientRequest, failure: Failure) -> None:
@@ -376,7 +411,7 @@ class ClientConnection(Protocol):
         else:
             request.sink.body_done(Failure(ResponseFailed([failure])))
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         request = self._request
         self._request = None
         self.state = "CONNECTION_LOST"
@@ -401,12 +436,12 @@ class ClientConnection(Protocol):
     def pauseProducing(self) -> None:
         if self._request is not None and not self._paused:
             self._paused = True
-            self.transport.pauseProducing()
+            self._wire.pauseProducing()
 
     def resumeProducing(self) -> None:
         if self._request is not None and self._paused:
             self._paused = False
-            self.transport.resumeProducing()
+            self._wire.resumeProducing()
 
     def stopProducing(self) -> None:
         """Stop the answer being received (the client went away, or it timed out)."""
@@ -423,7 +458,7 @@ class ClientConnection(Protocol):
         closed = self.when_closed()
         if self.state != "CONNECTION_LOST":
             self.state = "CLOSING"
-            self.transport.loseConnection()
+            self._wire.loseConnection()
         return closed
 
     def when_closed(self) -> Deferred:
@@ -435,7 +470,7 @@ class ClientConnection(Protocol):
         return d
 
     def _stray(self, size: int) -> None:
-        peer = self.transport.getPeer()
+        peer = self._wire.getPeer()
         log.warn(
             "{peer} sent {size} bytes after the end of a response; connection closed, not reused",
             peer="%s:%s" % (getattr(peer, "host", peer), getattr(peer, "port", "")),

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_h1 -*-
+# -*- test-case-name: tests.wire.test_h1 -*-
 """
 HTTP/1.1 on the wire, for both outbound legs: request heads serialised in
 one join, response heads parsed in one pass with the checks a proxy needs,
@@ -165,8 +165,8 @@ def parse_head(block: bytes, method: bytes) -> ResponseHead:
     headers: Dict[bytes, List[bytes]] = {}
     control: Dict[bytes, List[bytes]] = {}
     head_request = method == b"HEAD"
-    for line in lines:
-        name, _, value = line.partition(b":")
+    for field in lines:
+        name, _, value = field.partition(b":")
         lower = name.lower()
         value = value.strip(b" \t")
         if lower in _CONNECTION_CONTROL and not (head_request and lower == b"content-length"):

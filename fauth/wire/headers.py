@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_headers -*-
+# -*- test-case-name: tests.auth.test_forward -*-
 """Header rules shared by both legs: hop-by-hop names and what a valid header is."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_pool -*-
+# -*- test-case-name: tests.wire.test_pool -*-
 """
 L{StrictConnectionPool}: Twisted's L{HTTPConnectionPool} with fauth's strict
 HTTP/1.1 connection (L{fauth.wire.connection.ClientConnection}) in place of
@@ -15,7 +15,7 @@ C{fauth_pool_connections} gauges, and keeps nothing once closed.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Dict, Hashable, Tuple
+from typing import Any, Callable, Dict, Hashable, Tuple, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
@@ -47,7 +47,7 @@ def target_label(key: Hashable) -> str:
 class _StrictFactory(Factory):
     """
     Builds L{ClientConnection}s; the signature is that of Twisted's
-    C{_HTTP11ClientFactory}, the pool's C{_factory}.
+    C{_HTTP11ClientFactory}, what the pool's own C{_newConnection} builds.
     """
 
     # One "Starting factory" log line per connection is noise.
@@ -72,8 +72,6 @@ class StrictConnectionPool(HTTPConnectionPool):
         (C{keepalive_timeout}).
     """
 
-    _factory = _StrictFactory
-
     def __init__(
         self,
         reactor: IReactorTime,
@@ -83,7 +81,9 @@ class StrictConnectionPool(HTTPConnectionPool):
     ) -> None:
         super().__init__(reactor, persistent)
         self.maxPersistentPerHost = maxPersistentPerHost
-        self.cachedConnectionTimeout = cachedConnectionTimeout
+        # Twisted's attribute is inferred from its default (240, an int);
+        # the pool only hands it to callLater, which takes seconds as float.
+        self.cachedConnectionTimeout = cachedConnectionTimeout  # type: ignore[assignment]
         self._opened: Dict[Hashable, "weakref.WeakSet[ClientConnection]"] = {}
         self._closed = False
 
@@ -92,14 +92,19 @@ class StrictConnectionPool(HTTPConnectionPool):
         # would otherwise take back, and no repr(endpoint) per connection.
         def quiescentCallback(connection: ClientConnection) -> None:
             if self._closed or not self.persistent:
-                connection.transport.loseConnection()
+                transport = connection.transport
+                assert transport is not None  # it just finished an exchange
+                transport.loseConnection()
             else:
                 self._putConnection(key, connection)
 
         opened = self._opened.get(key)
         if opened is None:
             opened = self._opened[key] = weakref.WeakSet()
-        return endpoint.connect(self._factory(quiescentCallback, key)).addCallback(_remember, opened)
+        # The factory builds ClientConnections, which the endpoint's
+        # Deferred fires with (typed as any IProtocol).
+        connecting = cast("Deferred[ClientConnection]", endpoint.connect(_StrictFactory(quiescentCallback, key)))
+        return connecting.addCallback(_remember, opened)
 
     def keep_idle(self, count: int) -> None:
         """

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_auth_leg,tests.test_proxy_e2e -*-
+# -*- test-case-name: tests.auth.test_client,tests.upstream.test_proxy_e2e -*-
 """
 Outbound connections for both legs: TLS policies, endpoints that connect to
 IP literals without a resolver round-trip, requests over an
@@ -14,6 +14,7 @@ from twisted.internet import endpoints
 from twisted.internet import error as net_error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorPluggableNameResolver, IReactorTCP, IReactorTime
 from twisted.python.failure import Failure
 from twisted.web import client as web_client
 from twisted.web._newclient import (
@@ -30,10 +31,20 @@ from fauth.wire.connection import ClientRequest
 __all__ = [
     "BodyTooLarge",
     "Connector",
+    "IClientReactor",
     "describe_failure",
     "is_cancellation",
     "tls_policy",
 ]
+
+
+class IClientReactor(IReactorTCP, IReactorTime, IReactorPluggableNameResolver):
+    """
+    What the outbound legs need of a reactor, for type checking: TCP
+    connections, timers (timeouts, the pool's idle connections) and a name
+    resolver (L{HostnameEndpoint}).  The same three as treq's own reactor
+    type; every reactor Twisted ships provides them.
+    """
 
 
 @implementer(IPolicyForHTTPS)
@@ -68,7 +79,13 @@ class Connector:
     # Endpoints of targets no longer configured are dropped past this many.
     max_endpoints = 1024
 
-    def __init__(self, reactor: Any, pool: Any, policy: IPolicyForHTTPS, connect_timeout: float) -> None:
+    def __init__(
+        self,
+        reactor: IClientReactor,
+        pool: web_client.HTTPConnectionPool,
+        policy: IPolicyForHTTPS,
+        connect_timeout: float,
+    ) -> None:
         self._reactor = reactor
         self._pool = pool
         self._policy = policy
@@ -108,7 +125,10 @@ class Connector:
             # a Deferred nobody has fired yet, so every callback the callers
             # add is appended, rather than each one re-entering a fired
             # Deferred that waits on another (about a dozen per request).
-            return connecting.result.request(request)
+            # The result: a ClientConnection or Twisted's HTTP11ClientProtocol
+            # (mypy only knows a fired Deferred's result as an object).
+            connection: Any = connecting.result
+            return connection.request(request)
         return connecting.addCallback(_send, request)
 
     def _endpoint(self, scheme: bytes, host: bytes, port: int) -> Any:

@@ -175,11 +175,6 @@ class _PathEcho(Resource):
         return b"upstream saw " + request.uri
 
 
-@pytest.fixture
-def reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
 
 
 @async_yield_fixture

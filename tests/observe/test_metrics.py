@@ -26,11 +26,6 @@ from tests.servers import listen_on_loopback, port_url
 Samples = Dict[Tuple[str, FrozenSet[Tuple[str, str]]], float]
 
 
-@pytest.fixture
-def reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
 
 
 @attr.s(auto_attribs=True)

@@ -36,11 +36,6 @@ FIELDS = [
 ]
 
 
-@pytest.fixture
-def reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
 
 
 @attr.s(auto_attribs=True)

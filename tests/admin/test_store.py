@@ -36,11 +36,6 @@ from tests.adminenv import (
 from tests.servers import listen_on_loopback, port_url, service_port
 
 
-@pytest.fixture
-def reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
 
 
 def _route(doc_id: str, upstream: str = "u") -> Dict[str, Any]:

@@ -41,11 +41,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
 
 
 # --- /proc ------------------------------------------------------------------------

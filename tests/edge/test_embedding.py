@@ -46,11 +46,6 @@ def user_tree() -> Resource:
     return root
 
 
-@pytest.fixture
-def reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
 
 
 @attr.s(auto_attribs=True)

@@ -16,7 +16,7 @@ from fauth.config import (
     parse_config,
 )
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUICKSTART = os.path.join(REPO_ROOT, "conf", "fauth.yaml")
 
 

@@ -41,11 +41,6 @@ from tests.harness import LogCapture
 from tests.servers import listen_on_loopback, port_url
 
 
-@pytest.fixture
-def reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
 
 
 @attr.s(auto_attribs=True)

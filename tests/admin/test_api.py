@@ -26,11 +26,6 @@ PLUGIN_URI_REQUIRED = (
 )
 
 
-@pytest.fixture
-def reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
 
 
 @attr.s(auto_attribs=True)

@@ -22,7 +22,7 @@ from treq.client import HTTPClient
 from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUICKSTART = os.path.join(REPO_ROOT, "conf", "fauth.yaml")
 
 TWIST = [sys.executable, "-m", "twisted"]
@@ -87,11 +87,6 @@ def test_twistd_help_mentions_config() -> None:
 # --- the quickstart, for real ----------------------------------------------
 
 
-@pytest.fixture
-def reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
 
 
 def quickstart_copy(tmp_path: Any) -> Tuple[str, int, int, int]:
