@@ -51,7 +51,7 @@ from fauth.wire.agent import BytesBody, NoCookies, PreEncodedURL, PreparedHeader
         (client.HTTPConnectionPool, "_removeConnection"),
         (client, "_HTTP11ClientFactory"),
         (_newclient, "Request"),
-        # fauth.config, fauth.process.service, fauth.process.workers
+        # fauth.config, fauth.process.service, fauth.process.sockets
         (endpoints, "_parseServer"),
         (StreamServerEndpointService, "_raiseSynchronously"),
         (tcp.Port, "_fromListeningDescriptor"),

@@ -95,9 +95,9 @@ class ForwardAuth:
             if key in table:
                 continue
             for lookup in lookups:
-                value = first_value(inbound.headers, lookup)
-                if value is not None:
-                    table[key] = (name, value)
+                found = first_value(inbound.headers, lookup)
+                if found is not None:
+                    table[key] = (name, found)
                     break
         if "host" not in table:
             table["host"] = (b"Host", self._host_header)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, List, Mapping, Optional, Union
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -64,7 +64,7 @@ class GatewayRequest(server.Request):
     defaultContentType = None
 
     def process(self) -> None:
-        site = self.channel.site
+        site = self.channel.site  # type: ignore[attr-defined]  # set by Site.buildProtocol
         if not isinstance(site.resource, GatewayResource):
             server.Request.process(self)
             return
@@ -73,7 +73,7 @@ class GatewayRequest(server.Request):
         self.setHeader(b"Date", _http_date())
         self.prepath = []
         self.postpath = []
-        self.sitepath = []
+        self.sitepath: List[bytes] = []
         if self.path == b"*":
             self._handleStar()
             return

@@ -51,7 +51,7 @@ FLUSH_BYTES = 64 * 1024
 FLUSH_INTERVAL = 1.0
 
 # A JSON string literal, non-ASCII and control characters escaped (C in CPython).
-_quote: Callable[[str], str] = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+_quote: Callable[[str], str] = json.encoder.encode_basestring_ascii
 _LINE = (
     '{"time":"%s","route":%s,"method":%s,"uri":%s,"status":%d,"auth":%s,"auth_ms":%s,'
     '"upstream_ms":%s,"duration_ms":%.3f,"bytes":%d,"user":%s,"remote_addr":%s}\n'

@@ -100,7 +100,10 @@ class Tally(Protocol):
 
     clock: Callable[[], float]
     unrouted: "RouteMetrics"
-    access_log: Optional[ExchangeLog]
+
+    @property
+    def access_log(self) -> Optional[ExchangeLog]:
+        ...
 
     def route(self, route_id: str) -> "RouteMetrics":
         ...

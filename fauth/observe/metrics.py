@@ -52,8 +52,11 @@ class GatewayState(Protocol):
     """What a scrape reads of the running gateway (L{fauth.edge.gateway.Gateway})."""
 
     conf: GatewayConf
-    auth_clients: _AuthClients
     upstream_pool: Any
+
+    @property
+    def auth_clients(self) -> _AuthClients:
+        ...
 
 class GatewayMetrics:
     """

@@ -71,7 +71,7 @@ class GatewayService(MultiService):
     @param handle_signals: install SIGHUP (reload) and SIGTERM (graceful
         shutdown, then C{reactor.stop()}) handlers once the reactor runs;
         for a process that is all gateway (C{twistd fauth} does it).
-    @param endpoints: a worker of C{--workers N} (L{fauth.process.workers}): serve
+    @param endpoints: a worker of C{--workers N} (L{fauth.process.worker}): serve
         the gateway on these server endpoints (the sockets its supervisor
         bound) instead of C{conf.listen}, and leave the demo services and
         the admin API to the supervisor, which runs them.

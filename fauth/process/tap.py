@@ -53,7 +53,7 @@ def makeService(options: Any) -> Any:
     Load and validate the config (merged with the admin store), then build
     the L{GatewayService}; it owns SIGHUP (reload) and SIGTERM (graceful
     shutdown) in this process.  With more than one worker (C{--workers},
-    else C{workers:}), a L{fauth.process.workers.WorkerSupervisor} instead.
+    else C{workers:}), a L{fauth.process.supervisor.WorkerSupervisor} instead.
     """
     from fauth.config import ConfigError
     from fauth.admin.control import Control
@@ -66,7 +66,7 @@ def makeService(options: Any) -> Any:
         if workers is None:
             workers = control.conf.workers
         if workers > 1:
-            from fauth.process.workers import WorkerSupervisor
+            from fauth.process.supervisor import WorkerSupervisor
 
             return WorkerSupervisor(control, workers, handle_signals=True)
         # What GatewayService.from_file does.

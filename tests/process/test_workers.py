@@ -340,7 +340,7 @@ def test_restart_delay_and_exit_description() -> None:
     from twisted.internet.error import ProcessDone, ProcessTerminated
     from twisted.python.failure import Failure
 
-    from fauth.process.workers import MAX_RESTART_DELAY, describe_exit, restart_delay
+    from fauth.process.supervisor import MAX_RESTART_DELAY, describe_exit, restart_delay
 
     assert [restart_delay(n) for n in (1, 2, 3, 4)] == [0.1, 0.2, 0.4, 0.8]
     assert restart_delay(50) == MAX_RESTART_DELAY
@@ -358,7 +358,7 @@ def test_new_workers_start_on_the_running_configuration(tmp_path: Any, monkeypat
     from twisted.internet.testing import MemoryReactorClock
 
     from fauth.admin.control import Control
-    from fauth.process.workers import WorkerSupervisor
+    from fauth.process.supervisor import WorkerSupervisor
 
     monkeypatch.chdir(tmp_path)
     config_path = str(tmp_path / "fauth.yaml")
@@ -388,7 +388,7 @@ def test_restarts_back_off_while_workers_keep_exiting() -> None:
     from twisted.python.failure import Failure
 
     from fauth.admin.control import Control
-    from fauth.process.workers import MAX_RESTART_DELAY, WorkerSupervisor
+    from fauth.process.supervisor import MAX_RESTART_DELAY, WorkerSupervisor
 
     clock = MemoryReactorClock()
     supervisor = WorkerSupervisor(Control(parse_config({}), config_path="/nonexistent.yaml"), 2, clock)
