@@ -32,8 +32,8 @@ _log = Logger()
 # ngx.req.get_uri_args / get_post_args stop after 100 arguments by default.
 _MAX_ARGS = 100
 
-#: APISIX ``max_post_args_readable_size`` default (64 MiB); bodies larger than
-#: this make ``post_arg`` variables missing.
+#: APISIX C{max_post_args_readable_size} default (64 MiB); bodies larger than
+#: this make C{post_arg} variables missing.
 DEFAULT_MAX_POST_ARGS_SIZE = 64 * 1024 * 1024
 
 _ArgValue = Union[str, bool, List[Union[str, bool]]]
@@ -46,7 +46,7 @@ def _latin1(value: Union[str, bytes]) -> str:
 
 
 def _unescape(text: str) -> str:
-    """Percent-decode *text* (``+`` is a space) into a latin-1 byte string."""
+    """Percent-decode I{text} (C{+} is a space) into a latin-1 byte string."""
     text = text.replace("+", " ")
     if "%" not in text:
         return text
@@ -60,10 +60,10 @@ def _unescape(text: str) -> str:
 
 
 def _parse_ngx_args(raw: str) -> Dict[str, _ArgValue]:
-    """Parse ``a=1&b&a=2`` like ``ngx.decode_args``.
+    """Parse C{a=1&b&a=2} like C{ngx.decode_args}.
 
-    A key without ``=`` is boolean ``true``; repeated keys collect into a
-    list; empty keys are dropped; at most :data:`_MAX_ARGS` are read.
+    A key without C{=} is boolean C{true}; repeated keys collect into a
+    list; empty keys are dropped; at most L{_MAX_ARGS} are read.
     """
     result: Dict[str, _ArgValue] = {}
     count = 0
@@ -95,9 +95,9 @@ def _first(value: Optional[_ArgValue]) -> Optional[Union[str, bool]]:
 
 
 def _parse_multipart(content_type: str, body: bytes) -> Dict[str, str]:
-    """Return ``{field name: content}`` for a multipart/form-data body.
+    """Return C{{field name: content}} for a multipart/form-data body.
 
-    Like lua-multipart's ``get_all`` the first part with a given name wins.
+    Like lua-multipart's C{get_all} the first part with a given name wins.
     """
     # Header values cannot carry CR/LF, but make sure ours cannot either.
     ct = content_type.replace("\r", " ").replace("\n", " ")
@@ -140,7 +140,7 @@ class _UnsupportedPath(Exception):
 
 
 def _jp_parse(expr: str) -> List[Tuple[bool, str, Any]]:
-    """Parse ``.a..b[0]['c'][*][1:3]`` into (recursive, kind, arg) steps."""
+    """Parse C{.a..b[0]['c'][*][1:3]} into (recursive, kind, arg) steps."""
     steps: List[Tuple[bool, str, Any]] = []
     i = 0
     n = len(expr)
@@ -199,7 +199,7 @@ def _jp_parse(expr: str) -> List[Tuple[bool, str, Any]]:
 
 
 def _jp_descendants(node: Any, out: List[Any]) -> None:
-    """Append *node* and everything below it to *out*, in document order."""
+    """Append I{node} and everything below it to I{out}, in document order."""
     # Iterative: client-controlled nesting must not hit the recursion limit.
     stack = [node]
     while stack:
@@ -234,7 +234,7 @@ def _jp_select(node: Any, kind: str, arg: Any, out: List[Any]) -> None:
 
 
 def _jsonpath(root: Any, path: str) -> Optional[List[Any]]:
-    """Evaluate the APISIX ``$.<path>`` query; ``None`` when nothing matches.
+    """Evaluate the APISIX C{$.<path>} query; C{None} when nothing matches.
 
     Unsupported syntax (filters, scripts) yields an empty list so the value
     still renders as a Lua table, as APISIX would for a query result.
@@ -269,10 +269,10 @@ _BODY_KINDS = frozenset(
 
 
 class RequestVariables:
-    """:class:`VariableSource` for one client request (APISIX ``ctx.var``).
+    """L{VariableSource} for one client request (APISIX C{ctx.var}).
 
     Everything is computed lazily; the body callable is invoked at most
-    once, and only when a ``post_arg`` variable is looked up.
+    once, and only when a C{post_arg} variable is looked up.
     """
 
     __slots__ = (
@@ -338,7 +338,7 @@ class RequestVariables:
     # -- public ------------------------------------------------------------
 
     def lookup(self, name: str) -> Optional[Any]:
-        """Resolve an APISIX variable name; ``None`` when it is missing."""
+        """Resolve an APISIX variable name; C{None} when it is missing."""
         simple = _SIMPLE.get(name)
         if simple is not None:
             return simple(self)

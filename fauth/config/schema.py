@@ -2,24 +2,24 @@
 """JSON-schema-style validation with APISIX (api7/jsonschema) error wording.
 
 APISIX validates plugin, route and upstream configuration with the Lua
-``api7/jsonschema`` library and returns its error strings verbatim to Admin
-API clients, e.g. ``property "uri" is required`` or
-``property "timeout" validation failed: expected 0 to be at least 1``.
-This module reproduces that wording for the ``forward-auth`` plugin
-(:func:`check_forward_auth`) and exposes small generic helpers
-(:func:`check_type`, :func:`check_integer_range`, ...) so other modules can
+C{api7/jsonschema} library and returns its error strings verbatim to Admin
+API clients, e.g. C{property "uri" is required} or
+C{property "timeout" validation failed: expected 0 to be at least 1}.
+This module reproduces that wording for the C{forward-auth} plugin
+(L{check_forward_auth}) and exposes small generic helpers
+(L{check_type}, L{check_integer_range}, ...) so other modules can
 validate routes/upstreams with identical messages.
 
 Lua semantics that are deliberately mirrored:
 
-* Lua cannot tell ``{}`` from ``[]``: an *empty* dict is a valid array and an
-  *empty* list is a valid object (see :func:`is_array` / :func:`is_object`).
-* A number is an ``integer`` when it has no fractional part, so ``3000.0`` is
-  accepted (and normalised to ``int``); ``bool`` is never a number.
+  - Lua cannot tell C{{}} from C{[]}: an I{empty} dict is a valid array and an
+    I{empty} list is a valid object (see L{is_array} / L{is_object}).
+  - A number is an C{integer} when it has no fractional part, so C{3000.0} is
+    accepted (and normalised to C{int}); C{bool} is never a number.
 
-One deliberate divergence: Lua's ``type()`` reports ``table`` for both objects
-and arrays (and ``userdata`` for JSON null); we report the JSON names
-(``object``, ``array``, ``null``) as :func:`type_name` documents, since those
+One deliberate divergence: Lua's C{type()} reports C{table} for both objects
+and arrays (and C{userdata} for JSON null); we report the JSON names
+(C{object}, C{array}, C{null}) as L{type_name} documents, since those
 are what API users can act on.
 """
 
@@ -58,9 +58,9 @@ __all__ = [
 class SchemaError(ConfigError):
     """A configuration failed validation.
 
-    ``str(err)`` (and ``err.message``) is the exact APISIX error text, e.g.
-    ``property "uri" is required``; callers put it into the Admin API
-    ``error_msg`` / log line unchanged.
+    C{str(err)} (and C{err.message}) is the exact APISIX error text, e.g.
+    C{property "uri" is required}; callers put it into the Admin API
+    C{error_msg} / log line unchanged.
     """
 
     message: str
@@ -79,11 +79,11 @@ class SchemaError(ConfigError):
 
 
 def type_name(value: object) -> str:
-    """Return the JSON type name of ``value`` as used in error messages.
+    """Return the JSON type name of C{value} as used in error messages.
 
-    ``str`` -> ``string``, ``bool`` -> ``boolean``, ``int``/``float`` ->
-    ``number``, list/tuple -> ``array``, mapping -> ``object``, ``None`` ->
-    ``null``. Anything else (e.g. YAML dates or bytes) gets its Python type
+    C{str} -> C{string}, C{bool} -> C{boolean}, C{int}/C{float} ->
+    C{number}, list/tuple -> C{array}, mapping -> C{object}, C{None} ->
+    C{null}. Anything else (e.g. YAML dates or bytes) gets its Python type
     name so that the message is still informative and never raises.
     """
     # bool must be tested before int: bool is an int subclass in Python.
@@ -109,30 +109,30 @@ def is_integer(value: object) -> bool:
     if isinstance(value, int):
         return True
     if isinstance(value, float):
-        # Lua checks ``v % 1.0 == 0.0``; inf/nan fail that test too.
+        # Lua checks C{v % 1.0 == 0.0}; inf/nan fail that test too.
         return math.isfinite(value) and value.is_integer()
     return False
 
 
 def is_object(value: object) -> bool:
-    """True for mappings, and for empty lists (Lua cannot tell ``[]`` from ``{}``)."""
+    """True for mappings, and for empty lists (Lua cannot tell C{[]} from C{{}})."""
     if isinstance(value, Mapping):
         return True
     return isinstance(value, (list, tuple)) and len(value) == 0
 
 
 def is_array(value: object) -> bool:
-    """True for lists/tuples, and for empty mappings (Lua cannot tell ``{}`` from ``[]``)."""
+    """True for lists/tuples, and for empty mappings (Lua cannot tell C{{}} from C{[]})."""
     if isinstance(value, (list, tuple)):
         return True
     return isinstance(value, Mapping) and len(value) == 0
 
 
 def format_number(value: object) -> str:
-    """Format a number the way Lua's ``tostring`` does in the range messages.
+    """Format a number the way Lua's C{tostring} does in the range messages.
 
-    Integral values print without ``.0`` (LuaJIT prints ``3000`` for
-    ``3000.0``); other floats use ``%.14g`` like Lua.
+    Integral values print without C{.0} (LuaJIT prints C{3000} for
+    C{3000.0}); other floats use C{%.14g} like Lua.
     """
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -162,12 +162,12 @@ _TYPE_CHECKS = {
 
 
 def type_mismatch(value: object, expected: str) -> str:
-    """The bare validator text ``wrong type: expected X, got Y`` (no property prefix)."""
+    """The bare validator text C{wrong type: expected X, got Y} (no property prefix)."""
     return f"wrong type: expected {expected}, got {type_name(value)}"
 
 
 def property_error(prop: str, detail: str) -> SchemaError:
-    """Build ``SchemaError('property "<prop>" validation failed: <detail>')``."""
+    """Build C{SchemaError('property "<prop>" validation failed: <detail>')}."""
     return SchemaError(f'property "{prop}" validation failed: {detail}')
 
 
@@ -177,9 +177,9 @@ def property_error(prop: str, detail: str) -> SchemaError:
 
 
 def check_required(conf: Mapping[str, object], prop: str) -> None:
-    """Raise ``property "<prop>" is required`` when ``prop`` is absent from ``conf``.
+    """Raise C{property "<prop>" is required} when C{prop} is absent from C{conf}.
 
-    A present ``None`` (JSON null) counts as given: Lua's cjson null is not
+    A present C{None} (JSON null) counts as given: Lua's cjson null is not
     nil, so APISIX reports a type error for it instead.
     """
     if prop not in conf:
@@ -187,13 +187,13 @@ def check_required(conf: Mapping[str, object], prop: str) -> None:
 
 
 def check_type(prop: str, value: object, expected: str) -> object:
-    """Check ``value`` against JSON type ``expected``; return it normalised.
+    """Check C{value} against JSON type C{expected}; return it normalised.
 
-    ``expected`` is one of string, boolean, number, integer, object, array,
+    C{expected} is one of string, boolean, number, integer, object, array,
     null. On mismatch raises
-    ``property "<prop>" validation failed: wrong type: expected <expected>, got <type>``.
-    The returned value has integral floats turned into ``int`` for
-    ``integer`` and an empty mapping turned into ``[]`` for ``array``.
+    C{property "<prop>" validation failed: wrong type: expected <expected>, got <type>}.
+    The returned value has integral floats turned into C{int} for
+    C{integer} and an empty mapping turned into C{[]} for C{array}.
     """
     check = _TYPE_CHECKS.get(expected)
     if check is None:
@@ -215,8 +215,8 @@ def check_integer_range(
 ) -> None:
     """Check inclusive bounds of an already type-checked number.
 
-    Raises ``property "<prop>" validation failed: expected <v> to be at least
-    <min>`` (or ``at most <max>``); the minimum is checked first, as in
+    Raises C{property "<prop>" validation failed: expected <v> to be at least
+    <min>} (or C{at most <max>}); the minimum is checked first, as in
     api7/jsonschema.
     """
     if minimum is not None and value < minimum:  # type: ignore[operator]
@@ -235,14 +235,14 @@ def check_integer(
     minimum: Optional[int] = None,
     maximum: Optional[int] = None,
 ) -> int:
-    """Type-check an integer property, then its inclusive bounds; return it as ``int``."""
+    """Type-check an integer property, then its inclusive bounds; return it as C{int}."""
     number = check_type(prop, value, "integer")
     check_integer_range(prop, number, minimum, maximum)
     return number  # type: ignore[return-value]
 
 
 def check_enum(prop: str, value: object, allowed: Sequence[object]) -> None:
-    """Raise ``... validation failed: matches none of the enum values`` unless ``value`` is allowed."""
+    """Raise C{... validation failed: matches none of the enum values} unless C{value} is allowed."""
     # Compare type as well as value so True does not match an enum entry 1.
     for candidate in allowed:
         if type(candidate) is type(value) and candidate == value:
@@ -251,10 +251,10 @@ def check_enum(prop: str, value: object, allowed: Sequence[object]) -> None:
 
 
 def check_string_array(prop: str, value: object) -> List[str]:
-    """Validate an ``array`` of ``string`` items; return a new list.
+    """Validate an C{array} of C{string} items; return a new list.
 
-    Item positions in messages are 1-based, as Lua's ``ipairs`` reports them:
-    ``failed to validate item 2: wrong type: expected string, got number``.
+    Item positions in messages are 1-based, as Lua's C{ipairs} reports them:
+    C{failed to validate item 2: wrong type: expected string, got number}.
     """
     items = check_type(prop, value, "array")
     assert isinstance(items, (list, tuple))  # what check_type lets through as an array
@@ -269,7 +269,7 @@ def check_string_array(prop: str, value: object) -> List[str]:
 
 
 def check_min_properties(prop: str, value: Mapping[str, object], minimum: int) -> None:
-    """Raise ``... expect object to have at least <n> properties`` for too-small objects."""
+    """Raise C{... expect object to have at least <n> properties} for too-small objects."""
     if len(value) < minimum:
         raise property_error(prop, f"expect object to have at least {minimum} properties")
 
@@ -332,13 +332,13 @@ _EXTRA_HEADERS_PATTERN = "^[^:]+$"
 
 
 def _matches_header_name_pattern(key: object) -> bool:
-    """Equivalent of PCRE ``^[^:]+$``: non-empty and without ``:``."""
+    """Equivalent of PCRE C{^[^:]+$}: non-empty and without C{:}."""
     text = key if isinstance(key, str) else str(key)
     return text != "" and ":" not in text
 
 
 def _check_extra_headers(value: object) -> Dict[object, object]:
-    """Validate ``extra_headers`` (object, minProperties 1, ``^[^:]+$`` -> string)."""
+    """Validate C{extra_headers} (object, minProperties 1, C{^[^:]+$} -> string)."""
     check_type("extra_headers", value, "object")
     mapping: Mapping[object, object] = value if isinstance(value, Mapping) else {}
     # api7/jsonschema walks patternProperties before counting properties, so a
@@ -382,10 +382,10 @@ def check_forward_auth(conf: object) -> Dict[str, object]:
     """Validate one forward-auth plugin conf (parsed JSON/YAML).
 
     Returns a NEW dict with defaults filled in for every attribute except
-    ``extra_headers`` (left absent when not given). Unknown keys are kept
-    as-is; the input is never mutated. Raises :class:`SchemaError` with the
+    C{extra_headers} (left absent when not given). Unknown keys are kept
+    as-is; the input is never mutated. Raises L{SchemaError} with the
     exact APISIX message on the first failure, checking properties in
-    :data:`FORWARD_AUTH_PROPERTY_ORDER`.
+    L{FORWARD_AUTH_PROPERTY_ORDER}.
     """
     if not is_object(conf):
         # The root has no property name, so no "property ..." prefix.
@@ -407,9 +407,11 @@ def check_forward_auth(conf: object) -> Dict[str, object]:
 def security_warnings(conf: Mapping[str, object]) -> List[str]:
     """Config-time security warnings APISIX logs for a forward-auth conf.
 
-    * ``uri`` not starting with ``https`` (case-sensitive, as APISIX's
-      ``core.utils.check_https``) -> no-TLS warning;
-    * ``ssl_verify`` explicitly ``false`` -> ssl_verify warning.
+    One warning is returned per problem found:
+
+      - C{uri} not starting with C{https} (case-sensitive, as APISIX's
+        C{core.utils.check_https}) -> no-TLS warning;
+      - C{ssl_verify} explicitly C{false} -> ssl_verify warning.
     """
     warnings: List[str] = []
     uri = conf.get("uri")

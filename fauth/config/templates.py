@@ -39,11 +39,11 @@ MISSING = object()
 
 
 class _LuaNull:
-    """Singleton standing for cjson's ``null`` userdata.
+    """Singleton standing for cjson's C{null} userdata.
 
-    Lookups must distinguish "missing" (``None``, so ``??`` defaults apply)
-    from a JSON ``null`` that is present (APISIX renders it as
-    ``userdata: NULL`` and does not apply the default).
+    Lookups must distinguish "missing" (C{None}, so C{??} defaults apply)
+    from a JSON C{null} that is present (APISIX renders it as
+    C{userdata: NULL} and does not apply the default).
     """
 
     __slots__ = ()
@@ -55,17 +55,17 @@ class _LuaNull:
         return False
 
 
-#: The JSON ``null`` value as returned by :meth:`RequestVariables.lookup`.
+#: The JSON C{null} value as returned by L{RequestVariables.lookup}.
 NULL = _LuaNull()
 
 
 def lua_tostring(value: object) -> str:
-    """Stringify *value* the way Lua's ``tostring`` would in APISIX.
+    """Stringify I{value} the way Lua's C{tostring} would in APISIX.
 
-    ``bool`` -> ``true``/``false``; ``int`` -> decimal; ``float`` ->
-    ``%.14g`` (LuaJIT's number format); ``None``/:data:`NULL` ->
-    ``userdata: NULL``; ``dict``/``list``/``tuple`` -> ``table: 0x<id>``;
-    ``bytes`` -> latin-1 text; ``str`` unchanged.
+    C{bool} -> C{true}/C{false}; C{int} -> decimal; C{float} ->
+    C{%.14g} (LuaJIT's number format); C{None}/L{NULL} ->
+    C{userdata: NULL}; C{dict}/C{list}/C{tuple} -> C{table: 0x<id>};
+    C{bytes} -> latin-1 text; C{str} unchanged.
     """
     cls = value.__class__
     if cls is str:
@@ -99,25 +99,25 @@ def to_byte_string(text: str) -> str:
 
 
 class VariableSource(Protocol):
-    """Anything that can resolve a variable name for :meth:`Template.render`."""
+    """Anything that can resolve a variable name for L{Template.render}."""
 
     def lookup(self, name: str) -> Optional[Any]:
-        """Return the variable's value, or ``None`` when it is missing."""
+        """Return the variable's value, or C{None} when it is missing."""
         ...
 
 
 @attrs.frozen
 class VarRef:
-    """A ``$name`` / ``${name ?? default}`` reference inside a template."""
+    """A C{$name} / C{${name ?? default}} reference inside a template."""
 
     name: str
-    #: Text used when the variable is missing; ``None`` when no ``??`` given.
+    #: Text used when the variable is missing; C{None} when no C{??} given.
     default: Optional[str] = None
 
 
-# ``$name`` is greedy over [A-Za-z0-9_.] so ``$post_arg.a.b`` is one name;
-# the braced form allows whitespace and an optional ``?? default`` (trailing
-# whitespace before ``}`` is trimmed).  ``\$`` is left untouched.
+# C{$name} is greedy over [A-Za-z0-9_.] so C{$post_arg.a.b} is one name;
+# the braced form allows whitespace and an optional C{?? default} (trailing
+# whitespace before the closing brace is trimmed).  C{\$} is left untouched.
 _VAR_RE = re.compile(
     r"(?<!\\)\$(?:"
     r"\{\s*([A-Za-z0-9_.]+)\s*(?:\?\?\s*([^}]*?)\s*)?\}"
@@ -129,7 +129,7 @@ _Part = Union[str, VarRef]
 
 
 def _parse(source: str) -> Tuple[_Part, ...]:
-    """Split *source* into literal strings and :class:`VarRef` parts."""
+    """Split I{source} into literal strings and L{VarRef} parts."""
     if "$" not in source:
         return (source,) if source else ()
     parts: List[_Part] = []
@@ -150,12 +150,12 @@ def _parse(source: str) -> Tuple[_Part, ...]:
 
 @attrs.frozen
 class Template:
-    """A parsed ``extra_headers`` value; build it once, render per request.
+    """A parsed C{extra_headers} value; build it once, render per request.
 
-    Output convention: :meth:`render` returns a latin-1 "byte string" (one
+    Output convention: L{render} returns a latin-1 "byte string" (one
     character per byte).  Literal text from the configuration is held as its
-    UTF-8 bytes, request data as the raw bytes, so ``render(v).encode(
-    "latin-1")`` -- or simply :meth:`render_bytes` -- gives exactly the bytes
+    UTF-8 bytes, request data as the raw bytes, so C{render(v).encode(
+    "latin-1")} -- or simply L{render_bytes} -- gives exactly the bytes
     APISIX would send.  For ASCII templates this is plain text.
     """
 
@@ -186,7 +186,7 @@ class Template:
 
     @property
     def parts(self) -> Tuple[_Part, ...]:
-        """The compiled parts: literal ``str`` and :class:`VarRef` items."""
+        """The compiled parts: literal C{str} and L{VarRef} items."""
         return self._parts
 
     @property
@@ -195,11 +195,11 @@ class Template:
         return not self._ops
 
     def render(self, variables: VariableSource) -> str:
-        """Substitute variables from *variables* and return the text.
+        """Substitute variables from I{variables} and return the text.
 
-        A missing variable (``lookup`` returned ``None``) becomes its ``??``
+        A missing variable (C{lookup} returned C{None}) becomes its C{??}
         default or the empty string; other values go through
-        :func:`lua_tostring`.  A variable-free template returns its source
+        L{lua_tostring}.  A variable-free template returns its source
         (as a byte string, i.e. unchanged when ASCII) without any lookup.
         """
         ops = self._ops
@@ -222,7 +222,7 @@ class Template:
         return "".join(out)
 
     def render_bytes(self, variables: VariableSource) -> bytes:
-        """:meth:`render`, encoded to the bytes to put on the wire."""
+        """L{render}, encoded to the bytes to put on the wire."""
         text = self.render(variables)
         try:
             return text.encode("latin-1")
@@ -233,5 +233,5 @@ class Template:
 
 
 def compile_template(value: str) -> Template:
-    """Parse *value* once into a reusable :class:`Template`."""
+    """Parse I{value} once into a reusable L{Template}."""
     return Template(value)

@@ -1,16 +1,16 @@
 # -*- test-case-name: tests.process.test_demo -*-
 """In-process demo services started by the quickstart configuration.
 
-Two plain ``twisted.web`` leaf resources stand in for the outside world, so
+Two plain C{twisted.web} leaf resources stand in for the outside world, so
 that a fresh checkout can show the gateway working end to end:
 
-* :class:`DemoAuthResource`, a mock forward-auth service modelled on the one
-  in APISIX's ``forward-auth`` tests;
-* :class:`EchoResource`, a small httpbin-like upstream that echoes what it
-  received (headers, body digest, ...) so a caller can see what the gateway
-  forwarded.
+  - L{DemoAuthResource}, a mock forward-auth service modelled on the one
+    in APISIX's C{forward-auth} tests;
+  - L{EchoResource}, a small httpbin-like upstream that echoes what it
+    received (headers, body digest, ...) so a caller can see what the gateway
+    forwarded.
 
-:func:`demo_services` wraps both into a ``MultiService`` listening on Twisted
+L{demo_services} wraps both into a C{MultiService} listening on Twisted
 endpoint descriptions.  Nothing here imports the global reactor: it is always
 passed in.
 """
@@ -47,12 +47,12 @@ __all__ = [
     "quiet_site",
 ]
 
-#: Name of the auth child service inside :func:`demo_services`' result.
+#: Name of the auth child service inside L{demo_services}' result.
 AUTH_SERVICE_NAME = "demo-auth"
-#: Name of the echo upstream child service inside :func:`demo_services`' result.
+#: Name of the echo upstream child service inside L{demo_services}' result.
 UPSTREAM_SERVICE_NAME = "demo-upstream"
 
-#: Upper bound for ``/bytes/<n>``: large enough for throughput tests, small
+#: Upper bound for C{/bytes/<n>}: large enough for throughput tests, small
 #: enough that a typo cannot make the demo stream for minutes.
 MAX_BYTES = 100 * 1024 * 1024
 
@@ -75,14 +75,14 @@ def _respond(
     headers: _HeaderList = (),
 ) -> object:
     """
-    Send a complete response with an explicit ``Content-Length``.
+    Send a complete response with an explicit C{Content-Length}.
 
-    Writing (rather than returning the body from ``render``) keeps HEAD
+    Writing (rather than returning the body from C{render}) keeps HEAD
     responses honest: Twisted sends the headers, including the length the
     GET would have had, and drops the body.  An explicit length also keeps
     the connection reusable (no chunked encoding, no close).
 
-    @return: ``NOT_DONE_YET``, for ``render`` to return.
+    @return: C{NOT_DONE_YET}, for C{render} to return.
     """
     request.setResponseCode(code)
     for name, value in headers:
@@ -98,7 +98,7 @@ def _respond(
 
 
 def _respond_json(request: Request, code: int, payload: Any) -> object:
-    """Send ``payload`` as a JSON document (see L{_respond})."""
+    """Send C{payload} as a JSON document (see L{_respond})."""
     body = json.dumps(payload).encode("utf-8")
     return _respond(request, code, body, _APPLICATION_JSON)
 
@@ -107,11 +107,11 @@ class DemoAuthResource(Resource):
     """
     Mock forward-auth service, answering any method on any path.
 
-    * ``/auth``: 200 with ``X-User-ID: i-am-user`` when the request carries a
-      non-empty ``tenant_id`` header, else 400 ``tenant_id is required``.
-    * any other path, by ``Authorization``: ``123`` → 200; ``321`` → 200 with
-      ``X-User-ID: i-am-user``; anything else (or none) → 403 with
-      ``Location: http://example.com/auth`` and ``X-Forward-Auth: Fail``.
+      - C{/auth}: 200 with C{X-User-ID: i-am-user} when the request carries a
+        non-empty C{tenant_id} header, else 400 C{tenant_id is required}.
+      - any other path, by C{Authorization}: C{123} → 200; C{321} → 200 with
+        C{X-User-ID: i-am-user}; anything else (or none) → 403 with
+        C{Location: http://example.com/auth} and C{X-Forward-Auth: Fail}.
     """
 
     isLeaf = True
@@ -142,16 +142,16 @@ class DemoAuthResource(Resource):
 
 
 def _decode_component(raw: bytes) -> str:
-    """Decode one ``application/x-www-form-urlencoded`` name or value."""
+    """Decode one C{application/x-www-form-urlencoded} name or value."""
     return unquote_to_bytes(raw.replace(b"+", b" ")).decode("utf-8", "replace")
 
 
 def _parse_urlencoded(data: bytes) -> Dict[str, str]:
     """
-    Parse a query string or urlencoded form into ``{name: first value}``.
+    Parse a query string or urlencoded form into C{{name: first value}}.
 
     Works on bytes so undecodable input degrades to U+FFFD rather than
-    raising (``urllib.parse.parse_qs`` on bytes insists on ASCII).
+    raising (C{urllib.parse.parse_qs} on bytes insists on ASCII).
     """
     result: Dict[str, str] = {}
     for part in data.split(b"&"):
@@ -170,10 +170,10 @@ def _media_type(request: Request) -> bytes:
 
 def _echo_headers(request: Request) -> Dict[str, str]:
     """
-    Return the request headers as ``{Canonical-Name: "v1,v2"}``.
+    Return the request headers as C{{Canonical-Name: "v1,v2"}}.
 
     Values are decoded as latin-1 so the mapping is lossless: a test can
-    ``.encode("latin-1")`` a value to get the exact bytes that arrived.
+    C{.encode("latin-1")} a value to get the exact bytes that arrived.
     """
     return {
         name.decode("latin-1"): ",".join(v.decode("latin-1") for v in values)
@@ -224,11 +224,11 @@ def _describe(request: Request) -> Dict[str, Any]:
 @implementer(IPushProducer)
 class _RepeatedBytesProducer:
     """
-    Stream ``total`` bytes of ``b"x"`` into a request, honouring backpressure.
+    Stream C{total} bytes of C{b"x"} into a request, honouring backpressure.
 
     It writes 64 KiB chunks until the transport pauses it (Twisted calls
-    ``pauseProducing`` from inside ``write`` once its send buffer is full),
-    so at most about one buffer's worth is held in memory whatever ``total``.
+    C{pauseProducing} from inside C{write} once its send buffer is full),
+    so at most about one buffer's worth is held in memory whatever C{total}.
     """
 
     def __init__(self, request: Request, total: int) -> None:
@@ -278,7 +278,7 @@ class _RepeatedBytesProducer:
 
 
 def _parse_int(segment: bytes) -> Optional[int]:
-    """Return ``segment`` as a non-negative int, or None if it is not one."""
+    """Return C{segment} as a non-negative int, or None if it is not one."""
     if not segment.isdigit():
         return None
     return int(segment)
@@ -288,14 +288,14 @@ class EchoResource(Resource):
     """
     httpbin-like echo upstream.
 
-    * ``GET|HEAD /headers`` → ``{"headers": {...}}``;
-    * ``/anything[/...]`` (any method) and ``POST /post`` → a description of
-      the request: method, url, args, headers, data, json, form, sha256 and
-      length of the body;
-    * ``GET|HEAD /status/<code>`` → that status, empty body;
-    * ``GET|HEAD /bytes/<n>`` → ``n`` bytes of ``b"x"`` (at most
-      L{MAX_BYTES}), streamed;
-    * anything else → 404 ``{"error": "not found"}``.
+      - C{GET|HEAD /headers} → C{{"headers": {...}}};
+      - C{/anything[/...]} (any method) and C{POST /post} → a description of
+        the request: method, url, args, headers, data, json, form, sha256 and
+        length of the body;
+      - C{GET|HEAD /status/<code>} → that status, empty body;
+      - C{GET|HEAD /bytes/<n>} → C{n} bytes of C{b"x"} (at most
+        L{MAX_BYTES}), streamed;
+      - anything else → 404 C{{"error": "not found"}}.
     """
 
     isLeaf = True
@@ -327,7 +327,7 @@ class EchoResource(Resource):
         return _respond(request, code)
 
     def _bytes(self, request: Request, segment: bytes) -> object:
-        """Stream ``n`` bytes with a push producer."""
+        """Stream C{n} bytes with a push producer."""
         count = _parse_int(segment)
         if count is None:
             return _respond_json(request, 400, {"error": "invalid byte count"})
@@ -345,18 +345,18 @@ class EchoResource(Resource):
 
 
 class _QuietSite(Site):
-    """A ``Site`` that writes no access log: the demo is not what is measured."""
+    """A C{Site} that writes no access log: the demo is not what is measured."""
 
     def log(self, request: HTTPRequest) -> None:
-        """Do nothing (``Site.log`` formats a line per request)."""
+        """Do nothing (C{Site.log} formats a line per request)."""
 
 
 def quiet_site(resource: IResource, reactor: Optional[IReactorCore] = None) -> Site:
     """
-    Return a ``Site`` serving ``resource`` without access logging.
+    Return a C{Site} serving C{resource} without access logging.
 
     @param reactor: the reactor the site uses for its timeouts and cached
-        ``Date`` header; None means Twisted's global one (resolved lazily
+        C{Date} header; None means Twisted's global one (resolved lazily
         by Twisted, not imported here).
     """
     return _QuietSite(resource, reactor=reactor)
@@ -370,11 +370,11 @@ def demo_services(
 
     @param reactor: the reactor to listen with.
     @param auth_endpoint: server endpoint description for
-        L{DemoAuthResource}, e.g. ``"tcp:9999:interface=127.0.0.1"``.
+        L{DemoAuthResource}, e.g. C{"tcp:9999:interface=127.0.0.1"}.
     @param upstream_endpoint: server endpoint description for L{EchoResource}.
-    @return: a ``MultiService`` with two ``StreamServerEndpointService``
+    @return: a C{MultiService} with two C{StreamServerEndpointService}
         children named L{AUTH_SERVICE_NAME} and L{UPSTREAM_SERVICE_NAME}
-        (their ``factory`` attribute is the ``Site``).
+        (their C{factory} attribute is the C{Site}).
     """
     parent = MultiService()
     children: List[Tuple[str, str, Resource]] = [
