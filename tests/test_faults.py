@@ -31,7 +31,7 @@ import hashlib
 import os
 import socket
 import time
-from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Union
 
 import attr
 import pytest
@@ -45,6 +45,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Cooperator, deferLater
 from zope.interface import implementer
 
+from tests.rawserver import Handler, RawConnection, RawServer, Seen
 from tests.harness import GatewayUnderTest, LogCapture, raw_request, start_gateway
 
 MiB = 1024 * 1024
@@ -97,125 +98,6 @@ def _describe_fds(fds: Any) -> List[str]:
 
 # ---------------------------------------------------------------------------
 # A raw HTTP/1.1 server whose next answer(s) can be made to misbehave
-
-
-@attr.s(auto_attribs=True)
-class Seen:
-    conn: int
-    method: bytes
-    target: bytes
-    headers: List[Tuple[bytes, bytes]]
-    body: bytes
-
-    def values(self, name: bytes) -> List[bytes]:
-        return [v for n, v in self.headers if n.lower() == name.lower()]
-
-
-class RawConnection(Protocol):
-    """Parses requests (Content-Length framing only) and answers each with the server's next handler."""
-
-    def __init__(self, server: "RawServer", index: int) -> None:
-        self.server = server
-        self.index = index
-        self.buffer = b""
-        self.lost = False
-        self.clean_close: Optional[bool] = None
-        self.faulted = False
-        self.flood: Optional["Flood"] = None
-
-    def connectionMade(self) -> None:
-        self.server.connections.append(self)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.buffer += data
-        while not self.lost:
-            head, sep, rest = self.buffer.partition(b"\r\n\r\n")
-            if not sep:
-                return
-            lines = head.split(b"\r\n")
-            method, target, _ = lines[0].split(b" ", 2)
-            headers = []
-            for line in lines[1:]:
-                name, _, value = line.partition(b":")
-                headers.append((name, value.strip()))
-            length = sum(int(v) for n, v in headers if n.lower() == b"content-length")
-            if len(rest) < length:
-                return
-            self.buffer = rest[length:]
-            self.server.requests.append(Seen(self.index, method, target, headers, rest[:length]))
-            handler = self.server.take_handler()
-            if handler is not self.server.normal:
-                self.faulted = True
-            handler(self, self.server.requests[-1])
-
-    def write(self, data: bytes) -> None:
-        self.transport.write(data)
-
-    def respond(self, status: int = 200, headers: Tuple[Tuple[bytes, bytes], ...] = (), body: bytes = b"") -> None:
-        lines = [b"HTTP/1.1 %d X" % status, b"Content-Length: %d" % len(body)]
-        lines.extend(b"%s: %s" % h for h in headers)
-        self.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.lost = True
-        self.clean_close = bool(reason is not None and reason.check(net_error.ConnectionDone))
-        if self.flood is not None:
-            self.flood.stopProducing()
-
-
-Handler = Callable[[RawConnection, Seen], None]
-
-
-class RawServer:
-    """
-    A loopback server answering with C{normal}, except for requests that
-    find a handler queued by L{arm} (each used once).  Every connection is
-    kept in C{connections}, so tests see which ones are still open.
-    """
-
-    def __init__(self, reactor: Any, normal: Handler) -> None:
-        self.reactor = reactor
-        self.normal = normal
-        self.connections: List[RawConnection] = []
-        self.requests: List[Seen] = []
-        self._queued: List[Handler] = []
-        self.port: Any = None
-        self.port_number = 0
-        self.factory = Factory()
-        self.factory.noisy = False
-        self.factory.buildProtocol = self._build  # type: ignore[assignment]
-
-    def _build(self, addr: Any) -> RawConnection:
-        return RawConnection(self, len(self.connections) + 1)
-
-    def arm(self, handler: Handler) -> None:
-        self._queued.append(handler)
-
-    def take_handler(self) -> Handler:
-        return self._queued.pop(0) if self._queued else self.normal
-
-    async def listen(self) -> None:
-        endpoint = TCP4ServerEndpoint(self.reactor, self.port_number, interface="127.0.0.1")
-        self.port = await endpoint.listen(self.factory)
-        self.port_number = self.port.getHost().port
-
-    async def stop_listening(self) -> None:
-        if self.port is not None:
-            port, self.port = self.port, None
-            await port.stopListening()
-
-    @property
-    def open_connections(self) -> List[RawConnection]:
-        return [c for c in self.connections if not c.lost]
-
-    @property
-    def netloc(self) -> str:
-        return "127.0.0.1:%d" % self.port_number
-
-    async def close(self) -> None:
-        for conn in self.open_connections:
-            conn.transport.abortConnection()
-        await self.stop_listening()
 
 
 def auth_ok(conn: RawConnection, seen: Seen) -> None:

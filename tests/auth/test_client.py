@@ -20,7 +20,7 @@ import pytest_twisted
 from pytest_twisted import async_yield_fixture
 from treq.client import HTTPClient
 from twisted.internet.defer import ensureDeferred, gatherResults
-from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.web.resource import Resource
@@ -28,6 +28,7 @@ from twisted.web.resource import Resource
 from fauth.wire.agent import NoCookies
 from fauth.auth.client import AuthCallError, AuthClient, AuthTarget
 from tests.harness import GatewayUnderTest, LogCapture, raw_request, start_gateway
+from tests.rawserver import RawConnection, RawServer, Seen
 from tests.servers import listen_on_loopback
 
 FAILED = "failed to process forward auth, err: "
@@ -35,115 +36,15 @@ ONE_MIB = 1024 * 1024  # the cap on an auth body (authclient.MAX_AUTH_BODY)
 
 
 # ---------------------------------------------------------------------------
-# A scriptable raw auth service
+# The auth service: a raw server whose handlers take (seen, conn)
+
+AuthConnection = RawConnection
+AuthServer = RawServer
+Handler = Callable[[Seen, RawConnection], None]
 
 
-class Seen:
-    """One request as the auth service received it."""
-
-    def __init__(self, conn: int, method: bytes, target: bytes, headers: List[Tuple[bytes, bytes]], body: bytes) -> None:
-        self.conn = conn
-        self.method = method
-        self.target = target
-        self.headers = headers
-        self.body = body
-
-    def names(self) -> List[bytes]:
-        return [name.lower() for name, _ in self.headers]
-
-    def values(self, name: bytes) -> List[bytes]:
-        return [v for n, v in self.headers if n.lower() == name.lower()]
-
-
-class AuthConnection(Protocol):
-    """Parses requests (Content-Length framing only) and hands each to the handler."""
-
-    def __init__(self, server: "AuthServer", index: int) -> None:
-        self.server = server
-        self.index = index
-        self.buffer = b""
-        self.lost = False
-        self.lost_at: Optional[float] = None
-        self.closed_by_us = False
-
-    def connectionMade(self) -> None:
-        self.server.opened.append(self)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.buffer += data
-        while not self.lost and not self.closed_by_us:
-            head, sep, rest = self.buffer.partition(b"\r\n\r\n")
-            if not sep:
-                return
-            lines = head.split(b"\r\n")
-            method, target, _ = lines[0].split(b" ", 2)
-            headers = []
-            for line in lines[1:]:
-                name, _, value = line.partition(b":")
-                headers.append((name, value.strip()))
-            length = 0
-            for name, value in headers:
-                if name.lower() == b"content-length":
-                    length = int(value)
-            if len(rest) < length:
-                return
-            self.buffer = rest[length:]
-            seen = Seen(self.index, method, target, headers, rest[:length])
-            self.server.requests.append(seen)
-            self.server.handler(seen, self)
-
-    def respond(self, status: int = 200, headers: Sequence[Tuple[bytes, bytes]] = (), body: bytes = b"") -> None:
-        lines = [b"HTTP/1.1 %d X" % status, b"Content-Length: %d" % len(body)]
-        lines.extend(b"%s: %s" % (n, v) for n, v in headers)
-        self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
-
-    def close(self) -> None:
-        self.closed_by_us = True
-        self.transport.loseConnection()
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.lost = True
-        self.lost_at = self.server.reactor.seconds()
-
-
-Handler = Callable[[Seen, AuthConnection], None]
-
-
-def answer_200(seen: Seen, conn: AuthConnection) -> None:
+def answer_200(seen: Seen, conn: RawConnection) -> None:
     conn.respond(200)
-
-
-class AuthServer:
-    """A raw auth service; C{handler} decides what each request gets."""
-
-    def __init__(self, reactor: Any, handler: Handler = answer_200) -> None:
-        self.reactor = reactor
-        self.handler = handler
-        self.opened: List[AuthConnection] = []
-        self.requests: List[Seen] = []
-        self.port: Any = None
-        self.scheme = "http"
-        self.factory = Factory()
-        self.factory.noisy = False
-        self.factory.buildProtocol = self._build  # type: ignore[assignment]
-        self.made = 0
-
-    def _build(self, addr: Any) -> AuthConnection:
-        self.made += 1
-        return AuthConnection(self, self.made)
-
-    @property
-    def open_connections(self) -> List[AuthConnection]:
-        return [c for c in self.opened if not c.lost]
-
-    def url(self, path: str = "/auth") -> str:
-        return "%s://127.0.0.1:%d%s" % (self.scheme, self.port.getHost().port, path)
-
-    async def stop(self) -> None:
-        for conn in self.open_connections:
-            conn.transport.abortConnection()
-        if self.port is not None:
-            await self.port.stopListening()
 
 
 class Upstream(Resource):
@@ -177,15 +78,9 @@ class Env:
         self._cleanups.append(self.upstream_port.stopListening)
 
     async def auth(self, handler: Handler = answer_200, tls: Optional[Tuple[str, str]] = None) -> AuthServer:
-        server = AuthServer(self.reactor, handler)
-        if tls is None:
-            server.port = await TCP4ServerEndpoint(self.reactor, 0, interface="127.0.0.1").listen(server.factory)
-        else:
-            key, cert = tls
-            description = "ssl:0:interface=127.0.0.1:privateKey=%s:certKey=%s" % (key, cert)
-            server.port = await serverFromString(self.reactor, description).listen(server.factory)
-            server.scheme = "https"
-        self._cleanups.append(server.stop)
+        server = RawServer(self.reactor, lambda conn, seen: handler(seen, conn))
+        await server.listen(tls)
+        self._cleanups.append(server.close)
         return server
 
     def doc(self, auth_uri: str, trusted: Optional[str] = None, **plugin: Any) -> Dict[str, Any]:
@@ -297,7 +192,7 @@ async def test_keepalive_reuses_one_connection_for_sequential_requests(env: Env)
     for _ in range(20):
         assert (await request(gw)).status == 200
     assert len(auth.requests) == 20
-    assert auth.made == 1
+    assert len(auth.connections) == 1
     assert {s.conn for s in auth.requests} == {1}
     # Keep-alive is HTTP/1.1's default: no Connection header is sent.
     assert auth.requests[0].values(b"connection") == []
@@ -309,11 +204,11 @@ async def test_keepalive_false_opens_and_closes_a_connection_per_request(env: En
     gw = await env.gateway(auth.url(), keepalive=False)
     for _ in range(5):
         assert (await request(gw)).status == 200
-    assert auth.made == 5
+    assert len(auth.connections) == 5
     assert [s.conn for s in auth.requests] == [1, 2, 3, 4, 5]
     # The gateway closes each one itself; nothing is kept for reuse.
     assert await eventually(env.reactor, lambda: not auth.open_connections)
-    assert not any(c.closed_by_us for c in auth.opened)
+    assert not any(c.closed_by_us for c in auth.connections)
 
 
 @pytest_twisted.ensureDeferred
@@ -326,7 +221,7 @@ async def test_keepalive_timeout_closes_idle_connection(env: Env) -> None:
     await deferLater(env.reactor, 0.5, lambda: None)
     assert len(auth.open_connections) == 1, "closed well before keepalive_timeout"
     assert await eventually(env.reactor, lambda: not auth.open_connections, timeout=2.5)
-    conn = auth.opened[0]
+    conn = auth.connections[0]
     assert not conn.closed_by_us
     assert conn.lost_at is not None
     assert 0.8 <= conn.lost_at - answered <= 2.0
@@ -346,15 +241,15 @@ async def test_keepalive_pool_bounds_idle_connections_after_a_burst(env: Env) ->
     gw = await env.gateway(auth.url(), keepalive_pool=3)
     replies = await gatherResults([ensureDeferred(request(gw)) for _ in range(10)])
     assert [r.status for r in replies] == [200] * 10
-    assert auth.made == 10
+    assert len(auth.connections) == 10
     assert await eventually(env.reactor, lambda: len(auth.open_connections) <= 3)
     await deferLater(env.reactor, 0.05, lambda: None)
     assert len(auth.open_connections) == 3
-    assert not any(c.closed_by_us for c in auth.opened)
+    assert not any(c.closed_by_us for c in auth.connections)
     # The survivors are reused.
-    auth.handler = answer_200
+    auth.normal = lambda conn, seen: answer_200(seen, conn)
     assert (await request(gw)).status == 200
-    assert auth.made == 10
+    assert len(auth.connections) == 10
 
 
 # ---------------------------------------------------------------------------
@@ -384,7 +279,7 @@ async def test_timeout_covers_whole_exchange(env: Env, handler: Handler) -> None
     assert logs.contains(FAILED + "timeout")
     # The half-read connection is dropped, not returned to the pool.
     assert await eventually(env.reactor, lambda: not auth.open_connections)
-    assert not auth.opened[0].closed_by_us
+    assert not auth.connections[0].closed_by_us
 
 
 @pytest.mark.parametrize("handler", [stall_body, never_answer], ids=["body-stalls", "never-answers"])
@@ -492,7 +387,7 @@ async def test_stale_pooled_connection_closed_while_idle(env: Env) -> None:
     with LogCapture() as logs:
         assert (await request(gw)).status == 200
     assert not logs.contains(FAILED)
-    assert auth.made == 2
+    assert len(auth.connections) == 2
 
 
 @pytest_twisted.ensureDeferred
