@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from fauth.edge.gateway import Gateway
 
 __all__ = [
+    "CACHE_RESULTS",
     "DURATION_BUCKETS",
     "OUTCOMES",
     "Exchange",
@@ -55,6 +56,14 @@ _BUCKET_LABELS = tuple(floatToGoString(b) for b in DURATION_BUCKETS) + ("+Inf",)
 
 #: Values of the C{outcome} label of C{fauth_auth_decisions_total}.
 OUTCOMES = ("allow", "deny", "error", "degraded", "rejected")
+
+#: Values of the C{result} label of C{fauth_auth_cache_total}, and of a
+#: decision's C{cache}: C{hit} (a stored decision), C{miss} (the auth
+#: service was asked), C{coalesced} (shared an identical request's call in
+#: flight), C{stale} (an expired allow, served while the auth service
+#: fails), C{uncacheable} (asked; its answer forbade reuse: C{no-store},
+#: C{private}, C{no-cache}, C{max-age=0} or C{Set-Cookie}).
+CACHE_RESULTS = ("hit", "miss", "coalesced", "stale", "uncacheable")
 
 #: The C{status} of a request whose client went away before a response
 #: started (nginx's convention).
@@ -92,14 +101,17 @@ class RouteMetrics:
 
     @ivar statuses: responses per status code.
     @ivar decisions: auth decisions per outcome (see L{OUTCOMES}).
+    @ivar cache: decisions of a route with C{cache} by how the cache made
+        them (see L{CACHE_RESULTS}).
     """
 
-    __slots__ = ("route", "statuses", "decisions", "auth", "upstream")
+    __slots__ = ("route", "statuses", "decisions", "cache", "auth", "upstream")
 
     def __init__(self, route: str) -> None:
         self.route = route
         self.statuses: Dict[int, int] = {}
         self.decisions: Dict[str, int] = dict.fromkeys(OUTCOMES, 0)
+        self.cache: Dict[str, int] = dict.fromkeys(CACHE_RESULTS, 0)
         self.auth = Histogram()
         self.upstream = Histogram()
 
@@ -146,6 +158,9 @@ class Exchange:
         outcome = decision.outcome
         route = self.route
         route.decisions[outcome] += 1
+        cached = decision.cache
+        if cached is not None:
+            route.cache[cached] += 1
         if outcome != "rejected":  # 413: the auth service was not asked
             self.auth_s = seconds = self._clock() - self._auth_start
             route.auth.observe(seconds)
@@ -245,10 +260,13 @@ class GatewayCollector:
         conf = m.gateway.conf
         # Routes of the current table appear (at zero) before their first request.
         auth_routes = set()
+        cache_routes = set()
         for route_conf in conf.routes:
             m.route(route_conf.id)
             if route_conf.forward_auth is not None:
                 auth_routes.add(route_conf.id)
+                if route_conf.forward_auth.cache is not None:
+                    cache_routes.add(route_conf.id)
         everything = [m.unrouted] + [m.routes[k] for k in sorted(m.routes)]
 
         requests = CounterMetricFamily(
@@ -279,13 +297,24 @@ class GatewayCollector:
             "Time from sending a request upstream to its response headers (failed exchanges are not observed).",
             labels=["route"],
         )
+        cache = CounterMetricFamily(
+            "fauth_auth_cache",
+            "Forward-auth decisions of routes with a cache: hit (stored decision), miss (auth service asked), "
+            "coalesced (shared an identical call in flight), stale (expired allow served while the auth "
+            "service failed), uncacheable (asked; the answer forbade reuse).",
+            labels=["route", "result"],
+        )
         for r in everything[1:]:
             if r.route in auth_routes or any(r.decisions.values()):
                 for outcome in OUTCOMES:
                     decisions.add_metric([r.route, outcome], r.decisions[outcome])
                 auth.add_metric([r.route], r.auth.cumulative(), r.auth.sum)
+            if r.route in cache_routes or any(r.cache.values()):
+                for result in CACHE_RESULTS:
+                    cache.add_metric([r.route, result], r.cache[result])
             upstream.add_metric([r.route], r.upstream.cumulative(), r.upstream.sum)
         yield decisions
+        yield cache
         yield auth
         yield upstream
 
