@@ -1,7 +1,8 @@
 """
 The decision cache through a real gateway on loopback: 1,000 users
 interleaved, each upstream request checked for its own user's identity;
-the metrics and the access log of cached decisions.
+the metrics and the access log of cached decisions; clients going away
+from a shared call.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import pytest
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import DeferredSemaphore, ensureDeferred, gatherResults
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.web import server
 from twisted.web.resource import Resource
 
@@ -23,6 +26,7 @@ from fauth.edge.resources import GatewayResource, GatewaySite
 from fauth.observe.accesslog import AccessLog
 from fauth.observe.metrics import GatewayMetrics
 from tests.harness import raw_request
+from tests.test_auth_leg import AuthConnection, Env, env, eventually, request  # noqa: F401 (env: fixture)
 from tests.servers import listen_on_loopback
 
 USERS = 1000
@@ -168,3 +172,71 @@ async def test_1000_interleaved_users_each_reach_the_upstream_as_themselves(key:
         await auth_port.stopListening()
         await echo_port.stopListening()
 
+
+
+# ---------------------------------------------------------------------------
+# Clients going away from a shared call, on real sockets
+
+
+class _Hanging(Protocol):
+    """Sends one request and keeps the connection until aborted."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self.received = b""
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.payload)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+async def _send(reactor: Any, port: int, token: str) -> _Hanging:
+    payload = ("GET /hello HTTP/1.1\r\nHost: localhost\r\nAuthorization: %s\r\n\r\n" % token).encode()
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    return await endpoint.connect(Factory.forProtocol(lambda: _Hanging(payload)))
+
+
+@pytest_twisted.ensureDeferred
+async def test_clients_leaving_a_shared_call_through_the_gateway(env: Env) -> None:
+    held: List[AuthConnection] = []
+    auth = await env.auth(lambda seen, conn: held.append(conn))
+    gw = await env.gateway(
+        auth.url(), request_headers=["Authorization"], upstream_headers=["X-User-ID"], cache={"ttl": 30}
+    )
+    cache = gw.gateway.decision_cache("1")
+    assert cache is not None
+
+    def waiting() -> int:
+        return sum(f.waiting for f in cache.flights.values())
+
+    # One client starts the call, a second joins it, the first goes away.
+    first = await _send(env.reactor, gw.port_number, "t1")
+    assert await eventually(env.reactor, lambda: len(held) == 1)
+    survivor = ensureDeferred(request(gw, headers=[("Authorization", "t1")]))
+    assert await eventually(env.reactor, lambda: waiting() == 2)
+    first.transport.abortConnection()
+    assert await eventually(env.reactor, lambda: waiting() == 1)
+    await deferLater(env.reactor, 0.05, lambda: None)
+    assert not held[0].lost, "the shared call was cancelled while a client still waited"
+    held[0].respond(200, [(b"X-User-ID", b"user-1")])
+    reply = await survivor
+    assert reply.status == 200
+    assert env.upstream.seen[-1].getRawHeaders(b"x-user-id") == [b"user-1"]
+    assert len(auth.requests) == 1
+
+    # Two clients share a call and both go away: the last one cancels it,
+    # which closes the auth connection (nothing half-read goes back to the pool).
+    a = await _send(env.reactor, gw.port_number, "t2")
+    assert await eventually(env.reactor, lambda: len(held) == 2)
+    b = await _send(env.reactor, gw.port_number, "t2")
+    assert await eventually(env.reactor, lambda: waiting() == 2)
+    a.transport.abortConnection()
+    assert await eventually(env.reactor, lambda: waiting() == 1)
+    await deferLater(env.reactor, 0.05, lambda: None)
+    assert not held[1].lost
+    b.transport.abortConnection()
+    assert await eventually(env.reactor, lambda: held[1].lost)
+    assert cache.flights == {}
+    assert len(auth.requests) == 2
