@@ -135,12 +135,11 @@ class Gateway:
         self.auth_clients = AuthClients(reactor, self._trust_root, pool)
         self.upstream_pool = StrictConnectionPool(reactor, cachedConnectionTimeout=60.0)
         self.conf = conf
-        # Decision caches of the installed table by (route id, forward-auth
-        # conf): a rebuilt route whose forward-auth is unchanged keeps its
-        # decisions; one whose forward-auth changed (or a removed route)
-        # loses them with its old ForwardAuth.
+        # Decision caches by (route id, forward-auth conf): a rebuilt route
+        # whose forward-auth is unchanged keeps its decisions; one whose
+        # forward-auth changed (or a removed route) loses them with its old
+        # ForwardAuth.  Pruned to the installed configuration's on install.
         self._caches: Dict[Tuple[str, ForwardAuthConf], DecisionCache] = {}
-        self._built: Dict[int, Dict[Tuple[str, ForwardAuthConf], DecisionCache]] = {}
         self.table: RouteTable[Route] = self._build(conf)
         self._install(conf, self.table)
 
@@ -165,10 +164,8 @@ class Gateway:
         self._install(conf, table)
 
     def _install(self, conf: GatewayConf, table: "RouteTable[Route]") -> None:
-        built = self._built.pop(id(table), None)
-        self._built.clear()  # tables built but never installed
-        if built is not None:
-            self._caches = built
+        keep = {(route.id, route.forward_auth) for route in conf.routes if route.forward_auth is not None}
+        self._caches = {key: cache for key, cache in self._caches.items() if key in keep}
         self.upstream_pool.keep_idle(max([r.upstream.keepalive_pool for r in conf.routes] + [32]))
         # The same keys as in _build: these are the clients the table uses.
         self.auth_clients.prune(
@@ -178,7 +175,6 @@ class Gateway:
     def _build(self, conf: GatewayConf) -> "RouteTable[Route]":
         proxies: Dict[int, UpstreamProxy] = {}
         entries: List[Tuple[RouteConf, Route]] = []
-        caches: Dict[Tuple[str, ForwardAuthConf], DecisionCache] = {}
         for route in conf.routes:
             upstream = self._proxy(route.upstream, proxies)
             auth = None
@@ -191,11 +187,9 @@ class Gateway:
                     cache=self._caches.get(key),
                 )
                 if auth.cache is not None:
-                    caches[key] = auth.cache
+                    self._caches[key] = auth.cache
             entries.append((route, Route(route, auth, upstream)))
-        table = RouteTable(entries)
-        self._built[id(table)] = caches
-        return table
+        return RouteTable(entries)
 
     def decision_cache(self, route_id: str) -> Optional[DecisionCache]:
         """The installed decision cache of route C{route_id}, if it has one."""
