@@ -713,3 +713,56 @@ def test_a_real_timeout_serves_the_stale_allow() -> None:
         reactor.advance(0.5)
     assert got[0].cache == "stale" and got[0].set_headers == ((b"X-User-ID", (b"u1",)),)
     assert logs.contains("err: timeout; serving a stale allow (expired 0.5s ago)")
+
+
+# ---------------------------------------------------------------------------
+# The access log's auth and user fields
+
+
+class _LoggedRequest:
+    method = b"GET"
+    uri = b"/x"
+    sentLength = 0
+
+    def getClientAddress(self) -> Any:
+        return None
+
+
+class _LoggedExchange:
+    def __init__(self, decision: Any) -> None:
+        from fauth.observe.metrics import RouteMetrics
+
+        self.request = _LoggedRequest()
+        self.route = RouteMetrics("1")
+        self.decision = decision
+        self.auth_s = self.upstream_s = None
+        self.elapsed = 0.0
+
+
+@pytest.mark.parametrize(
+    "decision, auth, user",
+    [
+        (Allow(((b"X-User-ID", (b"u1",)),), ReplyHeaders({b"x-user-id": [b"u1"]})), "allow", "u1"),
+        (Allow(((b"X-User-ID", (b"u1",)),), ReplyHeaders({b"x-user-id": [b"u1"]}), cache="miss"), "allow", "u1"),
+        (Allow(((b"X-User-ID", (b"u1",)),), cache="hit"), "allow (cached)", "u1"),
+        (Allow(((b"x-user-id", (b"u1",)),), cache="stale"), "allow (stale)", "u1"),
+        (Allow(((b"X-User-ID", (b"u1",)),), ReplyHeaders({b"x-user-id": [b"u1"]}), cache="coalesced"),
+         "allow (coalesced)", "u1"),
+        (Allow(((b"X-User-ID", None),), cache="hit"), "allow (cached)", None),
+        (Allow(((b"X-Other", (b"o",)),), cache="hit"), "allow (cached)", None),
+        (Allow(((b"X-User-ID", (b"u1",)),)), "allow", None),  # no cache: only the answer's headers count
+        (Respond(403, cache="hit"), "deny (cached)", None),
+        (Respond(403, outcome="error", cache="miss"), "error", None),
+        (Degrade(cache="miss"), "degraded", None),
+    ],
+)
+def test_access_log_says_how_the_cache_decided(tmp_path: Any, decision: Any, auth: str, user: Optional[str]) -> None:
+    import json
+
+    from fauth.observe.accesslog import AccessLog
+
+    log = AccessLog(str(tmp_path / "a.log"))
+    log.log(_LoggedExchange(decision), 200)  # type: ignore[arg-type]
+    log.flush()
+    line = json.loads((tmp_path / "a.log").read_text())
+    assert (line["auth"], line["user"]) == (auth, user)
