@@ -766,3 +766,80 @@ def test_access_log_says_how_the_cache_decided(tmp_path: Any, decision: Any, aut
     log.flush()
     line = json.loads((tmp_path / "a.log").read_text())
     assert (line["auth"], line["user"]) == (auth, user)
+
+
+# ---------------------------------------------------------------------------
+# Coalescing under any interleaving of arrivals, departures and answers
+
+
+from hypothesis import example, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_STEPS = st.lists(
+    st.one_of(
+        st.just(("join",)),
+        st.tuples(st.just("leave"), st.integers(0, 7)),
+        st.tuples(st.just("answer"), st.sampled_from(["allow", "no-store", "fail", "503"])),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_STEPS)
+# A waiter leaving during its own call (the shared answer forbade reuse).
+@example([("join",), ("join",), ("answer", "no-store"), ("leave", 1)])
+# Everyone leaving, then a newcomer starting afresh.
+@example([("join",), ("join",), ("leave", 0), ("leave", 1), ("join",), ("answer", "allow")])
+def test_coalescing_invariants_under_any_interleaving(steps: List[Tuple[Any, ...]]) -> None:
+    """
+    Every request gets exactly one result; a call is cancelled exactly when
+    every request waiting for it has left; nothing stays in flight once the
+    calls are settled; only requests that stayed get a decision.
+    """
+    auth, client, _ = forward_auth(cache={"ttl": 0})
+    seats: List[Tuple[Deferred, List[Any]]] = []
+    left = set()
+    for step in steps:
+        if step[0] == "join":
+            d = auth.check(inbound(), "1")
+            seats.append((d, outcome(d)))
+        elif step[0] == "leave" and seats:
+            index = step[1] % len(seats)
+            if not seats[index][0].called:
+                left.add(index)
+            seats[index][0].cancel()
+        elif step[0] == "answer":
+            pending = [c for c in client.calls if not c.deferred.called]
+            if pending:
+                how = step[1]
+                if how == "allow":
+                    pending[0].answer(200, allow(b"u1"))
+                elif how == "no-store":
+                    pending[0].answer(200, {b"x-user-id": [b"u1"], b"cache-control": [b"no-store"]})
+                elif how == "fail":
+                    pending[0].fail()
+                else:
+                    pending[0].answer(503)
+    # No call runs for nobody: each one in flight has a request of its own
+    # still waiting for it (a shared call at least one, an own call one).
+    running = [c for c in client.calls if not c.deferred.called]
+    assert len(running) <= sum(1 for d, _ in seats if not d.called)
+    # Settle whatever is still asked for (own calls of waiters included).
+    while True:
+        pending = [c for c in client.calls if not c.deferred.called]
+        if not pending:
+            break
+        pending[0].answer(200, allow(b"u1"))
+    for index, (d, got) in enumerate(seats):
+        assert len(got) == 1, "every request gets exactly one result"
+        if index in left:
+            assert isinstance(got[0], Failure) and got[0].check(CancelledError)
+        else:
+            # Nobody else's departure cancelled this one's call.
+            assert not isinstance(got[0], Failure), got[0]
+            assert got[0].outcome in ("allow", "deny", "error") and got[0].cache is not None
+    assert auth.cache.flights == {}  # type: ignore[union-attr]
+    # A cancelled call had nobody left waiting for it; and calls are only
+    # made for requests (one shared call, or one own call per waiter).
+    assert len(client.calls) <= len(seats)
