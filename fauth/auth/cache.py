@@ -83,12 +83,13 @@ def lifetime(status: int, headers: ReplyHeaders, conf: CacheConf) -> Tuple[float
 
 
 class _Entry:
-    __slots__ = ("hit", "expires", "stale_until")
+    # One float per entry: the end of the stale window follows from it (a
+    # hundred thousand entries make every field count).
+    __slots__ = ("hit", "expires")
 
-    def __init__(self, hit: Decision, expires: float, stale_until: float) -> None:
+    def __init__(self, hit: Decision, expires: float) -> None:
         self.hit = hit
         self.expires = expires
-        self.stale_until = stale_until
 
 
 class DecisionCache:
@@ -116,9 +117,14 @@ class DecisionCache:
         if now < entry.expires:
             self._entries.move_to_end(key)
             return entry.hit
-        if now >= entry.stale_until:
+        if now >= self._stale_until(entry):
             del self._entries[key]
         return None
+
+    def _stale_until(self, entry: _Entry) -> float:
+        if isinstance(entry.hit, Allow):
+            return entry.expires + self.conf.stale_if_error
+        return entry.expires
 
     def stale(self, key: bytes, now: float) -> Optional[Tuple[Allow, float]]:
         """
@@ -126,7 +132,7 @@ class DecisionCache:
         many seconds ago it expired.  Denials are never served stale.
         """
         entry = self._entries.get(key)
-        if entry is None or not isinstance(entry.hit, Allow) or now >= entry.stale_until:
+        if entry is None or not isinstance(entry.hit, Allow) or now >= self._stale_until(entry):
             return None
         return attr.evolve(entry.hit, cache="stale"), max(0.0, now - entry.expires)
 
@@ -137,12 +143,10 @@ class DecisionCache:
             # upstream_headers values are the decision (and memory per entry
             # stays what the configuration asks for).
             hit: Decision = attr.evolve(decision, reply_headers=None, cache="hit")
-            stale_until = now + seconds + self.conf.stale_if_error
         else:
             hit = attr.evolve(decision, cache="hit")
-            stale_until = now + seconds
         entries = self._entries
-        entries[key] = _Entry(hit, now + seconds, stale_until)
+        entries[key] = _Entry(hit, now + seconds)
         entries.move_to_end(key)
         while len(entries) > self.conf.max_entries:
             entries.popitem(last=False)
