@@ -27,6 +27,9 @@ class Allow:
     set_headers: Tuple[Tuple[bytes, Optional[Tuple[bytes, ...]]], ...] = ()
     #: The auth service's response headers (for the access log's C{user}).
     reply_headers: Optional[ReplyHeaders] = attr.field(default=None, eq=False, repr=False)
+    #: How the decision cache produced it (one of
+    #: L{fauth.observe.exchange.CACHE_RESULTS}), or C{None} without C{cache}.
+    cache: Optional[str] = attr.field(default=None, eq=False)
     #: For metrics and the access log (L{fauth.observe.metrics}).
     outcome = "allow"
 
@@ -67,6 +70,7 @@ class Allow:
 class Degrade:
     """The auth service failed and C{allow_degradation} lets the request through untouched."""
 
+    cache: Optional[str] = attr.field(default=None, eq=False)
     outcome = "degraded"
 
 
@@ -80,6 +84,7 @@ class Respond:
     #: C{deny} (the auth service's answer), C{error} (C{status_on_error}) or
     #: C{rejected} (413, no auth call); for metrics and the access log.
     outcome: str = attr.field(default="deny", eq=False)
+    cache: Optional[str] = attr.field(default=None, eq=False)
 
 
 Decision = Union[Allow, Degrade, Respond]

@@ -6,14 +6,18 @@ decision.
 """
 from __future__ import annotations
 
+from hashlib import sha256
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import attr
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from fauth import __version__
+from fauth.auth.cache import DecisionCache, lifetime
 from fauth.auth.client import AuthCallError, AuthClient, Reply
+from fauth.auth.coalesce import Flight, Outcome
 from fauth.auth.decision import Allow, Decision, Degrade, Respond
 from fauth.wire.transport import describe_failure, is_cancellation
 from fauth.config import ForwardAuthConf, RouteConf
@@ -36,11 +40,22 @@ class ForwardAuth:
 
     @param conf: the validated plugin attributes.
     @param client: the pooled client for C{conf.uri}'s host.
-    @param reactor: used for the timeout.
+    @param reactor: used for the timeout, and as the decision cache's clock.
+    @param cache: the decision cache to use when C{conf.cache} is set (one
+        kept from an identical earlier configuration of the route); by
+        default a new one.
+
+    @ivar cache: the L{DecisionCache}, or C{None} without C{conf.cache}.
     """
 
-    def __init__(self, conf: ForwardAuthConf, client: AuthClient, reactor: Any) -> None:
+    def __init__(
+        self, conf: ForwardAuthConf, client: AuthClient, reactor: Any, cache: Optional[DecisionCache] = None
+    ) -> None:
         self.conf = conf
+        self.cache: Optional[DecisionCache] = None
+        if conf.cache is not None:
+            self.cache = cache if cache is not None and cache.conf == conf.cache else DecisionCache(conf.cache)
+        self._key_templates = conf.cache.key if conf.cache is not None else ()
         self._client = client
         self._reactor = reactor
         self._post = conf.request_method == "POST"
@@ -132,8 +147,116 @@ class ForwardAuth:
             # through $arg_*, say).  Degradation is for an auth service that
             # fails, not a client that can choose to fail it: never degrade.
             return succeed(self._failed(str(e), degradable=False))
+        if self.cache is not None:
+            return self._check_cached(self.cache, inbound, route, headers, body)
         call = self._client.call(self.conf.request_method, headers, body, self._timeout)
         return call.addCallbacks(self._interpret, self._transport_failure)
+
+    # -- the decision cache (conf.cache) ----------------------------------
+
+    def cache_key(
+        self,
+        inbound: InboundRequest,
+        route: Optional[RouteConf],
+        fields: Tuple[Tuple[bytes, bytes], ...],
+        body: Optional[bytes],
+    ) -> bytes:
+        """
+        The key of a request's decision: by default a digest of everything
+        the auth request carries beyond this instance's constants (method
+        and target), so only byte-identical auth requests share; with
+        C{cache.key}, a digest of those variables' values alone.
+        """
+        if self._key_templates:
+            variables = RequestVariables.for_request(inbound, route)
+            # Length-prefixed: no value can pass for two.
+            data = b"".join(
+                b"%d:%s" % (len(value), value)
+                for value in [template.render_bytes(variables) for template in self._key_templates]
+            )
+        else:
+            # Names are tokens and values hold no CR or LF (build_headers
+            # checked), so this is as unambiguous as the request head itself.
+            data = b"\r\n".join(map(b":".join, fields))
+            if body is not None:
+                data += b"\r\n\r\n" + sha256(body).digest()
+        return sha256(data).digest()
+
+    def _check_cached(
+        self,
+        cache: DecisionCache,
+        inbound: InboundRequest,
+        route: Optional[RouteConf],
+        fields: Tuple[Tuple[bytes, bytes], ...],
+        body: Optional[bytes],
+    ) -> "Deferred[Decision]":
+        key = self.cache_key(inbound, route, fields, body)
+        hit = cache.fresh(key, self._reactor.seconds())
+        if hit is not None:
+            return succeed(hit)
+        flight = cache.flights.get(key)
+        if flight is not None:
+            return flight.join()
+
+        def forget() -> None:
+            if cache.flights.get(key) is flight:
+                del cache.flights[key]
+
+        def retry() -> "Deferred[Decision]":
+            return self._ask(cache, key, fields, body).addCallback(lambda outcome: outcome.first)
+
+        flight = cache.flights[key] = Flight(retry, forget)
+        seat = flight.join()
+        flight.start(self._ask(cache, key, fields, body))
+        return seat
+
+    def _ask(
+        self, cache: DecisionCache, key: bytes, fields: Tuple[Tuple[bytes, bytes], ...], body: Optional[bytes]
+    ) -> "Deferred[Outcome]":
+        """One auth call whose answer may be stored, or replaced by a stale allow."""
+        call = self._client.call(self.conf.request_method, fields, body, self._timeout)
+        return call.addCallbacks(
+            self._cached_reply, self._cached_failure, callbackArgs=(cache, key), errbackArgs=(cache, key)
+        )
+
+    def _cached_reply(self, reply: Reply, cache: DecisionCache, key: bytes) -> Outcome:
+        now = self._reactor.seconds()
+        if reply.status >= 500:
+            stale = self._serve_stale(cache, key, now, "auth service answered %d" % reply.status)
+            if stale is not None:
+                return stale
+        decision = self._interpret(reply)
+        seconds, forbidden = lifetime(reply.status, reply.headers, cache.conf)
+        if seconds > 0 and not forbidden:
+            cache.store(key, decision, seconds, now)
+        elif reply.status < 500:
+            # A newer answer supersedes an expired one kept for serve-stale
+            # (a denial now must never be followed by a stale allow).
+            cache.forget(key)
+        first = attr.evolve(decision, cache="uncacheable" if forbidden else "miss")
+        return Outcome(first, None if forbidden else attr.evolve(decision, cache="coalesced"))
+
+    def _cached_failure(self, failure: Failure, cache: DecisionCache, key: bytes) -> Outcome:
+        if is_cancellation(failure):
+            return failure  # type: ignore[return-value]
+        reason = str(failure.value) if failure.check(AuthCallError) else describe_failure(failure)
+        stale = self._serve_stale(cache, key, self._reactor.seconds(), reason)
+        if stale is not None:
+            return stale
+        decision = self._failed(reason)
+        return Outcome(attr.evolve(decision, cache="miss"), attr.evolve(decision, cache="coalesced"))
+
+    def _serve_stale(self, cache: DecisionCache, key: bytes, now: float, reason: str) -> Optional[Outcome]:
+        found = cache.stale(key, now)
+        if found is None:
+            return None
+        decision, age = found
+        log.warn(
+            "failed to process forward auth, err: {err}; serving a stale allow (expired {age:.1f}s ago)",
+            err=reason,
+            age=age,
+        )
+        return Outcome(decision, decision)
 
     def _body_too_big(self, inbound: InboundRequest) -> Optional[str]:
         limit = self.conf.max_req_body_size

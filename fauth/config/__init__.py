@@ -9,6 +9,7 @@ from fauth.config.document import load_config, parse_config, read_document
 from fauth.config.errors import ConfigError
 from fauth.config.models import (
     AdminConf,
+    CacheConf,
     DemoConf,
     ForwardAuthConf,
     GatewayConf,
@@ -22,6 +23,7 @@ from fauth.config.schema import SchemaError
 
 __all__ = [
     "AdminConf",
+    "CacheConf",
     "ConfigError",
     "DemoConf",
     "ForwardAuthConf",

@@ -12,8 +12,19 @@ import math
 import re
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Type, TypeVar
 
-from fauth.config.models import ForwardAuthConf, Node, RouteConf, UpstreamConf, UpstreamTimeouts
-from fauth.config.schema import SchemaError, check_forward_auth, check_integer_range, check_type, security_warnings
+from fauth.config.models import CacheConf, ForwardAuthConf, Node, RouteConf, UpstreamConf, UpstreamTimeouts
+from fauth.config.schema import (
+    SchemaError,
+    check_forward_auth,
+    check_integer,
+    check_integer_range,
+    check_string_array,
+    check_type,
+    format_number,
+    is_object,
+    security_warnings,
+    type_mismatch,
+)
 from fauth.config.templates import compile_template
 
 __all__ = [
@@ -21,6 +32,7 @@ __all__ = [
     "HTTP_METHODS",
     "KNOWN_PLUGINS",
     "check_string_list",
+    "parse_cache",
     "parse_forward_auth",
     "parse_route",
     "parse_upstream",
@@ -102,6 +114,12 @@ def parse_forward_auth(conf: object) -> ForwardAuthConf:
     if isinstance(meta, dict) and meta.get("error_response") is not None:
         er = meta["error_response"]
         error_response = er if isinstance(er, str) else json.dumps(er, separators=(",", ":"))
+    cache = None
+    if "cache" in checked:
+        try:
+            cache = parse_cache(checked["cache"])
+        except SchemaError as e:
+            raise _prop("cache", str(e))
     return ForwardAuthConf(
         uri=_checked(checked, "uri", str),
         ssl_verify=_checked(checked, "ssl_verify", bool),
@@ -118,7 +136,58 @@ def parse_forward_auth(conf: object) -> ForwardAuthConf:
         allow_degradation=_checked(checked, "allow_degradation", bool),
         status_on_error=_checked(checked, "status_on_error", int),
         error_response=error_response,
+        cache=cache,
         warnings=tuple(warnings),
+    )
+
+
+_CACHE_KEYS = ("ttl", "deny_ttl", "max_entries", "stale_if_error", "key")
+
+
+def _seconds(name: str, value: object) -> float:
+    """A number of seconds: finite, at least 0."""
+    check_type(name, value, "number")
+    if not math.isfinite(value):  # type: ignore[arg-type]
+        raise _prop(name, "expected %s to be a finite number" % format_number(value))
+    check_integer_range(name, value, minimum=0)
+    return value  # type: ignore[return-value]
+
+
+def parse_cache(doc: object) -> CacheConf:
+    """
+    Validate the C{cache} object of C{forward-auth} (fauth's own).  Unlike
+    the plugin object, unknown keys are refused: a misspelt C{stale_if_error}
+    would otherwise silently change what is served during an outage.
+
+    @raise SchemaError: what is wrong, without the C{property "cache"} prefix.
+    """
+    if not is_object(doc):
+        raise SchemaError(type_mismatch(doc, "object"))
+    if not isinstance(doc, dict):
+        doc = {}  # an empty array passes as an object (Lua cannot tell them apart)
+    for name in doc:
+        if name not in _CACHE_KEYS:
+            raise SchemaError("additional properties forbidden, found %s" % name)
+    if "ttl" not in doc:
+        # No default: "how long one user's allow serves again" is a choice
+        # an operator makes, never one made for them.
+        raise SchemaError('property "ttl" is required')
+    ttl = _seconds("ttl", doc["ttl"])
+    deny_ttl = _seconds("deny_ttl", doc.get("deny_ttl", 0))
+    stale = _seconds("stale_if_error", doc.get("stale_if_error", 0))
+    max_entries = check_integer("max_entries", doc.get("max_entries", 10000), minimum=1)
+    names = check_string_array("key", doc.get("key", []))
+    key = []
+    for i, source in enumerate(names, 1):
+        template = compile_template(source)
+        # A key entry without a variable is the same for every request: all
+        # of them would share one decision (one user's identity for all).
+        if template.is_literal:
+            raise _prop("key", 'failed to validate item %d: "%s" names no variable (e.g. "$http_authorization")'
+                        % (i, _shown(source)))
+        key.append(template)
+    return CacheConf(
+        ttl=ttl, deny_ttl=deny_ttl, max_entries=max_entries, stale_if_error=stale, key=tuple(key)
     )
 
 

@@ -13,6 +13,7 @@ from fauth.config.templates import Template
 
 __all__ = [
     "AdminConf",
+    "CacheConf",
     "DemoConf",
     "ForwardAuthConf",
     "GatewayConf",
@@ -22,6 +23,28 @@ __all__ = [
     "UpstreamConf",
     "UpstreamTimeouts",
 ]
+
+
+@attr.frozen
+class CacheConf:
+    """
+    The C{cache} object inside C{forward-auth} (fauth's own, ignored by
+    APISIX): decision cache, coalescing and serve-stale.
+
+    @ivar ttl: seconds an allow is reused; C{0} keeps only coalescing.
+    @ivar deny_ttl: seconds a 401 or 403 is reused.
+    @ivar max_entries: decisions kept per route, least recently used first out.
+    @ivar stale_if_error: seconds past expiry an allow may still serve
+        while the auth service fails.
+    @ivar key: variables whose values make the key; empty: the whole auth
+        request (every field sent, and the body's digest in POST mode).
+    """
+
+    ttl: float
+    deny_ttl: float = 0
+    max_entries: int = 10000
+    stale_if_error: float = 0
+    key: Tuple[Template, ...] = ()
 
 
 @attr.frozen
@@ -43,6 +66,8 @@ class ForwardAuthConf:
     allow_degradation: bool = False
     status_on_error: int = 403
     error_response: Optional[str] = None
+    #: Off (C{None}) unless the object has a C{cache} section.
+    cache: Optional[CacheConf] = None
     warnings: Tuple[str, ...] = attr.field(default=(), eq=False)
 
 

@@ -13,6 +13,7 @@ from twisted.internet.defer import DeferredList
 from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool
 
+from fauth.auth.cache import DecisionCache
 from fauth.auth.forward import ForwardAuth
 from fauth.auth.client import AuthCallError, AuthClient, AuthTarget
 from fauth.config import ForwardAuthConf, GatewayConf, RouteConf, UpstreamConf
@@ -142,6 +143,11 @@ class Gateway:
         self.auth_clients = auth_clients or AuthClients(reactor, self._trust_root, pool)
         self.upstream_pool = StrictConnectionPool(reactor, cachedConnectionTimeout=60.0)
         self.conf = conf
+        # Decision caches by (route id, forward-auth conf): a rebuilt route
+        # whose forward-auth is unchanged keeps its decisions; one whose
+        # forward-auth changed (or a removed route) loses them with its old
+        # ForwardAuth.  Pruned to the installed configuration's on install.
+        self._caches: Dict[Tuple[str, ForwardAuthConf], DecisionCache] = {}
         self.table: RouteTable[Route] = self._build(conf)
         self._install(conf, self.table)
 
@@ -166,6 +172,8 @@ class Gateway:
         self._install(conf, table)
 
     def _install(self, conf: GatewayConf, table: "RouteTable[Route]") -> None:
+        keep = {(route.id, route.forward_auth) for route in conf.routes if route.forward_auth is not None}
+        self._caches = {key: cache for key, cache in self._caches.items() if key in keep}
         self.upstream_pool.keep_idle(max([r.upstream.keepalive_pool for r in conf.routes] + [32]))
         # The same keys as in _build: these are the clients the table uses.
         self.auth_clients.prune(
@@ -179,11 +187,24 @@ class Gateway:
             upstream = self._proxy(route.upstream, proxies)
             auth = None
             if route.forward_auth is not None:
+                key = (route.id, route.forward_auth)
                 auth = ForwardAuth(
-                    route.forward_auth, self.auth_clients.get(route.forward_auth), self._reactor
+                    route.forward_auth,
+                    self.auth_clients.get(route.forward_auth),
+                    self._reactor,
+                    cache=self._caches.get(key),
                 )
+                if auth.cache is not None:
+                    self._caches[key] = auth.cache
             entries.append((route, Route(route, auth, upstream)))
         return RouteTable(entries)
+
+    def decision_cache(self, route_id: str) -> Optional[DecisionCache]:
+        """The installed decision cache of route C{route_id}, if it has one."""
+        for (rid, _), cache in self._caches.items():
+            if rid == route_id:
+                return cache
+        return None
 
     def _proxy(self, conf: UpstreamConf, proxies: Dict[int, UpstreamProxy]) -> UpstreamProxy:
         # Routes naming the same upstream share its balancer state.

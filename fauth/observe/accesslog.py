@@ -58,6 +58,18 @@ _LINE = (
 )
 
 
+# The auth field of a decision the auth service was not asked for now.
+_CACHE_SHOWN = {"hit": "cached", "stale": "stale", "coalesced": "coalesced"}
+
+
+def _stored_value(decision: Any, name: bytes) -> Any:
+    wanted = name.lower()
+    for header, values in decision.set_headers:
+        if header.lower() == wanted:
+            return values
+    return None
+
+
 def iso_utc(when: float) -> str:
     """ISO 8601 UTC with milliseconds: C{2026-11-29T07:06:22.123Z}."""
     second = int(when)
@@ -125,11 +137,17 @@ class AccessLog:
         decision = exchange.decision
         user = outcome = "null"
         if decision is not None:
-            outcome = '"%s"' % decision.outcome
+            shown = _CACHE_SHOWN.get(decision.cache) if decision.cache is not None else None
+            outcome = '"%s"' % decision.outcome if shown is None else '"%s (%s)"' % (decision.outcome, shown)
             # Only what the auth service answered: never a client's header.
             headers = getattr(decision, "reply_headers", None)
             if headers is not None:
                 values = headers.get(self._user_header)
+                if values:
+                    user = _quote(values[0].decode("latin-1"))
+            elif decision.cache is not None and decision.outcome == "allow":
+                # A stored allow keeps only its upstream_headers values.
+                values = _stored_value(decision, self._user_header)
                 if values:
                     user = _quote(values[0].decode("latin-1"))
         line = (

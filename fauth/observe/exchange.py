@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from fauth.auth.decision import Decision
 
 __all__ = [
+    "CACHE_RESULTS",
     "CLIENT_CLOSED",
     "DURATION_BUCKETS",
     "OUTCOMES",
@@ -39,6 +40,14 @@ _BUCKET_LABELS = tuple(floatToGoString(b) for b in DURATION_BUCKETS) + ("+Inf",)
 
 #: Values of the C{outcome} label of C{fauth_auth_decisions_total}.
 OUTCOMES = ("allow", "deny", "error", "degraded", "rejected")
+
+#: Values of the C{result} label of C{fauth_auth_cache_total}, and of a
+#: decision's C{cache}: C{hit} (a stored decision), C{miss} (the auth
+#: service was asked), C{coalesced} (shared an identical request's call in
+#: flight), C{stale} (an expired allow, served while the auth service
+#: fails), C{uncacheable} (asked; its answer forbade reuse: C{no-store},
+#: C{private}, C{no-cache}, C{max-age=0} or C{Set-Cookie}).
+CACHE_RESULTS = ("hit", "miss", "coalesced", "stale", "uncacheable")
 
 #: The C{status} of a request whose client went away before a response
 #: started (nginx's convention).
@@ -76,14 +85,17 @@ class RouteMetrics:
 
     @ivar statuses: responses per status code.
     @ivar decisions: auth decisions per outcome (see L{OUTCOMES}).
+    @ivar cache: decisions of a route with C{cache} by how the cache made
+        them (see L{CACHE_RESULTS}).
     """
 
-    __slots__ = ("route", "statuses", "decisions", "auth", "upstream")
+    __slots__ = ("route", "statuses", "decisions", "cache", "auth", "upstream")
 
     def __init__(self, route: str) -> None:
         self.route = route
         self.statuses: Dict[int, int] = {}
         self.decisions: Dict[str, int] = dict.fromkeys(OUTCOMES, 0)
+        self.cache: Dict[str, int] = dict.fromkeys(CACHE_RESULTS, 0)
         self.auth = Histogram()
         self.upstream = Histogram()
 
@@ -151,6 +163,9 @@ class Exchange:
         outcome = decision.outcome
         route = self.route
         route.decisions[outcome] += 1
+        cached = decision.cache
+        if cached is not None:
+            route.cache[cached] += 1
         if outcome != "rejected":  # 413: the auth service was not asked
             self.auth_s = seconds = self._clock() - self._auth_start
             route.auth.observe(seconds)

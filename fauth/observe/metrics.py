@@ -28,7 +28,7 @@ from twisted.web.resource import Resource
 
 from fauth.config.models import GatewayConf
 from fauth.observe.accesslog import AccessLog
-from fauth.observe.exchange import OUTCOMES, RouteMetrics
+from fauth.observe.exchange import CACHE_RESULTS, OUTCOMES, RouteMetrics
 from fauth.wire.pool import target_label
 
 __all__ = [
@@ -127,10 +127,13 @@ class GatewayCollector:
         conf = m.gateway.conf
         # Routes of the current table appear (at zero) before their first request.
         auth_routes = set()
+        cache_routes = set()
         for route_conf in conf.routes:
             m.route(route_conf.id)
             if route_conf.forward_auth is not None:
                 auth_routes.add(route_conf.id)
+                if route_conf.forward_auth.cache is not None:
+                    cache_routes.add(route_conf.id)
         everything = [m.unrouted] + [m.routes[k] for k in sorted(m.routes)]
 
         requests = CounterMetricFamily(
@@ -161,13 +164,24 @@ class GatewayCollector:
             "Time from sending a request upstream to its response headers (failed exchanges are not observed).",
             labels=["route"],
         )
+        cache = CounterMetricFamily(
+            "fauth_auth_cache",
+            "Forward-auth decisions of routes with a cache: hit (stored decision), miss (auth service asked), "
+            "coalesced (shared an identical call in flight), stale (expired allow served while the auth "
+            "service failed), uncacheable (asked; the answer forbade reuse).",
+            labels=["route", "result"],
+        )
         for r in everything[1:]:
             if r.route in auth_routes or any(r.decisions.values()):
                 for outcome in OUTCOMES:
                     decisions.add_metric([r.route, outcome], r.decisions[outcome])
                 auth.add_metric([r.route], r.auth.cumulative(), r.auth.sum)
+            if r.route in cache_routes or any(r.cache.values()):
+                for result in CACHE_RESULTS:
+                    cache.add_metric([r.route, result], r.cache[result])
             upstream.add_metric([r.route], r.upstream.cumulative(), r.upstream.sum)
         yield decisions
+        yield cache
         yield auth
         yield upstream
 
