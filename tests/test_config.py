@@ -390,3 +390,9 @@ def test_degradation_with_upstream_headers_warns() -> None:
     for plugin in ({"allow_degradation": True}, {"upstream_headers": ["X-User-ID"]}):
         conf = parse_config(_doc(_auth_route(**plugin)))
         assert warning not in conf.routes[0].forward_auth.warnings  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("host", ["example.com\n", "*.example.com\n"])
+def test_route_hosts_are_matched_whole(host: str) -> None:
+    # "$" in a regular expression also matches before a final newline.
+    assert 'property "hosts" validation failed: invalid host' in refusal(_doc(_route(hosts=[host])))

@@ -79,7 +79,10 @@ class ForwardAuth:
             "x-forwarded-proto": (b"X-Forwarded-Proto", inbound.scheme.encode("ascii")),
             "x-forwarded-method": (b"X-Forwarded-Method", inbound.method.encode("latin-1")),
             "x-forwarded-host": (b"X-Forwarded-Host", inbound.host.encode("latin-1")),
-            "x-forwarded-uri": (b"X-Forwarded-Uri", inbound.request_uri.encode("latin-1")),
+            # What the upstream will be sent, not the raw target: an auth
+            # service must judge the path that is served (see
+            # InboundRequest.upstream_target).
+            "x-forwarded-uri": (b"X-Forwarded-Uri", inbound.upstream_target),
             "x-forwarded-for": (b"X-Forwarded-For", inbound.remote_addr.encode("latin-1")),
         }
         if self._post:

@@ -22,7 +22,7 @@ from fauth.wire.transport import is_cancellation
 from fauth.config import ForwardAuthConf, HttpLimits, parse_forward_auth
 from fauth.edge.drain import InFlight
 from fauth.edge.gateway import AuthClients, Gateway
-from fauth.edge.server import HardenedSite
+from fauth.edge.server import HardenedRequest, HardenedSite
 from fauth.request.inbound import BadRequest, InboundRequest
 from fauth.request.lifecycle import when_finished
 from fauth.observe.metrics import Exchange, GatewayMetrics
@@ -52,7 +52,7 @@ class _HttpDate:
 _http_date = _HttpDate()
 
 
-class GatewayRequest(server.Request):
+class GatewayRequest(HardenedRequest):
     """
     No default C{Content-Type}: a proxy must not invent one.  And, in front
     of a L{GatewayResource}, no resource traversal: it serves every path

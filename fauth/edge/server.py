@@ -52,7 +52,7 @@ from twisted.web.resource import IResource
 from fauth.config import HttpLimits
 from fauth.wire.headers import CTL, TOKEN
 
-__all__ = ["HardenedHTTPChannel", "HardenedSite"]
+__all__ = ["HardenedHTTPChannel", "HardenedRequest", "HardenedSite"]
 
 log = Logger()
 
@@ -63,6 +63,9 @@ _TARGET = re.compile(rb"[\x21-\x7e]+\Z")
 # Content-Length: digits only, and few enough to fit 63 bits.
 _LENGTH = re.compile(rb"[0-9]{1,18}\Z")
 _MAX_CHUNK_SIZE = 2**63 - 1
+# One trailer field line (RFC 9112 7.1.2: the same grammar as a header field
+# line), without its CRLF.
+_FIELD_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*")
 # A block of header lines each of which passes the per-line checks of
 # lineReceived: a token, a colon, a value without control characters (HTAB
 # allowed), CRLF.  Obs-fold and whitespace before the colon fail it.
@@ -85,13 +88,51 @@ _CLOSED = "closed"  # refused or timed out: ignore everything
 
 
 class _StrictChunkedDecoder(http._ChunkedTransferDecoder):  # type: ignore[name-defined,misc]
-    """Twisted's chunked decoder, refusing chunk sizes beyond 63 bits."""
+    """
+    Twisted's chunked decoder, refusing chunk sizes beyond 63 bits and any
+    trailer section that is not field lines ending in CRLF within the
+    header limits (Twisted only looks for CRLFs, so a trailer line without
+    a colon, with control characters, or ended by a bare LF passes, and a
+    bare LF leaves the request waiting for its timeout).  Trailer fields
+    are checked, then dropped: nothing downstream reads them.
+    """
+
+    def __init__(self, dataCallback: Any, finishCallback: Any, limits: HttpLimits = HttpLimits()) -> None:
+        super().__init__(dataCallback, finishCallback)
+        self._max_fields = limits.max_headers
+        self._max_bytes = limits.max_header_bytes
+        self._trailer_fields = 0
+        self._trailer_bytes = 0
 
     def _dataReceived_CHUNK_LENGTH(self) -> bool:
         done: bool = super()._dataReceived_CHUNK_LENGTH()
         if done and self.length > _MAX_CHUNK_SIZE:
             raise http._MalformedChunkedDataError("chunk size too large")  # type: ignore[attr-defined]
         return done
+
+    def _dataReceived_TRAILER(self) -> bool:
+        buffer = self._buffer
+        end = buffer.find(b"\r\n")
+        if end < 0:
+            if b"\n" in buffer or self._trailer_bytes + len(buffer) > self._max_bytes + 1:
+                raise http._MalformedChunkedDataError("malformed trailer section")  # type: ignore[attr-defined]
+            return False
+        if end == 0:
+            rest = bytes(buffer[2:])
+            del buffer[:]
+            self.state = "FINISHED"
+            self.finishCallback(rest)
+            return False
+        self._trailer_fields += 1
+        self._trailer_bytes += end + 2
+        if (
+            self._trailer_fields > self._max_fields
+            or self._trailer_bytes > self._max_bytes
+            or _FIELD_LINE.fullmatch(bytes(buffer[:end])) is None
+        ):
+            raise http._MalformedChunkedDataError("malformed trailer section")  # type: ignore[attr-defined]
+        del buffer[: end + 2]
+        return True
 
 
 class HardenedHTTPChannel(http.HTTPChannel):
@@ -231,6 +272,10 @@ class HardenedHTTPChannel(http.HTTPChannel):
                 if self._expect_request_line and not self._buffer:
                     self._fields_checked = self._check_fields(data)
         super().dataReceived(data)
+        if self._phase == _HEAD and self.line_mode and b"\n" in self._buffer and not self._busyReceiving:
+            # Lines end in CRLF, so an LF left over is a bare one: a head
+            # ending in it would otherwise wait for the header timeout.
+            self._refuse(400)
 
     def _check_fields(self, data: bytes) -> bool:
         """
@@ -291,6 +336,9 @@ class HardenedHTTPChannel(http.HTTPChannel):
 
     def lineReceived(self, line: bytes) -> None:
         if self._phase == _CLOSED:
+            return
+        if b"\n" in line:
+            self._refuse(400)  # a bare LF (RFC 9112 2.2: we do not accept it as a line end)
             return
         if self._phase == _IDLE:
             self._begin_head()
@@ -363,10 +411,28 @@ class HardenedHTTPChannel(http.HTTPChannel):
             self._framing = header
             self.length = None
             self._transferDecoder = _StrictChunkedDecoder(
-                self.requests[-1].handleContentChunk, self._finishRequestBody
+                self.requests[-1].handleContentChunk, self._finishRequestBody, self._limits
             )
             return True
         return True
+
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        """
+        Twisted's rule, plus HTTP/1.0 with C{Connection: keep-alive} (as
+        C{ab -k} sends) kept alive when the request is a L{HardenedRequest},
+        which answers such a request with C{Connection: keep-alive} and a
+        length, or closes when the response has no length.
+        """
+        if version == b"HTTP/1.0" and isinstance(request, HardenedRequest):
+            tokens = {
+                token.strip(b" \t").lower()
+                for value in request.requestHeaders.getRawHeaders(b"connection", [])
+                for token in value.split(b",")
+            }
+            if b"keep-alive" in tokens and b"close" not in tokens:
+                request.keep_alive_http10 = True
+                return True
+        return bool(super().checkPersistence(request, version))
 
     # -- phases --------------------------------------------------------------
 
@@ -400,6 +466,39 @@ class HardenedHTTPChannel(http.HTTPChannel):
             self._begin_head()
 
 
+class HardenedRequest(server.Request):
+    """
+    The request of a L{HardenedHTTPChannel}: an HTTP/1.0 request kept alive
+    (L{HardenedHTTPChannel.checkPersistence}) is answered with
+    C{Connection: keep-alive} when its length is known, else with
+    C{Connection: close} and the connection closed after it (an HTTP/1.0
+    body without a length ends with the connection).
+    """
+
+    keep_alive_http10 = False
+
+    def write(self, data: bytes) -> None:
+        if self.keep_alive_http10 and not self.startedWriting:
+            self.keep_alive_http10 = False
+            if (
+                self.responseHeaders.hasHeader(b"content-length")
+                or self.method == b"HEAD"
+                or self.code in http.NO_BODY_CODES
+            ):
+                self.responseHeaders.setRawHeaders(b"connection", [b"keep-alive"])
+            else:
+                self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+                self.channel.persistent = False
+        server.Request.write(self, data)
+
+    def finish(self) -> None:
+        if self.keep_alive_http10 and not self.startedWriting and not self.responseHeaders.hasHeader(b"content-length"):
+            # Nothing written: the body is empty, and saying so keeps the connection.
+            if self.method != b"HEAD" and self.code not in http.NO_BODY_CODES:
+                self.responseHeaders.setRawHeaders(b"content-length", [b"0"])
+        server.Request.finish(self)
+
+
 class HardenedSite(server.Site):
     """
     A L{Site} whose connections are L{HardenedHTTPChannel}s.
@@ -407,6 +506,8 @@ class HardenedSite(server.Site):
     @param limits: the C{http:} section of the configuration; its
         C{idle_timeout} is the site's C{timeout}.
     """
+
+    requestFactory = HardenedRequest
 
     def __init__(self, resource: IResource, limits: HttpLimits = HttpLimits(), **kwargs: Any) -> None:
         super().__init__(resource, timeout=limits.idle_timeout, **kwargs)

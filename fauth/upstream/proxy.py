@@ -33,9 +33,16 @@ __all__ = ["UpstreamProxy"]
 
 log = Logger()
 
+# The credentials and challenges of the hop between a client and a proxy
+# (RFC 9110 11.7): the gateway is that proxy, so they are never relayed to
+# an upstream, nor an upstream's back to the client (a forward-auth service
+# may still read Proxy-Authorization through request_headers, and send
+# Proxy-Authenticate through client_headers).
+_PROXY_HOP = frozenset([b"proxy-authorization", b"proxy-authenticate"])
+_RESPONSE_DROP = HOP_BY_HOP | _PROXY_HOP
 # Framing is redone for the upstream connection; Host is set per pass_host;
 # the X-Forwarded-* and X-Real-IP a client sent are replaced.
-_REQUEST_DROP = HOP_BY_HOP | frozenset(
+_REQUEST_DROP = HOP_BY_HOP | _PROXY_HOP | frozenset(
     [
         b"host",
         b"content-length",
@@ -288,7 +295,7 @@ class UpstreamProxy:
             out = request.responseHeaders
             listed = head.connection
             for name, values in head.headers.items():
-                if name not in HOP_BY_HOP and name not in listed:
+                if name not in _RESPONSE_DROP and name not in listed:
                     out.setRawHeaders(name, values)
             # HEAD keeps the upstream's own Content-Length (in head.headers); 204 must
             # have none and a 304's describes the 200 it stands for: never an invented 0.
