@@ -63,6 +63,13 @@ class ForwardAuth:
         self._upstream_headers = tuple(n.encode("utf-8") for n in conf.upstream_headers)
         self._client_headers = tuple(n.encode("utf-8") for n in conf.client_headers)
         self._host_header = client.host_header
+        #: The auth request carries the body (POST), or a variable read from
+        #: it ($post_arg): the body must be read before the call.
+        self.needs_body = self._post or any(
+            not isinstance(part, str) and part.name.startswith("post_arg")
+            for _, _, template in self._extra
+            for part in template.parts
+        )
         for warning in conf.warnings:
             log.warn("{warning}", warning=warning)
 

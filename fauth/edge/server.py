@@ -42,11 +42,12 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, ITCPTransport
 from twisted.logger import Logger
 from twisted.web import http, server
+from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 
 from fauth.config import HttpLimits
@@ -71,9 +72,21 @@ _FIELD_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*
 # allowed), CRLF.  Obs-fold and whitespace before the colon fail it.
 _FIELD_LINES = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
 
+#: Bytes of an unwanted request body (denied, refused, or answered early by
+#: the upstream) read and dropped to keep the connection for the next
+#: request, as nginx discards one; a longer body closes the connection.
+DISCARD_LIMIT = 64 * 1024
+#: Closing while a body still arrives: after the answer, the write side is
+#: shut and at most this many bytes are read and dropped, for at most
+#: L{LINGER_TIME} seconds, so that the client can read the answer before
+#: the connection is reset (nginx's lingering close).
+LINGER_LIMIT = 256 * 1024
+LINGER_TIME = 2.0
+
 _REASONS = {
     400: b"Bad Request",
     408: b"Request Timeout",
+    413: b"Payload Too Large",
     414: b"URI Too Long",
     431: b"Request Header Fields Too Large",
     501: b"Not Implemented",
@@ -168,6 +181,14 @@ class HardenedHTTPChannel(http.HTTPChannel):
         self._framing: Optional[bytes] = None
         self._timer: Any = None
         self._addresses: Any = None
+        # A request dispatched on its head (HardenedRequest) whose body is
+        # held back while nobody wants it yet, or while the upstream is slow.
+        self._body_held = False
+        # A request answered before its body ended: its requestDone waits
+        # for the end of the body (dropped, up to DISCARD_LIMIT).
+        self._unfinished: Any = None
+        self._lingering = False
+        self._linger_bytes = 0
 
     # -- per connection, not per request ------------------------------------
 
@@ -242,6 +263,19 @@ class HardenedHTTPChannel(http.HTTPChannel):
             peer=str(peer),
             what="head" if phase == _HEAD else "body",
         )
+        request = self.requests[-1] if phase == _BODY and self.requests else None
+        if getattr(request, "dispatched", False):
+            if self._unfinished is None and not request.startedWriting:
+                # In the hands of the resource already: answered through
+                # the request, which the resource then finds finished.
+                request.refuse_body(408)
+                return
+            # Answered already (or answering): no 408 can follow.
+            self._phase = _CLOSED
+            self._stop_timer()
+            if self.transport is not None:
+                self.transport.abortConnection()
+            return
         if phase == _HEAD and not self._head_started:
             # Nothing received: nobody to answer.
             self._phase = _CLOSED
@@ -262,6 +296,11 @@ class HardenedHTTPChannel(http.HTTPChannel):
         super().connectionLost(reason)
 
     def dataReceived(self, data: bytes) -> None:
+        if self._lingering:
+            self._linger_bytes += len(data)
+            if self._linger_bytes > LINGER_LIMIT and self.transport is not None:
+                self.transport.abortConnection()
+            return
         if self._phase == _CLOSED:
             return
         if data:
@@ -313,8 +352,11 @@ class HardenedHTTPChannel(http.HTTPChannel):
         if self.abortTimeout is not None and self._abortingCall is None:
             self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
 
-    def _refuse(self, status: int) -> None:
-        """Answer C{status} with no body, close, and ignore anything further."""
+    def _refuse(self, status: int, linger: bool = False) -> None:
+        """
+        Answer C{status} with no body, close, and ignore anything further
+        (with C{linger}: a body may be arriving, see L{linger_close}).
+        """
         if self._phase == _CLOSED:
             return
         self._phase = _CLOSED
@@ -323,7 +365,83 @@ class HardenedHTTPChannel(http.HTTPChannel):
             self.transport.write(
                 b"HTTP/1.1 %d %s\r\nConnection: close\r\nContent-Length: 0\r\n\r\n" % (status, reason)
             )
-        self._close()
+        if linger:
+            self.linger_close()
+        else:
+            self._close()
+
+    def linger_close(self) -> None:
+        """
+        Close after what was written, while a request body may still be
+        arriving: shut the write side (the client sees the end of the
+        answer), then read and drop up to L{LINGER_LIMIT} bytes for up to
+        L{LINGER_TIME} seconds before the connection is aborted.  Closing
+        at once with unread bytes makes the kernel reset the connection,
+        and a client still sending may then lose the answer.
+        """
+        if self._lingering:
+            return
+        self._lingering = True
+        self._phase = _CLOSED
+        self.persistent = False
+        self._stop_timer()
+        transport = self.transport
+        if transport is None:
+            return
+        if ITCPTransport.providedBy(transport):
+            self._body_held = False
+            transport.resumeProducing()
+            transport.loseWriteConnection()
+        else:
+            transport.loseConnection()
+        if self._abortingCall is None:
+            self._abortingCall = self.callLater(LINGER_TIME, self.forceAbortClient)
+
+    # -- request bodies held and released (HardenedRequest) ------------------
+
+    def hold_body(self) -> None:
+        """Read nothing more from the client until L{release_body}."""
+        if not self._body_held and self.transport is not None:
+            self._body_held = True
+            self._networkProducer.pauseProducing()
+
+    def release_body(self) -> None:
+        """Read the body on (unless the client does not read our answers)."""
+        if self._body_held:
+            self._body_held = False
+            if not self._waitingForTransport and not self._lingering and self.transport is not None:
+                self._networkProducer.resumeProducing()
+
+    def resumeProducing(self) -> None:
+        # Twisted resumes reading whenever the client drains our answers;
+        # a held body must stay held.
+        super().resumeProducing()
+        if self._body_held and not self._handlingRequest:
+            self._networkProducer.pauseProducing()
+
+    def _send100Continue(self) -> None:
+        request = self.requests[-1] if self.requests else None
+        if isinstance(request, HardenedRequest) and self.length != 0:
+            # Sent when the body is wanted (HardenedRequest.want_body):
+            # after an allow, never before a denial.
+            request.expect_continue = True
+            return
+        super()._send100Continue()
+
+    def body_unwanted(self, request: "HardenedRequest") -> None:
+        """
+        C{request} was answered before its body ended: drop the rest of it,
+        up to L{DISCARD_LIMIT}, to keep the connection; close (lingering)
+        when more is known or found to follow.
+        """
+        self._unfinished = request
+        remaining = request.body_remaining()
+        if not self.persistent or remaining is None and request.body_dropped > DISCARD_LIMIT or (
+            remaining is not None and remaining > DISCARD_LIMIT
+        ):
+            self.linger_close()
+        else:
+            self.release_body()
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         # Every 400 Twisted itself decides on comes through here.
@@ -443,9 +561,16 @@ class HardenedHTTPChannel(http.HTTPChannel):
             return
         if self.length == 0:
             self._cancel_timer()
-        else:
-            self._phase = _BODY
-            self._start_timer(self._limits.body_timeout, _BODY)
+            return
+        limit = self._limits.client_max_body_size
+        if limit and self.length is not None and self.length > limit:
+            self._refuse(413, linger=True)
+            return
+        self._phase = _BODY
+        self._start_timer(self._limits.body_timeout, _BODY)
+        request = self.requests[-1]
+        if isinstance(request, HardenedRequest):
+            request.head_received(self._command, self._path, self._version)
 
     def allContentReceived(self) -> None:
         self._cancel_timer()
@@ -454,8 +579,15 @@ class HardenedHTTPChannel(http.HTTPChannel):
         self._head_started = False
         self.MAX_LENGTH = self._limits.max_request_line
         super().allContentReceived()
+        unfinished, self._unfinished = self._unfinished, None
+        if unfinished is not None and not self._lingering:
+            # Answered before its body ended; the body is over now.
+            self.requestDone(unfinished)
 
     def requestDone(self, request: Any) -> None:
+        if isinstance(request, HardenedRequest) and request.dispatched and not request.body_complete:
+            self.body_unwanted(request)
+            return
         if self._phase != _CLOSED:
             # Pipelined bytes already buffered are replayed by Twisted below,
             # through dataReceived, which starts the header timer for them.
@@ -466,18 +598,230 @@ class HardenedHTTPChannel(http.HTTPChannel):
             self._begin_head()
 
 
+class BodySink:
+    """What a request body dispatched on its head is streamed to (L{HardenedRequest.stream_body})."""
+
+    def body_data(self, data: bytes) -> None:
+        """A piece of the body (de-chunked)."""
+
+    def body_end(self) -> None:
+        """The body is complete."""
+
+    def body_abort(self) -> None:
+        """The body will not be complete (larger than C{client_max_body_size})."""
+
+
 class HardenedRequest(server.Request):
     """
-    The request of a L{HardenedHTTPChannel}: an HTTP/1.0 request kept alive
+    The request of a L{HardenedHTTPChannel}.
+
+    B{Dispatch on the head.}  When the site's resource has a true
+    C{handles_heads} attribute, a request with a body is processed as soon
+    as its head is in (L{dispatched}), with C{content} C{None} and the body
+    held back: nothing more is read from the client, and C{Expect:
+    100-continue} is not answered, until the resource wants the body,
+    through L{stream_body} (pieces passed on as they arrive, with
+    L{pause_body} and L{resume_body} for backpressure).  A request answered
+    before its body ended has the rest dropped (up to L{DISCARD_LIMIT},
+    keeping the connection) or the connection closed
+    (L{HardenedHTTPChannel.linger_close}).  Other resources get Twisted's
+    behaviour: the whole body in C{content}, then C{process}.
+
+    B{HTTP/1.0 keep-alive.}  An HTTP/1.0 request kept alive
     (L{HardenedHTTPChannel.checkPersistence}) is answered with
     C{Connection: keep-alive} when its length is known, else with
     C{Connection: close} and the connection closed after it (an HTTP/1.0
     body without a length ends with the connection).
+
+    @ivar dispatched: processed on its head, the body still to come.
+    @ivar body_complete: (when dispatched) the whole body has arrived.
     """
 
     keep_alive_http10 = False
+    expect_continue = False
+    dispatched = False
+    body_complete = False
+    body_received = 0
+    body_dropped = 0
+    _declared: Optional[int] = None
+    _sink: Optional[BodySink] = None
+    _dropping = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Twisted deletes .channel once the answer is done; the body may
+        # still be arriving then.
+        self._conn: Any = self.channel
+        self._pending: List[bytes] = []
+
+    # -- the head --------------------------------------------------------------
+
+    def gotLength(self, length: Optional[int]) -> None:
+        self._declared = length
+        if length == 0 or not isinstance(self.channel, HardenedHTTPChannel):
+            super().gotLength(length)
+        # else: head_received decides where the body goes
+
+    def head_received(self, command: bytes, path: bytes, version: bytes) -> None:
+        """Called by the channel when the head of a request with a body is in."""
+        site = getattr(self._conn, "site", None)
+        if site is None or not getattr(site.resource, "handles_heads", False):
+            super().gotLength(self._declared)
+            self.want_body()
+            return
+        # What requestReceived would set, for the resource to read now.
+        self.method, self.uri, self.clientproto = command, path, version
+        self.path, _, query = path.partition(b"?")
+        self.args = http.parse_qs(query, 1) if query else {}
+        self.dispatched = True
+        self._conn.hold_body()
+        self.process()
+
+    def body_remaining(self) -> Optional[int]:
+        """Bytes of the body still to come, or C{None} (chunked)."""
+        if self._declared is None:
+            return None
+        return self._declared - self.body_received
+
+    @property
+    def body_length(self) -> Optional[int]:
+        """The C{Content-Length} of the body, C{None} when chunked."""
+        return self._declared
+
+    # -- what the resource does with the body -----------------------------------
+
+    def want_body(self) -> None:
+        """Let the body come: C{100 Continue} first when it was asked for."""
+        if self.expect_continue:
+            self.expect_continue = False
+            if not self.startedWriting and not self.finished and self._conn.transport is not None:
+                self._conn.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._conn.release_body()
+
+    def stream_body(self, sink: BodySink, start: bool = True) -> None:
+        """
+        Pass the body to C{sink} as it arrives (what arrived already at
+        once), and its end; with C{start}, let it come (L{want_body}).
+        """
+        self._sink = sink
+        pending, self._pending = self._pending, []
+        for data in pending:
+            sink.body_data(data)
+        if self.body_complete:
+            sink.body_end()
+        elif start:
+            self.want_body()
+
+    def process_with_body(self) -> None:
+        """
+        Go on as Twisted does after all: the whole body read into
+        C{content}, then Twisted's C{requestReceived} (form arguments
+        parsed) and C{process} again, where the resource finds what it
+        decided on the head (L{fauth.edge.resources.ForwardAuthResource}).
+        """
+        self.dispatched = False
+        server.Request.gotLength(self, self._declared)
+        pending, self._pending = self._pending, []
+        for data in pending:
+            self.content.write(data)
+        if self.body_complete:
+            server.Request.requestReceived(self, self.method, self.uri, self.clientproto)
+        else:
+            self.want_body()
+
+    def take_pending(self) -> bytes:
+        """The body received so far and not passed on (for a body complete before it is wanted)."""
+        pending, self._pending = self._pending, []
+        return b"".join(pending)
+
+    def pause_body(self) -> None:
+        """Backpressure: read no more of the body for now."""
+        if not self.body_complete:
+            self._conn.hold_body()
+
+    def resume_body(self) -> None:
+        self.want_body()
+
+    def drop_body(self) -> None:
+        """
+        Nobody wants the rest of the body (the upstream answered early, or
+        failed): it is read and dropped, within the bounds of
+        L{HardenedHTTPChannel.body_unwanted} once the answer is done.
+        """
+        if not self._dropping:
+            self._dropping = True
+            self._sink = None
+            self._pending = []
+            if not self.body_complete:
+                self._conn.release_body()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if not self.dispatched:
+            if self.content is not None:
+                super().handleContentChunk(data)
+            # else: refused on its head by the channel (413), dropped
+            return
+        self.body_received += len(data)
+        if self._dropping or self.finished:
+            self._dropping = True
+            self.body_dropped += len(data)
+            if self.body_dropped > DISCARD_LIMIT:
+                self._conn.linger_close()
+            return
+        limit = self._conn._limits.client_max_body_size
+        if limit and self.body_received > limit:
+            # A chunked body beyond client_max_body_size.
+            self.refuse_body(413)
+            return
+        sink = self._sink
+        if sink is None:
+            self._pending.append(data)
+        else:
+            sink.body_data(data)
+
+    def refuse_body(self, status: int) -> None:
+        """
+        The body will not be taken (too large, too slow): answer C{status}
+        and close if nothing was answered yet, else abort the connection;
+        then the sink, if any, is told (an upstream exchange is aborted,
+        and finds the request finished).
+        """
+        sink, self._sink = self._sink, None
+        self._dropping = True
+        self._pending = []
+        if not self._disconnected and not self.finished:
+            if self.startedWriting:
+                self._conn.transport.abortConnection()
+            else:
+                self.responseHeaders = Headers()
+                self.setResponseCode(status)
+                self.responseHeaders.setRawHeaders(b"content-length", [b"0"])
+                self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+                self._conn.persistent = False
+                self.finish()
+        if sink is not None:
+            sink.body_abort()
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if not self.dispatched:
+            super().requestReceived(command, path, version)
+            return
+        # The end of a body dispatched on its head: processed already.
+        self.body_complete = True
+        sink = self._sink
+        if sink is not None and not self._dropping:
+            sink.body_end()
+
+    # -- answering -------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
+        if not self.startedWriting and self.dispatched and not self.body_complete:
+            remaining = self.body_remaining()
+            if remaining is not None and remaining > DISCARD_LIMIT and self._sink is None:
+                # Answered while much of an unwanted body is still to come:
+                # the connection will close after this answer.
+                self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+                self._conn.persistent = False
         if self.keep_alive_http10 and not self.startedWriting:
             self.keep_alive_http10 = False
             if (

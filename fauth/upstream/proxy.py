@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from fauth.upstream.balancer import SmoothWeightedRoundRobin
 from fauth.config import Node, UpstreamConf
-from fauth.wire.connection import ClientRequest, FileUpload
+from fauth.wire.connection import ClientRequest, FileUpload, StreamUpload
 from fauth.wire.h1 import ResponseHead, request_head
 from fauth.wire.headers import HOP_BY_HOP, connection_listed
 from fauth.request.inbound import InboundRequest
@@ -68,6 +68,24 @@ def wire_target(target: bytes) -> bytes:
     if _TARGET_OK.fullmatch(target) is not None:
         return target
     return _TARGET_UNSAFE.sub(lambda m: b"%%%02X" % m.group()[0], target)
+
+
+class _ClientBody:
+    """The client's side of a L{StreamUpload}: the body of a request dispatched on its head."""
+
+    __slots__ = ("_request",)
+
+    def __init__(self, request: Any) -> None:
+        self._request = request
+
+    def pause(self) -> None:
+        self._request.pause_body()
+
+    def resume(self) -> None:
+        self._request.resume_body()
+
+    def stop(self) -> None:
+        self._request.drop_body()
 
 
 @implementer(IPushProducer)
@@ -211,7 +229,9 @@ class UpstreamProxy:
             node: (node.host.encode("idna"), node.netloc.encode("idna")) for node in conf.nodes
         }
 
-    def _head(self, request: Any, inbound: InboundRequest, netloc: bytes, length: Optional[int]) -> bytes:
+    def _head(
+        self, request: Any, inbound: InboundRequest, netloc: bytes, length: Optional[int], chunked: bool = False
+    ) -> bytes:
         incoming = request.requestHeaders
         if self.conf.pass_host == "node":
             host = netloc
@@ -222,6 +242,8 @@ class UpstreamProxy:
         fields: List[Tuple[bytes, bytes]] = [(b"Host", host)]
         if length is not None:
             fields.append((b"Content-Length", b"%d" % length))
+        elif chunked:
+            fields.append((b"Transfer-Encoding", b"chunked"))
         drop = _REQUEST_DROP | connection_listed(incoming)
         forwarded: List[bytes] = []
         for name, values in incoming.getAllRawHeaders():
@@ -240,7 +262,16 @@ class UpstreamProxy:
         ]
         return request_head(request.method, wire_target(inbound.upstream_target), fields)
 
-    def _body(self, request: Any, inbound: InboundRequest) -> Tuple[Optional[bytes], Optional[FileUpload]]:
+    def _body(self, request: Any, inbound: InboundRequest) -> Tuple[Optional[bytes], Any]:
+        if getattr(request, "dispatched", False) and request.content is None:
+            # Dispatched on its head (fauth.edge.server.HardenedRequest):
+            # the body streams from the client, or, when it is all in
+            # already, goes in one piece with its length.
+            if request.body_complete:
+                return request.take_pending(), None
+            upload = StreamUpload(request.body_length, _ClientBody(request))
+            request.stream_body(upload, start=False)
+            return None, upload
         content = request.content
         size = inbound.body_length()
         if size == 0:
@@ -264,7 +295,8 @@ class UpstreamProxy:
         body, upload = self._body(request, inbound)
         length = len(body) if body is not None else (upload.length if upload is not None else None)
         relay = _Relay(request, self._reactor, self._response_timeout, self.conf.timeout.read)
-        outgoing = ClientRequest(request.method, self._head(request, inbound, netloc, length), relay, body, upload)
+        head = self._head(request, inbound, netloc, length, chunked=upload is not None and length is None)
+        outgoing = ClientRequest(request.method, head, relay, body, upload)
         if exchange is not None:
             exchange.upstream_started()
         d = self._connector.request(self._scheme, host, node.port, outgoing)
@@ -286,7 +318,8 @@ class UpstreamProxy:
         def got_response(head: ResponseHead) -> None:
             if exchange is not None:
                 exchange.upstream_answered()
-            if relay.client_gone:
+            if relay.client_gone or request.finished:
+                # (finished: the gateway refused the rest of a streamed body.)
                 # Nobody waits for this answer: stop it now, which closes that
                 # connection, rather than read its body into nothing.
                 relay.stop()
@@ -309,7 +342,7 @@ class UpstreamProxy:
 
         def failed(failure: Failure) -> None:
             relay.stop_timer()
-            if relay.client_gone:
+            if relay.client_gone or request.finished:
                 return
             if exchange is not None:
                 exchange.upstream_failed()
