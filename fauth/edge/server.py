@@ -817,9 +817,11 @@ class HardenedRequest(server.Request):
     def write(self, data: bytes) -> None:
         if not self.startedWriting and self.dispatched and not self.body_complete:
             remaining = self.body_remaining()
-            if remaining is not None and remaining > DISCARD_LIMIT and self._sink is None:
-                # Answered while much of an unwanted body is still to come:
-                # the connection will close after this answer.
+            if self.expect_continue or remaining is not None and remaining > DISCARD_LIMIT and self._sink is None:
+                # Answered while much of an unwanted body is still to come,
+                # or before a 100 Continue the client waits for (it may
+                # send the body or not: the next bytes cannot be told apart
+                # from a next request): the connection closes after this.
                 self.responseHeaders.setRawHeaders(b"connection", [b"close"])
                 self._conn.persistent = False
         if self.keep_alive_http10 and not self.startedWriting:
