@@ -235,3 +235,36 @@ async def test_the_auth_service_judges_exactly_what_the_upstream_serves(reactor:
         await gw.stop()
         await auth_port.stopListening()
         await up_port.stopListening()
+
+
+class Unsized(Resource):
+    """Answers without a Content-Length (Twisted then streams it chunked to an HTTP/1.1 client)."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> Any:
+        from twisted.web.server import NOT_DONE_YET
+
+        request.write(b"part one, ")
+        request.write(b"part two")
+        request.finish()
+        return NOT_DONE_YET
+
+
+@ensureDeferred
+async def test_http10_keep_alive_answer_without_length_closes(reactor: Any) -> None:
+    up_port = await listen_on_loopback(reactor, Unsized())
+    route = {"id": "u", "uri": "/u", "upstream": {"nodes": {"127.0.0.1:%d" % up_port.getHost().port: 1}}}
+    gw = await start_gateway(reactor, {"routes": [route]})
+    try:
+        keep = b"GET /u HTTP/1.0\r\nHost: gw.test\r\nConnection: keep-alive\r\n\r\n"
+        raw = await raw_request(reactor, gw.port_number, keep + keep, timeout=5)
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 200 "), raw  # Twisted answers in the client's version
+        assert b"\r\nConnection: close" in head and b"content-length" not in head.lower(), head
+        # The body ends with the connection (HTTP/1.0 has no chunked coding);
+        # the second request is never read.
+        assert body == b"part one, part two", raw
+    finally:
+        await gw.stop()
+        await up_port.stopListening()
