@@ -33,10 +33,24 @@ gets 408 (nothing at all when it had sent nothing) and the connection is
 closed.  Between requests of a persistent connection the idle timeout
 applies as before.
 
-Only attributes present in both Twisted 25.5 (PyPy 3.9) and 26.x are used:
-C{_maybeChooseTransferDecoder}, C{_respondToBadRequestAndDisconnect},
-C{_transferDecoder}, C{_finishRequestBody}, C{_version}, C{_abortingCall}
-and the private C{_ChunkedTransferDecoder}.
+Requests with a body are dispatched on their head when the site's
+resource asks for it (C{handles_heads}; L{HardenedRequest}), the seam
+glyph suggested in Twisted #5511: the channel calls the request when the
+head is in, holds the body back (the transport paused) until the resource
+wants it, defers C{100 Continue} until then, and, for a request answered
+before its body ended, drops the rest (a little) or closes with a
+lingering close (more).  Chunked trailers are parsed strictly, a head
+ending in a bare LF is refused at once, and C{client_max_body_size}
+answers 413.
+
+Only attributes present in both Twisted 25.5 (PyPy 3.9) and 26.x are used
+(tests/test_compat.py pins them): C{_maybeChooseTransferDecoder},
+C{_respondToBadRequestAndDisconnect}, C{_transferDecoder},
+C{_finishRequestBody}, C{_version}, C{_command}, C{_path},
+C{_abortingCall}, C{_send100Continue}, C{_networkProducer},
+C{_waitingForTransport}, C{_handlingRequest}, LineReceiver's C{_buffer} and
+C{_busyReceiving}, and the private C{_ChunkedTransferDecoder} (its
+C{_buffer}, C{_dataReceived_CHUNK_LENGTH} and C{_dataReceived_TRAILER}).
 """
 from __future__ import annotations
 
