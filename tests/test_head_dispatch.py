@@ -87,7 +87,8 @@ class StreamingUpstream(Protocol):
         self.remaining: Optional[int] = None
         self.chunked = False
         self.hash = hashlib.sha256()
-        self.received = 0
+        self.received = 0  # over the whole connection
+        self.count = 0  # of this request's body
         self.lost: Deferred = Deferred()
         self.complete = False
 
@@ -148,12 +149,17 @@ class StreamingUpstream(Protocol):
 
     def _feed(self, data: bytes) -> None:
         self.received += len(data)
+        self.count += len(data)
         self.hash.update(data)
 
     def _answer(self) -> None:
         self.complete = True
-        body = b"%d %s" % (self.received, self.hash.hexdigest().encode())
+        body = b"%d %s" % (self.count, self.hash.hexdigest().encode())
         self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        # Ready for the next request on this (pooled) connection; pipelining
+        # is not expected of a gateway.
+        self.head, self.remaining, self.chunked = None, None, False
+        self.hash, self.count, self.buffer = hashlib.sha256(), 0, b""
 
     def connectionLost(self, reason: Any = None) -> None:
         self.lost.callback(None)
