@@ -54,7 +54,9 @@ C{_buffer}, C{_dataReceived_CHUNK_LENGTH} and C{_dataReceived_TRAILER}).
 """
 from __future__ import annotations
 
+import gc
 import math
+import platform
 import re
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -96,6 +98,15 @@ DISCARD_LIMIT = 64 * 1024
 #: the connection is reset (nginx's lingering close).
 LINGER_LIMIT = 256 * 1024
 LINGER_TIME = 2.0
+
+# PyPy allocates bytes objects of a body's size (tens of KiB) outside its
+# nursery and frees them only when a minor collection runs, which the few
+# small objects of a streamed body rarely cause: the pieces of a large
+# upload then pile up until the process has grown by the body's size.  One
+# incremental collection step per RECLAIM_EVERY bytes read keeps that
+# bounded.  CPython frees each piece by reference counting: nothing to do.
+_collect_step = getattr(gc, "collect_step", None) if platform.python_implementation() == "PyPy" else None
+RECLAIM_EVERY = 16 * 1024 * 1024
 
 _REASONS = {
     400: b"Bad Request",
@@ -203,6 +214,7 @@ class HardenedHTTPChannel(http.HTTPChannel):
         self._unfinished: Any = None
         self._lingering = False
         self._linger_bytes = 0
+        self._unreclaimed = 0
 
     # -- per connection, not per request ------------------------------------
 
@@ -310,6 +322,11 @@ class HardenedHTTPChannel(http.HTTPChannel):
         super().connectionLost(reason)
 
     def dataReceived(self, data: bytes) -> None:
+        if _collect_step is not None:
+            self._unreclaimed += len(data)
+            if self._unreclaimed > RECLAIM_EVERY:
+                self._unreclaimed = 0
+                _collect_step()
         if self._lingering:
             self._linger_bytes += len(data)
             if self._linger_bytes > LINGER_LIMIT and self.transport is not None:
