@@ -649,3 +649,38 @@ async def test_guard_on_a_plain_site_keeps_twisteds_behaviour(reactor: Any, env:
     head = upload_head(b"/x", 5, b"Expect: 100-continue", b"Connection: close")
     raw = await raw_request(reactor, port, head + b"hello")
     assert raw.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 403 "), raw
+
+
+# ---------------------------------------------------------------------------
+# A denied body is never read as a request
+
+
+SMUGGLED = b"GET /open/smuggled HTTP/1.1\r\nHost: gw.test\r\n\r\n"
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@ensureDeferred
+async def test_a_dropped_body_is_never_parsed_as_a_request(reactor: Any, env: Env, chunked: bool) -> None:
+    if chunked:
+        body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(SMUGGLED), SMUGGLED)
+    else:
+        body = SMUGGLED
+    denied = upload_head(b"/guarded/x", len(SMUGGLED), chunked=chunked) + body
+    then = b"GET /open/after HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\n\r\n"
+    raw = await raw_request(reactor, env.port, denied + then, timeout=5)
+    assert raw.startswith(b"HTTP/1.1 403 "), raw
+    assert [h.split(b" ")[1] for h in env.upstreams.heads] == [b"/open/after"]
+
+
+@ensureDeferred
+async def test_after_a_withheld_100_continue_the_next_bytes_are_never_parsed(reactor: Any, env: Env) -> None:
+    # The client gives up on its body and sends another request at once:
+    # the gateway cannot tell it from the body, so it closes instead.
+    head = upload_head(b"/guarded/x", len(SMUGGLED), b"Expect: 100-continue")
+    client = await upload(reactor, env.port, Uploader(head, 0, wait_continue=True))
+    response = await client.answered.addTimeout(5, reactor)
+    assert status_of(response) == 403
+    client.transport.write(SMUGGLED)
+    await client.closed.addTimeout(5, reactor)
+    assert env.upstreams.heads == []
+    assert client.response.count(b"HTTP/1.1 ") == 1
