@@ -58,7 +58,7 @@ import gc
 import math
 import platform
 import re
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 from twisted.internet.interfaces import IReactorTime, ITCPTransport
 from twisted.logger import Logger
