@@ -30,6 +30,10 @@ from fauth.wire.agent import BytesBody, NoCookies, PreEncodedURL, PreparedHeader
         (http.HTTPChannel, "_respondToBadRequestAndDisconnect"),
         (http.HTTPChannel, "_finishRequestBody"),
         (http.HTTPChannel, "_abortingCall"),
+        # fauth.edge.server: dispatch on the head, held bodies, 100 Continue
+        # sent after an allow, bare LF in a buffered line, strict trailers
+        (http.HTTPChannel, "_send100Continue"),
+        (http._ChunkedTransferDecoder, "_dataReceived_TRAILER"),
         # fauth.edge.resources: whether the client has gone, and GatewayRequest.process
         (http.Request, "_disconnected"),
         (server.Request, "_handleStar"),
@@ -60,6 +64,24 @@ from fauth.wire.agent import BytesBody, NoCookies, PreEncodedURL, PreparedHeader
 )
 def test_private_name_exists(owner: object, name: str) -> None:
     assert hasattr(owner, name), "%s.%s is gone" % (getattr(owner, "__name__", owner), name)
+
+
+def test_the_channel_state_the_hardened_server_reads() -> None:
+    # fauth.edge.server reads these on a live channel (set per connection or
+    # per request, so not on the class): the request line's parts, the
+    # transport as producer, whether a request is being handled or the
+    # transport is full, LineReceiver's buffer and re-entrancy flag, and the
+    # chunked decoder's buffer (a bytearray).
+    from twisted.internet.testing import StringTransport
+
+    channel = http.HTTPChannel()
+    channel.makeConnection(StringTransport())
+    channel.dataReceived(b"POST /x?a=1 HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhe")
+    for name in ("_networkProducer", "_waitingForTransport", "_handlingRequest", "_busyReceiving", "_buffer"):
+        assert hasattr(channel, name), name
+    assert (channel._command, channel._path) == (b"POST", b"/x?a=1")
+    assert isinstance(channel._transferDecoder._buffer, bytearray)
+    assert http.parse_qs(b"a=1&b=", 1) == {b"a": [b"1"], b"b": [b""]}
 
 
 def test_a_fired_deferred_shows_its_result() -> None:

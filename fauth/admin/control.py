@@ -42,7 +42,7 @@ log = Logger()
 RESTART_ONLY = ("listen", "admin", "demo", "http", "ssl_trusted_certificate", "workers")
 
 # APISIX's id schema: a string of 1-64 of these, or a positive integer.
-_ID_RE = re.compile(r"^[a-zA-Z0-9\-_.]{1,64}$")
+_ID_RE = re.compile(r"[a-zA-Z0-9\-_.]{1,64}\Z")
 _LABEL_RE = re.compile(r'^(route|upstream) "([^"]*)": ')
 # Messages parse_route already words as APISIX's admin API does.
 _APISIX_WORDED = ("failed to check the configuration of plugin", "unknown plugin", "failed to fetch upstream")

@@ -78,6 +78,13 @@ class ForwardAuth:
         self._upstream_headers = tuple(n.encode("utf-8") for n in conf.upstream_headers)
         self._client_headers = tuple(n.encode("utf-8") for n in conf.client_headers)
         self._host_header = client.host_header
+        #: The auth request carries the body (POST), or a variable read from
+        #: it ($post_arg): the body must be read before the call.
+        self.needs_body = self._post or any(
+            not isinstance(part, str) and part.name.startswith("post_arg")
+            for _, _, template in self._extra
+            for part in template.parts
+        )
         for warning in conf.warnings:
             log.warn("{warning}", warning=warning)
 
@@ -94,7 +101,10 @@ class ForwardAuth:
             "x-forwarded-proto": (b"X-Forwarded-Proto", inbound.scheme.encode("ascii")),
             "x-forwarded-method": (b"X-Forwarded-Method", inbound.method.encode("latin-1")),
             "x-forwarded-host": (b"X-Forwarded-Host", inbound.host.encode("latin-1")),
-            "x-forwarded-uri": (b"X-Forwarded-Uri", inbound.request_uri.encode("latin-1")),
+            # What the upstream will be sent, not the raw target: an auth
+            # service must judge the path that is served (see
+            # InboundRequest.upstream_target).
+            "x-forwarded-uri": (b"X-Forwarded-Uri", inbound.upstream_target),
             "x-forwarded-for": (b"X-Forwarded-For", inbound.remote_addr.encode("latin-1")),
         }
         if self._post:

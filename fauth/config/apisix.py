@@ -56,7 +56,7 @@ _UPSTREAM_KEYS = frozenset(
     ]
 )
 HEADER_NAME = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")  # an RFC 9110 token; fullmatch
-_HOST_RE = re.compile(r"^\*?[0-9a-zA-Z-._\[\]:]+$")
+_HOST_RE = re.compile(r"\*?[0-9a-zA-Z-._\[\]:]+\Z")
 _HOSTNAME_RE = re.compile(r"^[0-9A-Za-z]([0-9A-Za-z-]{0,62})(\.[0-9A-Za-z]([0-9A-Za-z-]{0,62}))*\.?$")
 
 
@@ -384,7 +384,8 @@ def parse_route(
         hosts = check_string_list("hosts", doc["hosts"])
     for h in hosts or ():
         if not _HOST_RE.match(h):
-            raise _prop("hosts", 'invalid host "%s"' % h)
+            # Escaped: the message is one line, whatever the host holds.
+            raise _prop("hosts", 'invalid host "%s"' % h.encode("unicode_escape").decode("ascii"))
     hosts = tuple(h.lower() for h in hosts) if hosts else None
     priority = doc.get("priority", 0)
     check_type("priority", priority, "integer")

@@ -24,7 +24,7 @@ __all__ = ["load_config", "parse_config", "read_document"]
 _TOP_LEVEL_KEYS = frozenset(
     [
         "listen", "routes", "upstreams", "demo", "ssl_trusted_certificate", "http", "admin", "shutdown_grace",
-        "access_log", "access_log_user_header", "workers",
+        "access_log", "access_log_user_header", "workers", "client_max_body_size",
     ]
 )
 _ADMIN_KEYS = frozenset(["listen", "keys", "store", "metrics_require_key"])
@@ -118,7 +118,7 @@ def parse_config(doc: object, environ: Optional[Mapping[str, str]] = None) -> Ga
             raise ConfigError('config: property "http" validation failed: wrong type: expected object')
         values = {}
         for k, v in h.items():
-            if k not in attr.fields_dict(HttpLimits):
+            if k not in attr.fields_dict(HttpLimits) or k == "client_max_body_size":
                 raise ConfigError('config: http: unknown key "%s"' % k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
                 raise ConfigError('config: http: property "%s" must be a positive number' % k)
@@ -126,6 +126,8 @@ def parse_config(doc: object, environ: Optional[Mapping[str, str]] = None) -> Ga
                 raise ConfigError('config: http: property "%s" must be a positive integer' % k)
             values[k] = v
         http = HttpLimits(**values)
+    if doc.get("client_max_body_size") is not None:
+        http = attr.evolve(http, client_max_body_size=_parse_size(doc["client_max_body_size"]))
 
     admin = None
     if "admin" in doc:
@@ -160,6 +162,28 @@ def parse_config(doc: object, environ: Optional[Mapping[str, str]] = None) -> Ga
         workers=workers,
         source=doc,
     )
+
+
+_SIZE_RE = re.compile(r"([0-9]{1,15})([kKmMgG]?)\Z")
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def _parse_size(value: object) -> int:
+    """
+    C{client_max_body_size}: bytes as an integer, or nginx's size syntax
+    (C{"512k"}, C{"10m"}, C{"1g"}), as APISIX passes it to nginx; 0 means
+    no limit.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ConfigError('config: property "client_max_body_size" must be a size (bytes, or "10m", "1g"...)')
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError('config: property "client_max_body_size" must be 0 or more')
+        return value
+    match = _SIZE_RE.match(value.strip())
+    if match is None:
+        raise ConfigError('config: property "client_max_body_size" must be a size (bytes, or "10m", "1g"...)')
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
 
 
 def _expand_env(text: str, environ: Mapping[str, str]) -> str:

@@ -139,6 +139,8 @@ class HttpLimits:
         connection, for the first request) to the end of its head; then 408.
     @ivar body_timeout: seconds from the end of the head to the end of the
         body; then 408.
+    @ivar client_max_body_size: bytes a request body may have, 0 for no
+        limit; more get 413 (the top-level key of that name, APISIX's).
     """
 
     idle_timeout: float = 60.0
@@ -147,6 +149,7 @@ class HttpLimits:
     max_request_line: int = 8192
     header_timeout: float = 10.0
     body_timeout: float = 60.0
+    client_max_body_size: int = 0
 
 
 @attr.frozen

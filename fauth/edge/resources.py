@@ -6,7 +6,9 @@ L{ForwardAuthResource}, which guards any existing L{IResource}.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
+from io import BytesIO
 from typing import Any, Callable, List, Mapping, Optional, Union
 
 from twisted.logger import Logger
@@ -22,7 +24,7 @@ from fauth.wire.transport import is_cancellation
 from fauth.config import ForwardAuthConf, HttpLimits, RouteConf, parse_forward_auth
 from fauth.edge.drain import InFlight
 from fauth.edge.gateway import AuthClients, Gateway
-from fauth.edge.server import HardenedSite
+from fauth.edge.server import BodySink, HardenedRequest, HardenedSite
 from fauth.request.inbound import BadRequest, InboundRequest
 from fauth.request.lifecycle import when_finished
 from fauth.observe.exchange import Exchange
@@ -53,7 +55,7 @@ class _HttpDate:
 _http_date = _HttpDate()
 
 
-class GatewayRequest(server.Request):
+class GatewayRequest(HardenedRequest):
     """
     No default C{Content-Type}: a proxy must not invent one.  And, in front
     of a L{GatewayResource}, no resource traversal: it serves every path
@@ -146,7 +148,9 @@ def guard(
     def decided(decision: Decision) -> None:
         if exchange is not None:
             exchange.decided(decision)
-        if client_gone(request):
+        if client_gone(request) or request.finished:
+            # (finished: the server answered already, e.g. 408 or 413 on a
+            # body that arrived while the auth service was asked.)
             return
         if isinstance(decision, Respond):
             write_respond(request, decision)
@@ -168,6 +172,50 @@ def parse_inbound(request: Any) -> Optional[InboundRequest]:
         return None
 
 
+class _BodyBuffer(BodySink):
+    """
+    Reads the body of a request dispatched on its head into a file, as
+    Twisted would have (memory below 100 kB, a temporary file above), for
+    a forward-auth that needs it (C{request_method: POST}, C{$post_arg}),
+    up to C{limit} bytes: then C{done} is called, with the body in
+    C{request.content} and C{inbound.content}, the whole body or just more
+    than C{limit} of it (the auth check answers 413 then).
+    """
+
+    def __init__(self, request: Any, inbound: InboundRequest, limit: int, done: Callable[[], None]) -> None:
+        length = request.body_length
+        self._file: Any = BytesIO() if length is not None and length < 100000 else tempfile.TemporaryFile()
+        self._request = request
+        self._inbound = inbound
+        self._limit = limit
+        self._size = 0
+        self._done: Optional[Callable[[], None]] = done
+
+    def body_data(self, data: bytes) -> None:
+        if self._done is None:
+            return
+        self._size += len(data)
+        self._file.write(data)
+        if self._size > self._limit:
+            self._finish()
+
+    def body_end(self) -> None:
+        self._finish()
+
+    def body_abort(self) -> None:
+        # The server answered (413, 408) itself.
+        self._done = None
+        self._file.close()
+
+    def _finish(self) -> None:
+        done, self._done = self._done, None
+        if done is None:
+            return
+        self._file.seek(0)
+        self._request.content = self._inbound.content = self._file
+        done()
+
+
 class GatewayResource(Resource):
     """
     The gateway: route, ask the auth service, proxy or answer.
@@ -180,6 +228,9 @@ class GatewayResource(Resource):
     """
 
     isLeaf = True
+    #: Requests with a body come as soon as their head is in
+    #: (L{HardenedRequest}): the auth call starts before the body is read.
+    handles_heads = True
 
     def __init__(self, gateway: Gateway, metrics: Optional[GatewayMetrics] = None) -> None:
         super().__init__()
@@ -202,14 +253,30 @@ class GatewayResource(Resource):
         if route.auth is None:
             route.upstream.forward(request, inbound, exchange)
             return server.NOT_DONE_YET
-        guard(
-            route.auth,
-            request,
-            inbound,
-            lambda: route.upstream.forward(request, inbound, exchange),
-            route.conf,
-            exchange,
-        )
+        auth = route.auth
+
+        def check() -> None:
+            guard(
+                auth,
+                request,
+                inbound,
+                lambda: route.upstream.forward(request, inbound, exchange),
+                route.conf,
+                exchange,
+            )
+
+        if auth.needs_body and getattr(request, "dispatched", False) and request.content is None:
+            # Dispatched on its head, but this auth call carries the body:
+            # read it first (a declared length over the limit is answered
+            # 413 by the check at once, before any of it is read).
+            limit = auth.conf.max_req_body_size
+            declared = request.body_length
+            if declared is not None and declared > limit:
+                check()
+            else:
+                request.stream_body(_BodyBuffer(request, inbound, limit, check))
+            return server.NOT_DONE_YET
+        check()
         return server.NOT_DONE_YET
 
 
@@ -233,6 +300,9 @@ class ForwardAuthResource(Resource):
     """
 
     isLeaf = True
+    #: Served as a L{HardenedSite}'s root, requests with a body come as soon
+    #: as their head is in: a denial never reads the body.
+    handles_heads = True
 
     def __init__(
         self,
@@ -254,8 +324,34 @@ class ForwardAuthResource(Resource):
         self._auth = ForwardAuth(conf, self.auth_clients.get(conf), reactor)
 
     def render(self, request: Any) -> Any:
+        if getattr(request, "fauth_allowed", None) is self:
+            # Allowed on its head; the body is in now (HardenedRequest.process_with_body).
+            return self._render_wrapped(request)
         inbound = parse_inbound(request)
-        if inbound is not None:
-            # Allowed: traverse the guarded tree from where this leaf stopped.
-            guard(self._auth, request, inbound, lambda: request.render(getChildForRequest(self._wrapped, request)))
+        if inbound is None:
+            return server.NOT_DONE_YET
+        if getattr(request, "dispatched", False) and request.content is None:
+            # On its head (HardenedSite, this resource its root): ask before
+            # the body is read; on allow, the body is read as Twisted does,
+            # then the guarded tree rendered.
+            if self._auth.needs_body:
+                declared = request.body_length
+                if declared is not None and declared > self._auth.conf.max_req_body_size:
+                    guard(self._auth, request, inbound, lambda: None)  # 413 before the body
+                else:
+                    request.process_with_body()
+                return server.NOT_DONE_YET
+
+            def allowed() -> None:
+                request.fauth_allowed = self
+                request.process_with_body()
+
+            guard(self._auth, request, inbound, allowed)
+            return server.NOT_DONE_YET
+        # Allowed: traverse the guarded tree from where this leaf stopped.
+        guard(self._auth, request, inbound, lambda: self._render_wrapped(request))
+        return server.NOT_DONE_YET
+
+    def _render_wrapped(self, request: Any) -> Any:
+        request.render(getChildForRequest(self._wrapped, request))
         return server.NOT_DONE_YET

@@ -33,28 +33,45 @@ gets 408 (nothing at all when it had sent nothing) and the connection is
 closed.  Between requests of a persistent connection the idle timeout
 applies as before.
 
-Only attributes present in both Twisted 25.5 (PyPy 3.9) and 26.x are used:
-C{_maybeChooseTransferDecoder}, C{_respondToBadRequestAndDisconnect},
-C{_transferDecoder}, C{_finishRequestBody}, C{_version}, C{_abortingCall}
-and the private C{_ChunkedTransferDecoder}.
+Requests with a body are dispatched on their head when the site's
+resource asks for it (C{handles_heads}; L{HardenedRequest}), the seam
+glyph suggested in Twisted #5511: the channel calls the request when the
+head is in, holds the body back (the transport paused) until the resource
+wants it, defers C{100 Continue} until then, and, for a request answered
+before its body ended, drops the rest (a little) or closes with a
+lingering close (more).  Chunked trailers are parsed strictly, a head
+ending in a bare LF is refused at once, and C{client_max_body_size}
+answers 413.
+
+Only attributes present in both Twisted 25.5 (PyPy 3.9) and 26.x are used
+(tests/test_compat.py pins them): C{_maybeChooseTransferDecoder},
+C{_respondToBadRequestAndDisconnect}, C{_transferDecoder},
+C{_finishRequestBody}, C{_version}, C{_command}, C{_path},
+C{_abortingCall}, C{_send100Continue}, C{_networkProducer},
+C{_waitingForTransport}, C{_handlingRequest}, LineReceiver's C{_buffer} and
+C{_busyReceiving}, and the private C{_ChunkedTransferDecoder} (its
+C{_buffer}, C{_dataReceived_CHUNK_LENGTH} and C{_dataReceived_TRAILER}).
 """
 from __future__ import annotations
 
+import gc
 import math
+import platform
 import re
-from typing import Any, Optional, Tuple, cast
+from typing import Any, List, Optional, Tuple, cast
 
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITCPTransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
+from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 
 from fauth.config import HttpLimits
 from fauth.wire.headers import CTL, TOKEN
 
-__all__ = ["HardenedHTTPChannel", "HardenedSite"]
+__all__ = ["HardenedHTTPChannel", "HardenedRequest", "HardenedSite"]
 
 log = Logger()
 
@@ -65,14 +82,38 @@ _TARGET = re.compile(rb"[\x21-\x7e]+\Z")
 # Content-Length: digits only, and few enough to fit 63 bits.
 _LENGTH = re.compile(rb"[0-9]{1,18}\Z")
 _MAX_CHUNK_SIZE = 2**63 - 1
+# One trailer field line (RFC 9112 7.1.2: the same grammar as a header field
+# line), without its CRLF.
+_FIELD_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*")
 # A block of header lines each of which passes the per-line checks of
 # lineReceived: a token, a colon, a value without control characters (HTAB
 # allowed), CRLF.  Obs-fold and whitespace before the colon fail it.
 _FIELD_LINES = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
 
+#: Bytes of an unwanted request body (denied, refused, or answered early by
+#: the upstream) read and dropped to keep the connection for the next
+#: request, as nginx discards one; a longer body closes the connection.
+DISCARD_LIMIT = 64 * 1024
+#: Closing while a body still arrives: after the answer, the write side is
+#: shut and at most this many bytes are read and dropped, for at most
+#: L{LINGER_TIME} seconds, so that the client can read the answer before
+#: the connection is reset (nginx's lingering close).
+LINGER_LIMIT = 256 * 1024
+LINGER_TIME = 2.0
+
+# PyPy allocates bytes objects of a body's size (tens of KiB) outside its
+# nursery and frees them only when a minor collection runs, which the few
+# small objects of a streamed body rarely cause: the pieces of a large
+# upload then pile up until the process has grown by the body's size.  One
+# incremental collection step per RECLAIM_EVERY bytes read keeps that
+# bounded.  CPython frees each piece by reference counting: nothing to do.
+_collect_step = getattr(gc, "collect_step", None) if platform.python_implementation() == "PyPy" else None
+RECLAIM_EVERY = 16 * 1024 * 1024
+
 _REASONS = {
     400: b"Bad Request",
     408: b"Request Timeout",
+    413: b"Payload Too Large",
     414: b"URI Too Long",
     431: b"Request Header Fields Too Large",
     501: b"Not Implemented",
@@ -87,13 +128,51 @@ _CLOSED = "closed"  # refused or timed out: ignore everything
 
 
 class _StrictChunkedDecoder(http._ChunkedTransferDecoder):
-    """Twisted's chunked decoder, refusing chunk sizes beyond 63 bits."""
+    """
+    Twisted's chunked decoder, refusing chunk sizes beyond 63 bits and any
+    trailer section that is not field lines ending in CRLF within the
+    header limits (Twisted only looks for CRLFs, so a trailer line without
+    a colon, with control characters, or ended by a bare LF passes, and a
+    bare LF leaves the request waiting for its timeout).  Trailer fields
+    are checked, then dropped: nothing downstream reads them.
+    """
+
+    def __init__(self, dataCallback: Any, finishCallback: Any, limits: HttpLimits = HttpLimits()) -> None:
+        super().__init__(dataCallback, finishCallback)
+        self._max_fields = limits.max_headers
+        self._max_bytes = limits.max_header_bytes
+        self._trailer_fields = 0
+        self._trailer_bytes = 0
 
     def _dataReceived_CHUNK_LENGTH(self) -> bool:
         done: bool = super()._dataReceived_CHUNK_LENGTH()
         if done and self.length > _MAX_CHUNK_SIZE:
             raise http._MalformedChunkedDataError("chunk size too large")
         return done
+
+    def _dataReceived_TRAILER(self) -> bool:
+        buffer = self._buffer
+        end = buffer.find(b"\r\n")
+        if end < 0:
+            if b"\n" in buffer or self._trailer_bytes + len(buffer) > self._max_bytes + 1:
+                raise http._MalformedChunkedDataError("malformed trailer section")
+            return False
+        if end == 0:
+            rest = bytes(buffer[2:])
+            del buffer[:]
+            self.state = "FINISHED"
+            self.finishCallback(rest)
+            return False
+        self._trailer_fields += 1
+        self._trailer_bytes += end + 2
+        if (
+            self._trailer_fields > self._max_fields
+            or self._trailer_bytes > self._max_bytes
+            or _FIELD_LINE.fullmatch(bytes(buffer[:end])) is None
+        ):
+            raise http._MalformedChunkedDataError("malformed trailer section")
+        del buffer[: end + 2]
+        return True
 
 
 class HardenedHTTPChannel(http.HTTPChannel):
@@ -131,6 +210,15 @@ class HardenedHTTPChannel(http.HTTPChannel):
         self._framing: Optional[bytes] = None
         self._timer: Optional[IDelayedCall] = None
         self._addresses: Optional[Tuple[IAddress, IAddress, bool]] = None
+        # A request dispatched on its head (HardenedRequest) whose body is
+        # held back while nobody wants it yet, or while the upstream is slow.
+        self._body_held = False
+        # A request answered before its body ended: its requestDone waits
+        # for the end of the body (dropped, up to DISCARD_LIMIT).
+        self._unfinished: Any = None
+        self._lingering = False
+        self._linger_bytes = 0
+        self._unreclaimed = 0
 
     # -- per connection, not per request ------------------------------------
 
@@ -207,6 +295,19 @@ class HardenedHTTPChannel(http.HTTPChannel):
             peer=str(peer),
             what="head" if phase == _HEAD else "body",
         )
+        request = self.requests[-1] if phase == _BODY and self.requests else None
+        if request is not None and getattr(request, "dispatched", False):
+            if self._unfinished is None and not request.startedWriting:
+                # In the hands of the resource already: answered through
+                # the request, which the resource then finds finished.
+                request.refuse_body(408)
+                return
+            # Answered already (or answering): no 408 can follow.
+            self._phase = _CLOSED
+            self._stop_timer()
+            if self.transport is not None:
+                cast(Any, self.transport).abortConnection()
+            return
         if phase == _HEAD and not self._head_started:
             # Nothing received: nobody to answer.
             self._phase = _CLOSED
@@ -227,6 +328,16 @@ class HardenedHTTPChannel(http.HTTPChannel):
         super().connectionLost(reason)
 
     def dataReceived(self, data: bytes) -> None:
+        if _collect_step is not None:
+            self._unreclaimed += len(data)
+            if self._unreclaimed > RECLAIM_EVERY:
+                self._unreclaimed = 0
+                _collect_step()
+        if self._lingering:
+            self._linger_bytes += len(data)
+            if self._linger_bytes > LINGER_LIMIT and self.transport is not None:
+                cast(Any, self.transport).abortConnection()
+            return
         if self._phase == _CLOSED:
             return
         if data:
@@ -237,6 +348,10 @@ class HardenedHTTPChannel(http.HTTPChannel):
                 if self._expect_request_line and not self._buffer:
                     self._fields_checked = self._check_fields(data)
         super().dataReceived(data)
+        if self._phase == _HEAD and self.line_mode and b"\n" in self._buffer and not self._busyReceiving:
+            # Lines end in CRLF, so an LF left over is a bare one: a head
+            # ending in it would otherwise wait for the header timeout.
+            self._refuse(400)
 
     def _check_fields(self, data: bytes) -> bool:
         """
@@ -274,8 +389,11 @@ class HardenedHTTPChannel(http.HTTPChannel):
         if self.abortTimeout is not None and self._abortingCall is None:
             self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
 
-    def _refuse(self, status: int) -> None:
-        """Answer C{status} with no body, close, and ignore anything further."""
+    def _refuse(self, status: int, linger: bool = False) -> None:
+        """
+        Answer C{status} with no body, close, and ignore anything further
+        (with C{linger}: a body may be arriving, see L{linger_close}).
+        """
         if self._phase == _CLOSED:
             return
         self._phase = _CLOSED
@@ -284,7 +402,83 @@ class HardenedHTTPChannel(http.HTTPChannel):
             self.transport.write(
                 b"HTTP/1.1 %d %s\r\nConnection: close\r\nContent-Length: 0\r\n\r\n" % (status, reason)
             )
-        self._close()
+        if linger:
+            self.linger_close()
+        else:
+            self._close()
+
+    def linger_close(self) -> None:
+        """
+        Close after what was written, while a request body may still be
+        arriving: shut the write side (the client sees the end of the
+        answer), then read and drop up to L{LINGER_LIMIT} bytes for up to
+        L{LINGER_TIME} seconds before the connection is aborted.  Closing
+        at once with unread bytes makes the kernel reset the connection,
+        and a client still sending may then lose the answer.
+        """
+        if self._lingering:
+            return
+        self._lingering = True
+        self._phase = _CLOSED
+        self.persistent = False
+        self._stop_timer()
+        transport = self.transport
+        if transport is None:
+            return
+        if ITCPTransport.providedBy(transport):
+            self._body_held = False
+            cast(Any, transport).resumeProducing()
+            transport.loseWriteConnection()
+        else:
+            transport.loseConnection()
+        if self._abortingCall is None:
+            self._abortingCall = self.callLater(LINGER_TIME, self.forceAbortClient)
+
+    # -- request bodies held and released (HardenedRequest) ------------------
+
+    def hold_body(self) -> None:
+        """Read nothing more from the client until L{release_body}."""
+        if not self._body_held and self.transport is not None:
+            self._body_held = True
+            self._networkProducer.pauseProducing()
+
+    def release_body(self) -> None:
+        """Read the body on (unless the client does not read our answers)."""
+        if self._body_held:
+            self._body_held = False
+            if not self._waitingForTransport and not self._lingering and self.transport is not None:
+                self._networkProducer.resumeProducing()
+
+    def resumeProducing(self) -> None:
+        # Twisted resumes reading whenever the client drains our answers;
+        # a held body must stay held.
+        super().resumeProducing()
+        if self._body_held and not self._handlingRequest:
+            self._networkProducer.pauseProducing()
+
+    def _send100Continue(self) -> None:
+        request = self.requests[-1] if self.requests else None
+        if isinstance(request, HardenedRequest) and self.length != 0:
+            # Sent when the body is wanted (HardenedRequest.want_body):
+            # after an allow, never before a denial.
+            request.expect_continue = True
+            return
+        super()._send100Continue()
+
+    def body_unwanted(self, request: "HardenedRequest") -> None:
+        """
+        C{request} was answered before its body ended: drop the rest of it,
+        up to L{DISCARD_LIMIT}, to keep the connection; close (lingering)
+        when more is known or found to follow.
+        """
+        self._unfinished = request
+        remaining = request.body_remaining()
+        if not self.persistent or remaining is None and request.body_dropped > DISCARD_LIMIT or (
+            remaining is not None and remaining > DISCARD_LIMIT
+        ):
+            self.linger_close()
+        else:
+            self.release_body()
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         # Every 400 Twisted itself decides on comes through here.
@@ -297,6 +491,9 @@ class HardenedHTTPChannel(http.HTTPChannel):
 
     def lineReceived(self, line: bytes) -> None:
         if self._phase == _CLOSED:
+            return
+        if b"\n" in line:
+            self._refuse(400)  # a bare LF (RFC 9112 2.2: we do not accept it as a line end)
             return
         if self._phase == _IDLE:
             self._begin_head()
@@ -369,10 +566,28 @@ class HardenedHTTPChannel(http.HTTPChannel):
             self._framing = header
             self.length = None
             self._transferDecoder = _StrictChunkedDecoder(
-                self.requests[-1].handleContentChunk, self._finishRequestBody
+                self.requests[-1].handleContentChunk, self._finishRequestBody, self._limits
             )
             return True
         return True
+
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        """
+        Twisted's rule, plus HTTP/1.0 with C{Connection: keep-alive} (as
+        C{ab -k} sends) kept alive when the request is a L{HardenedRequest},
+        which answers such a request with C{Connection: keep-alive} and a
+        length, or closes when the response has no length.
+        """
+        if version == b"HTTP/1.0" and isinstance(request, HardenedRequest):
+            tokens = {
+                token.strip(b" \t").lower()
+                for value in request.requestHeaders.getRawHeaders(b"connection", [])
+                for token in value.split(b",")
+            }
+            if b"keep-alive" in tokens and b"close" not in tokens:
+                request.keep_alive_http10 = True
+                return True
+        return bool(super().checkPersistence(request, version))
 
     # -- phases --------------------------------------------------------------
 
@@ -383,9 +598,16 @@ class HardenedHTTPChannel(http.HTTPChannel):
             return
         if self.length == 0:
             self._cancel_timer()
-        else:
-            self._phase = _BODY
-            self._start_timer(self._limits.body_timeout, _BODY)
+            return
+        limit = self._limits.client_max_body_size
+        if limit and self.length is not None and self.length > limit:
+            self._refuse(413, linger=True)
+            return
+        self._phase = _BODY
+        self._start_timer(self._limits.body_timeout, _BODY)
+        request = self.requests[-1]
+        if isinstance(request, HardenedRequest):
+            request.head_received(self._command, self._path, self._version)
 
     def allContentReceived(self) -> None:
         self._cancel_timer()
@@ -394,8 +616,15 @@ class HardenedHTTPChannel(http.HTTPChannel):
         self._head_started = False
         self.MAX_LENGTH = self._limits.max_request_line
         super().allContentReceived()
+        unfinished, self._unfinished = self._unfinished, None
+        if unfinished is not None and not self._lingering:
+            # Answered before its body ended; the body is over now.
+            self.requestDone(unfinished)
 
     def requestDone(self, request: http.Request) -> None:
+        if isinstance(request, HardenedRequest) and request.dispatched and not request.body_complete:
+            self.body_unwanted(request)
+            return
         if self._phase != _CLOSED:
             # Pipelined bytes already buffered are replayed by Twisted below,
             # through dataReceived, which starts the header timer for them.
@@ -406,6 +635,255 @@ class HardenedHTTPChannel(http.HTTPChannel):
             self._begin_head()
 
 
+class BodySink:
+    """What a request body dispatched on its head is streamed to (L{HardenedRequest.stream_body})."""
+
+    def body_data(self, data: bytes) -> None:
+        """A piece of the body (de-chunked)."""
+
+    def body_end(self) -> None:
+        """The body is complete."""
+
+    def body_abort(self) -> None:
+        """The body will not be complete (larger than C{client_max_body_size})."""
+
+
+class HardenedRequest(server.Request):
+    """
+    The request of a L{HardenedHTTPChannel}.
+
+    B{Dispatch on the head.}  When the site's resource has a true
+    C{handles_heads} attribute, a request with a body is processed as soon
+    as its head is in (L{dispatched}), with C{content} C{None} and the body
+    held back: nothing more is read from the client, and C{Expect:
+    100-continue} is not answered, until the resource wants the body,
+    through L{stream_body} (pieces passed on as they arrive, with
+    L{pause_body} and L{resume_body} for backpressure).  A request answered
+    before its body ended has the rest dropped (up to L{DISCARD_LIMIT},
+    keeping the connection) or the connection closed
+    (L{HardenedHTTPChannel.linger_close}).  Other resources get Twisted's
+    behaviour: the whole body in C{content}, then C{process}.
+
+    B{HTTP/1.0 keep-alive.}  An HTTP/1.0 request kept alive
+    (L{HardenedHTTPChannel.checkPersistence}) is answered with
+    C{Connection: keep-alive} when its length is known, else with
+    C{Connection: close} and the connection closed after it (an HTTP/1.0
+    body without a length ends with the connection).
+
+    @ivar dispatched: processed on its head, the body still to come.
+    @ivar body_complete: (when dispatched) the whole body has arrived.
+    """
+
+    keep_alive_http10 = False
+    expect_continue = False
+    dispatched = False
+    body_complete = False
+    body_received = 0
+    body_dropped = 0
+    _declared: Optional[int] = None
+    _sink: Optional[BodySink] = None
+    _dropping = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Twisted deletes .channel once the answer is done; the body may
+        # still be arriving then.
+        self._conn: Any = self.channel
+        self._pending: List[bytes] = []
+
+    # -- the head --------------------------------------------------------------
+
+    def gotLength(self, length: Optional[int]) -> None:
+        self._declared = length
+        if length == 0 or not isinstance(self.channel, HardenedHTTPChannel):
+            super().gotLength(length)
+        # else: head_received decides where the body goes
+
+    def head_received(self, command: bytes, path: bytes, version: bytes) -> None:
+        """Called by the channel when the head of a request with a body is in."""
+        site = getattr(self._conn, "site", None)
+        if site is None or not getattr(site.resource, "handles_heads", False):
+            super().gotLength(self._declared)
+            self.want_body()
+            return
+        # What requestReceived would set, for the resource to read now.
+        self.method, self.uri, self.clientproto = command, path, version
+        self.path, _, query = path.partition(b"?")
+        self.args = http.parse_qs(query, 1) if query else {}
+        self.dispatched = True
+        self._conn.hold_body()
+        self.process()
+
+    def body_remaining(self) -> Optional[int]:
+        """Bytes of the body still to come, or C{None} (chunked)."""
+        if self._declared is None:
+            return None
+        return self._declared - self.body_received
+
+    @property
+    def body_length(self) -> Optional[int]:
+        """The C{Content-Length} of the body, C{None} when chunked."""
+        return self._declared
+
+    # -- what the resource does with the body -----------------------------------
+
+    def want_body(self) -> None:
+        """Let the body come: C{100 Continue} first when it was asked for."""
+        if self.expect_continue:
+            self.expect_continue = False
+            if not self.startedWriting and not self.finished and self._conn.transport is not None:
+                self._conn.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._conn.release_body()
+
+    def stream_body(self, sink: BodySink, start: bool = True) -> None:
+        """
+        Pass the body to C{sink} as it arrives (what arrived already at
+        once), and its end; with C{start}, let it come (L{want_body}).
+        """
+        self._sink = sink
+        pending, self._pending = self._pending, []
+        for data in pending:
+            sink.body_data(data)
+        if self.body_complete:
+            sink.body_end()
+        elif start:
+            self.want_body()
+
+    def process_with_body(self) -> None:
+        """
+        Go on as Twisted does after all: the whole body read into
+        C{content}, then Twisted's C{requestReceived} (form arguments
+        parsed) and C{process} again, where the resource finds what it
+        decided on the head (L{fauth.edge.resources.ForwardAuthResource}).
+        """
+        self.dispatched = False
+        server.Request.gotLength(self, self._declared)
+        pending, self._pending = self._pending, []
+        content = self.content
+        assert content is not None  # gotLength made it
+        for data in pending:
+            content.write(data)
+        if self.body_complete:
+            server.Request.requestReceived(self, self.method, self.uri, self.clientproto)
+        else:
+            self.want_body()
+
+    def take_pending(self) -> bytes:
+        """The body received so far and not passed on (for a body complete before it is wanted)."""
+        pending, self._pending = self._pending, []
+        return b"".join(pending)
+
+    def pause_body(self) -> None:
+        """Backpressure: read no more of the body for now."""
+        if not self.body_complete:
+            self._conn.hold_body()
+
+    def resume_body(self) -> None:
+        self.want_body()
+
+    def drop_body(self) -> None:
+        """
+        Nobody wants the rest of the body (the upstream answered early, or
+        failed): it is read and dropped, within the bounds of
+        L{HardenedHTTPChannel.body_unwanted} once the answer is done.
+        """
+        if not self._dropping:
+            self._dropping = True
+            self._sink = None
+            self._pending = []
+            if not self.body_complete:
+                self._conn.release_body()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if not self.dispatched:
+            if self.content is not None:
+                super().handleContentChunk(data)
+            # else: refused on its head by the channel (413), dropped
+            return
+        self.body_received += len(data)
+        if self._dropping or self.finished:
+            self._dropping = True
+            self.body_dropped += len(data)
+            if self.body_dropped > DISCARD_LIMIT:
+                self._conn.linger_close()
+            return
+        limit = self._conn._limits.client_max_body_size
+        if limit and self.body_received > limit:
+            # A chunked body beyond client_max_body_size.
+            self.refuse_body(413)
+            return
+        sink = self._sink
+        if sink is None:
+            self._pending.append(data)
+        else:
+            sink.body_data(data)
+
+    def refuse_body(self, status: int) -> None:
+        """
+        The body will not be taken (too large, too slow): answer C{status}
+        and close if nothing was answered yet, else abort the connection;
+        then the sink, if any, is told (an upstream exchange is aborted,
+        and finds the request finished).
+        """
+        sink, self._sink = self._sink, None
+        self._dropping = True
+        self._pending = []
+        if not self._disconnected and not self.finished:
+            if self.startedWriting:
+                self._conn.transport.abortConnection()
+            else:
+                self.responseHeaders = Headers()
+                self.setResponseCode(status)
+                self.responseHeaders.setRawHeaders(b"content-length", [b"0"])
+                self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+                self._conn.persistent = False
+                self.finish()
+        if sink is not None:
+            sink.body_abort()
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if not self.dispatched:
+            super().requestReceived(command, path, version)
+            return
+        # The end of a body dispatched on its head: processed already.
+        self.body_complete = True
+        sink = self._sink
+        if sink is not None and not self._dropping:
+            sink.body_end()
+
+    # -- answering -------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting and self.dispatched and not self.body_complete:
+            remaining = self.body_remaining()
+            if self.expect_continue or remaining is not None and remaining > DISCARD_LIMIT and self._sink is None:
+                # Answered while much of an unwanted body is still to come,
+                # or before a 100 Continue the client waits for (it may
+                # send the body or not: the next bytes cannot be told apart
+                # from a next request): the connection closes after this.
+                self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+                self._conn.persistent = False
+        if self.keep_alive_http10 and not self.startedWriting:
+            self.keep_alive_http10 = False
+            if (
+                self.responseHeaders.hasHeader(b"content-length")
+                or self.method == b"HEAD"
+                or self.code in http.NO_BODY_CODES
+            ):
+                self.responseHeaders.setRawHeaders(b"connection", [b"keep-alive"])
+            else:
+                self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+                self.channel.persistent = False
+        server.Request.write(self, data)
+
+    def finish(self) -> None:
+        if self.keep_alive_http10 and not self.startedWriting and not self.responseHeaders.hasHeader(b"content-length"):
+            # Nothing written: the body is empty, and saying so keeps the connection.
+            if self.method != b"HEAD" and self.code not in http.NO_BODY_CODES:
+                self.responseHeaders.setRawHeaders(b"content-length", [b"0"])
+        server.Request.finish(self)
+
+
 class HardenedSite(server.Site):
     """
     A L{Site} whose connections are L{HardenedHTTPChannel}s.
@@ -413,6 +891,8 @@ class HardenedSite(server.Site):
     @param limits: the C{http:} section of the configuration; its
         C{idle_timeout} is the site's C{timeout}.
     """
+
+    requestFactory = HardenedRequest
 
     def __init__(self, resource: IResource, limits: HttpLimits = HttpLimits(), **kwargs: Any) -> None:
         super().__init__(resource, timeout=limits.idle_timeout, **kwargs)

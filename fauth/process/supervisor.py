@@ -333,7 +333,8 @@ class WorkerSupervisor(MultiService):
         absolute path.
         """
         doc = dict(self.control.conf.source)
-        for key in RESTART_ONLY:
+        # client_max_body_size is read into the "http" limits, restart-only too.
+        for key in RESTART_ONLY + ("client_max_body_size",):
             if key in self._startup_source:
                 doc[key] = self._startup_source[key]
             else:

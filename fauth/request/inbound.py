@@ -35,9 +35,12 @@ def normalise_path(raw: bytes) -> str:
     matches the route of C{/private}, never the one of C{/public/*}.
 
     @raise BadRequest: for NUL bytes, backslashes (raw or encoded: some
-        upstreams read them as C{/}), overlong UTF-8, dot segments with
-        parameters (C{..;x}, which Tomcat reads as C{..}), or a path that
-        climbs above the root.
+        upstreams read them as C{/}), overlong UTF-8, a C{;} (path
+        parameters: Java servers read C{/private;x/secret} as
+        C{/private/secret}, nginx and APISIX as a segment C{private;x}, so
+        no one route can stand for both readings), or a path that climbs
+        above the root.  An encoded C{%3B} is an ordinary character of its
+        segment, and goes on encoded.
     """
     return _normalise(raw)[0]
 
@@ -48,6 +51,8 @@ def _normalise(raw: bytes) -> Tuple[str, str]:
     C{"utf-8"}, or C{"latin-1"} when they were not UTF-8 (so that the path
     can be turned back into the very same bytes).
     """
+    if b";" in raw:
+        raise BadRequest("path parameters (;) in path")
     if b"%" not in raw and b"/." not in raw and b"//" not in raw and b"\\" not in raw:
         if not raw.startswith(b"/"):
             raise BadRequest("request target must start with /")
@@ -75,6 +80,8 @@ def _normalise(raw: bytes) -> Tuple[str, str]:
     segments: List[str] = []
     for segment in text.split("/")[1:]:
         if ";" in segment and segment.partition(";")[0] in (".", ".."):
+            # From %3B: an upstream that decodes before it strips
+            # parameters would read "..%3b" as "..".
             raise BadRequest("dot segment with parameters in path")
         if segment == "..":
             if not segments:
@@ -97,6 +104,10 @@ def _split_host(value: str) -> str:
         end = value.find("]")
         return value[: end + 1] if end != -1 else value
     host = value.partition(":")[0]
+    if host.endswith(".."):
+        # One trailing dot is the root of the DNS (nginx drops it); more is
+        # no name at all, and no route should be guessed for it.
+        raise BadRequest("invalid Host")
     return host[:-1] if host.endswith(".") else host
 
 
@@ -124,6 +135,7 @@ class InboundRequest:
     headers: Headers
     content: Any = None
     _body: Optional[bytes] = None
+    _target: Optional[bytes] = None
     #: The codec L{path} was decoded with (L{_normalise}); encoding it back
     #: with the same one gives the bytes that were authorised.
     path_codec: str = "utf-8"
@@ -189,17 +201,24 @@ class InboundRequest:
     @property
     def upstream_target(self) -> bytes:
         """
-        The target sent upstream: the client's own bytes when they were
-        already normal, else the normalised path re-encoded, so that the
-        upstream sees the path that was authorised.
+        The target sent upstream and, as C{X-Forwarded-Uri}, to the auth
+        service: the client's own bytes when they were already normal, else
+        the normalised path re-encoded, so that the auth service judges the
+        path the routes matched and the upstream serves exactly that one
+        (C{/public/..%2fprivate/secret} is C{/private/secret} for all three).
         """
+        if self._target is None:
+            self._target = self._make_target()
+        return self._target
+
+    def _make_target(self) -> bytes:
         raw_path = self.request_uri.partition("?")[0]
         if raw_path == self.path:
             target = raw_path
         else:
             # quote() would encode a str as UTF-8: a path read as latin-1
             # (not UTF-8) must go back as its own bytes (%FF, not %C3%BF).
-            target = quote(self.path.encode(self.path_codec), safe="/:@!$&'()*+,;=-._~")
+            target = quote(self.path.encode(self.path_codec), safe="/:@!$&'()*+,=-._~")
         if self.query:
             target += "?" + self.query
         return target.encode("latin-1")

@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from fauth.upstream.balancer import SmoothWeightedRoundRobin
 from fauth.config import Node, UpstreamConf
-from fauth.wire.connection import ClientRequest, FileUpload
+from fauth.wire.connection import ClientRequest, FileUpload, StreamUpload
 from fauth.wire.h1 import ResponseHead, request_head
 from fauth.wire.headers import HOP_BY_HOP, connection_listed
 from fauth.request.inbound import InboundRequest
@@ -33,9 +33,16 @@ __all__ = ["UpstreamProxy"]
 
 log = Logger()
 
+# The credentials and challenges of the hop between a client and a proxy
+# (RFC 9110 11.7): the gateway is that proxy, so they are never relayed to
+# an upstream, nor an upstream's back to the client (a forward-auth service
+# may still read Proxy-Authorization through request_headers, and send
+# Proxy-Authenticate through client_headers).
+_PROXY_HOP = frozenset([b"proxy-authorization", b"proxy-authenticate"])
+_RESPONSE_DROP = HOP_BY_HOP | _PROXY_HOP
 # Framing is redone for the upstream connection; Host is set per pass_host;
 # the X-Forwarded-* and X-Real-IP a client sent are replaced.
-_REQUEST_DROP = HOP_BY_HOP | frozenset(
+_REQUEST_DROP = HOP_BY_HOP | _PROXY_HOP | frozenset(
     [
         b"host",
         b"content-length",
@@ -61,6 +68,24 @@ def wire_target(target: bytes) -> bytes:
     if _TARGET_OK.fullmatch(target) is not None:
         return target
     return _TARGET_UNSAFE.sub(lambda m: b"%%%02X" % m.group()[0], target)
+
+
+class _ClientBody:
+    """The client's side of a L{StreamUpload}: the body of a request dispatched on its head."""
+
+    __slots__ = ("_request",)
+
+    def __init__(self, request: Any) -> None:
+        self._request = request
+
+    def pause(self) -> None:
+        self._request.pause_body()
+
+    def resume(self) -> None:
+        self._request.resume_body()
+
+    def stop(self) -> None:
+        self._request.drop_body()
 
 
 @implementer(IPushProducer)
@@ -206,7 +231,9 @@ class UpstreamProxy:
             node: (node.host.encode("idna"), node.netloc.encode("idna")) for node in conf.nodes
         }
 
-    def _head(self, request: Any, inbound: InboundRequest, netloc: bytes, length: Optional[int]) -> bytes:
+    def _head(
+        self, request: Any, inbound: InboundRequest, netloc: bytes, length: Optional[int], chunked: bool = False
+    ) -> bytes:
         incoming = request.requestHeaders
         if self.conf.pass_host == "node":
             host = netloc
@@ -217,6 +244,8 @@ class UpstreamProxy:
         fields: List[Tuple[bytes, bytes]] = [(b"Host", host)]
         if length is not None:
             fields.append((b"Content-Length", b"%d" % length))
+        elif chunked:
+            fields.append((b"Transfer-Encoding", b"chunked"))
         drop = _REQUEST_DROP | connection_listed(incoming)
         forwarded: List[bytes] = []
         for name, values in incoming.getAllRawHeaders():
@@ -235,7 +264,16 @@ class UpstreamProxy:
         ]
         return request_head(request.method, wire_target(inbound.upstream_target), fields)
 
-    def _body(self, request: Any, inbound: InboundRequest) -> Tuple[Optional[bytes], Optional[FileUpload]]:
+    def _body(self, request: Any, inbound: InboundRequest) -> Tuple[Optional[bytes], Any]:
+        if getattr(request, "dispatched", False) and request.content is None:
+            # Dispatched on its head (fauth.edge.server.HardenedRequest):
+            # the body streams from the client, or, when it is all in
+            # already, goes in one piece with its length.
+            if request.body_complete:
+                return request.take_pending(), None
+            upload = StreamUpload(request.body_length, _ClientBody(request))
+            request.stream_body(upload, start=False)
+            return None, upload
         content = request.content
         size = inbound.body_length()
         if size == 0:
@@ -259,7 +297,8 @@ class UpstreamProxy:
         body, upload = self._body(request, inbound)
         length = len(body) if body is not None else (upload.length if upload is not None else None)
         relay = _Relay(request, self._reactor, self._response_timeout, self.conf.timeout.read)
-        outgoing = ClientRequest(request.method, self._head(request, inbound, netloc, length), relay, body, upload)
+        head = self._head(request, inbound, netloc, length, chunked=upload is not None and length is None)
+        outgoing = ClientRequest(request.method, head, relay, body, upload)
         if exchange is not None:
             exchange.upstream_started()
         d = self._connector.request(self._scheme, host, node.port, outgoing)
@@ -281,7 +320,8 @@ class UpstreamProxy:
         def got_response(head: ResponseHead) -> None:
             if exchange is not None:
                 exchange.upstream_answered()
-            if relay.client_gone:
+            if relay.client_gone or request.finished:
+                # (finished: the gateway refused the rest of a streamed body.)
                 # Nobody waits for this answer: stop it now, which closes that
                 # connection, rather than read its body into nothing.
                 relay.stop()
@@ -290,7 +330,7 @@ class UpstreamProxy:
             out = request.responseHeaders
             listed = head.connection
             for name, values in head.headers.items():
-                if name not in HOP_BY_HOP and name not in listed:
+                if name not in _RESPONSE_DROP and name not in listed:
                     out.setRawHeaders(name, values)
             # HEAD keeps the upstream's own Content-Length (in head.headers); 204 must
             # have none and a 304's describes the 200 it stands for: never an invented 0.
@@ -301,7 +341,7 @@ class UpstreamProxy:
 
         def failed(failure: Failure) -> None:
             relay.stop_timer()
-            if relay.client_gone:
+            if relay.client_gone or request.finished:
                 return
             if exchange is not None:
                 exchange.upstream_failed()

@@ -37,10 +37,12 @@ from zope.interface import implementer
 from fauth.wire.h1 import MAX_RESPONSE_HEAD, MAX_RESPONSE_HEADERS, ChunkedDecoder, ResponseHead, find_head_end, parse_head
 
 __all__ = [
+    "BodySource",
     "ClientConnection",
     "ClientRequest",
     "FileUpload",
     "ResponseSink",
+    "StreamUpload",
 ]
 
 log = Logger()
@@ -189,6 +191,124 @@ class FileUpload:
             self._failed(failure)
 
 
+class BodySource(TypingProtocol):
+    """Where a L{StreamUpload}'s body comes from (the client's request)."""
+
+    def pause(self) -> None:
+        """Send no more for now (the upstream reads slowly)."""
+
+    def resume(self) -> None:
+        """Send on (the first call lets the body come at all)."""
+
+    def stop(self) -> None:
+        """The rest of the body is not wanted."""
+
+
+class UploadAborted(Exception):
+    """The client's body will not be complete (the gateway refused the rest)."""
+
+
+@implementer(IPushProducer)
+class StreamUpload:
+    """
+    A request body passed on as it arrives from the client, with
+    backpressure both ways: it is the upstream transport's push producer
+    (a full buffer pauses the C{source}, the client's side), and it is fed
+    by the C{source} through L{body_data} and L{body_end}.  A body of known
+    C{length} keeps it (the client's framing delivers exactly that many
+    bytes); one without (chunked from the client) is sent chunked.  What
+    arrives before the connection is ready is kept (the source holds the
+    rest back until L{start}).
+    """
+
+    def __init__(self, length: Optional[int], source: BodySource) -> None:
+        self.length = length
+        self._chunked = length is None
+        self._source = source
+        self._transport: Any = None
+        self._failed: Optional[Callable[[Failure], None]] = None
+        self._pending: List[bytes] = []
+        self._ended = False
+        self.done = False
+
+    def start(self, transport: Any, failed: Callable[[Failure], None]) -> None:
+        """Write to C{transport} (the head is out); C{failed} is told if the client's body breaks off."""
+        if self.done:
+            return
+        self._transport = transport
+        self._failed = failed
+        transport.registerProducer(self, True)
+        pending, self._pending = self._pending, []
+        for data in pending:
+            self._write(data)
+        if self._ended:
+            self._end()
+        else:
+            self._source.resume()
+
+    # -- fed by the client's side
+
+    def body_data(self, data: bytes) -> None:
+        if self.done or not data:
+            return
+        if self._transport is None:
+            self._pending.append(data)
+        else:
+            self._write(data)
+
+    def body_end(self) -> None:
+        self._ended = True
+        if self._transport is not None:
+            self._end()
+
+    def body_abort(self) -> None:
+        """The client's body breaks off: the upstream exchange cannot be completed."""
+        if self.done:
+            return
+        failed = self._failed
+        self._finish()
+        if failed is not None:
+            failed(Failure(UploadAborted("request body refused by the gateway")))
+
+    def _write(self, data: bytes) -> None:
+        if self._chunked:
+            self._transport.writeSequence([b"%x\r\n" % len(data), data, b"\r\n"])
+        else:
+            self._transport.write(data)
+
+    def _end(self) -> None:
+        if self.done:
+            return
+        if self._chunked:
+            self._transport.write(b"0\r\n\r\n")
+        self._finish()
+
+    def _finish(self) -> None:
+        if not self.done:
+            self.done = True
+            transport, self._transport = self._transport, None
+            if transport is not None:
+                transport.unregisterProducer()
+
+    # -- IPushProducer, for the upstream transport
+
+    def pauseProducing(self) -> None:
+        if not self.done:
+            self._source.pause()
+
+    def resumeProducing(self) -> None:
+        if not self.done:
+            self._source.resume()
+
+    def stopProducing(self) -> None:
+        """Stop sending (the answer came early, or the connection is gone)."""
+        was_done = self.done
+        self._finish()
+        self._pending = []
+        if not was_done or not self._ended:
+            self._source.stop()
+
+
 @implementer(IPushProducer)
 class ClientConnection(Protocol):
     """
@@ -214,7 +334,7 @@ class ClientConnection(Protocol):
         self._received = False
         self._decoder: Optional[ChunkedDecoder] = None
         self._remaining: Optional[int] = None
-        self._upload: Optional[FileUpload] = None
+        self._upload: Any = None  # FileUpload or StreamUpload
         self._reuse = True
         self._paused = False
         self._lost: List[Deferred] = []

@@ -404,6 +404,15 @@ async def test_bad_url_id(world: World) -> None:
 
 
 @ensureDeferred
+@pytest.mark.parametrize("bad", ["a%0A", "a%0D%0A", "%0Aa"])
+async def test_ids_are_matched_whole(world: World, bad: str) -> None:
+    # "$" in a regular expression also matches before a final newline.
+    code, body = await world.env.admin("PUT", "/apisix/admin/routes/" + bad, world.seed_route())
+    assert code == 400
+    assert 'property "id"' in body["error_msg"]
+
+
+@ensureDeferred
 async def test_file_owned_ids_are_409(world: World) -> None:
     env = world.env
     message = "route file-1 is defined in the configuration file %s; edit the file and reload" % env.config_path

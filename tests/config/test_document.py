@@ -390,3 +390,30 @@ def test_degradation_with_upstream_headers_warns() -> None:
     for plugin in ({"allow_degradation": True}, {"upstream_headers": ["X-User-ID"]}):
         conf = parse_config(_doc(_auth_route(**plugin)))
         assert warning not in conf.routes[0].forward_auth.warnings  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("host", ["example.com\n", "*.example.com\n"])
+def test_route_hosts_are_matched_whole(host: str) -> None:
+    # "$" in a regular expression also matches before a final newline.
+    assert 'property "hosts" validation failed: invalid host' in refusal(_doc(_route(hosts=[host])))
+
+
+@pytest.mark.parametrize(
+    "value, size",
+    [(0, 0), (1048576, 1048576), ("0", 0), ("512k", 512 * 1024), ("10m", 10 * 1024**2), ("1G", 1024**3), ("77", 77)],
+)
+def test_client_max_body_size_takes_bytes_or_nginx_sizes(value: Any, size: int) -> None:
+    assert parse_config(_doc(_route(), client_max_body_size=value)).http.client_max_body_size == size
+
+
+def test_client_max_body_size_defaults_to_no_limit() -> None:
+    assert parse_config(_doc(_route())).http.client_max_body_size == 0
+
+
+@pytest.mark.parametrize("value", [-1, "1x", "m", "1.5m", True, 1.5, [], "1 m\n"])
+def test_client_max_body_size_refuses_other_values(value: Any) -> None:
+    assert "client_max_body_size" in refusal(_doc(_route(), client_max_body_size=value))
+
+
+def test_client_max_body_size_is_top_level_only() -> None:
+    assert 'unknown key "client_max_body_size"' in refusal(_doc(_route(), http={"client_max_body_size": 1}))
