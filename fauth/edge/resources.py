@@ -24,7 +24,8 @@ from fauth.wire.transport import is_cancellation
 from fauth.config import ForwardAuthConf, HttpLimits, RouteConf, parse_forward_auth
 from fauth.edge.drain import InFlight
 from fauth.edge.gateway import AuthClients, Gateway
-from fauth.edge.server import BodySink, HardenedRequest, HardenedSite
+from fauth.edge.request import BodySink, HardenedRequest
+from fauth.edge.server import HardenedSite
 from fauth.request.inbound import BadRequest, InboundRequest
 from fauth.request.lifecycle import when_finished
 from fauth.observe.exchange import Exchange
