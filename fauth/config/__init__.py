@@ -10,6 +10,7 @@ from fauth.config.errors import ConfigError
 from fauth.config.models import (
     AdminConf,
     DemoConf,
+    EtcdConf,
     ForwardAuthConf,
     GatewayConf,
     HttpLimits,
@@ -24,6 +25,7 @@ __all__ = [
     "AdminConf",
     "ConfigError",
     "DemoConf",
+    "EtcdConf",
     "ForwardAuthConf",
     "GatewayConf",
     "HttpLimits",

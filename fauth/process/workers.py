@@ -587,11 +587,22 @@ class WorkerSupervisor(MultiService):
             demo_services(reactor, conf.demo.auth, conf.demo.upstream).setServiceParent(self)
         self.admin_root: Any = None
         self.admin_listener: Any = None
+        #: With C{etcd} and C{admin}: this process's own watch, which keeps
+        #: the admin API's view (and validation) current; each worker
+        #: watches etcd itself for the routes it serves.
+        self.etcd: Any = None
+        if conf.admin is not None and conf.etcd is not None:
+            from fauth.admin.etcd import EtcdSync
+
+            self.etcd = EtcdSync(reactor, control)
+            self.etcd.setServiceParent(self)
         if conf.admin is not None:
             from fauth.admin.api import AdminRoot, AdminSite
             from fauth.process.service import _listener
 
-            self.admin_root = AdminRoot(control, conf.admin.keys, self.serving)
+            self.admin_root = AdminRoot(
+                control, conf.admin.keys, self.serving, self.etcd.status if self.etcd is not None else None
+            )
             self.admin_listener = _listener(reactor, conf.admin.listen, AdminSite(self.admin_root), "admin.listen")
             self.admin_listener.setServiceParent(self)
         control.on_change(self._configuration_changed)
@@ -848,6 +859,9 @@ class WorkerSupervisor(MultiService):
 
     def _configuration_changed(self, conf: Any) -> None:
         """After every applied change (admin API write, reload): every worker reloads."""
+        if self.control.conf.etcd is not None and self.control.last_origin != "reload":
+            # The workers watch etcd: they have the change already, or soon.
+            return
         if not self._signal_reload:
             self.reload_workers()
 
