@@ -23,7 +23,7 @@ from fauth.admin.etcd import parse_event, range_end
 from fauth.config import ConfigError, parse_config
 from fauth.process.service import GatewayService
 from tests.adminenv import KEY, Marker, write_config
-from tests.etcdenv import ETCD, EtcdCluster, etcd_get, etcd_put, etcdctl, start_cluster
+from tests.etcdenv import EtcdCluster, etcd_get, etcd_put, etcdctl, start_cluster
 from tests.servers import listen_on_loopback, port_url, service_port
 
 
@@ -89,9 +89,6 @@ def test_keys_in_apisix_layout() -> None:
 
 
 # --- the real thing -------------------------------------------------------------------
-
-
-pytestmark_etcd = pytest.mark.skipif(not ETCD, reason="needs etcd")
 
 
 @async_yield_fixture
@@ -423,3 +420,94 @@ async def test_catch_up_from_the_revision_and_relist_after_compaction(
         await stop_fleet(fleet)
         await port.stopListening()
         proxy.cut()
+
+
+@ensureDeferred
+async def test_a_member_of_a_three_node_cluster_going_away_is_survived(
+    reactor: Any, tmp_path: Any, upstream: str
+) -> None:
+    """
+    C{host} lists the three members; the one the gateways use is stopped:
+    they move to another, keep serving, take changes written elsewhere and
+    admin writes.
+    """
+    cluster = start_cluster(tmp_path, 3)
+    fleet = await start_fleet(reactor, tmp_path, cluster.urls, count=2)
+    try:
+        await fleet.synced()
+        g1, g2 = fleet.gateways
+        code, _ = await fleet.admin(g1, "PUT", "/apisix/admin/routes/a", route("a", "/a", upstream))
+        assert code == 201
+        await fleet.all_serve("/a", 200, 1.0)
+        assert g1.service.etcd.client.host == cluster.urls[0]
+
+        cluster.members[0].stop()
+        etcd_put(cluster.members[1].url, "/apisix/routes/b", route("b", "/b", upstream))
+        took = await fleet.all_serve("/b", 200, 5)
+        assert took < 3, took
+        for gateway in fleet.gateways:
+            assert gateway.service.etcd.client.host != cluster.urls[0]
+        code, answer = await fleet.admin(g2, "PUT", "/apisix/admin/routes/c", route("c", "/c", upstream))
+        assert code == 201, answer
+        await fleet.all_serve("/c", 200, 1.0)
+        code, body = await fleet.healthz(g1)
+        assert code == 200 and body.startswith("ok; etcd: watching"), body
+    finally:
+        await stop_fleet(fleet)
+        cluster.stop()
+
+
+@ensureDeferred
+async def test_every_worker_watches(reactor: Any, tmp_path: Any, etcd: EtcdCluster, upstream: str) -> None:
+    """
+    C{--workers 2} with etcd: each worker watches, so a change written with
+    etcdctl or through the supervisor's admin API is served on every new
+    connection (whichever worker takes it) within a second, without
+    reload signals.
+    """
+    from tests.adminenv import free_ports
+    from tests.test_workers import start, stop, wait_ready_async
+
+    port, admin_port = free_ports(2)
+    doc = {
+        "listen": ["tcp:%d:interface=127.0.0.1" % port],
+        "admin": {"listen": "tcp:%d:interface=127.0.0.1" % admin_port, "keys": [KEY]},
+        "etcd": {"host": etcd.urls},
+    }
+    s = start(tmp_path, doc, ("--workers", "2"))
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    client = HTTPClient(Agent(reactor, pool=pool))
+    url = "http://127.0.0.1:%d" % port
+
+    async def every_connection_serves(path: str, status: int = 200) -> bool:
+        for _ in range(12):
+            response = await client.get(url + path)
+            await response.content()
+            if response.code != status:
+                return False
+        return True
+
+    async def within(path: str, seconds: float, status: int = 200) -> float:
+        start_at = time.monotonic()
+        while not await every_connection_serves(path, status):
+            assert time.monotonic() - start_at < seconds, s.log()
+            await deferLater(reactor, 0.01, lambda: None)
+        return time.monotonic() - start_at
+
+    try:
+        await wait_ready_async(reactor, s, 2)
+        etcdctl(etcd.url, "put", "/apisix/routes/w", json.dumps(route("w", "/w", upstream)))
+        assert await within("/w", 1.0) < 1.0
+        data = json.dumps(route("v", "/v", upstream)).encode()
+        response = await client.put(
+            "http://127.0.0.1:%d/apisix/admin/routes/v" % admin_port, data=data, headers={"X-API-KEY": KEY}
+        )
+        assert response.code == 201, await response.content()
+        assert await within("/v", 1.0) < 1.0
+        etcdctl(etcd.url, "del", "/apisix/routes/w")
+        assert await within("/w", 1.0, 404) < 1.0
+        assert s.count("telling \\d+ workers to reload") == 0, s.log()
+        assert s.count("etcd: loaded") == 3, s.log()  # the supervisor and each worker
+    finally:
+        await pool.closeCachedConnections()
+        stop(s)
