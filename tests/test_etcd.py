@@ -511,3 +511,31 @@ async def test_every_worker_watches(reactor: Any, tmp_path: Any, etcd: EtcdClust
     finally:
         await pool.closeCachedConnections()
         stop(s)
+
+
+@ensureDeferred
+async def test_a_route_skipped_for_its_upstream_is_taken_when_the_upstream_is_fixed(
+    reactor: Any, tmp_path: Any, etcd: EtcdCluster, upstream: str
+) -> None:
+    fleet = await start_fleet(reactor, tmp_path, etcd.urls, count=1)
+    try:
+        await fleet.synced()
+        # An upstream fauth cannot run (APISIX's chash), and a route on it.
+        etcd_put(etcd.url, "/apisix/upstreams/u", {"id": "u", "type": "chash", "key": "remote_addr", "nodes": {upstream: 1}})
+        etcd_put(etcd.url, "/apisix/routes/r", {"id": "r", "uri": "/r", "upstream_id": "u"})
+        etcd_put(etcd.url, "/apisix/routes/other", route("other", "/other", upstream))
+        await fleet.all_serve("/other", 200, 1.0)
+        code, _ = await fleet.get(fleet.gateways[0], "/r")
+        assert code == 404
+        assert set(fleet.gateways[0].service.control.skipped) == {("upstreams", "u"), ("routes", "r")}
+        etcd_put(etcd.url, "/apisix/upstreams/u", {"id": "u", "nodes": {upstream: 1}})
+        await fleet.all_serve("/r", 200, 1.0)
+        assert fleet.gateways[0].service.control.skipped == {}
+        # A skipped object deleted is forgotten.
+        etcd_put(etcd.url, "/apisix/routes/bad", {"id": "bad", "uri": "/bad", "upstream_id": "none"})
+        etcdctl(etcd.url, "del", "/apisix/routes/bad")
+        etcd_put(etcd.url, "/apisix/routes/last", route("last", "/last", upstream))
+        await fleet.all_serve("/last", 200, 1.0)
+        assert fleet.gateways[0].service.control.skipped == {}
+    finally:
+        await stop_fleet(fleet)

@@ -240,6 +240,8 @@ class Control:
         self.reload_store = False
         self.etcd: Any = None
         self.last_origin = "reload"
+        #: Objects read from etcd that did not validate, by (kind, id).
+        self.skipped: Dict[Tuple[str, str], Any] = {}
 
     @classmethod
     def from_document(cls, doc: object, config_path: Optional[str] = None) -> "Control":
@@ -515,13 +517,18 @@ class Control:
         Apply changes read from etcd (C{(kind, id, document or None)}, in
         etcd's order): all at once when the result validates; otherwise one
         by one, each that would make the configuration invalid logged and
-        skipped, so that the rest still applies.  Never raises (a watcher
-        calls it).
+        skipped, so that the rest still applies.  Skipped objects are tried
+        again with every later change (a route skipped for want of its
+        upstream is taken once the upstream arrives).  Never raises (a
+        watcher calls it).
 
         @param replace: C{changes} is the whole of etcd's contents (a
             listing), not changes to the current one.
         """
         try:
+            previously_skipped = {} if replace else dict(self.skipped)
+            for kind, doc_id, _ in changes:
+                previously_skipped.pop((kind, doc_id), None)
             start = StoreContents() if replace else self.contents
             if replace:
                 # Upstreams first: routes may name them.
@@ -529,25 +536,40 @@ class Control:
             else:
                 changes = [c for c in changes if self.contents.of(c[0]).get(c[1]) != c[2]]
                 if not changes:
+                    self.skipped = previously_skipped
                     return
-            contents = _changed(start, changes)
+            # Upstreams before routes here too, for the same reason.
+            retried = sorted(
+                [(kind, doc_id, doc) for (kind, doc_id), doc in previously_skipped.items()],
+                key=lambda c: 0 if c[0] == "upstreams" else 1,
+            )
+            candidates = changes + retried
+            skipped: Dict[Tuple[str, str], Any] = {}
+            contents = _changed(start, candidates)
             try:
                 conf = merge(self.conf, contents)
             except ConfigError:
                 contents = start
-                for change in changes:
+                for change in candidates:
                     candidate = _changed(contents, [change])
                     try:
                         merge(self.conf, candidate)
                     except ConfigError as e:
-                        log.warn(
-                            "etcd: {kind} {id} skipped: {error}", kind=_singular(change[0]), id=change[1], error=str(e)
-                        )
+                        skipped[(change[0], change[1])] = change[2]
+                        if (change[0], change[1]) not in previously_skipped:
+                            message = _LABEL_RE.sub("", str(e), count=1)
+                            log.warn(
+                                "etcd: {kind} {id} skipped: {error}",
+                                kind=_singular(change[0]),
+                                id=change[1],
+                                error=message,
+                            )
                         continue
                     contents = candidate
                 conf = merge(self.conf, contents)
             built = self._build(conf)
             self.contents = contents
+            self.skipped = skipped
             self.last_origin = origin
             self._apply(conf, built)
         except Exception:

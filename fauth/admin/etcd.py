@@ -29,7 +29,7 @@ from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 
 from fauth.config import EtcdConf
@@ -42,7 +42,7 @@ log = Logger()
 #: failure in a row up to L{MAX_RETRY_DELAY}.  Small, because a gateway
 #: catching up late serves a stale table meanwhile.
 RETRY_DELAY = 0.1
-MAX_RETRY_DELAY = 2.0
+MAX_RETRY_DELAY = 1.0
 #: Largest single line of a watch stream (one watch response).
 MAX_WATCH_LINE = 64 * 1024 * 1024
 
@@ -154,6 +154,10 @@ class _LineReader(Protocol):
             self._done.errback(reason)
 
 
+class _QuietFactory(_HTTP11ClientFactory):  # type: ignore[misc]
+    noisy = False
+
+
 class EtcdClient:
     """
     etcd's v3 JSON gateway through treq, over one persistent connection pool.
@@ -172,7 +176,12 @@ class EtcdClient:
         self.conf = conf
         self._reactor = reactor
         self._own_pool = pool is None
-        self.pool = pool if pool is not None else HTTPConnectionPool(reactor, persistent=True)
+        if pool is None:
+            pool = HTTPConnectionPool(reactor, persistent=True)
+            # Quiet: a retry every second while etcd is down would log a
+            # "Starting factory" pair each time.
+            pool._factory = _QuietFactory
+        self.pool = pool
         # A watch holds one connection for as long as it runs; the rest are
         # for requests.
         self.pool.maxPersistentPerHost = 4
@@ -466,9 +475,13 @@ class EtcdSync(Service):
             self.control.apply_remote(changes, replace=True, origin="etcd")
             self.revision = revision
             self.listings += 1
+            contents = self.control.contents
             log.info(
-                "etcd: loaded {count} routes and upstreams from {host}{prefix} at revision {revision}",
-                count=len(changes),
+                "etcd: loaded {routes} routes and {upstreams} upstreams ({skipped} skipped) from {host}{prefix} "
+                "at revision {revision}",
+                routes=len(contents.routes),
+                upstreams=len(contents.upstreams),
+                skipped=len(self.control.skipped) + len(kvs) - len(changes),
                 host=self.client.host,
                 prefix=self.conf.prefix,
                 revision=revision,
