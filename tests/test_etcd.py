@@ -539,3 +539,26 @@ async def test_a_route_skipped_for_its_upstream_is_taken_when_the_upstream_is_fi
         assert fleet.gateways[0].service.control.skipped == {}
     finally:
         await stop_fleet(fleet)
+
+
+@ensureDeferred
+async def test_a_gateway_started_while_etcd_is_down_serves_its_file_and_loads_later(
+    reactor: Any, tmp_path: Any, etcd: EtcdCluster, upstream: str
+) -> None:
+    etcd_put(etcd.url, "/apisix/routes/e", route("e", "/e", upstream))
+    etcd.members[0].stop()
+    fleet = await start_fleet(reactor, tmp_path, etcd.urls, count=1, extra={"routes": [route("f", "/f", upstream)]})
+    gateway = fleet.gateways[0]
+    try:
+        await fleet.all_serve("/f", 200, 1.0)
+        code, body = await fleet.healthz(gateway)
+        assert code == 200 and body.startswith("ok; etcd: not loaded yet"), body
+        # No write is validated against a table that lacks etcd's objects.
+        code, answer = await fleet.admin(gateway, "POST", "/apisix/admin/routes", {"uri": "/p", "upstream": {"nodes": {upstream: 1}}})
+        assert code == 503 and "not loaded yet" in answer["error_msg"], answer
+        etcd.members[0].start()
+        etcd.wait_healthy()
+        await fleet.all_serve("/e", 200, 3)
+        await fleet.all_serve("/f", 200, 0.5)
+    finally:
+        await stop_fleet(fleet)

@@ -358,6 +358,7 @@ class Control:
 
     def create(self, kind: str, body: object) -> Entry:
         """C{POST}: store under a generated id."""
+        self._check_loaded()
         doc = self._object(body)
         if "id" in doc:
             raise AdminError(400, "wrong %s id, do not need it" % _singular(kind))
@@ -400,7 +401,14 @@ class Control:
         return _then(self._save_and_apply(self._effective(contents), contents, (kind, doc_id, None)),
                      Entry(kind, doc_id, previous))
 
+    def _check_loaded(self) -> None:
+        # Validating against a table that lacks etcd's objects would refuse
+        # (or allow) the wrong changes.
+        if self.etcd is not None and self.etcd.revision is None:
+            raise AdminError(503, "etcd is unavailable, nothing was changed: its objects are not loaded yet")
+
     def _check_writable(self, kind: str, doc_id: str) -> None:
+        self._check_loaded()
         if self.store is None and self.etcd is None:
             raise AdminError(400, "the admin API is not configured (no admin section)")
         if doc_id in self.file_ids(kind):

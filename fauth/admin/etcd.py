@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -39,8 +40,9 @@ __all__ = ["EtcdClient", "EtcdError", "EtcdSync", "EtcdUnavailable", "Change", "
 log = Logger()
 
 #: First delay (seconds) before retrying after etcd failed; doubled per
-#: failure in a row up to L{MAX_RETRY_DELAY}.  Small, because a gateway
-#: catching up late serves a stale table meanwhile.
+#: failure in a row up to L{MAX_RETRY_DELAY}, each then drawn between half
+#: and all of it.  Small, because a gateway catching up late serves a stale
+#: table meanwhile, and a refused connection costs etcd nothing.
 RETRY_DELAY = 0.1
 MAX_RETRY_DELAY = 1.0
 #: Largest single line of a watch stream (one watch response).
@@ -545,7 +547,9 @@ class EtcdSync(Service):
             delay = 0.0
         else:
             self.last_error = _describe(failure.value)
-            delay = min(RETRY_DELAY * 2 ** (self.failures - 1), MAX_RETRY_DELAY)
+            # Jittered, so that a fleet that lost etcd together does not
+            # come back to it in lockstep.
+            delay = min(RETRY_DELAY * 2 ** (self.failures - 1), MAX_RETRY_DELAY) * (0.5 + random.random() / 2)
             if was_watching or self.failures == 1:
                 log.warn(
                     "etcd: {error}; serving the last table (revision {revision}), retrying",
