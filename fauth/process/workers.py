@@ -50,6 +50,8 @@ from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from fauth.config import ConfigError
@@ -84,6 +86,12 @@ STOP_NOW_TIMEOUT = 5.0
 #: Event key a worker sets on the log event saying it is ready (its signal
 #: handlers are installed and it accepts connections).
 READY_KEY = "fauth_worker_ready"
+#: Event key of a worker's answer to C{metrics <n>} (its registry's text
+#: in C{METRICS_TEXT_KEY}); the supervisor takes it, it is not logged.
+METRICS_KEY = "fauth_worker_metrics"
+METRICS_TEXT_KEY = "fauth_worker_metrics_text"
+#: Seconds the supervisor's C{/metrics} waits for its workers' answers.
+METRICS_TIMEOUT = 2.0
 #: In a worker: the pipe its log events go to (JSON text sequence).
 EVENTS_FD = 3
 #: In a worker: the first inherited listening socket (then 5, 6, ...).
@@ -581,6 +589,13 @@ class WorkerSupervisor(MultiService):
         self._stopping = False
         self._signal_reload = False
         self._waiting: List[Deferred[None]] = []
+        # Asked-for worker metrics: request number -> (answers by slot, Deferred).
+        self._metrics_asked: Dict[int, Tuple[Dict[int, str], "Deferred[List[str]]", List[int]]] = {}
+        self._metrics_serial = 0
+        #: Reloads and admin store writes, which this process alone makes
+        #: (for C{/metrics}): (event, result) -> count.
+        self.outcomes: Dict[Tuple[str, str], int] = {}
+        control.on_outcome(self._count_outcome)
         if conf.demo is not None:
             from fauth.process.demo import demo_services
 
@@ -603,9 +618,16 @@ class WorkerSupervisor(MultiService):
             self.admin_root = AdminRoot(
                 control, conf.admin.keys, self.serving, self.etcd.status if self.etcd is not None else None
             )
+            metrics = SupervisorMetrics(self)
+            self.admin_root.putChild(
+                b"metrics", self.admin_root.guard(metrics) if conf.admin.metrics_require_key else metrics
+            )
             self.admin_listener = _listener(reactor, conf.admin.listen, AdminSite(self.admin_root), "admin.listen")
             self.admin_listener.setServiceParent(self)
         control.on_change(self._configuration_changed)
+
+    def _count_outcome(self, event: str, result: str) -> None:
+        self.outcomes[(event, result)] = self.outcomes.get((event, result), 0) + 1
 
     # -- start and stop ------------------------------------------------------
 
@@ -753,12 +775,59 @@ class WorkerSupervisor(MultiService):
         log.info("worker {index} started: pid {pid}", index=slot.index, pid=process.pid)
         process.writeToChild(0, self._payload())
 
+    def collect_metrics(self, timeout: float = METRICS_TIMEOUT) -> "Deferred[List[str]]":
+        """
+        Ask every ready worker for its metrics (a line on its standard
+        input); fires with the Prometheus texts of those that answered
+        within C{timeout} seconds.
+        """
+        slots = [slot for slot in self.live() if slot.ready]
+        self._metrics_serial += 1
+        serial = self._metrics_serial
+        answers: Dict[int, str] = {}
+        d: Deferred[List[str]] = Deferred()
+        expected = [slot.index for slot in slots]
+        self._metrics_asked[serial] = (answers, d, expected)
+        for slot in slots:
+            try:
+                slot.process.writeToChild(0, b"metrics %d\n" % serial)
+            except Exception:
+                expected.remove(slot.index)
+
+        def give_up() -> None:
+            self._metrics_done(serial)
+
+        call = self._reactor.callLater(timeout, give_up)
+        d.addBoth(lambda result: (call.cancel() if call.active() else None, result)[1])
+        if not expected:
+            self._metrics_done(serial)
+        return d
+
+    def _metrics_done(self, serial: int) -> None:
+        asked = self._metrics_asked.pop(serial, None)
+        if asked is not None:
+            answers, d, _ = asked
+            d.callback([answers[index] for index in sorted(answers)])
+
+    def _metrics_answer(self, slot: WorkerSlot, event: Dict[str, Any]) -> None:
+        serial = event.get(METRICS_KEY)
+        asked = self._metrics_asked.get(serial) if isinstance(serial, int) else None
+        if asked is None:
+            return  # too late
+        answers, _, expected = asked
+        answers[slot.index] = str(event.get(METRICS_TEXT_KEY, ""))
+        if all(index in answers for index in expected):
+            self._metrics_done(serial)
+
     def _relay(self, slot: WorkerSlot, pid: Optional[int], line: str) -> None:
         """Publish one line of a worker's log (a JSON event) in this process's log."""
         try:
             event = eventFromJSON(line.lstrip("\x1e"))
         except ValueError:
             event = None
+        if isinstance(event, dict) and METRICS_KEY in event:
+            self._metrics_answer(slot, event)
+            return
         if not isinstance(event, dict) or "log_format" not in event:
             log.info("worker {index} (pid {pid}): {line}", index=slot.index, pid=pid, line=line)
             return
@@ -964,9 +1033,11 @@ class _SupervisorWatch:
     supervisor is gone.  An C{IReadDescriptor}.
     """
 
-    def __init__(self, fd: int, gone: Callable[[], None]) -> None:
+    def __init__(self, fd: int, gone: Callable[[], None], line: Optional[Callable[[bytes], None]] = None) -> None:
         self._fd = fd
         self._gone = gone
+        self._line = line
+        self._buffer = b""
 
     def fileno(self) -> int:
         return self._fd
@@ -983,7 +1054,19 @@ class _SupervisorWatch:
             if e.errno in (errno.EAGAIN, errno.EINTR):
                 return None
             return main.CONNECTION_LOST
-        return None if data else main.CONNECTION_DONE
+        if not data:
+            return main.CONNECTION_DONE
+        # After the payload, the supervisor only asks for metrics.
+        self._buffer += data
+        while b"\n" in self._buffer:
+            line, self._buffer = self._buffer.split(b"\n", 1)
+            if self._line is not None:
+                try:
+                    self._line(line)
+                except Exception:
+                    log.failure("a request from the supervisor failed")
+        self._buffer = self._buffer[-4096:]
+        return None
 
     def connectionLost(self, reason: Any) -> None:
         self._gone()
@@ -1055,9 +1138,15 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> int:
         log.warn("worker {index}: the supervisor is gone; shutting down", index=index)
         service.terminate()
 
+    def asked(line: bytes) -> None:
+        word, _, serial = line.partition(b" ")
+        if word == b"metrics" and serial.isdigit():
+            text, _ = service.metrics.exposition(None)
+            log.info("metrics", **{METRICS_KEY: int(serial), METRICS_TEXT_KEY: text.decode("utf-8")})
+
     def ready() -> None:
         os.set_blocking(0, False)
-        reactor.addReader(_SupervisorWatch(0, supervisor_gone))
+        reactor.addReader(_SupervisorWatch(0, supervisor_gone, asked))
         log.info(
             "worker {index} ready: pid {pid}, {count} listening sockets",
             index=index,
@@ -1077,3 +1166,56 @@ if __name__ == "__main__":
     from fauth.process.workers import worker_main as main
 
     sys.exit(main())
+
+
+class SupervisorMetrics(Resource):
+    """
+    C{GET /metrics} on the supervisor's admin listener: the sum over its
+    workers (each asked through its standard input, answering on its event
+    pipe), so that a scraper sees one gateway.  C{fauth_reloads_total} and
+    C{fauth_store_writes_total} are the supervisor's own (it alone takes
+    admin writes; every worker reloads when it does); C{fauth_workers} is
+    how many workers answered (a worker that did not answer within
+    L{METRICS_TIMEOUT} is left out).
+    """
+
+    isLeaf = True
+
+    def __init__(self, supervisor: WorkerSupervisor) -> None:
+        super().__init__()
+        self._supervisor = supervisor
+
+    def render_GET(self, request: Any) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        from fauth.observe.metrics import exposition_of, merge_expositions
+
+        accept = request.getHeader(b"accept")
+        outcomes = self._supervisor.outcomes
+
+        def answer(texts: List[str]) -> None:
+            own = {
+                "fauth_reloads": {(("result", r),): float(outcomes.get(("reload", r), 0)) for r in ("ok", "refused")},
+                "fauth_store_writes": {
+                    (("result", r),): float(outcomes.get(("store_write", r), 0)) for r in ("ok", "error")
+                },
+            }
+            families = merge_expositions(texts, own)
+            workers = GaugeMetricFamily("fauth_workers", "Worker processes whose metrics are summed here")
+            workers.add_metric([], len(texts))
+            families.append(workers)
+            body, content_type = exposition_of(families, accept.decode("latin-1") if accept else None)
+            if not request.finished and not getattr(request, "_disconnected", False):
+                request.setHeader(b"content-type", content_type.encode("ascii"))
+                request.setHeader(b"cache-control", b"no-store")
+                request.write(body)
+                request.finish()
+
+        def failed(failure: Failure) -> None:
+            log.failure("/metrics: collecting from the workers failed", failure)
+            if not request.finished and not getattr(request, "_disconnected", False):
+                request.setResponseCode(500)
+                request.finish()
+
+        self._supervisor.collect_metrics().addCallback(answer).addErrback(failed)
+        return NOT_DONE_YET
