@@ -562,3 +562,27 @@ async def test_a_gateway_started_while_etcd_is_down_serves_its_file_and_loads_la
         await fleet.all_serve("/f", 200, 0.5)
     finally:
         await stop_fleet(fleet)
+
+
+@ensureDeferred
+async def test_etcd_authentication(
+    reactor: Any, tmp_path: Any, etcd: EtcdCluster, upstream: str, monkeypatch: Any
+) -> None:
+    """With C{user} and C{password} (from the environment), against an etcd with auth enabled."""
+    etcdctl(etcd.url, "user", "add", "root", "--new-user-password", "s3cret")
+    etcdctl(etcd.url, "auth", "enable")
+    monkeypatch.setenv("FAUTH_TEST_ETCD_PASSWORD", "s3cret")
+    fleet = await start_fleet(
+        reactor, tmp_path, etcd.urls, count=1,
+        extra={"etcd": {"host": etcd.urls, "user": "root", "password": "${FAUTH_TEST_ETCD_PASSWORD}"}},
+    )
+    try:
+        await fleet.synced()
+        code, answer = await fleet.admin(fleet.gateways[0], "PUT", "/apisix/admin/routes/a", route("a", "/a", upstream))
+        assert code == 201, answer
+        out = etcdctl(etcd.url, "--user", "root:s3cret", "get", "/apisix/routes/a", "--print-value-only")
+        assert json.loads(out)["uri"] == "/a"
+        etcdctl(etcd.url, "--user", "root:s3cret", "put", "/apisix/routes/b", json.dumps(route("b", "/b", upstream)))
+        await fleet.all_serve("/b", 200, 1.0)
+    finally:
+        await stop_fleet(fleet)

@@ -183,10 +183,10 @@ class EtcdClient:
             # Quiet: a retry every second while etcd is down would log a
             # "Starting factory" pair each time.
             pool._factory = _QuietFactory
+            # A watch holds one connection for as long as it runs; the rest
+            # are for requests.
+            pool.maxPersistentPerHost = 4
         self.pool = pool
-        # A watch holds one connection for as long as it runs; the rest are
-        # for requests.
-        self.pool.maxPersistentPerHost = 4
         self._http = treq.client.HTTPClient(Agent(reactor, pool=self.pool))
         self.member = 0
         self._tokens: Dict[str, str] = {}
