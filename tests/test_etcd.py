@@ -226,6 +226,7 @@ async def test_three_gateways_serve_a_change_made_anywhere(
         g1, g2, g3 = fleet.gateways
         code, answer = await fleet.admin(g1, "PUT", "/apisix/admin/routes/r1", route("r1", "/one", upstream))
         assert code == 201, answer
+        assert answer["key"] == "/apisix/routes/r1"
         stored = etcd_get(etcd.url, "/apisix/routes/r1")
         assert stored["id"] == "r1" and stored["uri"] == "/one"
         assert isinstance(stored["create_time"], int) and stored["update_time"] == stored["create_time"]
@@ -574,15 +575,21 @@ async def test_etcd_authentication(
     monkeypatch.setenv("FAUTH_TEST_ETCD_PASSWORD", "s3cret")
     fleet = await start_fleet(
         reactor, tmp_path, etcd.urls, count=1,
-        extra={"etcd": {"host": etcd.urls, "user": "root", "password": "${FAUTH_TEST_ETCD_PASSWORD}"}},
+        extra={
+            "etcd": {"host": etcd.urls, "prefix": "/fleet", "user": "root", "password": "${FAUTH_TEST_ETCD_PASSWORD}"}
+        },
     )
     try:
         await fleet.synced()
         code, answer = await fleet.admin(fleet.gateways[0], "PUT", "/apisix/admin/routes/a", route("a", "/a", upstream))
         assert code == 201, answer
-        out = etcdctl(etcd.url, "--user", "root:s3cret", "get", "/apisix/routes/a", "--print-value-only")
+        assert answer["key"] == "/fleet/routes/a"
+        out = etcdctl(etcd.url, "--user", "root:s3cret", "get", "/fleet/routes/a", "--print-value-only")
         assert json.loads(out)["uri"] == "/a"
-        etcdctl(etcd.url, "--user", "root:s3cret", "put", "/apisix/routes/b", json.dumps(route("b", "/b", upstream)))
+        etcdctl(etcd.url, "--user", "root:s3cret", "put", "/fleet/routes/b", json.dumps(route("b", "/b", upstream)))
+        # Outside the prefix: not ours.
+        etcdctl(etcd.url, "--user", "root:s3cret", "put", "/apisix/routes/c", json.dumps(route("c", "/c", upstream)))
         await fleet.all_serve("/b", 200, 1.0)
+        await fleet.all_serve("/c", 404, 0.5)
     finally:
         await stop_fleet(fleet)

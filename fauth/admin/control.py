@@ -77,11 +77,13 @@ class Entry:
     value: Mapping[str, Any]
     #: C{"file"} (owned by the configuration file, read-only) or C{"api"}.
     source: str = "api"
+    #: The key prefix: C{etcd.prefix} with etcd, else APISIX's default.
+    prefix: str = "/apisix"
 
     @property
     def key(self) -> str:
-        """APISIX's etcd-style key, e.g. C{/apisix/routes/1}."""
-        return "/apisix/%s/%s" % (self.kind, self.id)
+        """APISIX's etcd key, e.g. C{/apisix/routes/1}."""
+        return "%s/%s/%s" % (self.prefix, self.kind, self.id)
 
 
 def merge_patch(target: object, patch: object) -> object:
@@ -310,6 +312,10 @@ class Control:
 
     # -- reads ---------------------------------------------------------------
 
+    def _entry(self, kind: str, doc_id: str, value: Mapping[str, Any], source: str = "api") -> Entry:
+        etcd = self.conf.etcd
+        return Entry(kind, doc_id, value, source, etcd.prefix if etcd is not None else "/apisix")
+
     def file_ids(self, kind: str) -> List[str]:
         """The ids of C{kind} the configuration file owns."""
         return _file_ids(self.conf.source, kind)
@@ -322,16 +328,16 @@ class Control:
         value = self.contents.of(kind).get(doc_id)
         if value is None:
             raise AdminError(404, "%s %s not found" % (_singular(kind), doc_id))
-        return Entry(kind, doc_id, value)
+        return self._entry(kind, doc_id, value)
 
     def list(self, kind: str) -> List[Entry]:
         """The file's, then the store's, in configuration order."""
-        stored = [Entry(kind, doc_id, value) for doc_id, value in self.contents.of(kind).items()]
+        stored = [self._entry(kind, doc_id, value) for doc_id, value in self.contents.of(kind).items()]
         return self._file_entries(kind) + stored
 
     def _file_entries(self, kind: str) -> List[Entry]:
         return [
-            Entry(kind, str(d["id"]), d, "file")
+            self._entry(kind, str(d["id"]), d, "file")
             for d in _file_docs(self.conf.source, kind)
             if isinstance(d, dict) and d.get("id") is not None
         ]
@@ -354,7 +360,7 @@ class Control:
         value = {"id": doc_id}
         value.update((k, v) for k, v in doc.items() if k != "id")
         _timestamps(value, previous, int(self._clock()))
-        return _then(self._commit(kind, doc_id, value), (previous is None, Entry(kind, doc_id, value)))
+        return _then(self._commit(kind, doc_id, value), (previous is None, self._entry(kind, doc_id, value)))
 
     def create(self, kind: str, body: object) -> Entry:
         """C{POST}: store under a generated id."""
@@ -366,7 +372,7 @@ class Control:
         value = {"id": doc_id}
         value.update(doc)
         _timestamps(value, None, int(self._clock()))
-        return _then(self._commit(kind, doc_id, value), Entry(kind, doc_id, value))
+        return _then(self._commit(kind, doc_id, value), self._entry(kind, doc_id, value))
 
     def patch(self, kind: str, doc_id: str, patch: object) -> Entry:
         """C{PATCH}: an RFC 7396 merge patch of the stored document, then full validation."""
@@ -382,7 +388,7 @@ class Control:
         value.update((k, v) for k, v in merged.items() if k != "id")
         patched_stamp = isinstance(patch, dict) and "update_time" in patch
         _timestamps(value, previous, int(self._clock()), patch=not patched_stamp)
-        return _then(self._commit(kind, doc_id, value), Entry(kind, doc_id, value))
+        return _then(self._commit(kind, doc_id, value), self._entry(kind, doc_id, value))
 
     def delete(self, kind: str, doc_id: str) -> Entry:
         """Remove C{doc_id}; an upstream still named by a route is kept."""
@@ -398,8 +404,10 @@ class Control:
                         400, "can not delete this upstream, route [%s] is still using it now" % route.id
                     )
         contents = self.contents.without(kind, doc_id)
-        return _then(self._save_and_apply(self._effective(contents), contents, (kind, doc_id, None)),
-                     Entry(kind, doc_id, previous))
+        return _then(
+            self._save_and_apply(self._effective(contents), contents, (kind, doc_id, None)),
+            self._entry(kind, doc_id, previous),
+        )
 
     def _check_loaded(self) -> None:
         # Validating against a table that lacks etcd's objects would refuse
