@@ -22,7 +22,9 @@ connections waiting there, and does not exist for UNIX sockets.)
 The supervisor also runs what must exist once: the admin API (its changes
 go to the store file, then every worker is told to reload with SIGHUP and
 re-reads the configuration file and the store, which is the one source of
-truth they share) and the C{demo} services.  It relays the workers' logs
+truth they share; with C{etcd}, every worker watches etcd itself and no
+signal is sent) and the C{demo} services.  Its C{/metrics} is the sum over
+the workers, each asked on its standard input (L{SupervisorMetrics}).  It relays the workers' logs
 (each worker writes JSON log events to a pipe), restarts a worker that
 exits (after a short, growing delay), forwards SIGHUP, and on SIGTERM
 makes every worker drain (each for C{shutdown_grace}) before it exits
