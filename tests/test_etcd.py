@@ -313,6 +313,10 @@ async def test_etcd_stopped_keeps_serving_refuses_writes_and_recovers(
         await fleet.until(says_down, 5)
         code, body = await fleet.healthz(g2)
         assert code == 200 and "serving the last table" in body, body
+        response = await fleet.client.get(g2.admin_url + "/metrics")
+        metrics = (await response.content()).decode()
+        assert "\nfauth_etcd_watching 0.0\n" in metrics, metrics
+        assert "\nfauth_etcd_revision 0.0\n" not in metrics
         await fleet.all_serve("/a", 200, 0.5)
         # Admin writes: 503, nothing changed anywhere.
         code, answer = await fleet.admin(g1, "PUT", "/apisix/admin/routes/b", route("b", "/b", upstream))

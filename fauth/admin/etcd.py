@@ -35,7 +35,7 @@ from twisted.web.http_headers import Headers
 
 from fauth.config import EtcdConf
 
-__all__ = ["EtcdClient", "EtcdError", "EtcdSync", "EtcdUnavailable", "Change", "parse_event"]
+__all__ = ["EtcdClient", "EtcdCollector", "EtcdError", "EtcdSync", "EtcdUnavailable", "Change", "parse_event"]
 
 log = Logger()
 
@@ -557,3 +557,30 @@ class EtcdSync(Service):
                     revision=self.revision,
                 )
         self._retry = self._reactor.callLater(delay, self._run)
+
+
+class EtcdCollector:
+    """
+    Metric families of an L{EtcdSync}, for a gateway's registry:
+    C{fauth_etcd_watching} (1 while the watch runs), C{fauth_etcd_revision}
+    (the revision the table reflects), C{fauth_etcd_skipped_objects}.
+    """
+
+    def __init__(self, sync: EtcdSync) -> None:
+        self._sync = sync
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        sync = self._sync
+        watching = GaugeMetricFamily("fauth_etcd_watching", "1 while the etcd watch runs, 0 while etcd is unreachable")
+        watching.add_metric([], 1 if sync.watching else 0)
+        revision = GaugeMetricFamily(
+            "fauth_etcd_revision", "The etcd revision the route table reflects (0 before the first listing)"
+        )
+        revision.add_metric([], sync.revision or 0)
+        skipped = GaugeMetricFamily(
+            "fauth_etcd_skipped_objects", "Routes and upstreams in etcd left out because they do not validate"
+        )
+        skipped.add_metric([], len(sync.control.skipped))
+        return iter([watching, revision, skipped])

@@ -359,9 +359,10 @@ class MetricsResource(Resource):
 
 # --- several processes: the supervisor's sum over its workers -------------------
 
-#: Families whose value is not a sum over processes: the earliest start
-#: and the smallest descriptor limit; an info gauge is 1, not N.
-_TAKE_MIN = frozenset(["process_start_time_seconds", "process_max_fds"])
+#: Families whose value is not a sum over processes: the earliest start,
+#: the smallest descriptor limit, the stalest etcd revision; an info gauge
+#: is 1, not N.
+_TAKE_MIN = frozenset(["process_start_time_seconds", "process_max_fds", "fauth_etcd_revision"])
 _TAKE_MAX = frozenset(["python_info"])
 
 

@@ -126,8 +126,11 @@ class GatewayService(MultiService):
         if conf.etcd is not None:
             from fauth.admin.etcd import EtcdSync
 
+            from fauth.admin.etcd import EtcdCollector
+
             self.etcd = EtcdSync(reactor, self.control)
             self.etcd.setServiceParent(self)
+            self.metrics.registry.register(EtcdCollector(self.etcd))  # type: ignore[arg-type]
         self.admin_root: Optional[AdminRoot] = None
         self.admin_listener: Optional[StreamServerEndpointService] = None
         if conf.admin is not None and endpoints is None:
