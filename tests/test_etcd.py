@@ -14,7 +14,7 @@ import attr
 import pytest
 from pytest_twisted import async_yield_fixture, ensureDeferred
 from treq.client import HTTPClient
-from twisted.internet.protocol import Factory
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.protocols import portforward
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -595,5 +595,37 @@ async def test_etcd_authentication(
         etcdctl(etcd.url, "--user", "root:s3cret", "put", "/apisix/routes/c", json.dumps(route("c", "/c", upstream)))
         await fleet.all_serve("/b", 200, 1.0)
         await fleet.all_serve("/c", 404, 0.5)
+    finally:
+        await stop_fleet(fleet)
+
+
+@ensureDeferred
+async def test_concurrent_admin_writes_through_several_gateways_all_land(
+    reactor: Any, tmp_path: Any, etcd: EtcdCluster, upstream: str
+) -> None:
+    """
+    Writes in flight at once, through three gateways (each applying its own
+    while the watch brings the others'): every gateway ends with etcd's
+    table.
+    """
+    from twisted.internet.defer import gatherResults
+
+    fleet = await start_fleet(reactor, tmp_path, etcd.urls)
+    try:
+        await fleet.synced()
+        writes = [
+            Deferred.fromCoroutine(
+                fleet.admin(fleet.gateways[n % 3], "PUT", "/apisix/admin/routes/x%d" % n, route("x%d" % n, "/x%d" % n, upstream))
+            )
+            for n in range(30)
+        ]
+        results = await gatherResults(writes)
+        assert [code for code, _ in results] == [201] * 30, results
+        await fleet.all_serve("/x29", 200, 1.0)
+        for n in range(30):
+            await fleet.all_serve("/x%d" % n, 200, 1.0)
+        expected = {"x%d" % n for n in range(30)}
+        for gateway in fleet.gateways:
+            assert set(gateway.service.control.contents.routes) == expected
     finally:
         await stop_fleet(fleet)
