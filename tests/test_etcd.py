@@ -629,3 +629,36 @@ async def test_concurrent_admin_writes_through_several_gateways_all_land(
             assert set(gateway.service.control.contents.routes) == expected
     finally:
         await stop_fleet(fleet)
+
+
+@ensureDeferred
+async def test_a_member_without_a_leader_is_not_trusted(reactor: Any, tmp_path: Any, upstream: str) -> None:
+    """
+    Two of three members stopped: the one left has no leader, so its watch
+    ends (etcd's require-leader), and the gateway says etcd is unreachable
+    instead of watching a member that will never have news; it comes back
+    with the others.
+    """
+    cluster = start_cluster(tmp_path, 3)
+    fleet = await start_fleet(reactor, tmp_path, cluster.urls, count=1)
+    gateway = fleet.gateways[0]
+    try:
+        await fleet.synced()
+        assert gateway.service.etcd.client.host == cluster.urls[0]
+        cluster.members[1].stop()
+        cluster.members[2].stop()
+
+        async def says_down() -> bool:
+            return "unreachable" in (await fleet.healthz(gateway))[1]
+
+        took = await fleet.until(says_down, 10)
+        print("no leader noticed after %.2f s" % took)
+        cluster.members[1].start()
+        cluster.members[2].start()
+        cluster.wait_healthy()
+        await fleet.synced()
+        etcd_put(cluster.members[1].url, "/apisix/routes/b", route("b", "/b", upstream))
+        await fleet.all_serve("/b", 200, 3)
+    finally:
+        await stop_fleet(fleet)
+        cluster.stop()

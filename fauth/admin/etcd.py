@@ -349,7 +349,10 @@ class EtcdClient:
                 done.errback(failure)
 
         def start(token: Optional[str]) -> "Deferred[Any]":
-            headers = Headers({b"content-type": [b"application/json"]})
+            # etcd's "require leader" (gRPC metadata, through the gateway):
+            # a member cut off from its cluster's leader ends the watch
+            # rather than keep it open without news.
+            headers = Headers({b"content-type": [b"application/json"], b"grpc-metadata-hasleader": [b"true"]})
             if token is not None:
                 headers.addRawHeader(b"authorization", token.encode("ascii"))
             request = self._http.post(
