@@ -348,7 +348,9 @@ class Control:
         """
         Create or replace C{doc_id}.
 
-        @return: whether it was created, and the stored entry.
+        @return: whether it was created, and the stored entry; with etcd, a
+            Deferred firing with them once etcd took the change (failing
+            with L{AdminError}, 503 while etcd is unavailable).
         @raise AdminError: refused; nothing changed.
         """
         _check_id(kind, doc_id)
@@ -363,7 +365,7 @@ class Control:
         return _then(self._commit(kind, doc_id, value), (previous is None, self._entry(kind, doc_id, value)))
 
     def create(self, kind: str, body: object) -> Entry:
-        """C{POST}: store under a generated id."""
+        """C{POST}: store under a generated id (with etcd: a Deferred, as L{put})."""
         self._check_loaded()
         doc = self._object(body)
         if "id" in doc:
@@ -375,7 +377,10 @@ class Control:
         return _then(self._commit(kind, doc_id, value), self._entry(kind, doc_id, value))
 
     def patch(self, kind: str, doc_id: str, patch: object) -> Entry:
-        """C{PATCH}: an RFC 7396 merge patch of the stored document, then full validation."""
+        """
+        C{PATCH}: an RFC 7396 merge patch of the stored document, then full
+        validation (with etcd: a Deferred, as L{put}).
+        """
         _check_id(kind, doc_id)
         self._check_writable(kind, doc_id)
         previous = self.contents.of(kind).get(doc_id)
@@ -391,7 +396,10 @@ class Control:
         return _then(self._commit(kind, doc_id, value), self._entry(kind, doc_id, value))
 
     def delete(self, kind: str, doc_id: str) -> Entry:
-        """Remove C{doc_id}; an upstream still named by a route is kept."""
+        """
+        Remove C{doc_id}; an upstream still named by a route is kept (with
+        etcd: a Deferred, as L{put}).
+        """
         _check_id(kind, doc_id)
         self._check_writable(kind, doc_id)
         previous = self.contents.of(kind).get(doc_id)
