@@ -512,6 +512,17 @@ async def test_every_worker_watches(reactor: Any, tmp_path: Any, etcd: EtcdClust
         etcdctl(etcd.url, "del", "/apisix/routes/w")
         assert await within("/w", 1.0, 404) < 1.0
         assert s.count("telling \\d+ workers to reload") == 0, s.log()
+        # The supervisor's /healthz knows where each worker is.
+        revision = int(etcdctl(etcd.url, "get", "/apisix/routes/v", "-w", "json").split('"revision":')[1].split(",")[0])
+        deadline = time.monotonic() + 2
+        while True:
+            response = await client.get("http://127.0.0.1:%d/healthz" % admin_port)
+            body = (await response.content()).decode()
+            if "workers: 2 of 2 watching, revision %d to %d" % (revision, revision) in body:
+                break
+            assert time.monotonic() < deadline, body
+            await deferLater(reactor, 0.05, lambda: None)
+        assert body.startswith("ok; etcd: watching"), body
         assert s.count("etcd: loaded") == 3, s.log()  # the supervisor and each worker
     finally:
         await pool.closeCachedConnections()

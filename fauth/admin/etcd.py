@@ -408,6 +408,9 @@ class EtcdSync(Service):
         self.failures = 0
         #: How many times the prefix was listed (start-up, compactions).
         self.listings = 0
+        #: Called with no argument after the table or the watch's state
+        #: changed (a worker tells its supervisor).
+        self.listeners: List[Callable[[], None]] = []
         self._pending: Optional[Deferred[Any]] = None
         self._retry: Any = None
         control.etcd = self
@@ -480,6 +483,7 @@ class EtcdSync(Service):
             self.control.apply_remote(changes, replace=True, origin="etcd")
             self.revision = revision
             self.listings += 1
+            self._tell()
             contents = self.control.contents
             log.info(
                 "etcd: loaded {routes} routes and {upstreams} upstreams ({skipped} skipped) from {host}{prefix} "
@@ -505,6 +509,7 @@ class EtcdSync(Service):
             self.watching = True
             self.down_since = None
             self.failures = 0
+            self._tell()
         if result.get("compact_revision") and result.get("canceled"):
             # Our revision is gone: list everything again.
             log.warn(
@@ -529,6 +534,14 @@ class EtcdSync(Service):
         if changes:
             self.control.apply_remote(changes, origin="etcd")
         self.revision = latest
+        self._tell()
+
+    def _tell(self) -> None:
+        for listener in self.listeners:
+            try:
+                listener()
+            except Exception:
+                log.failure("etcd: a listener failed")
 
     def _parse(self, key: bytes, value: Optional[bytes]) -> Optional[Change]:
         try:
@@ -543,6 +556,8 @@ class EtcdSync(Service):
             return
         was_watching = self.watching
         self.watching = False
+        if was_watching:
+            self._tell()
         self.failures += 1
         if self.down_since is None:
             self.down_since = time.time()

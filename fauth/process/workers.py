@@ -92,6 +92,9 @@ READY_KEY = "fauth_worker_ready"
 #: in C{METRICS_TEXT_KEY}); the supervisor takes it, it is not logged.
 METRICS_KEY = "fauth_worker_metrics"
 METRICS_TEXT_KEY = "fauth_worker_metrics_text"
+#: Event key of a worker's etcd state (C{[revision, watching]}), sent
+#: after every change; the supervisor takes it for C{/healthz}.
+ETCD_STATE_KEY = "fauth_worker_etcd"
 #: Seconds the supervisor's C{/metrics} waits for its workers' answers.
 METRICS_TIMEOUT = 2.0
 #: In a worker: the pipe its log events go to (JSON text sequence).
@@ -450,6 +453,8 @@ class WorkerSlot:
     quick_exits: int = 0
     restarts: int = 0
     restart_call: Any = None
+    #: With etcd: the worker's last reported revision and whether it watches.
+    etcd_state: Optional[Tuple[int, bool]] = None
 
 
 def describe_exit(reason: Failure) -> str:
@@ -618,7 +623,7 @@ class WorkerSupervisor(MultiService):
             from fauth.process.service import _listener
 
             self.admin_root = AdminRoot(
-                control, conf.admin.keys, self.serving, self.etcd.status if self.etcd is not None else None
+                control, conf.admin.keys, self.serving, self.etcd_status if self.etcd is not None else None
             )
             metrics = SupervisorMetrics(self)
             self.admin_root.putChild(
@@ -627,6 +632,25 @@ class WorkerSupervisor(MultiService):
             self.admin_listener = _listener(reactor, conf.admin.listen, AdminSite(self.admin_root), "admin.listen")
             self.admin_listener.setServiceParent(self)
         control.on_change(self._configuration_changed)
+
+    def etcd_status(self) -> str:
+        """
+        For C{/healthz} with etcd: this process's watch (its admin API's
+        view), then the workers' (each reports its revision after every
+        change): C{...; workers: 2 of 2 watching, revision 41 to 41}.
+        """
+        states = [slot.etcd_state for slot in self.slots if slot.ready and slot.etcd_state is not None]
+        text = self.etcd.status()
+        if not states:
+            return text + "; workers: none reported yet"
+        watching = sum(1 for _, on in states if on)
+        revisions = [revision for revision, _ in states]
+        return text + "; workers: %d of %d watching, revision %d to %d" % (
+            watching,
+            len(self.slots),
+            min(revisions),
+            max(revisions),
+        )
 
     def _count_outcome(self, event: str, result: str) -> None:
         self.outcomes[(event, result)] = self.outcomes.get((event, result), 0) + 1
@@ -830,6 +854,11 @@ class WorkerSupervisor(MultiService):
         if isinstance(event, dict) and METRICS_KEY in event:
             self._metrics_answer(slot, event)
             return
+        if isinstance(event, dict) and ETCD_STATE_KEY in event:
+            state = event[ETCD_STATE_KEY]
+            if slot.pid == pid and isinstance(state, list) and len(state) == 2:
+                slot.etcd_state = (int(state[0] or 0), bool(state[1]))
+            return
         if not isinstance(event, dict) or "log_format" not in event:
             log.info("worker {index} (pid {pid}): {line}", index=slot.index, pid=pid, line=line)
             return
@@ -851,6 +880,7 @@ class WorkerSupervisor(MultiService):
         status = describe_exit(reason)
         slot.process = None
         slot.ready = False
+        slot.etcd_state = None
         if self._stopping or self._terminating:
             log.info("worker {index} (pid {pid}) {status}", index=slot.index, pid=pid, status=status)
             self._check_gone()
@@ -1146,9 +1176,18 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> int:
             text, _ = service.metrics.exposition(None)
             log.info("metrics", **{METRICS_KEY: int(serial), METRICS_TEXT_KEY: text.decode("utf-8")})
 
+    def etcd_changed() -> None:
+        sync = service.etcd
+        log.info("etcd state", **{ETCD_STATE_KEY: [sync.revision or 0, sync.watching]})
+
+    if service.etcd is not None:
+        service.etcd.listeners.append(etcd_changed)
+
     def ready() -> None:
         os.set_blocking(0, False)
         reactor.addReader(_SupervisorWatch(0, supervisor_gone, asked))
+        if service.etcd is not None:
+            etcd_changed()
         log.info(
             "worker {index} ready: pid {pid}, {count} listening sockets",
             index=index,
