@@ -23,7 +23,9 @@ import json
 import math
 from typing import Any, Callable, Iterable, List, Optional, Sequence
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.resource import IResource, Resource, getChildForRequest
 
@@ -101,19 +103,25 @@ class Healthz(Resource):
     """
     C{GET /healthz}: 200 C{ok} while C{serving()} is true, 503 C{draining}
     once a shutdown stopped accepting requests.  No key needed.
+
+    @param note: with etcd, a line on its state appended to C{ok} (C{ok;
+        etcd: unreachable since ...}): a gateway cut off from etcd still
+        serves its last table, so it stays 200 and says so in the body.
     """
 
     isLeaf = True
 
-    def __init__(self, serving: Callable[[], bool]) -> None:
+    def __init__(self, serving: Callable[[], bool], note: Optional[Callable[[], Optional[str]]] = None) -> None:
         super().__init__()
         self._serving = serving
+        self._note = note
 
     def render(self, request: Any) -> bytes:
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
         if self._serving():
-            return b"ok"
+            note = self._note() if self._note is not None else None
+            return b"ok" if not note else ("ok; " + note).encode("utf-8")
         request.setResponseCode(503)
         return b"draining"
 
@@ -149,6 +157,32 @@ class ApisixAdmin(Resource):
             log.failure("admin API: unexpected error on {method} {uri}", method=method, uri=request.uri)
             return _error(request, 500, "internal error")
 
+    def _reply(self, request: Any, outcome: Any, make: Callable[[Any], bytes]) -> Any:
+        """
+        C{make(outcome)}, or, when C{outcome} is a Deferred (a write to
+        etcd), C{NOT_DONE_YET} and the answer once it fired.
+        """
+        if not isinstance(outcome, Deferred):
+            return make(outcome)
+
+        def failed(failure: Failure) -> bytes:
+            error = failure.value
+            if isinstance(error, AdminError):
+                return _error(request, error.status, error.message)
+            log.failure("admin API: unexpected error on {method} {uri}", failure, method=request.method, uri=request.uri)
+            return _error(request, 500, "internal error")
+
+        def send(body: bytes) -> None:
+            # The client may have gone: the change is made (or not) anyway,
+            # as etcd decided; only the answer is lost.
+            if not request.finished and not getattr(request, "_disconnected", False):
+                request.write(body)
+                request.finish()
+
+        outcome.addCallback(make).addErrback(failed).addCallback(send)
+        outcome.addErrback(lambda f: log.failure("admin API: answering failed", f))
+        return server.NOT_DONE_YET
+
     def _dispatch(self, request: Any, method: str, parts: List[str]) -> bytes:
         if parts == ["reload"]:
             if method != "POST":
@@ -166,9 +200,12 @@ class ApisixAdmin(Resource):
                 entries = self._control.list(kind)
                 return _answer(request, 200, {"total": len(entries), "list": [self._item(e) for e in entries]})
             if method == "POST":
-                entry = self._control.create(kind, self._body(request))
-                self._audit(request, method, entry, "created")
-                return _answer(request, 201, {"key": entry.key, "value": entry.value})
+
+                def created_one(entry: Entry) -> bytes:
+                    self._audit(request, method, entry, "created")
+                    return _answer(request, 201, {"key": entry.key, "value": entry.value})
+
+                return self._reply(request, self._control.create(kind, self._body(request)), created_one)
             raise self._not_allowed(request, "GET, POST")
         if len(parts) != 2:
             raise AdminError(404, "not found")
@@ -176,17 +213,27 @@ class ApisixAdmin(Resource):
         if method in ("GET", "HEAD"):
             return _answer(request, 200, self._item(self._control.get(kind, doc_id)))
         if method == "PUT":
-            created, entry = self._control.put(kind, doc_id, self._body(request))
-            self._audit(request, method, entry, "created" if created else "updated")
-            return _answer(request, 201 if created else 200, {"key": entry.key, "value": entry.value})
+
+            def put_one(outcome: Any) -> bytes:
+                created, entry = outcome
+                self._audit(request, method, entry, "created" if created else "updated")
+                return _answer(request, 201 if created else 200, {"key": entry.key, "value": entry.value})
+
+            return self._reply(request, self._control.put(kind, doc_id, self._body(request)), put_one)
         if method == "PATCH":
-            entry = self._control.patch(kind, doc_id, self._body(request))
-            self._audit(request, method, entry, "updated")
-            return _answer(request, 200, {"key": entry.key, "value": entry.value})
+
+            def patched(entry: Entry) -> bytes:
+                self._audit(request, method, entry, "updated")
+                return _answer(request, 200, {"key": entry.key, "value": entry.value})
+
+            return self._reply(request, self._control.patch(kind, doc_id, self._body(request)), patched)
         if method == "DELETE":
-            entry = self._control.delete(kind, doc_id)
-            self._audit(request, method, entry, "deleted")
-            return _answer(request, 200, {"key": entry.key, "deleted": "1"})
+
+            def deleted(entry: Entry) -> bytes:
+                self._audit(request, method, entry, "deleted")
+                return _answer(request, 200, {"key": entry.key, "deleted": "1"})
+
+            return self._reply(request, self._control.delete(kind, doc_id), deleted)
         raise self._not_allowed(request, "GET, PUT, PATCH, DELETE")
 
     @staticmethod
@@ -243,12 +290,19 @@ class AdminRoot(Resource):
     @param control: what the API reads and changes.
     @param keys: the accepted C{X-API-KEY} values.
     @param serving: whether the gateway accepts requests (for C{/healthz}).
+    @param note: a line on the configuration store for C{/healthz} (etcd).
     """
 
-    def __init__(self, control: Control, keys: Iterable[str], serving: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        control: Control,
+        keys: Iterable[str],
+        serving: Callable[[], bool],
+        note: Optional[Callable[[], Optional[str]]] = None,
+    ) -> None:
         super().__init__()
         self.keys = tuple(keys)
-        self.putChild(b"healthz", Healthz(serving))
+        self.putChild(b"healthz", Healthz(serving, note))
         self.putChild(b"apisix", self.guard(ApisixAdmin(control)))
 
     def guard(self, resource: IResource) -> KeyGuard:

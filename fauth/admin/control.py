@@ -20,7 +20,9 @@ import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import attr
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from fauth.config import (
     ConfigError,
@@ -39,7 +41,7 @@ log = Logger()
 
 #: The admin API's resource types, as in its URLs.
 #: Sections a reload cannot change in a running process.
-RESTART_ONLY = ("listen", "admin", "demo", "http", "ssl_trusted_certificate", "workers")
+RESTART_ONLY = ("listen", "admin", "demo", "http", "ssl_trusted_certificate", "workers", "etcd")
 
 # APISIX's id schema: a string of 1-64 of these, or a positive integer.
 _ID_RE = re.compile(r"[a-zA-Z0-9\-_.]{1,64}\Z")
@@ -75,11 +77,13 @@ class Entry:
     value: Mapping[str, Any]
     #: C{"file"} (owned by the configuration file, read-only) or C{"api"}.
     source: str = "api"
+    #: The key prefix: C{etcd.prefix} with etcd, else APISIX's default.
+    prefix: str = "/apisix"
 
     @property
     def key(self) -> str:
-        """APISIX's etcd-style key, e.g. C{/apisix/routes/1}."""
-        return "/apisix/%s/%s" % (self.kind, self.id)
+        """APISIX's etcd key, e.g. C{/apisix/routes/1}."""
+        return "%s/%s/%s" % (self.prefix, self.kind, self.id)
 
 
 def merge_patch(target: object, patch: object) -> object:
@@ -108,6 +112,23 @@ def _file_docs(doc: Mapping[str, Any], kind: str) -> List[Any]:
 
 def _file_ids(doc: Mapping[str, Any], kind: str) -> List[str]:
     return [str(d["id"]) for d in _file_docs(doc, kind) if isinstance(d, dict) and d.get("id") is not None]
+
+
+def _then(outcome: Optional["Deferred[Any]"], result: Any) -> Any:
+    """C{result}, or a Deferred firing with it once C{outcome} (an etcd write) succeeded."""
+    if outcome is None:
+        return result
+    return outcome.addCallback(lambda _: result)
+
+
+def _changed(contents: StoreContents, changes: List[Tuple[str, str, Any]]) -> StoreContents:
+    for kind, doc_id, value in changes:
+        if value is None:
+            if doc_id in contents.of(kind):
+                contents = contents.without(kind, doc_id)
+        else:
+            contents = contents.with_doc(kind, doc_id, value)
+    return contents
 
 
 def merge(base: GatewayConf, contents: StoreContents, store_path: Optional[str] = None) -> GatewayConf:
@@ -193,6 +214,13 @@ class Control:
     @ivar contents: the store's documents, as last written.
     @ivar reload_store: whether L{reload} re-reads the store file too (a
         worker of C{--workers N}: its supervisor's admin API writes it).
+    @ivar etcd: with an C{etcd} section, the L{fauth.admin.etcd.EtcdSync}
+        that keeps C{contents} etcd's and takes the admin API's writes
+        (set by it); C{store} is then C{None}, and the write methods return
+        Deferreds.
+    @ivar last_origin: what made the last applied change: C{"reload"},
+        C{"admin"} or C{"etcd"} (a supervisor with etcd signals its
+        workers only after a reload: they watch etcd themselves).
     """
 
     def __init__(
@@ -212,6 +240,10 @@ class Control:
         self._outcome_listeners: List[Callable[[str, str], None]] = []
         self._last_id = 0
         self.reload_store = False
+        self.etcd: Any = None
+        self.last_origin = "reload"
+        #: Objects read from etcd that did not validate, by (kind, id).
+        self.skipped: Dict[Tuple[str, str], Any] = {}
 
     @classmethod
     def from_document(cls, doc: object, config_path: Optional[str] = None) -> "Control":
@@ -222,7 +254,8 @@ class Control:
         @raise ConfigError: one line; errors in the store name its file.
         """
         base = parse_base(doc)
-        store = Store(base.admin.store) if base.admin is not None else None
+        # With etcd the admin API writes there: no store file is read or written.
+        store = Store(base.admin.store) if base.admin is not None and base.etcd is None else None
         contents = store.load() if store is not None else StoreContents()
         conf = merge(base, contents, store.path if store is not None else None)
         return cls(conf, store, contents, config_path)
@@ -279,6 +312,10 @@ class Control:
 
     # -- reads ---------------------------------------------------------------
 
+    def _entry(self, kind: str, doc_id: str, value: Mapping[str, Any], source: str = "api") -> Entry:
+        etcd = self.conf.etcd
+        return Entry(kind, doc_id, value, source, etcd.prefix if etcd is not None else "/apisix")
+
     def file_ids(self, kind: str) -> List[str]:
         """The ids of C{kind} the configuration file owns."""
         return _file_ids(self.conf.source, kind)
@@ -291,16 +328,16 @@ class Control:
         value = self.contents.of(kind).get(doc_id)
         if value is None:
             raise AdminError(404, "%s %s not found" % (_singular(kind), doc_id))
-        return Entry(kind, doc_id, value)
+        return self._entry(kind, doc_id, value)
 
     def list(self, kind: str) -> List[Entry]:
         """The file's, then the store's, in configuration order."""
-        stored = [Entry(kind, doc_id, value) for doc_id, value in self.contents.of(kind).items()]
+        stored = [self._entry(kind, doc_id, value) for doc_id, value in self.contents.of(kind).items()]
         return self._file_entries(kind) + stored
 
     def _file_entries(self, kind: str) -> List[Entry]:
         return [
-            Entry(kind, str(d["id"]), d, "file")
+            self._entry(kind, str(d["id"]), d, "file")
             for d in _file_docs(self.conf.source, kind)
             if isinstance(d, dict) and d.get("id") is not None
         ]
@@ -311,7 +348,9 @@ class Control:
         """
         Create or replace C{doc_id}.
 
-        @return: whether it was created, and the stored entry.
+        @return: whether it was created, and the stored entry; with etcd, a
+            Deferred firing with them once etcd took the change (failing
+            with L{AdminError}, 503 while etcd is unavailable).
         @raise AdminError: refused; nothing changed.
         """
         _check_id(kind, doc_id)
@@ -323,11 +362,11 @@ class Control:
         value = {"id": doc_id}
         value.update((k, v) for k, v in doc.items() if k != "id")
         _timestamps(value, previous, int(self._clock()))
-        self._commit(kind, doc_id, value)
-        return previous is None, Entry(kind, doc_id, value)
+        return _then(self._commit(kind, doc_id, value), (previous is None, self._entry(kind, doc_id, value)))
 
     def create(self, kind: str, body: object) -> Entry:
-        """C{POST}: store under a generated id."""
+        """C{POST}: store under a generated id (with etcd: a Deferred, as L{put})."""
+        self._check_loaded()
         doc = self._object(body)
         if "id" in doc:
             raise AdminError(400, "wrong %s id, do not need it" % _singular(kind))
@@ -335,11 +374,13 @@ class Control:
         value = {"id": doc_id}
         value.update(doc)
         _timestamps(value, None, int(self._clock()))
-        self._commit(kind, doc_id, value)
-        return Entry(kind, doc_id, value)
+        return _then(self._commit(kind, doc_id, value), self._entry(kind, doc_id, value))
 
     def patch(self, kind: str, doc_id: str, patch: object) -> Entry:
-        """C{PATCH}: an RFC 7396 merge patch of the stored document, then full validation."""
+        """
+        C{PATCH}: an RFC 7396 merge patch of the stored document, then full
+        validation (with etcd: a Deferred, as L{put}).
+        """
         _check_id(kind, doc_id)
         self._check_writable(kind, doc_id)
         previous = self.contents.of(kind).get(doc_id)
@@ -352,11 +393,13 @@ class Control:
         value.update((k, v) for k, v in merged.items() if k != "id")
         patched_stamp = isinstance(patch, dict) and "update_time" in patch
         _timestamps(value, previous, int(self._clock()), patch=not patched_stamp)
-        self._commit(kind, doc_id, value)
-        return Entry(kind, doc_id, value)
+        return _then(self._commit(kind, doc_id, value), self._entry(kind, doc_id, value))
 
     def delete(self, kind: str, doc_id: str) -> Entry:
-        """Remove C{doc_id}; an upstream still named by a route is kept."""
+        """
+        Remove C{doc_id}; an upstream still named by a route is kept (with
+        etcd: a Deferred, as L{put}).
+        """
         _check_id(kind, doc_id)
         self._check_writable(kind, doc_id)
         previous = self.contents.of(kind).get(doc_id)
@@ -369,11 +412,20 @@ class Control:
                         400, "can not delete this upstream, route [%s] is still using it now" % route.id
                     )
         contents = self.contents.without(kind, doc_id)
-        self._save_and_apply(self._effective(contents), contents)
-        return Entry(kind, doc_id, previous)
+        return _then(
+            self._save_and_apply(self._effective(contents), contents, (kind, doc_id, None)),
+            self._entry(kind, doc_id, previous),
+        )
+
+    def _check_loaded(self) -> None:
+        # Validating against a table that lacks etcd's objects would refuse
+        # (or allow) the wrong changes.
+        if self.etcd is not None and self.etcd.revision is None:
+            raise AdminError(503, "etcd is unavailable, nothing was changed: its objects are not loaded yet")
 
     def _check_writable(self, kind: str, doc_id: str) -> None:
-        if self.store is None:
+        self._check_loaded()
+        if self.store is None and self.etcd is None:
             raise AdminError(400, "the admin API is not configured (no admin section)")
         if doc_id in self.file_ids(kind):
             where = " " + self.config_path if self.config_path else ""
@@ -400,7 +452,7 @@ class Control:
         self._last_id = candidate
         return str(candidate)
 
-    def _commit(self, kind: str, doc_id: str, value: Dict[str, Any]) -> None:
+    def _commit(self, kind: str, doc_id: str, value: Dict[str, Any]) -> Optional[Deferred]:
         # The document alone first: its errors get APISIX's exact wording.
         try:
             if kind == "routes":
@@ -413,7 +465,7 @@ class Control:
                 message = "invalid configuration: " + message
             raise AdminError(400, message)
         contents = self.contents.with_doc(kind, doc_id, value)
-        self._save_and_apply(self._effective(contents), contents)
+        return self._save_and_apply(self._effective(contents), contents, (kind, doc_id, value))
 
     def _effective(self, contents: StoreContents) -> GatewayConf:
         try:
@@ -421,12 +473,17 @@ class Control:
         except ConfigError as e:
             raise AdminError(400, str(e))
 
-    def _save_and_apply(self, conf: GatewayConf, contents: StoreContents) -> None:
-        assert self.store is not None
+    def _save_and_apply(
+        self, conf: GatewayConf, contents: StoreContents, change: Optional[Tuple[str, str, Any]] = None
+    ) -> Optional["Deferred[None]"]:
         try:
             built = self._build(conf)
         except _BuildError as e:
             raise AdminError(400, "invalid configuration: %s" % e)
+        if self.etcd is not None:
+            assert change is not None
+            return self._write_etcd(conf, contents, built, change)
+        assert self.store is not None
         try:
             self.store.save(contents)
         except OSError as e:
@@ -435,10 +492,112 @@ class Control:
             raise AdminError(500, "failed to write the store %s: %s" % (self.store.path, e.strerror or e))
         self.contents = contents
         self._report("store_write", "ok")
+        self.last_origin = "admin"
         try:
             self._apply(conf, built)
         except _BuildError as e:
             raise AdminError(500, "saved, but not applied: %s" % e)
+        return None
+
+    def _write_etcd(
+        self, conf: GatewayConf, contents: StoreContents, built: List[Any], change: Tuple[str, str, Any]
+    ) -> "Deferred[None]":
+        """
+        Write one validated change to etcd (one put or delete: all or
+        nothing), then serve it here at once; the watch brings it back later
+        and, finding it applied, does nothing.
+        """
+        before = self.contents
+
+        def written(_: object) -> None:
+            self._report("store_write", "ok")
+            if self.contents is before:
+                self.contents = contents
+                self.last_origin = "admin"
+                try:
+                    self._apply(conf, built)
+                except _BuildError as e:
+                    raise AdminError(500, "saved, but not applied: %s" % e)
+            else:
+                # The watch changed the table meanwhile: apply onto that.
+                self.apply_remote([change], origin="admin")
+
+        def failed(failure: Failure) -> None:
+            from fauth.admin.etcd import EtcdError, EtcdUnavailable
+
+            failure.trap(EtcdUnavailable, EtcdError, Exception)
+            self._report("store_write", "error")
+            log.error("admin change not written to etcd: {error}", error=str(failure.value))
+            if failure.check(EtcdUnavailable):
+                raise AdminError(503, "etcd is unavailable, nothing was changed: %s" % failure.value)
+            raise AdminError(503, "etcd refused the change, nothing was changed: %s" % failure.value)
+
+        return self.etcd.write(*change).addCallbacks(written, failed)
+
+    # -- changes from etcd -----------------------------------------------------
+
+    def apply_remote(self, changes: List[Tuple[str, str, Any]], replace: bool = False, origin: str = "etcd") -> None:
+        """
+        Apply changes read from etcd (C{(kind, id, document or None)}, in
+        etcd's order): all at once when the result validates; otherwise one
+        by one, each that would make the configuration invalid logged and
+        skipped, so that the rest still applies.  Skipped objects are tried
+        again with every later change (a route skipped for want of its
+        upstream is taken once the upstream arrives).  Never raises (a
+        watcher calls it).
+
+        @param replace: C{changes} is the whole of etcd's contents (a
+            listing), not changes to the current one.
+        """
+        try:
+            previously_skipped = {} if replace else dict(self.skipped)
+            for kind, doc_id, _ in changes:
+                previously_skipped.pop((kind, doc_id), None)
+            start = StoreContents() if replace else self.contents
+            if replace:
+                # Upstreams first: routes may name them.
+                changes = sorted(changes, key=lambda c: 0 if c[0] == "upstreams" else 1)
+            else:
+                changes = [c for c in changes if self.contents.of(c[0]).get(c[1]) != c[2]]
+                if not changes:
+                    self.skipped = previously_skipped
+                    return
+            # Upstreams before routes here too, for the same reason.
+            retried = sorted(
+                [(kind, doc_id, doc) for (kind, doc_id), doc in previously_skipped.items()],
+                key=lambda c: 0 if c[0] == "upstreams" else 1,
+            )
+            candidates = changes + retried
+            skipped: Dict[Tuple[str, str], Any] = {}
+            contents = _changed(start, candidates)
+            try:
+                conf = merge(self.conf, contents)
+            except ConfigError:
+                contents = start
+                for change in candidates:
+                    candidate = _changed(contents, [change])
+                    try:
+                        merge(self.conf, candidate)
+                    except ConfigError as e:
+                        skipped[(change[0], change[1])] = change[2]
+                        if (change[0], change[1]) not in previously_skipped:
+                            message = _LABEL_RE.sub("", str(e), count=1)
+                            log.warn(
+                                "etcd: {kind} {id} skipped: {error}",
+                                kind=_singular(change[0]),
+                                id=change[1],
+                                error=message,
+                            )
+                        continue
+                    contents = candidate
+                conf = merge(self.conf, contents)
+            built = self._build(conf)
+            self.contents = contents
+            self.skipped = skipped
+            self.last_origin = origin
+            self._apply(conf, built)
+        except Exception:
+            log.failure("etcd: changes could not be applied; the running table is kept")
 
     def _build(self, conf: GatewayConf) -> List[Any]:
         """
@@ -525,6 +684,7 @@ class Control:
             log.warn(
                 "reload: changes to {sections} need a restart; ignored", sections=", ".join(changed)
             )
+        self.last_origin = "reload"
         try:
             self._apply(conf, built)
         except _BuildError as e:

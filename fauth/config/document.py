@@ -16,7 +16,7 @@ import yaml
 
 from fauth.config.apisix import HEADER_NAME, check_string_list, parse_route, parse_upstream
 from fauth.config.errors import ConfigError
-from fauth.config.models import AdminConf, DemoConf, GatewayConf, HttpLimits
+from fauth.config.models import AdminConf, DemoConf, EtcdConf, GatewayConf, HttpLimits
 from fauth.config.schema import SchemaError
 
 __all__ = ["load_config", "parse_config", "read_document"]
@@ -24,10 +24,12 @@ __all__ = ["load_config", "parse_config", "read_document"]
 _TOP_LEVEL_KEYS = frozenset(
     [
         "listen", "routes", "upstreams", "demo", "ssl_trusted_certificate", "http", "admin", "shutdown_grace",
-        "access_log", "access_log_user_header", "workers", "client_max_body_size",
+        "access_log", "access_log_user_header", "workers", "client_max_body_size", "etcd",
     ]
 )
 _ADMIN_KEYS = frozenset(["listen", "keys", "store", "metrics_require_key"])
+_ETCD_KEYS = frozenset(["host", "prefix", "timeout", "user", "password"])
+_ETCD_HOST_RE = re.compile(r"^http://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+)(:[0-9]{1,5})?/?$")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -148,6 +150,10 @@ def parse_config(doc: object, environ: Optional[Mapping[str, str]] = None) -> Ga
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError('config: property "workers" must be an integer, 1 or more')
 
+    etcd = None
+    if doc.get("etcd") is not None:
+        etcd = _parse_etcd(doc["etcd"], os.environ if environ is None else environ)
+
     return GatewayConf(
         listen=listen_t,
         routes=tuple(routes),
@@ -160,6 +166,7 @@ def parse_config(doc: object, environ: Optional[Mapping[str, str]] = None) -> Ga
         access_log=access_log,
         access_log_user_header=user_header,
         workers=workers,
+        etcd=etcd,
         source=doc,
     )
 
@@ -186,11 +193,11 @@ def _parse_size(value: object) -> int:
     return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
 
 
-def _expand_env(text: str, environ: Mapping[str, str]) -> str:
+def _expand_env(text: str, environ: Mapping[str, str], where: str = "admin: keys") -> str:
     def one(match: "re.Match[str]") -> str:
         name = match.group(1)
         if name not in environ:
-            raise ConfigError('config: admin: keys: environment variable "%s" is not set' % name)
+            raise ConfigError('config: %s: environment variable "%s" is not set' % (where, name))
         return environ[name]
 
     return _ENV_RE.sub(one, text)
@@ -231,6 +238,51 @@ def _parse_admin(doc: object, environ: Mapping[str, str]) -> AdminConf:
     if not isinstance(require, bool):
         raise ConfigError('config: admin: property "metrics_require_key" must be true or false')
     return AdminConf(keys=keys, listen=listen, store=store, metrics_require_key=require)
+
+
+def _parse_etcd(doc: object, environ: Mapping[str, str]) -> EtcdConf:
+    if not isinstance(doc, dict):
+        raise ConfigError('config: property "etcd" validation failed: wrong type: expected object')
+    for key in doc:
+        if key not in _ETCD_KEYS:
+            raise ConfigError('config: etcd: unknown key "%s" (known: %s)' % (key, ", ".join(sorted(_ETCD_KEYS))))
+    hosts = doc.get("host")
+    # A lone string is one member, as "listen" accepts one description.
+    if isinstance(hosts, str):
+        hosts = [hosts]
+    if not isinstance(hosts, list) or not hosts or not all(isinstance(h, str) for h in hosts):
+        raise ConfigError('config: etcd: property "host" must be a list of member URLs, e.g. ["http://127.0.0.1:2379"]')
+    for host in hosts:
+        if host.startswith("https://"):
+            # Said plainly rather than half-supported: no client certificate
+            # or CA option exists for etcd yet.
+            raise ConfigError('config: etcd: host "%s": https is not supported yet; use http://' % host)
+        match = _ETCD_HOST_RE.match(host)
+        if not match or (match.group(2) and not 0 < int(match.group(2)[1:]) <= 65535):
+            raise ConfigError('config: etcd: host "%s" must be http://HOST:PORT' % host)
+    prefix = doc.get("prefix", "/apisix")
+    if not isinstance(prefix, str) or not prefix.startswith("/") or len(prefix.rstrip("/")) < 2:
+        raise ConfigError('config: etcd: property "prefix" must be a key prefix starting with "/", e.g. /apisix')
+    timeout = doc.get("timeout", 30)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+        raise ConfigError('config: etcd: property "timeout" must be a positive number of seconds')
+    user = doc.get("user")
+    password = doc.get("password")
+    if user is not None and (not isinstance(user, str) or not user):
+        raise ConfigError('config: etcd: property "user" must be a non-empty string')
+    if password is not None and not isinstance(password, str):
+        raise ConfigError('config: etcd: property "password" must be a string')
+    if (user is None) != (password is None):
+        raise ConfigError('config: etcd: "user" and "password" go together (etcd\'s auth needs both)')
+    if password is not None:
+        password = _expand_env(password, environ, "etcd: password")
+    return EtcdConf(
+        hosts=tuple(h.rstrip("/") for h in hosts),
+        prefix=prefix.rstrip("/"),
+        timeout=float(timeout),
+        user=user,
+        password=password,
+    )
 
 
 def _check_endpoint(where: str, description: str) -> None:

@@ -15,6 +15,7 @@ __all__ = [
     "AdminConf",
     "CacheConf",
     "DemoConf",
+    "EtcdConf",
     "ForwardAuthConf",
     "GatewayConf",
     "HttpLimits",
@@ -174,6 +175,28 @@ class AdminConf:
 
 
 @attr.frozen
+class EtcdConf:
+    """
+    Where routes and upstreams live when several gateways share them: an
+    etcd cluster, in APISIX's key layout (C{<prefix>/routes/<id>},
+    C{<prefix>/upstreams/<id>}); the names are APISIX's C{deployment.etcd}.
+
+    @ivar hosts: the members' base URLs (C{http://127.0.0.1:2379}), tried in
+        order; the next one when a member is unreachable.
+    @ivar prefix: the key prefix, without a trailing slash.
+    @ivar timeout: seconds per etcd request (the watch excepted).
+    @ivar user: etcd's auth user, or C{None}.
+    @ivar password: its password (C{${ENV_VAR}} already expanded).
+    """
+
+    hosts: Tuple[str, ...]
+    prefix: str = "/apisix"
+    timeout: float = 30.0
+    user: Optional[str] = None
+    password: Optional[str] = attr.field(default=None, repr=False)  # a secret: kept out of logs
+
+
+@attr.frozen
 class GatewayConf:
     """
     The whole gateway configuration.
@@ -196,4 +219,6 @@ class GatewayConf:
     access_log_user_header: str = "X-User-ID"
     #: Worker processes under C{twistd fauth} (C{--workers} overrides it).
     workers: int = 1
+    #: Routes and upstreams of the admin API in etcd rather than the store file.
+    etcd: Optional[EtcdConf] = None
     source: Mapping[str, Any] = attr.field(factory=dict, eq=False, repr=False)

@@ -19,7 +19,7 @@ locked.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Protocol, Tuple
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -251,3 +251,72 @@ class MetricsResource(Resource):
         request.setHeader(b"content-type", content_type.encode("ascii"))
         request.setHeader(b"cache-control", b"no-store")
         return body
+
+
+# --- several processes: the supervisor's sum over its workers -------------------
+
+#: Families whose value is not a sum over processes: the earliest start,
+#: the smallest descriptor limit, the stalest etcd revision; an info gauge
+#: is 1, not N.
+_TAKE_MIN = frozenset(["process_start_time_seconds", "process_max_fds", "fauth_etcd_revision"])
+_TAKE_MAX = frozenset(["python_info"])
+
+
+def merge_expositions(texts: List[str], own: Optional[Dict[str, Dict[Tuple[Tuple[str, str], ...], float]]] = None) -> List[Metric]:
+    """
+    One set of metric families from the Prometheus text of several worker
+    processes: the sum of each sample (same name, same labels), except the
+    few where a sum means nothing (L{_TAKE_MIN}, L{_TAKE_MAX}).
+
+    @param own: families the caller counts itself, by family name, then
+        sorted label pairs: those replace the workers' (the supervisor's
+        reloads and admin store writes, which it alone makes).
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: Dict[str, Metric] = {}
+    values: Dict[str, Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            if family.name not in families:
+                families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+                values[family.name] = {}
+            merged = values[family.name]
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if key not in merged:
+                    merged[key] = sample.value
+                elif family.name in _TAKE_MIN or sample.name.endswith("_created"):
+                    merged[key] = min(merged[key], sample.value)
+                elif family.name in _TAKE_MAX:
+                    merged[key] = max(merged[key], sample.value)
+                else:
+                    merged[key] = merged[key] + sample.value
+    for name, counts in (own or {}).items():
+        if name in families:
+            sample_name = name + "_total" if families[name].type == "counter" else name
+            values[name] = {(sample_name, labels): value for labels, value in counts.items()}
+    result = []
+    for name, family in families.items():
+        for (sample_name, labels), value in values[name].items():
+            family.add_sample(sample_name, dict(labels), value)
+        result.append(family)
+    return result
+
+
+class _Families:
+    """A collector that yields given families (for an encoder)."""
+
+    def __init__(self, families: List[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
+
+
+def exposition_of(families: List[Metric], accept: Optional[str] = None) -> Tuple[bytes, str]:
+    """C{families} encoded as C{accept} asks (Prometheus text by default), and the content type."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(families))
+    encoder, content_type = choose_encoder(accept or "")
+    return encoder(registry), content_type

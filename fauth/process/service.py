@@ -134,10 +134,26 @@ class GatewayService(MultiService):
             listener.setServiceParent(self)
             self.listeners.append(listener)
         self.accepting = False
+        #: With C{etcd}: the L{fauth.admin.etcd.EtcdSync} keeping this
+        #: gateway's table etcd's (every gateway process watches).
+        self.etcd: Any = None
+        if conf.etcd is not None:
+            from fauth.admin.etcd import EtcdSync
+
+            from fauth.admin.etcd import EtcdCollector
+
+            self.etcd = EtcdSync(reactor, self.control)
+            self.etcd.setServiceParent(self)
+            self.metrics.registry.register(EtcdCollector(self.etcd))
         self.admin_root: Optional[AdminRoot] = None
         self.admin_listener: Optional[StreamServerEndpointService] = None
         if conf.admin is not None and endpoints is None:
-            self.admin_root = AdminRoot(self.control, conf.admin.keys, lambda: self.accepting)
+            self.admin_root = AdminRoot(
+                self.control,
+                conf.admin.keys,
+                lambda: self.accepting,
+                self.etcd.status if self.etcd is not None else None,
+            )
             metrics_resource = MetricsResource(self.metrics)
             self.admin_root.putChild(
                 b"metrics",

@@ -22,7 +22,9 @@ connections waiting there, and does not exist for UNIX sockets.)
 The supervisor also runs what must exist once: the admin API (its changes
 go to the store file, then every worker is told to reload with SIGHUP and
 re-reads the configuration file and the store, which is the one source of
-truth they share) and the C{demo} services.  It relays the workers' logs
+truth they share; with C{etcd}, every worker watches etcd itself and no
+signal is sent) and the C{demo} services.  Its C{/metrics} is the sum over
+the workers, each asked on its standard input (L{SupervisorMetrics}).  It relays the workers' logs
 (each worker writes JSON log events to a pipe), restarts a worker that
 exits (after a short, growing delay), forwards SIGHUP, and on SIGTERM
 makes every worker drain (each for C{shutdown_grace}) before it exits
@@ -35,7 +37,7 @@ import json
 import os
 import signal
 import sys
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import attr
 import yaml
@@ -45,14 +47,16 @@ from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from fauth.config import ConfigError
 from fauth.admin.control import RESTART_ONLY, Control
 from fauth.process.sockets import SYSTEMD_VARIABLES, SharedSocket, SocketSpec, bind_shared, check_shareable, family_name
-from fauth.process.worker import EVENTS_FD, FIRST_SOCKET_FD, READY_KEY
+from fauth.process.worker import ETCD_STATE_KEY, EVENTS_FD, FIRST_SOCKET_FD, METRICS_KEY, METRICS_TEXT_KEY, READY_KEY
 from fauth.process.signals import ProcessSignals, stop_reactor
 
-__all__ = ["WorkerSupervisor", "describe_exit", "restart_delay"]
+__all__ = ["SupervisorMetrics", "WorkerSupervisor", "describe_exit", "restart_delay"]
 
 log = Logger()
 
@@ -68,6 +72,8 @@ STABLE_AFTER = 10.0
 KILL_MARGIN = 5.0
 #: How long (seconds) workers stopping at once (SIGINT) get before SIGKILL.
 STOP_NOW_TIMEOUT = 5.0
+#: Seconds the supervisor's C{/metrics} waits for its workers' answers.
+METRICS_TIMEOUT = 2.0
 
 
 # --- the supervisor -----------------------------------------------------------------
@@ -97,6 +103,8 @@ class WorkerSlot:
     quick_exits: int = 0
     restarts: int = 0
     restart_call: Any = None
+    #: With etcd: the worker's last reported revision and whether it watches.
+    etcd_state: Optional[Tuple[int, bool]] = None
 
 
 def describe_exit(reason: Failure) -> str:
@@ -238,20 +246,64 @@ class WorkerSupervisor(MultiService):
         self._stopping = False
         self._signal_reload = False
         self._waiting: List[Deferred[None]] = []
+        # Asked-for worker metrics: request number -> (answers by slot, Deferred).
+        self._metrics_asked: Dict[int, Tuple[Dict[int, str], "Deferred[List[str]]", List[int]]] = {}
+        self._metrics_serial = 0
+        #: Reloads and admin store writes, which this process alone makes
+        #: (for C{/metrics}): (event, result) -> count.
+        self.outcomes: Dict[Tuple[str, str], int] = {}
+        control.on_outcome(self._count_outcome)
         if conf.demo is not None:
             from fauth.process.demo import demo_services
 
             demo_services(reactor, conf.demo.auth, conf.demo.upstream).setServiceParent(self)
         self.admin_root: Any = None
         self.admin_listener: Any = None
+        #: With C{etcd} and C{admin}: this process's own watch, which keeps
+        #: the admin API's view (and validation) current; each worker
+        #: watches etcd itself for the routes it serves.
+        self.etcd: Any = None
+        if conf.admin is not None and conf.etcd is not None:
+            from fauth.admin.etcd import EtcdSync
+
+            self.etcd = EtcdSync(reactor, control)
+            self.etcd.setServiceParent(self)
         if conf.admin is not None:
             from fauth.admin.api import AdminRoot, AdminSite
             from fauth.process.service import _listener
 
-            self.admin_root = AdminRoot(control, conf.admin.keys, self.serving)
+            self.admin_root = AdminRoot(
+                control, conf.admin.keys, self.serving, self.etcd_status if self.etcd is not None else None
+            )
+            metrics = SupervisorMetrics(self)
+            self.admin_root.putChild(
+                b"metrics", self.admin_root.guard(metrics) if conf.admin.metrics_require_key else metrics
+            )
             self.admin_listener = _listener(reactor, conf.admin.listen, AdminSite(self.admin_root), "admin.listen")
             self.admin_listener.setServiceParent(self)
         control.on_change(self._configuration_changed)
+
+    def etcd_status(self) -> str:
+        """
+        For C{/healthz} with etcd: this process's watch (its admin API's
+        view), then the workers' (each reports its revision after every
+        change): C{...; workers: 2 of 2 watching, revision 41 to 41}.
+        """
+        states = [slot.etcd_state for slot in self.slots if slot.ready and slot.etcd_state is not None]
+        text = self.etcd.status()
+        if not states:
+            return text + "; workers: none reported yet"
+        watching = sum(1 for _, on in states if on)
+        revisions = [revision for revision, _ in states]
+        return text + "; workers: %d of %d watching, revision %d to %d" % (
+            watching,
+            len(self.slots),
+            min(revisions),
+            max(revisions),
+        )
+
+    def _count_outcome(self, event: str, result: str) -> None:
+        self.outcomes[(event, result)] = self.outcomes.get((event, result), 0) + 1
 
     # -- start and stop ------------------------------------------------------
 
@@ -400,12 +452,66 @@ class WorkerSupervisor(MultiService):
         log.info("worker {index} started: pid {pid}", index=slot.index, pid=process.pid)
         process.writeToChild(0, self._payload())
 
+    def collect_metrics(self, timeout: float = METRICS_TIMEOUT) -> "Deferred[List[str]]":
+        """
+        Ask every ready worker for its metrics (a line on its standard
+        input); fires with the Prometheus texts of those that answered
+        within C{timeout} seconds.
+        """
+        slots = [slot for slot in self.live() if slot.ready]
+        self._metrics_serial += 1
+        serial = self._metrics_serial
+        answers: Dict[int, str] = {}
+        d: Deferred[List[str]] = Deferred()
+        expected = [slot.index for slot in slots]
+        self._metrics_asked[serial] = (answers, d, expected)
+        for slot in slots:
+            try:
+                slot.process.writeToChild(0, b"metrics %d\n" % serial)
+            except Exception:
+                expected.remove(slot.index)
+
+        def give_up() -> None:
+            self._metrics_done(serial)
+
+        call = self._reactor.callLater(timeout, give_up)
+        d.addBoth(lambda result: (call.cancel() if call.active() else None, result)[1])
+        if not expected:
+            self._metrics_done(serial)
+        return d
+
+    def _metrics_done(self, serial: int) -> None:
+        asked = self._metrics_asked.pop(serial, None)
+        if asked is not None:
+            answers, d, _ = asked
+            d.callback([answers[index] for index in sorted(answers)])
+
+    def _metrics_answer(self, slot: WorkerSlot, event: Dict[str, Any]) -> None:
+        serial = event.get(METRICS_KEY)
+        if not isinstance(serial, int):
+            return
+        asked = self._metrics_asked.get(serial)
+        if asked is None:
+            return  # too late
+        answers, _, expected = asked
+        answers[slot.index] = str(event.get(METRICS_TEXT_KEY, ""))
+        if all(index in answers for index in expected):
+            self._metrics_done(serial)
+
     def _relay(self, slot: WorkerSlot, pid: Optional[int], line: str) -> None:
         """Publish one line of a worker's log (a JSON event) in this process's log."""
         try:
             event = eventFromJSON(line.lstrip("\x1e"))
         except ValueError:
             event = None
+        if isinstance(event, dict) and METRICS_KEY in event:
+            self._metrics_answer(slot, event)
+            return
+        if isinstance(event, dict) and ETCD_STATE_KEY in event:
+            state = event[ETCD_STATE_KEY]
+            if slot.pid == pid and isinstance(state, list) and len(state) == 2:
+                slot.etcd_state = (int(state[0] or 0), bool(state[1]))
+            return
         if not isinstance(event, dict) or "log_format" not in event:
             log.info("worker {index} (pid {pid}): {line}", index=slot.index, pid=pid, line=line)
             return
@@ -427,6 +533,7 @@ class WorkerSupervisor(MultiService):
         status = describe_exit(reason)
         slot.process = None
         slot.ready = False
+        slot.etcd_state = None
         if self._stopping or self._terminating:
             log.info("worker {index} (pid {pid}) {status}", index=slot.index, pid=pid, status=status)
             self._check_gone()
@@ -506,6 +613,9 @@ class WorkerSupervisor(MultiService):
 
     def _configuration_changed(self, conf: Any) -> None:
         """After every applied change (admin API write, reload): every worker reloads."""
+        if self.control.conf.etcd is not None and self.control.last_origin != "reload":
+            # The workers watch etcd: they have the change already, or soon.
+            return
         if not self._signal_reload:
             self.reload_workers()
 
@@ -568,3 +678,56 @@ class WorkerSupervisor(MultiService):
             stop_reactor(self._reactor)
 
         return self._wait_for_workers(grace + KILL_MARGIN).addCallback(gone)
+
+
+class SupervisorMetrics(Resource):
+    """
+    C{GET /metrics} on the supervisor's admin listener: the sum over its
+    workers (each asked through its standard input, answering on its event
+    pipe), so that a scraper sees one gateway.  C{fauth_reloads_total} and
+    C{fauth_store_writes_total} are the supervisor's own (it alone takes
+    admin writes; every worker reloads when it does); C{fauth_workers} is
+    how many workers answered (a worker that did not answer within
+    L{METRICS_TIMEOUT} is left out).
+    """
+
+    isLeaf = True
+
+    def __init__(self, supervisor: WorkerSupervisor) -> None:
+        super().__init__()
+        self._supervisor = supervisor
+
+    def render_GET(self, request: Any) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        from fauth.observe.metrics import exposition_of, merge_expositions
+
+        accept = request.getHeader(b"accept")
+        outcomes = self._supervisor.outcomes
+
+        def answer(texts: List[str]) -> None:
+            own: Dict[str, Dict[Tuple[Tuple[str, str], ...], float]] = {
+                "fauth_reloads": {(("result", r),): float(outcomes.get(("reload", r), 0)) for r in ("ok", "refused")},
+                "fauth_store_writes": {
+                    (("result", r),): float(outcomes.get(("store_write", r), 0)) for r in ("ok", "error")
+                },
+            }
+            families = merge_expositions(texts, own)
+            workers = GaugeMetricFamily("fauth_workers", "Worker processes whose metrics are summed here")
+            workers.add_metric([], len(texts))
+            families.append(workers)
+            body, content_type = exposition_of(families, accept.decode("latin-1") if accept else None)
+            if not request.finished and not getattr(request, "_disconnected", False):
+                request.setHeader(b"content-type", content_type.encode("ascii"))
+                request.setHeader(b"cache-control", b"no-store")
+                request.write(body)
+                request.finish()
+
+        def failed(failure: Failure) -> None:
+            log.failure("/metrics: collecting from the workers failed", failure)
+            if not request.finished and not getattr(request, "_disconnected", False):
+                request.setResponseCode(500)
+                request.finish()
+
+        self._supervisor.collect_metrics().addCallback(answer).addErrback(failed)
+        return NOT_DONE_YET

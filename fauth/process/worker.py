@@ -25,13 +25,29 @@ from fauth.config import ConfigError
 from fauth.process.sockets import InheritedEndpoint, SocketSpec
 from fauth.admin.control import Control
 
-__all__ = ["EVENTS_FD", "FIRST_SOCKET_FD", "READY_KEY", "read_payload", "worker_main"]
+__all__ = [
+    "ETCD_STATE_KEY",
+    "EVENTS_FD",
+    "FIRST_SOCKET_FD",
+    "METRICS_KEY",
+    "METRICS_TEXT_KEY",
+    "READY_KEY",
+    "read_payload",
+    "worker_main",
+]
 
 log = Logger()
 
 #: Event key a worker sets on the log event saying it is ready (its signal
 #: handlers are installed and it accepts connections).
 READY_KEY = "fauth_worker_ready"
+#: Event key of a worker's answer to C{metrics <n>} (its registry's text
+#: in C{METRICS_TEXT_KEY}); the supervisor takes it, it is not logged.
+METRICS_KEY = "fauth_worker_metrics"
+METRICS_TEXT_KEY = "fauth_worker_metrics_text"
+#: Event key of a worker's etcd state (C{[revision, watching]}), sent
+#: after every change; the supervisor takes it for C{/healthz}.
+ETCD_STATE_KEY = "fauth_worker_etcd"
 #: In a worker: the pipe its log events go to (JSON text sequence).
 EVENTS_FD = 3
 #: In a worker: the first inherited listening socket (then 5, 6, ...).
@@ -77,9 +93,11 @@ class _SupervisorWatch:
     supervisor is gone.  An C{IReadDescriptor}.
     """
 
-    def __init__(self, fd: int, gone: Callable[[], None]) -> None:
+    def __init__(self, fd: int, gone: Callable[[], None], line: Optional[Callable[[bytes], None]] = None) -> None:
         self._fd = fd
         self._gone = gone
+        self._line = line
+        self._buffer = b""
 
     def fileno(self) -> int:
         return self._fd
@@ -96,7 +114,19 @@ class _SupervisorWatch:
             if e.errno in (errno.EAGAIN, errno.EINTR):
                 return None
             return main.CONNECTION_LOST
-        return None if data else main.CONNECTION_DONE
+        if not data:
+            return main.CONNECTION_DONE
+        # After the payload, the supervisor only asks for metrics.
+        self._buffer += data
+        while b"\n" in self._buffer:
+            line, self._buffer = self._buffer.split(b"\n", 1)
+            if self._line is not None:
+                try:
+                    self._line(line)
+                except Exception:
+                    log.failure("a request from the supervisor failed")
+        self._buffer = self._buffer[-4096:]
+        return None
 
     def connectionLost(self, reason: Any) -> None:
         self._gone()
@@ -168,9 +198,24 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> int:
         log.warn("worker {index}: the supervisor is gone; shutting down", index=index)
         service.terminate()
 
+    def asked(line: bytes) -> None:
+        word, _, serial = line.partition(b" ")
+        if word == b"metrics" and serial.isdigit():
+            text, _ = service.metrics.exposition(None)
+            log.info("metrics", **{METRICS_KEY: int(serial), METRICS_TEXT_KEY: text.decode("utf-8")})
+
+    def etcd_changed() -> None:
+        sync = service.etcd
+        log.info("etcd state", **{ETCD_STATE_KEY: [sync.revision or 0, sync.watching]})
+
+    if service.etcd is not None:
+        service.etcd.listeners.append(etcd_changed)
+
     def ready() -> None:
         os.set_blocking(0, False)
-        reactor.addReader(_SupervisorWatch(0, supervisor_gone))
+        reactor.addReader(_SupervisorWatch(0, supervisor_gone, asked))
+        if service.etcd is not None:
+            etcd_changed()
         log.info(
             "worker {index} ready: pid {pid}, {count} listening sockets",
             index=index,
