@@ -36,6 +36,10 @@ from fauth.wire.agent import BytesBody, NoCookies, PreEncodedURL, PreparedHeader
         (http, "_ChunkedTransferDecoder"),
         (http, "_MalformedChunkedDataError"),
         (http._ChunkedTransferDecoder, "_dataReceived_CHUNK_LENGTH"),
+        # fauth.upstream.tunnel: taking the client's transport over from the
+        # channel after a 101 (the hook twisted.web.websocket uses), and the
+        # bytes the channel buffered while the request was handled
+        (http.HTTPChannel, "_protocolUpgradeForWebsockets"),
         # fauth.wire.connection, fauth.wire.transport: the errors a client connection
         # fails with
         (_newclient, "_DataLoss"),
@@ -123,3 +127,10 @@ def test_treq_and_twisted_wrappers_keep_what_they_wrap_as_original() -> None:
     response = Response()
     assert _Response(response, NoCookies()).original is response
     assert client.GzipDecoder(response).original is response
+
+
+def test_the_channel_buffers_bytes_after_a_request_in_data_buffer() -> None:
+    # fauth.upstream.tunnel passes on what a client sent after its upgrade
+    # request, before the takeover, from this list.
+    channel = http.HTTPChannel()
+    assert channel._dataBuffer == []

@@ -85,7 +85,13 @@ class UpstreamConf:
 
 @attr.frozen
 class RouteConf:
-    """A validated route."""
+    """
+    A validated route.
+
+    @ivar enable_websocket: an C{Upgrade: websocket} request is tunnelled to
+        the upstream (L{fauth.upstream.tunnel}) instead of having its
+        C{Upgrade} and C{Connection} headers dropped.
+    """
 
     id: str
     uris: Tuple[str, ...]
@@ -96,6 +102,7 @@ class RouteConf:
     priority: int = 0
     forward_auth: Optional[ForwardAuthConf] = None
     enabled: bool = True
+    enable_websocket: bool = False
     source: Mapping[str, Any] = attr.field(factory=dict, eq=False, repr=False)
 
 

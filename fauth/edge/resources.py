@@ -28,6 +28,7 @@ from fauth.request.lifecycle import when_finished
 from fauth.observe.exchange import Exchange
 from fauth.observe.metrics import GatewayMetrics
 from fauth.request.replies import send_simple
+from fauth.upstream.tunnel import wants_upgrade
 
 __all__ = ["ForwardAuthResource", "GatewayResource", "GatewayRequest", "GatewaySite"]
 
@@ -199,17 +200,17 @@ class GatewayResource(Resource):
             return server.NOT_DONE_YET
         if exchange is not None:
             exchange.routed(route.conf.id)
+        # -- WebSocket hook: an upgrade on an enable_websocket route is tunnelled
+        if route.conf.enable_websocket and wants_upgrade(request):
+            tunnels, upstream = self._gateway.tunnels, route.upstream
+            forward = lambda: tunnels.forward(upstream, request, inbound, exchange)  # noqa: E731
+        else:
+            forward = lambda: route.upstream.forward(request, inbound, exchange)  # noqa: E731
+        # -- end of hook
         if route.auth is None:
-            route.upstream.forward(request, inbound, exchange)
+            forward()
             return server.NOT_DONE_YET
-        guard(
-            route.auth,
-            request,
-            inbound,
-            lambda: route.upstream.forward(request, inbound, exchange),
-            route.conf,
-            exchange,
-        )
+        guard(route.auth, request, inbound, forward, route.conf, exchange)
         return server.NOT_DONE_YET
 
 

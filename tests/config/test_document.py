@@ -390,3 +390,14 @@ def test_degradation_with_upstream_headers_warns() -> None:
     for plugin in ({"allow_degradation": True}, {"upstream_headers": ["X-User-ID"]}):
         conf = parse_config(_doc(_auth_route(**plugin)))
         assert warning not in conf.routes[0].forward_auth.warnings  # type: ignore[union-attr]
+
+
+def test_enable_websocket_is_a_boolean_of_the_route() -> None:
+    from fauth.config.apisix import parse_route
+    from fauth.config.schema import SchemaError
+
+    base = {"id": "1", "uri": "/ws", "upstream": {"nodes": {"127.0.0.1:1980": 1}}}
+    assert parse_route(dict(base), {}).enable_websocket is False
+    assert parse_route(dict(base, enable_websocket=True), {}).enable_websocket is True
+    with pytest.raises(SchemaError, match='property "enable_websocket" validation failed: wrong type: expected boolean'):
+        parse_route(dict(base, enable_websocket="yes"), {})
