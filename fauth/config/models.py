@@ -121,6 +121,10 @@ class HttpLimits:
         connection, for the first request) to the end of its head; then 408.
     @ivar body_timeout: seconds from the end of the head to the end of the
         body; then 408.
+    @ivar http2: offer HTTP/2 (ALPN C{h2}) on C{ssl:} listeners
+        (L{fauth.edge.h2}; needs the C{h2} package).
+    @ivar max_concurrent_streams: HTTP/2 streams one connection may have
+        open at once; more closes the connection.
     """
 
     idle_timeout: float = 60.0
@@ -129,6 +133,8 @@ class HttpLimits:
     max_request_line: int = 8192
     header_timeout: float = 10.0
     body_timeout: float = 60.0
+    http2: bool = False
+    max_concurrent_streams: int = 100
 
 
 @attr.frozen

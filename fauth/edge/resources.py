@@ -22,6 +22,7 @@ from fauth.wire.transport import is_cancellation
 from fauth.config import ForwardAuthConf, HttpLimits, RouteConf, parse_forward_auth
 from fauth.edge.drain import InFlight
 from fauth.edge.gateway import AuthClients, Gateway
+from fauth.edge.h2 import NegotiatingChannel, alpn_protocols
 from fauth.edge.server import HardenedSite
 from fauth.request.inbound import BadRequest, InboundRequest
 from fauth.request.lifecycle import when_finished
@@ -98,6 +99,18 @@ class GatewaySite(HardenedSite):
 
     def log(self, request: Any) -> None:
         pass
+
+    # -- HTTP/2 hook (fauth.edge.h2): on when the http section says http2: true
+
+    def acceptableProtocols(self) -> list:
+        return alpn_protocols(self.limits)
+
+    def protocol(self) -> Any:
+        if self.limits.http2:
+            return NegotiatingChannel(self.limits, self.reactor)
+        return super().protocol()
+
+    # -- end of hook
 
 
 def write_respond(request: Any, decision: Respond) -> None:

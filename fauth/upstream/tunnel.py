@@ -34,7 +34,13 @@ from typing import Any, List, Optional, Set
 
 from twisted.internet import error as net_error
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IPushProducer,
+    IReactorTime,
+    ISSLTransport,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -538,6 +544,11 @@ class _Tunnel:
 
 def _lose_write(transport: Any) -> None:
     """Half-close C{transport} where it can; close it where it cannot (TLS, pipes)."""
+    if ISSLTransport.providedBy(transport):
+        # A TLS wrapper hands loseWriteConnection to the TCP transport under
+        # it, which would end the stream without a close_notify.
+        transport.loseConnection()
+        return
     lose = getattr(transport, "loseWriteConnection", None)
     try:
         if lose is not None:
