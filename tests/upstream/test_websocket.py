@@ -556,3 +556,38 @@ async def test_drain_closes_tunnels_at_the_end_of_the_grace(reactor: Any, tmp_pa
     finally:
         await env.stop()
         await up_port.stopListening()
+
+
+@ensureDeferred
+async def test_bytes_after_a_refused_upgrade_are_parsed_as_http_through_auth(reactor: Any, tmp_path: Any) -> None:
+    # A client that pipelines a request behind its upgrade: the upstream
+    # refused the upgrade, so those bytes are a new request for the gateway
+    # (auth first), never raw bytes for the upstream.
+    up_port, port, gateway = await _raw_env(reactor, tmp_path, _NotAWebSocket())
+    try:
+        smuggled = b"GET /ws HTTP/1.1\r\nHost: example\r\nConnection: close\r\n\r\n"
+        client = _RawClient(UPGRADE + smuggled)
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(Factory.forProtocol(lambda: client))
+        received = await client.done
+        assert received.startswith(b"HTTP/1.1 426 Upgrade Required\r\n")
+        assert b"\r\n\r\nnope!HTTP/1.1 403 " in received  # the second request, denied by the auth service
+        assert gateway.tunnels.count == 0
+    finally:
+        await port.stopListening()
+        await up_port.stopListening()
+        await gateway.close()
+
+
+@ensureDeferred
+async def test_an_unreachable_upstream_answers_502(reactor: Any, tmp_path: Any) -> None:
+    up_port, port, gateway = await _raw_env(reactor, tmp_path, _NotAWebSocket())
+    await up_port.stopListening()  # nothing listens there any more
+    try:
+        client = _RawClient(UPGRADE.replace(b"Connection: Upgrade", b"Connection: Upgrade, close"))
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(Factory.forProtocol(lambda: client))
+        received = await client.done
+        assert received.startswith(b"HTTP/1.1 502 ")
+        assert gateway.tunnels.count == 0
+    finally:
+        await port.stopListening()
+        await gateway.close()
