@@ -391,6 +391,8 @@ class _Tunnel:
             return
         if self._client_eof:
             self.close()
+        elif ISSLTransport.providedBy(self._client):
+            self._close_client()  # no half-close under TLS
         else:
             _lose_write(self._client)
 
@@ -398,7 +400,7 @@ class _Tunnel:
         self._upstream_gone = True
         state = self._state
         if state == _OPEN:
-            self._client.loseConnection()
+            self._close_client()
         elif state == _RESPONSE:
             self._response_done(self._remaining is None and self._decoder is None)
         elif state == _CONNECTING and not self._client_gone:
@@ -415,7 +417,16 @@ class _Tunnel:
         if self._up is not None:
             self._up.loseConnection()
         if self._client is not None:
-            self._client.loseConnection()
+            self._close_client()
+
+    def _close_client(self) -> None:
+        # The channel is still the client transport's producer; a TLS
+        # transport only closes once its producer is gone.
+        try:
+            self._client.unregisterProducer()
+        except Exception:
+            pass
+        self._client.loseConnection()
 
     def abort(self, why: str) -> None:
         """Close both connections at once."""

@@ -591,3 +591,51 @@ async def test_an_unreachable_upstream_answers_502(reactor: Any, tmp_path: Any) 
     finally:
         await port.stopListening()
         await gateway.close()
+
+
+@ensureDeferred
+async def test_wss_on_a_tls_listener_with_http2_on(env: Env, reactor: Any, tmp_path: Any) -> None:
+    # With http2 on, a TLS connection's protocol is Twisted's negotiating
+    # wrapper around the HTTP/1.1 channel; a WebSocket client (ALPN: none,
+    # so HTTP/1.1) still gets its tunnel through it.
+    pytest.importorskip("h2")
+    import ssl
+
+    from twisted.internet.endpoints import serverFromString
+
+    from tests.edge.test_http2 import _self_signed
+
+    key, cert = _self_signed(tmp_path)
+    conf = parse_config(
+        {
+            "http": {"http2": True},
+            "routes": [
+                {
+                    "id": "ws",
+                    "uri": "/ws",
+                    "enable_websocket": True,
+                    "upstream": {"nodes": {"127.0.0.1:%d" % env.echo.port: 1}},
+                }
+            ],
+        }
+    )
+    gateway = Gateway(reactor, conf)
+    site = GatewaySite(GatewayResource(gateway), conf.http, reactor=reactor)
+    port = await serverFromString(reactor, "ssl:0:interface=127.0.0.1:privateKey=%s:certKey=%s" % (key, cert)).listen(site)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+
+    async def talk() -> Any:
+        url = "wss://127.0.0.1:%d/ws" % port.getHost().port
+        async with connect(url, ssl=context, ping_interval=None) as ws:
+            await ws.send("over tls")
+            return await ws.recv()
+
+    try:
+        assert await env.loop.run(talk()) == "over tls"
+        await wait_for(reactor, lambda: gateway.tunnels.count == 0)
+    finally:
+        gateway.tunnels.close_all()
+        await port.stopListening()
+        await gateway.close()
