@@ -32,7 +32,7 @@ pinned in tests/test_compat.py.
 from __future__ import annotations
 
 from importlib.util import find_spec
-from typing import Any, List
+from typing import Any, List, Set
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -62,7 +62,9 @@ def alpn_protocols(limits: HttpLimits) -> List[bytes]:
 
 
 def _connection_class() -> Any:
+    from h2.connection import ConnectionState
     from h2.errors import ErrorCodes
+    from h2.exceptions import ProtocolError
     from h2.settings import SettingCodes, Settings
     from twisted.internet.error import ConnectionLost
     from twisted.web._http2 import H2Connection
@@ -86,8 +88,11 @@ def _connection_class() -> Any:
             self._fauth_resets = float(_RESET_BURST)
             self._fauth_reset_time = self._reactor.seconds()
             self._fauth_released = False
+            self._fauth_dead: Set[int] = set()
 
         def _requestAborted(self, event: Any) -> None:
+            if self._closed() or not self._streamIsActive(event.stream_id):
+                return
             now = self._reactor.seconds()
             elapsed = max(0.0, now - self._fauth_reset_time)
             self._fauth_reset_time = now
@@ -111,6 +116,70 @@ def _connection_class() -> Any:
         def dataReceived(self, data: bytes) -> None:
             super().dataReceived(data)
             self._let_tls_close()
+
+        # h2 takes in a whole read before Twisted handles its events one by
+        # one: by the time a request is answered, h2 may have seen its
+        # stream reset, or closed the connection (a flood tripped a limit)
+        # while Twisted still goes through the rest of the events.  Events
+        # after the close are ignored; an answer for a stream h2 already
+        # closed is dropped, where Twisted only expects StreamClosedError.
+
+        def _closed(self) -> bool:
+            return bool(self.conn.state_machine.state == ConnectionState.CLOSED)
+
+        def _requestReceived(self, event: Any) -> None:
+            if not self._closed():
+                super()._requestReceived(event)
+
+        def _requestDataReceived(self, event: Any) -> None:
+            if not self._closed() and self._streamIsActive(event.stream_id):
+                super()._requestDataReceived(event)
+
+        def _requestEnded(self, event: Any) -> None:
+            if not self._closed() and self._streamIsActive(event.stream_id):
+                super()._requestEnded(event)
+
+        def _handleWindowUpdate(self, event: Any) -> None:
+            if not self._closed():
+                super()._handleWindowUpdate(event)
+
+        def _handlePriorityUpdate(self, event: Any) -> None:
+            if not self._closed():
+                super()._handlePriorityUpdate(event)
+
+        def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any, streamID: int) -> None:
+            if streamID in self._fauth_dead or self._closed():
+                return
+            try:
+                super().writeHeaders(version, code, reason, headers, streamID)
+            except ProtocolError:
+                self._dead_stream(streamID)
+
+        def writeDataToStream(self, streamID: int, data: bytes) -> None:
+            if streamID in self._fauth_dead or self._closed():
+                return
+            try:
+                super().writeDataToStream(streamID, data)
+            except ProtocolError:
+                self._dead_stream(streamID)
+
+        def endRequest(self, streamID: int) -> None:
+            if streamID in self._fauth_dead or self._closed():
+                return
+            super().endRequest(streamID)
+
+        def _dead_stream(self, streamID: int) -> None:
+            # Closed on h2's side: nothing more is sent on it, and Twisted's
+            # state for it goes once the write in progress has returned.
+            self._fauth_dead.add(streamID)
+            self._reactor.callLater(0, self._drop_stream, streamID)
+
+        def _drop_stream(self, streamID: int) -> None:
+            self._fauth_dead.discard(streamID)
+            stream = self.streams.get(streamID)
+            if stream is not None:
+                stream.connectionLost(Failure(ConnectionLost("stream closed by the client")))
+                self._requestDone(streamID)
 
         def _let_tls_close(self) -> None:
             # Twisted closes a connection it refuses (a protocol error, a

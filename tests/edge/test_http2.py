@@ -339,3 +339,25 @@ def test_control_frame_flood_from_a_client_that_does_not_read(kind: str) -> None
     frame = PingFrame(0, opaque_data=b"12345678") if kind == "ping" else SettingsFrame(0)
     connection.dataReceived(PREFACE + SettingsFrame(0).serialize() + frame.serialize() * 5000)
     assert transport.disconnecting or getattr(transport, "aborting", False) or transport.disconnected
+
+
+@ensureDeferred
+async def test_rapid_reset_of_complete_requests_closes_the_connection_cleanly(env: Env) -> None:
+    # The classic form: each request complete (END_STREAM) and cancelled at
+    # once.  Requests the client sent behind the one that tripped the limit
+    # are not served on the closed connection, and nothing fails noisily.
+    from fauth.testing import LogCapture
+
+    encoder = Encoder()
+
+    def frames() -> Any:
+        for i in range(2000):
+            stream = 1 + 2 * i
+            yield HeadersFrame(stream, data=_request_block(encoder), flags=["END_HEADERS", "END_STREAM"])
+            yield RstStreamFrame(stream, error_code=8)
+
+    with LogCapture() as logs:
+        how, took = await deferToThread(_flood, env.port_number, frames())
+    assert how.startswith("closed") and took < 10
+    assert not [e for e in logs.events if e.get("log_failure") is not None or e.get("isError")], logs.lines[:5]
+    await _still_serves(env)
