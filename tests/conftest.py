@@ -6,8 +6,8 @@ from typing import Any, List
 
 import pytest
 
-# Modules whose test dependency is CPython-only (setup.cfg): not collected
-# where it is not installed (PyPy), rather than collected and skipped.
+# A module whose test dependency is missing (an install without the test
+# extra) is not collected, rather than collected and skipped.
 collect_ignore: List[str] = []
 if find_spec("websockets") is None:
     collect_ignore.append("upstream/test_websocket.py")
