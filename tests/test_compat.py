@@ -40,6 +40,13 @@ from fauth.wire.agent import BytesBody, NoCookies, PreEncodedURL, PreparedHeader
         (http, "_ChunkedTransferDecoder"),
         (http, "_MalformedChunkedDataError"),
         (http._ChunkedTransferDecoder, "_dataReceived_CHUNK_LENGTH"),
+        # fauth.upstream.tunnel: taking the client's transport over from the
+        # channel after a 101 (the hook twisted.web.websocket uses), and the
+        # bytes the channel buffered while the request was handled
+        (http.HTTPChannel, "_protocolUpgradeForWebsockets"),
+        # fauth.edge.h2: Twisted's ALPN switch, redone to build the hardened
+        # HTTP/2 connection
+        (http, "_GenericHTTPChannelProtocol"),
         # fauth.wire.connection, fauth.wire.transport: the errors a client connection
         # fails with
         (_newclient, "_DataLoss"),
@@ -145,3 +152,36 @@ def test_treq_and_twisted_wrappers_keep_what_they_wrap_as_original() -> None:
     response = Response()
     assert _Response(response, NoCookies()).original is response
     assert client.GzipDecoder(response).original is response
+
+
+def test_the_channel_buffers_bytes_after_a_request_in_data_buffer() -> None:
+    # fauth.upstream.tunnel passes on what a client sent after its upgrade
+    # request, before the takeover, from this list.
+    channel = http.HTTPChannel()
+    assert channel._dataBuffer == []
+
+
+def test_the_generic_channel_keeps_what_the_http2_switch_reads() -> None:
+    # fauth.edge.h2.NegotiatingChannel.dataReceived reads these, as Twisted's
+    # own switch does, after the factory set them through the properties.
+    protocol = http._GenericHTTPChannelProtocol(http.HTTPChannel())
+    protocol.requestFactory = http.Request
+    protocol.site = "site"
+    protocol.factory = "factory"
+    protocol.timeOut = 5
+    protocol.callLater = "callLater"
+    assert protocol._negotiatedProtocol is None
+    assert (protocol._requestFactory, protocol._site, protocol._factory) == (http.Request, "site", "factory")
+    assert (protocol._timeOut, protocol._callLater) == (5, "callLater")
+    assert isinstance(protocol._channel, http.HTTPChannel)
+    assert "_networkProducer" in http.HTTPChannel.connectionMade.__code__.co_names
+
+
+def test_the_http2_connection_has_what_the_hardened_one_overrides() -> None:
+    pytest.importorskip("h2")
+    from twisted.web._http2 import H2Connection
+
+    for name in ("_requestAborted", "_requestDone", "forceAbortClient", "abortTimeout", "_abortingCall"):
+        assert hasattr(H2Connection, name), name
+    connection = H2Connection(Clock())
+    assert connection.conn.decoder is not None and hasattr(connection.conn, "local_settings")

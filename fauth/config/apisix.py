@@ -395,6 +395,8 @@ def parse_route(
         raise _prop("status", "matches none of the enum values")
     name = doc.get("name", "")
     check_type("name", name, "string")
+    enable_websocket = doc.get("enable_websocket", False)
+    check_type("enable_websocket", enable_websocket, "boolean")
     plugins = doc.get("plugins", {})
     if plugins == []:
         plugins = {}
@@ -438,5 +440,6 @@ def parse_route(
         priority=priority,
         forward_auth=forward_auth,
         enabled=status == 1,
+        enable_websocket=bool(enable_websocket),
         source=doc,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from importlib.util import find_spec
 from typing import Mapping, Optional
 
 import attr
@@ -122,6 +123,13 @@ def parse_config(doc: object, environ: Optional[Mapping[str, str]] = None) -> Ga
         for k, v in h.items():
             if k not in attr.fields_dict(HttpLimits) or k == "client_max_body_size":
                 raise ConfigError('config: http: unknown key "%s"' % k)
+            if k == "http2":
+                if not isinstance(v, bool):
+                    raise ConfigError('config: http: property "http2" must be a boolean')
+                if v and find_spec("h2") is None:
+                    raise ConfigError('config: http: "http2" needs the h2 package (pip install "twisted[http2]")')
+                values[k] = v
+                continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
                 raise ConfigError('config: http: property "%s" must be a positive number' % k)
             if attr.fields_dict(HttpLimits)[k].type in (int, "int") and not isinstance(v, int):

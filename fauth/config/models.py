@@ -111,7 +111,13 @@ class UpstreamConf:
 
 @attr.frozen
 class RouteConf:
-    """A validated route."""
+    """
+    A validated route.
+
+    @ivar enable_websocket: an C{Upgrade: websocket} request is tunnelled to
+        the upstream (L{fauth.upstream.tunnel}) instead of having its
+        C{Upgrade} and C{Connection} headers dropped.
+    """
 
     id: str
     uris: Tuple[str, ...]
@@ -122,6 +128,7 @@ class RouteConf:
     priority: int = 0
     forward_auth: Optional[ForwardAuthConf] = None
     enabled: bool = True
+    enable_websocket: bool = False
     source: Mapping[str, Any] = attr.field(factory=dict, eq=False, repr=False)
 
 
@@ -142,6 +149,10 @@ class HttpLimits:
         body; then 408.
     @ivar client_max_body_size: bytes a request body may have, 0 for no
         limit; more get 413 (the top-level key of that name, APISIX's).
+    @ivar http2: offer HTTP/2 (ALPN C{h2}) on C{ssl:} listeners
+        (L{fauth.edge.h2}; needs the C{h2} package).
+    @ivar max_concurrent_streams: HTTP/2 streams one connection may have
+        open at once; more closes the connection.
     """
 
     idle_timeout: float = 60.0
@@ -151,6 +162,8 @@ class HttpLimits:
     header_timeout: float = 10.0
     body_timeout: float = 60.0
     client_max_body_size: int = 0
+    http2: bool = False
+    max_concurrent_streams: int = 100
 
 
 @attr.frozen

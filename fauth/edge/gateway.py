@@ -18,6 +18,7 @@ from fauth.auth.forward import ForwardAuth
 from fauth.auth.client import AuthCallError, AuthClient, AuthTarget
 from fauth.config import ForwardAuthConf, GatewayConf, RouteConf, UpstreamConf
 from fauth.upstream.proxy import UpstreamProxy
+from fauth.upstream.tunnel import Tunnels
 from fauth.routing.table import RouteTable
 from fauth.wire.pool import StrictConnectionPool
 
@@ -129,6 +130,7 @@ class Gateway:
         L{fauth.testing.StubAuthService.clients}); by default built here.
 
     @ivar table: the current L{RouteTable}; replaced, never mutated.
+    @ivar tunnels: the open WebSocket tunnels (routes with C{enable_websocket}).
     """
 
     def __init__(
@@ -142,6 +144,7 @@ class Gateway:
         self._trust_root = load_trust_root(conf.ssl_trusted_certificate)
         self.auth_clients = auth_clients or AuthClients(reactor, self._trust_root, pool)
         self.upstream_pool = StrictConnectionPool(reactor, cachedConnectionTimeout=60.0)
+        self.tunnels = Tunnels(reactor)
         self.conf = conf
         # Decision caches by (route id, forward-auth conf): a rebuilt route
         # whose forward-auth is unchanged keeps its decisions; one whose

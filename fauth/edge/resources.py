@@ -25,12 +25,14 @@ from fauth.config import ForwardAuthConf, HttpLimits, RouteConf, parse_forward_a
 from fauth.edge.drain import InFlight
 from fauth.edge.gateway import AuthClients, Gateway
 from fauth.edge.request import BodySink, HardenedRequest
+from fauth.edge.h2 import NegotiatingChannel, alpn_protocols
 from fauth.edge.server import HardenedSite
 from fauth.request.inbound import BadRequest, InboundRequest
 from fauth.request.lifecycle import when_finished
 from fauth.observe.exchange import Exchange
 from fauth.observe.metrics import GatewayMetrics
 from fauth.request.replies import send_simple
+from fauth.upstream.tunnel import wants_upgrade
 
 __all__ = ["ForwardAuthResource", "GatewayResource", "GatewayRequest", "GatewaySite"]
 
@@ -100,6 +102,18 @@ class GatewaySite(HardenedSite):
 
     def log(self, request: Any) -> None:
         pass
+
+    # -- HTTP/2 hook (fauth.edge.h2): on when the http section says http2: true
+
+    def acceptableProtocols(self) -> list:
+        return alpn_protocols(self.limits)
+
+    def protocol(self) -> Any:
+        if self.limits.http2:
+            return NegotiatingChannel(self.limits, self.reactor)
+        return super().protocol()
+
+    # -- end of hook
 
 
 def write_respond(request: Any, decision: Respond) -> None:
@@ -251,8 +265,15 @@ class GatewayResource(Resource):
             return server.NOT_DONE_YET
         if exchange is not None:
             exchange.routed(route.conf.id)
+        # -- WebSocket hook: an upgrade on an enable_websocket route is tunnelled
+        if route.conf.enable_websocket and wants_upgrade(request):
+            tunnels, upstream = self._gateway.tunnels, route.upstream
+            forward = lambda: tunnels.forward(upstream, request, inbound, exchange)  # noqa: E731
+        else:
+            forward = lambda: route.upstream.forward(request, inbound, exchange)  # noqa: E731
+        # -- end of hook
         if route.auth is None:
-            route.upstream.forward(request, inbound, exchange)
+            forward()
             return server.NOT_DONE_YET
         auth = route.auth
 
@@ -261,7 +282,7 @@ class GatewayResource(Resource):
                 auth,
                 request,
                 inbound,
-                lambda: route.upstream.forward(request, inbound, exchange),
+                forward,
                 route.conf,
                 exchange,
             )

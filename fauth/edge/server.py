@@ -645,6 +645,10 @@ class HardenedSite(server.Site):
         super().__init__(resource, timeout=limits.idle_timeout, **kwargs)
         self.limits = limits
 
+    def acceptableProtocols(self) -> list:
+        """ALPN: HTTP/1.1 only (Twisted's L{Site} offers h2 whenever h2 is installed; this channel is not h2)."""
+        return [b"http/1.1"]
+
     # Twisted declares Factory.protocol as a class; buildProtocol only calls it.
     def protocol(self) -> HardenedHTTPChannel:  # type: ignore[override]
         """Called by C{Factory.buildProtocol}: a channel with this site's limits."""

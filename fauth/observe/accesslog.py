@@ -167,6 +167,11 @@ class AccessLog:
                 _string(getattr(request.getClientAddress(), "host", None)),
             )
         ).encode("ascii")
+        tunnel_up = getattr(exchange, "tunnel_up", None)  # test doubles may lack it
+        if tunnel_up is not None:
+            # A WebSocket tunnel, logged when it closed: "bytes" went to the
+            # client, "bytes_up" to the upstream, "duration_ms" is its life.
+            line = line[:-2] + b',"upgrade":"websocket","bytes_up":%d}\n' % tunnel_up
         self._pending.append(line)
         self._pending_size += len(line)
         if self._stdout or self._pending_size >= FLUSH_BYTES:

@@ -87,9 +87,11 @@ class RouteMetrics:
     @ivar decisions: auth decisions per outcome (see L{OUTCOMES}).
     @ivar cache: decisions of a route with C{cache} by how the cache made
         them (see L{CACHE_RESULTS}).
+    @ivar upgrades: WebSocket upgrades the upstream accepted (101).
+    @ivar tunnels: WebSocket tunnels open now.
     """
 
-    __slots__ = ("route", "statuses", "decisions", "cache", "auth", "upstream")
+    __slots__ = ("route", "statuses", "decisions", "cache", "auth", "upstream", "upgrades", "tunnels")
 
     def __init__(self, route: str) -> None:
         self.route = route
@@ -98,6 +100,8 @@ class RouteMetrics:
         self.cache: Dict[str, int] = dict.fromkeys(CACHE_RESULTS, 0)
         self.auth = Histogram()
         self.upstream = Histogram()
+        self.upgrades = 0
+        self.tunnels = 0
 
 
 class ExchangeLog(Protocol):
@@ -129,7 +133,7 @@ class Exchange:
     """
 
     __slots__ = (
-        "request", "route", "decision", "auth_s", "upstream_s",
+        "request", "route", "decision", "auth_s", "upstream_s", "tunnel_up",
         "_metrics", "_clock", "_start", "_auth_start", "_upstream_start",
     )
 
@@ -142,6 +146,9 @@ class Exchange:
         self.decision: Optional["Decision"] = None
         self.auth_s: Optional[float] = None
         self.upstream_s: Optional[float] = None
+        # Bytes from the client to the upstream through a WebSocket tunnel,
+        # once it closed (the other way is the request's sentLength).
+        self.tunnel_up: Optional[int] = None
         when_finished(request, self._finished)
 
     @property
@@ -182,6 +189,16 @@ class Exchange:
     def upstream_failed(self) -> None:
         """The upstream leg failed (502/504): timed for the log, not observed."""
         self.upstream_s = self._clock() - self._upstream_start
+
+    def tunnel_opened(self) -> None:
+        """A 101 was relayed: the request is now a WebSocket tunnel."""
+        self.route.upgrades += 1
+        self.route.tunnels += 1
+
+    def tunnel_closed(self, bytes_up: int, bytes_down: int) -> None:
+        """The tunnel closed after C{bytes_up} bytes to the upstream and C{bytes_down} back."""
+        self.route.tunnels -= 1
+        self.tunnel_up = bytes_up
 
     def _finished(self, reason: Optional[Failure]) -> None:
         request = self.request

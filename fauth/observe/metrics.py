@@ -185,6 +185,21 @@ class GatewayCollector:
         yield auth
         yield upstream
 
+        upgrades = CounterMetricFamily(
+            "fauth_websocket_upgrades",
+            "WebSocket upgrades the upstream accepted (101 relayed), by route.",
+            labels=["route"],
+        )
+        tunnels = GaugeMetricFamily(
+            "fauth_websocket_tunnels", "WebSocket tunnels open now, by route.", labels=["route"]
+        )
+        for r in everything[1:]:
+            if r.upgrades:
+                upgrades.add_metric([r.route], r.upgrades)
+                tunnels.add_metric([r.route], r.tunnels)
+        yield upgrades
+        yield tunnels
+
         pools = GaugeMetricFamily(
             "fauth_pool_connections",
             "Connections to auth services and upstream nodes per target: idle (pooled for reuse) "

@@ -222,6 +222,8 @@ class GatewayService(MultiService):
 
             def timed_out(failure: Failure) -> bool:
                 failure.trap(CancelledError, TimeoutError)
+                # WebSocket tunnels have no end of their own: the grace is theirs.
+                self.gateway.tunnels.close_all()
                 return False
 
             return idle.addCallbacks(lambda _: True, timed_out)

@@ -285,6 +285,21 @@ class UpstreamProxy:
         content.seek(0)
         return None, FileUpload(content, size)
 
+    # -- hook for fauth.upstream.tunnel (WebSocket) ---------------------------
+
+    def tunnel_target(self, request: Any, inbound: InboundRequest) -> Tuple[Any, bytes, str]:
+        """
+        The next node for an upgrade, never through the pool: its endpoint,
+        the request head (hop-by-hop fields dropped, as for any request; the
+        tunnel adds its own C{Upgrade} and C{Connection}) and its netloc.
+        """
+        node = self._balancer.pick()
+        host, netloc = self._wire[node]
+        endpoint = self._connector.endpoint(self._scheme, host, node.port)[1]
+        return endpoint, self._head(request, inbound, netloc, None), node.netloc
+
+    # -- end of hook -----------------------------------------------------------
+
     def forward(self, request: Any, inbound: InboundRequest, exchange: Any = None) -> None:
         """
         Proxy C{request} to the next node and stream the answer back.

@@ -417,3 +417,39 @@ def test_client_max_body_size_refuses_other_values(value: Any) -> None:
 
 def test_client_max_body_size_is_top_level_only() -> None:
     assert 'unknown key "client_max_body_size"' in refusal(_doc(_route(), http={"client_max_body_size": 1}))
+
+
+def test_enable_websocket_is_a_boolean_of_the_route() -> None:
+    from fauth.config.apisix import parse_route
+    from fauth.config.schema import SchemaError
+
+    base = {"id": "1", "uri": "/ws", "upstream": {"nodes": {"127.0.0.1:1980": 1}}}
+    assert parse_route(dict(base), {}).enable_websocket is False
+    assert parse_route(dict(base, enable_websocket=True), {}).enable_websocket is True
+    with pytest.raises(SchemaError, match='property "enable_websocket" validation failed: wrong type: expected boolean'):
+        parse_route(dict(base, enable_websocket="yes"), {})
+
+
+def test_http2_is_a_boolean_off_by_default_and_streams_a_positive_integer() -> None:
+    assert parse_config({"routes": []}).http.http2 is False
+    conf = parse_config({"routes": [], "http": {"http2": True, "max_concurrent_streams": 50}})
+    assert (conf.http.http2, conf.http.max_concurrent_streams) == (True, 50)
+    assert refusal({"routes": [], "http": {"http2": 1}}) == 'config: http: property "http2" must be a boolean'
+    assert refusal({"routes": [], "http": {"max_concurrent_streams": 1.5}}) == (
+        'config: http: property "max_concurrent_streams" must be a positive integer'
+    )
+
+
+def test_a_hardened_site_alone_offers_http11_only_over_alpn() -> None:
+    # Twisted's Site offers h2 whenever h2 is installed; the hardened
+    # channel is HTTP/1.1 only, and the gateway's site offers h2 only when
+    # http2 is on.
+    from twisted.web.resource import Resource
+
+    from fauth.config import HttpLimits
+    from fauth.edge.resources import GatewaySite
+    from fauth.edge.server import HardenedSite
+
+    assert HardenedSite(Resource()).acceptableProtocols() == [b"http/1.1"]
+    assert GatewaySite(Resource()).acceptableProtocols() == [b"http/1.1"]
+    assert GatewaySite(Resource(), HttpLimits(http2=True)).acceptableProtocols() == [b"h2", b"http/1.1"]
