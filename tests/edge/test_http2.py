@@ -8,7 +8,6 @@ leaves the others alone.
 """
 from __future__ import annotations
 
-import datetime
 import socket
 import ssl
 import time
@@ -25,6 +24,7 @@ from fauth.edge.gateway import Gateway
 from fauth.edge.resources import GatewayResource, GatewaySite
 from fauth.testing import StubAuthService
 from tests.servers import listen_on_loopback
+from tests.tls import self_signed
 
 h2 = pytest.importorskip("h2")  # installed by the test extra everywhere (twisted[http2])
 import httpx  # noqa: E402
@@ -41,32 +41,6 @@ from hyperframe.frame import (  # noqa: E402
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
-def _self_signed(tmp_path: Any) -> Tuple[str, str]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    key_path, cert_path = tmp_path / "key.pem", tmp_path / "cert.pem"
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return str(key_path), str(cert_path)
 
 
 class Echo(Resource):
@@ -113,7 +87,7 @@ async def _start(reactor: Any, tmp_path: Any, http: Optional[dict] = None) -> En
     )
     gateway = Gateway(reactor, conf, auth_clients=auth.clients())
     site = GatewaySite(GatewayResource(gateway), conf.http, reactor=reactor)
-    key, cert = _self_signed(tmp_path)
+    key, cert = self_signed(tmp_path)
     port = await serverFromString(
         reactor, "ssl:0:interface=127.0.0.1:privateKey=%s:certKey=%s" % (key, cert)
     ).listen(site)

@@ -10,8 +10,6 @@ against C{/proc/<pid>/fd}).  Linux only.
 """
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import os
 import re
@@ -35,6 +33,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from fauth.config import ConfigError, parse_config
 from tests.adminenv import KEY, REPO_ROOT, TWISTD, Marker, Slow, accepts, free_ports, subprocess_env, write_config
 from tests.servers import listen_on_loopback
+from tests.tls import self_signed
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/proc/net/tcp"), reason="reads worker connections from /proc (Linux)"
@@ -605,32 +604,6 @@ async def test_reloads_and_admin_changes_reach_every_worker_and_sigterm_drains(
 # --- UNIX, TLS and IPv6 listeners -------------------------------------------------------
 
 
-def _self_signed(tmp_path: Any) -> Tuple[str, str]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .sign(key, hashes.SHA256())
-    )
-    key_path, cert_path = str(tmp_path / "key.pem"), str(tmp_path / "cert.pem")
-    with open(key_path, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    with open(cert_path, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path
 
 
 def _http_get(sock: Any, host: str = "localhost") -> Tuple[int, Dict[str, Any]]:
@@ -673,7 +646,7 @@ def test_unix_tls_ipv6_and_systemd_listeners_are_shared(tmp_path: Any) -> None:
     """
     tls_port, v6_port, auth_port, upstream_port = free_ports(4)
     unix_path = str(tmp_path / "fauth.sock")
-    key_path, cert_path = _self_signed(tmp_path)
+    key_path, cert_path = self_signed(tmp_path)
     listen = [
         "unix:%s:mode=600" % unix_path,
         "ssl:%d:interface=127.0.0.1:privateKey=%s:certKey=%s" % (tls_port, key_path, cert_path),

@@ -626,9 +626,9 @@ async def test_wss_on_a_tls_listener_with_http2_on(env: Env, reactor: Any, tmp_p
 
     from twisted.internet.endpoints import serverFromString
 
-    from tests.edge.test_http2 import _self_signed
+    from tests.tls import self_signed
 
-    key, cert = _self_signed(tmp_path)
+    key, cert = self_signed(tmp_path)
     conf = parse_config(
         {
             "http": {"http2": True},
