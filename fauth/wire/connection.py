@@ -127,8 +127,34 @@ class ClientRequest:
         self.bodyProducer = upload if upload is not None else body
 
 
+class _Upload:
+    """
+    What both kinds of request body share: written to one transport as its
+    push producer, C{done} once complete or stopped, and a C{failed}
+    callback for a body that breaks off.
+    """
+
+    def __init__(self) -> None:
+        self._transport: Any = None
+        self._failed: Optional[Callable[[Failure], None]] = None
+        self.done = False
+
+    def _finish(self) -> None:
+        if not self.done:
+            self.done = True
+            transport, self._transport = self._transport, None
+            if transport is not None:
+                transport.unregisterProducer()
+
+    def _give_up(self, failure: Failure) -> None:
+        failed = self._failed
+        self._finish()
+        if failed is not None:
+            failed(failure)
+
+
 @implementer(IPushProducer)
-class FileUpload:
+class FileUpload(_Upload):
     """
     A request body the server spooled to a file, written with backpressure:
     it is the transport's push producer, so the transport pauses it when its
@@ -139,13 +165,11 @@ class FileUpload:
     chunk_size = 64 * 1024
 
     def __init__(self, source: Any, length: int) -> None:
+        super().__init__()
         self._source = source
         self.length = length
         self._remaining = length
         self._paused = False
-        self._transport: Optional[_Wire] = None
-        self._failed: Optional[Callable[[Failure], None]] = None
-        self.done = False
 
     def start(self, transport: _Wire, failed: Callable[[Failure], None]) -> None:
         """Write to C{transport}; C{failed} is told if the file cannot be read to its length."""
@@ -178,18 +202,6 @@ class FileUpload:
         """Stop writing (the answer came early, or the connection is gone)."""
         self._finish()
 
-    def _finish(self) -> None:
-        if not self.done:
-            self.done = True
-            transport, self._transport = self._transport, None
-            if transport is not None:
-                transport.unregisterProducer()
-
-    def _give_up(self, failure: Failure) -> None:
-        self._finish()
-        if self._failed is not None:
-            self._failed(failure)
-
 
 class BodySource(TypingProtocol):
     """Where a L{StreamUpload}'s body comes from (the client's request)."""
@@ -209,7 +221,7 @@ class UploadAborted(Exception):
 
 
 @implementer(IPushProducer)
-class StreamUpload:
+class StreamUpload(_Upload):
     """
     A request body passed on as it arrives from the client, with
     backpressure both ways: it is the upstream transport's push producer
@@ -222,14 +234,12 @@ class StreamUpload:
     """
 
     def __init__(self, length: Optional[int], source: BodySource) -> None:
+        super().__init__()
         self.length = length
         self._chunked = length is None
         self._source = source
-        self._transport: Any = None
-        self._failed: Optional[Callable[[Failure], None]] = None
         self._pending: List[bytes] = []
         self._ended = False
-        self.done = False
 
     def start(self, transport: Any, failed: Callable[[Failure], None]) -> None:
         """Write to C{transport} (the head is out); C{failed} is told if the client's body breaks off."""
@@ -263,12 +273,8 @@ class StreamUpload:
 
     def body_abort(self) -> None:
         """The client's body breaks off: the upstream exchange cannot be completed."""
-        if self.done:
-            return
-        failed = self._failed
-        self._finish()
-        if failed is not None:
-            failed(Failure(UploadAborted("request body refused by the gateway")))
+        if not self.done:
+            self._give_up(Failure(UploadAborted("request body refused by the gateway")))
 
     def _write(self, data: bytes) -> None:
         if self._chunked:
@@ -282,13 +288,6 @@ class StreamUpload:
         if self._chunked:
             self._transport.write(b"0\r\n\r\n")
         self._finish()
-
-    def _finish(self) -> None:
-        if not self.done:
-            self.done = True
-            transport, self._transport = self._transport, None
-            if transport is not None:
-                transport.unregisterProducer()
 
     # -- IPushProducer, for the upstream transport
 
