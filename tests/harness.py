@@ -4,7 +4,8 @@ a log capture, for tests that use real sockets.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List
+import json
+from typing import Any, Dict, List, Optional
 
 import attr
 from twisted.internet.defer import Deferred
@@ -14,6 +15,8 @@ from twisted.internet.protocol import Factory, Protocol
 from fauth.config import GatewayConf, parse_config
 from fauth.edge.gateway import Gateway
 from fauth.edge.resources import GatewayResource, GatewaySite
+from fauth.observe.accesslog import AccessLog
+from fauth.observe.metrics import GatewayMetrics
 from fauth.testing import LogCapture
 
 __all__ = ["GatewayUnderTest", "LogCapture", "outcome", "raw_request", "start_gateway"]
@@ -26,6 +29,19 @@ class GatewayUnderTest:
     port: Any
     gateway: Gateway
     site: GatewaySite
+    metrics: Optional[GatewayMetrics] = None
+
+    def decisions(self, route: str = "1") -> Dict[str, int]:
+        """The route's auth decisions by outcome, as C{/metrics} counts them (needs C{access_log})."""
+        assert self.metrics is not None
+        return {k: v for k, v in self.metrics.route(route).decisions.items() if v}
+
+    def log_lines(self) -> List[Dict[str, Any]]:
+        """The access log's lines so far (needs C{access_log})."""
+        assert self.metrics is not None and self.metrics.access_log is not None
+        self.metrics.access_log.flush()
+        with open(self.metrics.access_log.path) as f:
+            return [json.loads(line) for line in f]
 
     @property
     def port_number(self) -> int:
@@ -39,16 +55,21 @@ class GatewayUnderTest:
         await self.gateway.close()
 
 
-async def start_gateway(reactor: Any, doc: Dict[str, Any]) -> GatewayUnderTest:
+async def start_gateway(reactor: Any, doc: Dict[str, Any], access_log: Optional[str] = None) -> GatewayUnderTest:
     """
     Validate C{doc} as a config document (its C{listen} is ignored) and serve
-    it on 127.0.0.1 at a free port.
+    it on 127.0.0.1 at a free port; with C{access_log} (a path), counted in
+    metrics and logged there.
     """
     conf: GatewayConf = parse_config(dict(doc, listen=["tcp:0"]))
     gateway = Gateway(reactor, conf)
-    site = GatewaySite(GatewayResource(gateway), conf.http, reactor=reactor)
+    metrics = None
+    if access_log is not None:
+        metrics = GatewayMetrics(gateway)
+        metrics.access_log = AccessLog(access_log, conf.access_log_user_header)
+    site = GatewaySite(GatewayResource(gateway, metrics), conf.http, reactor=reactor)
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
-    return GatewayUnderTest(port, gateway, site)
+    return GatewayUnderTest(port, gateway, site, metrics)
 
 
 class _Collect(Protocol):

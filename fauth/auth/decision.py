@@ -81,8 +81,10 @@ class Respond:
     status: int
     headers: Tuple[Tuple[bytes, Tuple[bytes, ...]], ...] = ()
     body: bytes = b""
-    #: C{deny} (the auth service's answer), C{error} (C{status_on_error}) or
-    #: C{rejected} (413, no auth call); for metrics and the access log.
+    #: C{deny} (the auth service's answer), C{redirect} (that answer turned
+    #: into a sign-in redirect, L{fauth.auth.signin}), C{error}
+    #: (C{status_on_error}) or C{rejected} (413, no auth call); for metrics
+    #: and the access log.
     outcome: str = attr.field(default="deny", eq=False)
     cache: Optional[str] = attr.field(default=None, eq=False)
 

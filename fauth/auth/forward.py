@@ -19,6 +19,7 @@ from fauth.auth.cache import DecisionCache, lifetime
 from fauth.auth.client import AuthCallError, AuthClient, Reply
 from fauth.auth.coalesce import Flight, Outcome
 from fauth.auth.decision import Allow, Decision, Degrade, Respond
+from fauth.auth.signin import SigninRedirect
 from fauth.wire.transport import describe_failure, is_cancellation
 from fauth.config import ForwardAuthConf, RouteConf
 from fauth.wire.headers import CTL, HOP_BY_HOP, TOKEN, HeaderError, first_value
@@ -78,6 +79,7 @@ class ForwardAuth:
         self._upstream_headers = tuple(n.encode("utf-8") for n in conf.upstream_headers)
         self._client_headers = tuple(n.encode("utf-8") for n in conf.client_headers)
         self._host_header = client.host_header
+        self._signin = None if conf.signin_redirect is None else SigninRedirect(conf.signin_redirect)
         #: The auth request carries the body (POST), or a variable read from
         #: it ($post_arg): the body must be read before the call.
         self.needs_body = self._post or any(
@@ -143,6 +145,14 @@ class ForwardAuth:
         transport errors included, is a L{Decision}.  Cancelling the result
         cancels the auth call.
         """
+        decided = self._decide(inbound, route)
+        if self._signin is not None:
+            # After the cache: a stored denial is the same for everyone, its
+            # redirect carries this request's own URL.
+            decided.addCallback(self._signin.apply, inbound)
+        return decided
+
+    def _decide(self, inbound: InboundRequest, route: Optional[RouteConf]) -> "Deferred[Decision]":
         body: Optional[bytes] = None
         if self._post:
             too_big = self._body_too_big(inbound)

@@ -17,6 +17,7 @@ from fauth.config.models import (
     HttpLimits,
     Node,
     RouteConf,
+    SigninConf,
     UpstreamConf,
     UpstreamTimeouts,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "Node",
     "RouteConf",
     "SchemaError",
+    "SigninConf",
     "UpstreamConf",
     "UpstreamTimeouts",
     "load_config",

@@ -25,6 +25,7 @@ from fauth.config.schema import (
     security_warnings,
     type_mismatch,
 )
+from fauth.config.extensions import extension, parse_signin_redirect
 from fauth.config.templates import compile_template
 
 __all__ = [
@@ -114,12 +115,6 @@ def parse_forward_auth(conf: object) -> ForwardAuthConf:
     if isinstance(meta, dict) and meta.get("error_response") is not None:
         er = meta["error_response"]
         error_response = er if isinstance(er, str) else json.dumps(er, separators=(",", ":"))
-    cache = None
-    if "cache" in checked:
-        try:
-            cache = parse_cache(checked["cache"])
-        except SchemaError as e:
-            raise _prop("cache", str(e))
     return ForwardAuthConf(
         uri=_checked(checked, "uri", str),
         ssl_verify=_checked(checked, "ssl_verify", bool),
@@ -136,8 +131,9 @@ def parse_forward_auth(conf: object) -> ForwardAuthConf:
         allow_degradation=_checked(checked, "allow_degradation", bool),
         status_on_error=_checked(checked, "status_on_error", int),
         error_response=error_response,
-        cache=cache,
+        cache=extension(checked, "cache", parse_cache),
         warnings=tuple(warnings),
+        signin_redirect=extension(checked, "signin_redirect", parse_signin_redirect),
     )
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "HttpLimits",
     "Node",
     "RouteConf",
+    "SigninConf",
     "UpstreamConf",
     "UpstreamTimeouts",
 ]
@@ -49,6 +50,24 @@ class CacheConf:
 
 
 @attr.frozen
+class SigninConf:
+    """
+    The C{signin_redirect} object inside C{forward-auth} (fauth's own):
+    chosen denials become a redirect to a sign-in page, for browsers.
+
+    @ivar uri: the sign-in URL (absolute, or a path on the client's host).
+    @ivar param: the query parameter that carries the original URL.
+    @ivar statuses: the auth answers that redirect.
+    @ivar status: the redirect's status.
+    """
+
+    uri: str
+    param: str = "rd"
+    statuses: Tuple[int, ...] = (401,)
+    status: int = 302
+
+
+@attr.frozen
 class ForwardAuthConf:
     """One validated C{forward-auth} plugin instance (defaults filled in)."""
 
@@ -69,6 +88,8 @@ class ForwardAuthConf:
     error_response: Optional[str] = None
     #: Off (C{None}) unless the object has a C{cache} section.
     cache: Optional[CacheConf] = None
+    #: Off (C{None}) unless the object has a C{signin_redirect} section.
+    signin_redirect: Optional[SigninConf] = None
     warnings: Tuple[str, ...] = attr.field(default=(), eq=False)
 
 

@@ -39,7 +39,7 @@ DURATION_BUCKETS: Tuple[float, ...] = (
 _BUCKET_LABELS = tuple(floatToGoString(b) for b in DURATION_BUCKETS) + ("+Inf",)
 
 #: Values of the C{outcome} label of C{fauth_auth_decisions_total}.
-OUTCOMES = ("allow", "deny", "error", "degraded", "rejected")
+OUTCOMES = ("allow", "deny", "redirect", "error", "degraded", "rejected")
 
 #: Values of the C{result} label of C{fauth_auth_cache_total}, and of a
 #: decision's C{cache}: C{hit} (a stored decision), C{miss} (the auth

@@ -99,8 +99,11 @@ class Env:
             doc["ssl_trusted_certificate"] = trusted
         return doc
 
-    async def gateway(self, auth_uri: str, trusted: Optional[str] = None, **plugin: Any) -> GatewayUnderTest:
-        gw = await start_gateway(self.reactor, self.doc(auth_uri, trusted, **plugin))
+    async def gateway(
+        self, auth_uri: str, trusted: Optional[str] = None, access_log: Optional[str] = None, **plugin: Any
+    ) -> GatewayUnderTest:
+        """A gateway whose route "1" (C{/hello}) has these C{forward-auth} attributes; see L{start_gateway}."""
+        gw = await start_gateway(self.reactor, self.doc(auth_uri, trusted, **plugin), access_log)
         self._cleanups.append(gw.stop)
         return gw
 

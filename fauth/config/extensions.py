@@ -1,0 +1,103 @@
+# -*- test-case-name: tests.auth.test_signin -*-
+"""
+fauth's own C{forward-auth} attributes beyond APISIX's (APISIX ignores
+unknown keys, so a route using them stays portable), validated in the same
+wording.  Unlike the plugin object, their objects refuse unknown keys: a
+misspelt one would silently change who gets through.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Mapping, Optional, TypeVar
+
+from fauth.config.models import SigninConf
+from fauth.config.schema import (
+    SchemaError,
+    check_enum,
+    check_integer,
+    check_type,
+    is_object,
+    property_error,
+    type_mismatch,
+)
+
+__all__ = ["REDIRECT_STATUSES", "extension", "parse_signin_redirect"]
+
+_T = TypeVar("_T")
+
+#: What C{signin_redirect.status} may be.
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+
+_SIGNIN_KEYS = ("uri", "param", "statuses", "status")
+# A URL a Location header can carry as it is: visible ASCII, and either a
+# path on the client's host or an http(s) URL.
+_SIGNIN_URI = re.compile(r"(?:/|https?://[^/?#\s]+(?:[/?]|\Z))[\x21-\x7e]*\Z")
+# RFC 3986 unreserved characters: the parameter's name needs no encoding.
+_PARAM = re.compile(r"[A-Za-z0-9._~-]+\Z")
+
+
+def _object(doc: object, allowed: tuple) -> Mapping[str, object]:
+    """A fauth object with only C{allowed} keys (an empty array passes, as in Lua)."""
+    if not is_object(doc):
+        raise SchemaError(type_mismatch(doc, "object"))
+    if not isinstance(doc, Mapping):
+        return {}
+    for name in doc:
+        if name not in allowed:
+            raise SchemaError("additional properties forbidden, found %s" % name)
+    return doc
+
+
+def parse_signin_redirect(doc: object) -> SigninConf:
+    """
+    Validate the C{signin_redirect} object.
+
+    @raise SchemaError: what is wrong, without the C{property "signin_redirect"} prefix.
+    """
+    conf = _object(doc, _SIGNIN_KEYS)
+    if "uri" not in conf:
+        raise SchemaError('property "uri" is required')
+    uri = check_type("uri", conf["uri"], "string")
+    assert isinstance(uri, str)
+    if _SIGNIN_URI.match(uri) is None or "#" in uri:
+        raise property_error(
+            "uri", 'expected "%s" to be a path or an http(s) URL of visible ASCII, without a fragment'
+            % uri.encode("unicode_escape").decode("ascii")
+        )
+    param = check_type("param", conf.get("param", "rd"), "string")
+    assert isinstance(param, str)
+    if _PARAM.match(param) is None:
+        raise property_error("param", 'expected "%s" to be letters, digits, "-", ".", "_" or "~"'
+                             % param.encode("unicode_escape").decode("ascii"))
+    statuses = check_type("statuses", conf.get("statuses", [401]), "array")
+    assert isinstance(statuses, (list, tuple))
+    if not statuses:
+        raise property_error("statuses", "expect array to have at least 1 items")
+    chosen = []
+    for index, item in enumerate(statuses, 1):
+        try:
+            chosen.append(check_integer("statuses", item, 300, 599))
+        except SchemaError as e:
+            raise property_error("statuses", "failed to validate item %d: %s" % (index, _detail(e)))
+    status = check_integer("status", conf.get("status", 302))
+    check_enum("status", status, REDIRECT_STATUSES)
+    return SigninConf(uri=uri, param=param, statuses=tuple(chosen), status=status)
+
+
+def _detail(error: SchemaError) -> str:
+    """The validator text of C{error}, without its C{property "x" validation failed:} prefix."""
+    return str(error).split("validation failed: ", 1)[-1]
+
+
+def extension(checked: Mapping[str, object], name: str, parse: Callable[[object], _T]) -> Optional[_T]:
+    """
+    C{parse(checked[name])}, or C{None} when the attribute is absent.
+
+    @raise SchemaError: with the C{property "<name>" validation failed:} prefix.
+    """
+    if name not in checked:
+        return None
+    try:
+        return parse(checked[name])
+    except SchemaError as e:
+        raise property_error(name, str(e))
