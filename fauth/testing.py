@@ -267,6 +267,8 @@ class FakeRequest:
         self.uri = uri
         self.requestHeaders = Headers({b"host": [b"gateway.test"]} if headers is None else dict(headers))
         self.responseHeaders = Headers()
+        #: Outgoing cookies, as on a twisted.web Request (the auth cookies of an allow).
+        self.cookies: List[bytes] = []
         self.content: Any = None
         self.code = 0
         self.written: List[bytes] = []

@@ -142,7 +142,9 @@ class DecisionCache:
             # The whole answer's headers stay out of the cache: only the
             # upstream_headers values are the decision (and memory per entry
             # stays what the configuration asks for).
-            hit: Decision = attr.evolve(decision, reply_headers=None, cache="hit")
+            # Nor a cookie: lifetime() keeps answers with one out, and a
+            # stored allow must never hand one user's cookie to another.
+            hit: Decision = attr.evolve(decision, reply_headers=None, cookies=(), cache="hit")
         else:
             hit = attr.evolve(decision, cache="hit")
         entries = self._entries

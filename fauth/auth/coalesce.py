@@ -7,7 +7,9 @@ Each request holds a seat: a L{Deferred} of its own.  Cancelling a seat (its
 client went away) only gives the seat up; the shared call goes on for the
 others, and is cancelled when the last seat is given up.  An answer that
 forbids reuse (C{Set-Cookie}, C{no-store}...) is not handed to the waiting
-seats: each of them then makes its own call, as without coalescing.
+seats: each of them then makes its own call, with its own request (with a
+narrowed C{cache.key}, requests that share a flight may still differ), as
+without coalescing.
 """
 from __future__ import annotations
 
@@ -35,10 +37,11 @@ class Outcome:
 
 
 class _Seat:
-    __slots__ = ("deferred", "first", "own")
+    __slots__ = ("deferred", "first", "own", "retry")
 
-    def __init__(self, first: bool) -> None:
+    def __init__(self, first: bool, retry: Callable[[], "Deferred[Decision]"]) -> None:
         self.first = first
+        self.retry = retry
         self.own: Optional[Deferred] = None
         self.deferred: Deferred = Deferred()
 
@@ -47,14 +50,11 @@ class Flight:
     """
     One auth call in flight and the requests waiting for it.
 
-    @param retry: makes a call of a waiting seat's own (when the shared
-        answer forbids reuse); fires with its L{Decision}.
     @param forget: called once, when the flight stops taking new seats
         (answered, or cancelled by its last seat).
     """
 
-    def __init__(self, retry: Callable[[], "Deferred[Decision]"], forget: Callable[[], None]) -> None:
-        self._retry = retry
+    def __init__(self, forget: Callable[[], None]) -> None:
         self._forget = forget
         self._seats: List[_Seat] = []
         self._call: Optional[Deferred] = None
@@ -65,9 +65,14 @@ class Flight:
         """Seats still waiting for the shared call."""
         return len(self._seats)
 
-    def join(self) -> "Deferred[Decision]":
-        """A seat: the first is the starter's; later ones are coalesced requests."""
-        seat = _Seat(first=not self._seats and self._call is None)
+    def join(self, retry: Callable[[], "Deferred[Decision]"]) -> "Deferred[Decision]":
+        """
+        A seat: the first is the starter's; later ones are coalesced requests.
+
+        @param retry: makes this seat's own call, of its own request (when
+            the shared answer forbids reuse); fires with its L{Decision}.
+        """
+        seat = _Seat(not self._seats and self._call is None, retry)
         seat.deferred = Deferred(lambda _: self._leave(seat))
         self._seats.append(seat)
         return seat.deferred
@@ -105,7 +110,7 @@ class Flight:
             elif result.others is not None:
                 seat.deferred.callback(result.others)
             else:
-                seat.own = own = self._retry()
+                seat.own = own = seat.retry()
                 own.addBoth(_settle, seat)
         return None
 

@@ -27,6 +27,9 @@ class Allow:
     set_headers: Tuple[Tuple[bytes, Optional[Tuple[bytes, ...]]], ...] = ()
     #: The auth service's response headers (for the access log's C{user}).
     reply_headers: Optional[ReplyHeaders] = attr.field(default=None, eq=False, repr=False)
+    #: C{Set-Cookie} values for this client's response (C{allow_cookies});
+    #: never part of a stored decision.
+    cookies: Tuple[bytes, ...] = attr.field(default=(), eq=False, repr=False)
     #: How the decision cache produced it (one of
     #: L{fauth.observe.exchange.CACHE_RESULTS}), or C{None} without C{cache}.
     cache: Optional[str] = attr.field(default=None, eq=False)

@@ -18,6 +18,7 @@ from fauth import __version__
 from fauth.auth.cache import DecisionCache, lifetime
 from fauth.auth.client import AuthCallError, AuthClient, Reply
 from fauth.auth.coalesce import Flight, Outcome
+from fauth.auth.cookies import CookiePicker
 from fauth.auth.decision import Allow, Decision, Degrade, Respond
 from fauth.auth.signin import SigninRedirect
 from fauth.wire.transport import describe_failure, is_cancellation
@@ -80,6 +81,7 @@ class ForwardAuth:
         self._client_headers = tuple(n.encode("utf-8") for n in conf.client_headers)
         self._host_header = client.host_header
         self._signin = None if conf.signin_redirect is None else SigninRedirect(conf.signin_redirect)
+        self._cookies = CookiePicker(conf.allow_cookies) if conf.allow_cookies else None
         #: The auth request carries the body (POST), or a variable read from
         #: it ($post_arg): the body must be read before the call.
         self.needs_body = self._post or any(
@@ -214,19 +216,22 @@ class ForwardAuth:
         hit = cache.fresh(key, self._reactor.seconds())
         if hit is not None:
             return succeed(hit)
+
+        def ask_alone() -> "Deferred[Decision]":
+            # This request's own call: with a narrowed key, the one it
+            # joined may have carried another client's credentials.
+            return self._ask(cache, key, fields, body).addCallback(lambda outcome: outcome.first)
+
         flight = cache.flights.get(key)
         if flight is not None:
-            return flight.join()
+            return flight.join(ask_alone)
 
         def forget() -> None:
             if cache.flights.get(key) is flight:
                 del cache.flights[key]
 
-        def retry() -> "Deferred[Decision]":
-            return self._ask(cache, key, fields, body).addCallback(lambda outcome: outcome.first)
-
-        flight = cache.flights[key] = Flight(retry, forget)
-        seat = flight.join()
+        flight = cache.flights[key] = Flight(forget)
+        seat = flight.join(ask_alone)
         flight.start(self._ask(cache, key, fields, body))
         return seat
 
@@ -297,6 +302,7 @@ class ForwardAuth:
                     for name in self._upstream_headers
                 ),
                 reply.headers,
+                cookies=() if self._cookies is None else self._cookies.pick(reply.headers),
             )
         headers = []
         for name in self._client_headers:

@@ -25,7 +25,7 @@ from fauth.config.schema import (
     security_warnings,
     type_mismatch,
 )
-from fauth.config.extensions import extension, parse_signin_redirect
+from fauth.config.extensions import extension, parse_allow_cookies, parse_signin_redirect
 from fauth.config.templates import compile_template
 
 __all__ = [
@@ -134,6 +134,7 @@ def parse_forward_auth(conf: object) -> ForwardAuthConf:
         cache=extension(checked, "cache", parse_cache),
         warnings=tuple(warnings),
         signin_redirect=extension(checked, "signin_redirect", parse_signin_redirect),
+        allow_cookies=parse_allow_cookies(checked["allow_cookies"]) if "allow_cookies" in checked else (),
     )
 
 

@@ -8,20 +8,21 @@ misspelt one would silently change who gets through.
 from __future__ import annotations
 
 import re
-from typing import Callable, Mapping, Optional, TypeVar
+from typing import Callable, Mapping, Optional, Tuple, TypeVar
 
 from fauth.config.models import SigninConf
 from fauth.config.schema import (
     SchemaError,
     check_enum,
     check_integer,
+    check_string_array,
     check_type,
     is_object,
     property_error,
     type_mismatch,
 )
 
-__all__ = ["REDIRECT_STATUSES", "extension", "parse_signin_redirect"]
+__all__ = ["REDIRECT_STATUSES", "extension", "parse_allow_cookies", "parse_signin_redirect"]
 
 _T = TypeVar("_T")
 
@@ -34,6 +35,8 @@ _SIGNIN_KEYS = ("uri", "param", "statuses", "status")
 _SIGNIN_URI = re.compile(r"(?:/|https?://[^/?#\s]+(?:[/?]|\Z))[\x21-\x7e]*\Z")
 # RFC 3986 unreserved characters: the parameter's name needs no encoding.
 _PARAM = re.compile(r"[A-Za-z0-9._~-]+\Z")
+# A cookie-name is an RFC 9110 token (RFC 6265 4.1.1).
+_TOKEN = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+\Z")
 
 
 def _object(doc: object, allowed: tuple) -> Mapping[str, object]:
@@ -82,6 +85,22 @@ def parse_signin_redirect(doc: object) -> SigninConf:
     status = check_integer("status", conf.get("status", 302))
     check_enum("status", status, REDIRECT_STATUSES)
     return SigninConf(uri=uri, param=param, statuses=tuple(chosen), status=status)
+
+
+def parse_allow_cookies(doc: object) -> Tuple[str, ...]:
+    """
+    Validate C{allow_cookies}: cookie names, or C{"*"} for every cookie.
+
+    @raise SchemaError: with the C{property "allow_cookies" validation failed:} prefix.
+    """
+    names = check_string_array("allow_cookies", doc)
+    for index, name in enumerate(names, 1):
+        if _TOKEN.match(name) is None:
+            raise property_error(
+                "allow_cookies",
+                'failed to validate item %d: invalid cookie name "%s"' % (index, name.encode("unicode_escape").decode("ascii")),
+            )
+    return tuple(names)
 
 
 def _detail(error: SchemaError) -> str:

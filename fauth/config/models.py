@@ -90,6 +90,8 @@ class ForwardAuthConf:
     cache: Optional[CacheConf] = None
     #: Off (C{None}) unless the object has a C{signin_redirect} section.
     signin_redirect: Optional[SigninConf] = None
+    #: Cookies of a 2xx auth answer passed to the client (C{"*"}: all).
+    allow_cookies: Tuple[str, ...] = ()
     warnings: Tuple[str, ...] = attr.field(default=(), eq=False)
 
 

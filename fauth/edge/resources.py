@@ -172,6 +172,9 @@ def guard(
             return
         if isinstance(decision, Allow):
             decision.apply(request.requestHeaders)
+            if decision.cookies:
+                # For this client's response only (fauth.auth.cookies).
+                request.cookies.extend(decision.cookies)
         proceed()
 
     d.addCallback(decided)

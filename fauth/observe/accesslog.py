@@ -167,6 +167,10 @@ class AccessLog:
                 _string(getattr(request.getClientAddress(), "host", None)),
             )
         ).encode("ascii")
+        cookies = getattr(decision, "cookies", None)
+        if cookies:
+            # The auth service's cookies went to this client (allow_cookies).
+            line = line[:-2] + b',"auth_cookies":%d}\n' % len(cookies)
         tunnel_up = getattr(exchange, "tunnel_up", None)  # test doubles may lack it
         if tunnel_up is not None:
             # A WebSocket tunnel, logged when it closed: "bytes" went to the

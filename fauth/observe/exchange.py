@@ -89,9 +89,10 @@ class RouteMetrics:
         them (see L{CACHE_RESULTS}).
     @ivar upgrades: WebSocket upgrades the upstream accepted (101).
     @ivar tunnels: WebSocket tunnels open now.
+    @ivar cookies: allowed requests given the auth service's cookies.
     """
 
-    __slots__ = ("route", "statuses", "decisions", "cache", "auth", "upstream", "upgrades", "tunnels")
+    __slots__ = ("route", "statuses", "decisions", "cache", "auth", "upstream", "upgrades", "tunnels", "cookies")
 
     def __init__(self, route: str) -> None:
         self.route = route
@@ -102,6 +103,7 @@ class RouteMetrics:
         self.upstream = Histogram()
         self.upgrades = 0
         self.tunnels = 0
+        self.cookies = 0
 
 
 class ExchangeLog(Protocol):
@@ -173,6 +175,8 @@ class Exchange:
         cached = decision.cache
         if cached is not None:
             route.cache[cached] += 1
+        if outcome == "allow" and decision.cookies:  # type: ignore[union-attr]  # an Allow
+            route.cookies += 1
         if outcome != "rejected":  # 413: the auth service was not asked
             self.auth_s = seconds = self._clock() - self._auth_start
             route.auth.observe(seconds)

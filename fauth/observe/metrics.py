@@ -150,7 +150,7 @@ class GatewayCollector:
         decisions = CounterMetricFamily(
             "fauth_auth_decisions",
             "Forward-auth decisions by route: allow (2xx), deny (the auth service's other answers), "
-            "error (transport failure or unbuildable auth request, answered with status_on_error), "
+            "redirect (such an answer turned into a sign-in redirect), error (transport failure or unbuildable auth request, answered with status_on_error), "
             "degraded (the same failure let through by allow_degradation), rejected (413 before any auth call).",
             labels=["route", "outcome"],
         )
@@ -199,6 +199,16 @@ class GatewayCollector:
                 tunnels.add_metric([r.route], r.tunnels)
         yield upgrades
         yield tunnels
+
+        cookies = CounterMetricFamily(
+            "fauth_auth_cookies",
+            "Allowed requests whose response carried the auth service's cookies (allow_cookies), by route.",
+            labels=["route"],
+        )
+        for r in everything[1:]:
+            if r.cookies:
+                cookies.add_metric([r.route], r.cookies)
+        yield cookies
 
         pools = GaugeMetricFamily(
             "fauth_pool_connections",

@@ -19,6 +19,7 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
+from fauth.auth.cookies import merge_into_response
 from fauth.upstream.balancer import SmoothWeightedRoundRobin
 from fauth.config import Node, UpstreamConf
 from fauth.wire.connection import ClientRequest, FileUpload, StreamUpload
@@ -347,6 +348,7 @@ class UpstreamProxy:
             for name, values in head.headers.items():
                 if name not in _RESPONSE_DROP and name not in listed:
                     out.setRawHeaders(name, values)
+            merge_into_response(request)
             # HEAD keeps the upstream's own Content-Length (in head.headers); 204 must
             # have none and a 304's describes the 200 it stands for: never an invented 0.
             length = head.length  # an int, or UNKNOWN_LENGTH

@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 from twisted.web._newclient import ParseError
 from zope.interface import alsoProvides, implementer
 
+from fauth.auth.cookies import merge_into_response
 from fauth.request.inbound import InboundRequest
 from fauth.request.lifecycle import when_finished
 from fauth.request.replies import send_simple
@@ -322,6 +323,8 @@ class _Tunnel:
         for name, values in head.headers.items():
             if name not in HOP_BY_HOP and name not in listed:
                 lines.extend(b"%s: %s\r\n" % (name, value) for value in values)
+        # The allow's auth cookies (fauth.auth.cookies): the 101 is their only response.
+        lines.extend(b"Set-Cookie: %s\r\n" % cookie for cookie in request.cookies)
         upgrade = head.headers.get(b"upgrade") or [b"websocket"]
         lines.append(b"Upgrade: %s\r\nConnection: Upgrade\r\n\r\n" % (b", ".join(upgrade),))
         response = b"".join(lines)
@@ -494,6 +497,7 @@ class _Tunnel:
         for name, values in head.headers.items():
             if name not in HOP_BY_HOP and name not in listed:
                 out.setRawHeaders(name, values)
+        merge_into_response(request)
         length = head.length
         if head.status in _NO_BODY_CODES or length == 0:
             if isinstance(length, int):

@@ -54,9 +54,14 @@ class Upstream(Resource):
         super().__init__()
         self.seen: List[Any] = []
 
+    #: A C{Set-Cookie} value the upstream answers with, or C{None}.
+    cookie: Optional[bytes] = None
+
     def render(self, request: Any) -> bytes:
         self.seen.append(request.requestHeaders.copy())
         request.setHeader(b"content-type", b"text/plain")
+        if self.cookie is not None:
+            request.setHeader(b"set-cookie", self.cookie)
         return b"upstream ok"
 
 
