@@ -11,6 +11,7 @@ from typing import Optional, Tuple, Union
 import attr
 from twisted.web.http_headers import Headers
 
+from fauth.config.headerrules import HeaderRules, fold
 from fauth.wire.h1 import ReplyHeaders
 
 __all__ = ["Allow", "Decision", "Degrade", "Respond"]
@@ -22,6 +23,8 @@ class Allow:
     Let the request through.  C{set_headers} maps each configured
     C{upstream_headers} name to the auth service's values, or to C{None}
     when it gave none: such a header must be removed from the request.
+    With C{upstream_headers} patterns, C{strip} holds them: a client's
+    header of a name they match goes, whatever the auth service gave.
     """
 
     set_headers: Tuple[Tuple[bytes, Optional[Tuple[bytes, ...]]], ...] = ()
@@ -33,6 +36,8 @@ class Allow:
     #: How the decision cache produced it (one of
     #: L{fauth.observe.exchange.CACHE_RESULTS}), or C{None} without C{cache}.
     cache: Optional[str] = attr.field(default=None, eq=False)
+    #: The compiled C{upstream_headers} when they hold patterns, else C{None}.
+    strip: Optional[HeaderRules] = attr.field(default=None, eq=False, repr=False)
     #: For metrics and the access log (L{fauth.observe.metrics}).
     outcome = "allow"
 
@@ -41,12 +46,14 @@ class Allow:
         Rewrite request headers in place.  Client headers spelled with
         underscores (C{X_User_ID}) go too: many upstreams (CGI, WSGI, PHP)
         read them as the dashed name, so they could smuggle an identity.
+        So does every client header a pattern of C{strip} matches.
         """
-        if not self.set_headers:
+        strip = self.strip
+        if not self.set_headers and strip is None:
             return
-        folded = {name.lower().replace(b"_", b"-") for name, _ in self.set_headers}
+        folded = {fold(name) for name, _ in self.set_headers}
         for raw_name, _ in list(headers.getAllRawHeaders()):
-            if b"_" in raw_name and raw_name.lower().replace(b"_", b"-") in folded:
+            if (b"_" in raw_name and fold(raw_name) in folded) or (strip is not None and strip.strips(raw_name)):
                 headers.removeHeader(raw_name)
         # "Connection: X-User-ID" would make the proxy drop the auth's value
         # as hop-by-hop: such tokens go, the rest of Connection stays.
@@ -56,7 +63,9 @@ class Allow:
                 token.strip()
                 for value in connection
                 for token in value.split(b",")
-                if token.strip() and token.strip().lower().replace(b"_", b"-") not in folded
+                if token.strip()
+                and fold(token.strip()) not in folded
+                and (strip is None or not strip.strips(token.strip()))
             ]
             if kept:
                 headers.setRawHeaders(b"connection", [b", ".join(kept)])

@@ -23,6 +23,7 @@ from fauth.auth.decision import Allow, Decision, Degrade, Respond
 from fauth.auth.signin import SigninRedirect
 from fauth.wire.transport import describe_failure, is_cancellation
 from fauth.config import ForwardAuthConf, RouteConf
+from fauth.config.headerrules import compile_rules
 from fauth.wire.headers import CTL, HOP_BY_HOP, TOKEN, HeaderError, first_value
 from fauth.request.inbound import InboundRequest
 from fauth.auth.variables import RequestVariables
@@ -77,8 +78,10 @@ class ForwardAuth:
         # that name (a token: the server refuses others) was found.
         self._bad_name = any(TOKEN.fullmatch(name) is None for _, name, _ in self._extra)
         self._extra_needs_vars = any(not t.is_literal for _, _, t in self._extra)
-        self._upstream_headers = tuple(n.encode("utf-8") for n in conf.upstream_headers)
-        self._client_headers = tuple(n.encode("utf-8") for n in conf.client_headers)
+        self._upstream_rules = compile_rules("upstream_headers", conf.upstream_headers)
+        self._upstream_headers = self._upstream_rules.exact
+        self._upstream_pattern = self._upstream_rules.pattern
+        self._client_rules = compile_rules("client_headers", conf.client_headers)
         self._host_header = client.host_header
         self._signin = None if conf.signin_redirect is None else SigninRedirect(conf.signin_redirect)
         self._cookies = CookiePicker(conf.allow_cookies) if conf.allow_cookies else None
@@ -296,19 +299,25 @@ class ForwardAuth:
 
     def _interpret(self, reply: Reply) -> Decision:
         if reply.status < 300:
+            set_headers = tuple(
+                (name, _tuple_or_none(reply.headers.get(source)))
+                for source, name in self._upstream_headers
+            )
+            if self._upstream_pattern is not None:
+                set_headers += tuple(self._upstream_rules.matching(reply.headers.items()))
             return Allow(
-                tuple(
-                    (name, _tuple_or_none(reply.headers.get(name)))
-                    for name in self._upstream_headers
-                ),
+                set_headers,
                 reply.headers,
                 cookies=() if self._cookies is None else self._cookies.pick(reply.headers),
+                strip=self._upstream_rules if self._upstream_pattern is not None else None,
             )
         headers = []
-        for name in self._client_headers:
-            values = reply.headers.get(name)
+        for source, name in self._client_rules.exact:
+            values = reply.headers.get(source)
             if values:
                 headers.append((name, tuple(values)))
+        if self._client_rules.pattern is not None:
+            headers.extend(self._client_rules.matching(reply.headers.items()))
         body = reply.body
         if self.conf.error_response is not None and reply.status >= 400:
             body = self.conf.error_response.encode("utf-8")

@@ -26,6 +26,7 @@ from fauth.config.schema import (
     type_mismatch,
 )
 from fauth.config.extensions import extension, parse_allow_cookies, parse_signin_redirect
+from fauth.config.headerrules import compile_rules
 from fauth.config.templates import compile_template
 
 __all__ = [
@@ -90,10 +91,12 @@ def parse_forward_auth(conf: object) -> ForwardAuthConf:
     checked = check_forward_auth(conf)
     # Beyond APISIX's schema: a list item that is not a header name can only
     # be a mistake, and would fail every request at run time.
-    for prop in ("request_headers", "upstream_headers", "client_headers"):
-        for i, name in enumerate(_checked(checked, prop, list), 1):
-            if not HEADER_NAME.fullmatch(name):
-                raise _prop(prop, 'failed to validate item %d: invalid header name "%s"' % (i, _shown(name)))
+    for i, name in enumerate(_checked(checked, "request_headers", list), 1):
+        if not HEADER_NAME.fullmatch(name):
+            raise _prop("request_headers", 'failed to validate item %d: invalid header name "%s"' % (i, _shown(name)))
+    # fauth's own: patterns and renames too (compiled again by the check).
+    for prop in ("upstream_headers", "client_headers"):
+        compile_rules(prop, _checked(checked, prop, list))
     warnings = list(security_warnings(checked))
     if checked["allow_degradation"] and checked["upstream_headers"]:
         warnings.append(

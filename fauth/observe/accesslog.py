@@ -141,15 +141,13 @@ class AccessLog:
             outcome = '"%s"' % decision.outcome if shown is None else '"%s (%s)"' % (decision.outcome, shown)
             # Only what the auth service answered: never a client's header.
             headers = getattr(decision, "reply_headers", None)
-            if headers is not None:
-                values = headers.get(self._user_header)
-                if values:
-                    user = _quote(values[0].decode("latin-1"))
-            elif decision.cache is not None and decision.outcome == "allow":
-                # A stored allow keeps only its upstream_headers values.
+            values = None if headers is None else headers.get(self._user_header)
+            if not values and decision.outcome == "allow" and (headers is not None or decision.cache is not None):
+                # A stored allow keeps only its upstream_headers values, by
+                # the names the upstream gets (a rename's new name).
                 values = _stored_value(decision, self._user_header)
-                if values:
-                    user = _quote(values[0].decode("latin-1"))
+            if values:
+                user = _quote(values[0].decode("latin-1"))
         line = (
             _LINE
             % (
