@@ -14,7 +14,7 @@ from twisted.web.http_headers import Headers
 from fauth.config.headerrules import HeaderRules, fold
 from fauth.wire.h1 import ReplyHeaders
 
-__all__ = ["Allow", "Decision", "Degrade", "Respond"]
+__all__ = ["AUTH_SERVER", "Allow", "AuthServer", "Decision", "Degrade", "Respond"]
 
 
 @attr.frozen
@@ -101,4 +101,18 @@ class Respond:
     cache: Optional[str] = attr.field(default=None, eq=False)
 
 
-Decision = Union[Allow, Degrade, Respond]
+@attr.frozen
+class AuthServer:
+    """
+    A request under C{auth_server_paths} (the auth service's own sign-in
+    pages and callbacks): proxied to the auth service, without a check.
+    """
+
+    cache: Optional[str] = attr.field(default=None, eq=False)
+    outcome = "auth_server"
+
+
+#: The single L{AuthServer} decision.
+AUTH_SERVER = AuthServer()
+
+Decision = Union[Allow, Degrade, Respond, AuthServer]

@@ -25,8 +25,14 @@ from fauth.config.schema import (
     security_warnings,
     type_mismatch,
 )
-from fauth.config.extensions import extension, parse_allow_cookies, parse_signin_redirect
+from fauth.config.extensions import (
+    extension,
+    parse_allow_cookies,
+    parse_auth_server_paths,
+    parse_signin_redirect,
+)
 from fauth.config.headerrules import compile_rules
+from fauth.config.presets import apply_preset
 from fauth.config.templates import compile_template
 
 __all__ = [
@@ -88,7 +94,7 @@ def parse_forward_auth(conf: object) -> ForwardAuthConf:
 
     @raise SchemaError: with APISIX's message.
     """
-    checked = check_forward_auth(conf)
+    checked = check_forward_auth(apply_preset(conf))
     # Beyond APISIX's schema: a list item that is not a header name can only
     # be a mistake, and would fail every request at run time.
     for i, name in enumerate(_checked(checked, "request_headers", list), 1):
@@ -138,6 +144,9 @@ def parse_forward_auth(conf: object) -> ForwardAuthConf:
         warnings=tuple(warnings),
         signin_redirect=extension(checked, "signin_redirect", parse_signin_redirect),
         allow_cookies=parse_allow_cookies(checked["allow_cookies"]) if "allow_cookies" in checked else (),
+        auth_server_paths=(
+            parse_auth_server_paths(checked["auth_server_paths"]) if "auth_server_paths" in checked else ()
+        ),
     )
 
 

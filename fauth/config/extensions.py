@@ -22,7 +22,13 @@ from fauth.config.schema import (
     type_mismatch,
 )
 
-__all__ = ["REDIRECT_STATUSES", "extension", "parse_allow_cookies", "parse_signin_redirect"]
+__all__ = [
+    "REDIRECT_STATUSES",
+    "extension",
+    "parse_allow_cookies",
+    "parse_auth_server_paths",
+    "parse_signin_redirect",
+]
 
 _T = TypeVar("_T")
 
@@ -101,6 +107,24 @@ def parse_allow_cookies(doc: object) -> Tuple[str, ...]:
                 'failed to validate item %d: invalid cookie name "%s"' % (index, name.encode("unicode_escape").decode("ascii")),
             )
     return tuple(names)
+
+
+def parse_auth_server_paths(doc: object) -> Tuple[str, ...]:
+    """
+    Validate C{auth_server_paths}: path prefixes, each starting with C{/},
+    of visible ASCII.
+
+    @raise SchemaError: with the C{property "auth_server_paths" validation failed:} prefix.
+    """
+    paths = check_string_array("auth_server_paths", doc)
+    for index, path in enumerate(paths, 1):
+        if not path.startswith("/") or not path.isascii() or not all("!" <= c <= "~" for c in path):
+            raise property_error(
+                "auth_server_paths",
+                'failed to validate item %d: expected "%s" to be a path of visible ASCII starting with "/"'
+                % (index, path.encode("unicode_escape").decode("ascii")),
+            )
+    return tuple(paths)
 
 
 def _detail(error: SchemaError) -> str:

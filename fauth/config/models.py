@@ -92,6 +92,8 @@ class ForwardAuthConf:
     signin_redirect: Optional[SigninConf] = None
     #: Cookies of a 2xx auth answer passed to the client (C{"*"}: all).
     allow_cookies: Tuple[str, ...] = ()
+    #: Path prefixes the auth service serves itself: proxied to it, unchecked.
+    auth_server_paths: Tuple[str, ...] = ()
     warnings: Tuple[str, ...] = attr.field(default=(), eq=False)
 
 

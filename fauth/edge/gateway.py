@@ -16,7 +16,7 @@ from twisted.web.client import HTTPConnectionPool
 from fauth.auth.cache import DecisionCache
 from fauth.auth.forward import ForwardAuth
 from fauth.auth.client import AuthCallError, AuthClient, AuthTarget
-from fauth.config import ForwardAuthConf, GatewayConf, RouteConf, UpstreamConf
+from fauth.config import ForwardAuthConf, GatewayConf, Node, RouteConf, UpstreamConf, UpstreamTimeouts
 from fauth.upstream.proxy import UpstreamProxy
 from fauth.upstream.tunnel import Tunnels
 from fauth.routing.table import RouteTable
@@ -29,11 +29,18 @@ log = Logger()
 
 @attr.frozen
 class Route:
-    """A route's runtime: what L{RouteTable.match} returns."""
+    """
+    A route's runtime: what L{RouteTable.match} returns.
+
+    @ivar auth_paths: the C{auth_server_paths} of its forward-auth, whose
+        requests go to C{auth_server} unchecked; C{()} for most routes.
+    """
 
     conf: RouteConf
     auth: Optional[ForwardAuth]
     upstream: UpstreamProxy
+    auth_paths: Tuple[str, ...] = ()
+    auth_server: Optional[UpstreamProxy] = None
 
 
 def load_trust_root(path: Optional[str]) -> Any:
@@ -184,7 +191,7 @@ class Gateway:
         )
 
     def _build(self, conf: GatewayConf) -> "RouteTable[Route]":
-        proxies: Dict[int, UpstreamProxy] = {}
+        proxies: Dict[Any, UpstreamProxy] = {}
         entries: List[Tuple[RouteConf, Route]] = []
         for route in conf.routes:
             upstream = self._proxy(route.upstream, proxies)
@@ -199,8 +206,32 @@ class Gateway:
                 )
                 if auth.cache is not None:
                     self._caches[key] = auth.cache
-            entries.append((route, Route(route, auth, upstream)))
+            entries.append((route, self._route(route, auth, upstream, proxies)))
         return RouteTable(entries)
+
+    def _route(
+        self, route: RouteConf, auth: Optional[ForwardAuth], upstream: UpstreamProxy, proxies: Dict[Any, UpstreamProxy]
+    ) -> Route:
+        conf = route.forward_auth
+        if conf is None or not conf.auth_server_paths:
+            return Route(route, auth, upstream)
+        try:
+            target = AuthTarget.parse(conf.uri, conf.ssl_verify)
+        except AuthCallError:
+            # Every auth call of this route fails (status_on_error): so do
+            # its auth service's paths, through the same check.
+            return Route(route, auth, upstream)
+        seconds = conf.timeout / 1000.0
+        server = UpstreamConf(
+            nodes=(Node(target.host, target.port),),
+            scheme=target.scheme,
+            timeout=UpstreamTimeouts(connect=seconds, send=seconds, read=seconds),
+        )
+        key = ("auth server", server)
+        proxy = proxies.get(key)
+        if proxy is None:
+            proxy = proxies[key] = UpstreamProxy(server, self._reactor, self.upstream_pool, self._trust_root)
+        return Route(route, auth, upstream, conf.auth_server_paths, proxy)
 
     def decision_cache(self, route_id: str) -> Optional[DecisionCache]:
         """The installed decision cache of route C{route_id}, if it has one."""
@@ -209,7 +240,7 @@ class Gateway:
                 return cache
         return None
 
-    def _proxy(self, conf: UpstreamConf, proxies: Dict[int, UpstreamProxy]) -> UpstreamProxy:
+    def _proxy(self, conf: UpstreamConf, proxies: Dict[Any, UpstreamProxy]) -> UpstreamProxy:
         # Routes naming the same upstream share its balancer state.
         key = id(conf)
         proxy = proxies.get(key)

@@ -18,7 +18,7 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.http import datetimeToString
 from twisted.web.resource import IResource, Resource, getChildForRequest
 
-from fauth.auth.decision import Allow, Decision, Respond
+from fauth.auth.decision import AUTH_SERVER, Allow, Decision, Respond
 from fauth.auth.forward import ForwardAuth
 from fauth.wire.transport import is_cancellation
 from fauth.config import ForwardAuthConf, HttpLimits, RouteConf, parse_forward_auth
@@ -268,6 +268,12 @@ class GatewayResource(Resource):
             return server.NOT_DONE_YET
         if exchange is not None:
             exchange.routed(route.conf.id)
+        if route.auth_paths and inbound.path.startswith(route.auth_paths):
+            # The auth service's own pages (sign-in, callback): to it, unchecked.
+            if exchange is not None:
+                exchange.decided(AUTH_SERVER)
+            route.auth_server.forward(request, inbound, exchange)  # type: ignore[union-attr]  # set with auth_paths
+            return server.NOT_DONE_YET
         # -- WebSocket hook: an upgrade on an enable_websocket route is tunnelled
         if route.conf.enable_websocket and wants_upgrade(request):
             tunnels, upstream = self._gateway.tunnels, route.upstream

@@ -39,7 +39,9 @@ DURATION_BUCKETS: Tuple[float, ...] = (
 _BUCKET_LABELS = tuple(floatToGoString(b) for b in DURATION_BUCKETS) + ("+Inf",)
 
 #: Values of the C{outcome} label of C{fauth_auth_decisions_total}.
-OUTCOMES = ("allow", "deny", "redirect", "error", "degraded", "rejected")
+OUTCOMES = ("allow", "deny", "redirect", "error", "degraded", "rejected", "auth_server")
+# Outcomes without an auth call: 413 before it, a path of the auth service itself.
+_NOT_ASKED = frozenset(["rejected", "auth_server"])
 
 #: Values of the C{result} label of C{fauth_auth_cache_total}, and of a
 #: decision's C{cache}: C{hit} (a stored decision), C{miss} (the auth
@@ -177,7 +179,7 @@ class Exchange:
             route.cache[cached] += 1
         if outcome == "allow" and decision.cookies:  # type: ignore[union-attr]  # an Allow
             route.cookies += 1
-        if outcome != "rejected":  # 413: the auth service was not asked
+        if outcome not in _NOT_ASKED:
             self.auth_s = seconds = self._clock() - self._auth_start
             route.auth.observe(seconds)
 

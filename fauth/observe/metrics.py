@@ -150,7 +150,8 @@ class GatewayCollector:
         decisions = CounterMetricFamily(
             "fauth_auth_decisions",
             "Forward-auth decisions by route: allow (2xx), deny (the auth service's other answers), "
-            "redirect (such an answer turned into a sign-in redirect), error (transport failure or unbuildable auth request, answered with status_on_error), "
+            "redirect (such an answer turned into a sign-in redirect), auth_server (a path of the auth service "
+            "itself, not checked), error (transport failure or unbuildable auth request, answered with status_on_error), "
             "degraded (the same failure let through by allow_degradation), rejected (413 before any auth call).",
             labels=["route", "outcome"],
         )
