@@ -12,14 +12,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 
-from fauth.config import GatewayConf, parse_config
+from fauth.config import ConfigError, GatewayConf, parse_config
 from fauth.edge.gateway import Gateway
 from fauth.edge.resources import GatewayResource, GatewaySite
 from fauth.observe.accesslog import AccessLog
 from fauth.observe.metrics import GatewayMetrics
 from fauth.testing import LogCapture
 
-__all__ = ["GatewayUnderTest", "LogCapture", "outcome", "raw_request", "start_gateway"]
+__all__ = ["GatewayUnderTest", "LogCapture", "outcome", "raw_request", "refusal", "start_gateway"]
 
 
 @attr.s(auto_attribs=True)
@@ -111,3 +111,13 @@ def outcome(d: Deferred) -> List[Any]:
     return results
 
 
+
+
+def refusal(plugin: Dict[str, Any]) -> str:
+    """The message a document is refused with whose route "r1" has this C{forward-auth} object."""
+    doc = {"routes": [{"id": "r1", "uri": "/*", "plugins": {"forward-auth": plugin}, "upstream": {"nodes": {"127.0.0.1:1980": 1}}}]}
+    try:
+        parse_config(doc)
+    except ConfigError as e:
+        return str(e)
+    raise AssertionError("accepted: %r" % (plugin,))

@@ -42,14 +42,13 @@ def merge_into_response(request: Any) -> None:
     """
     Put the auth cookies of an allowed request (in C{request.cookies},
     where L{fauth.edge.resources.guard} left them) beside the upstream's
-    own C{Set-Cookie}s, just copied into C{request.responseHeaders}.
+    own C{Set-Cookie}s, just copied into C{request.responseHeaders}
+    (call it only when there are some: it always writes the header).
 
     Twisted writes C{request.cookies} I{in place of} any C{Set-Cookie}
     header, so both lists become the header here.  A gateway-made 502
     that follows clears the headers, the auth cookies with them.
     """
-    cookies = request.cookies
-    if cookies:
-        out = request.responseHeaders
-        out.setRawHeaders(b"set-cookie", list(out.getRawHeaders(b"set-cookie", ())) + cookies)
-        request.cookies = []
+    out = request.responseHeaders
+    out.setRawHeaders(b"set-cookie", list(out.getRawHeaders(b"set-cookie", ())) + request.cookies)
+    request.cookies = []

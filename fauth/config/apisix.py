@@ -20,10 +20,9 @@ from fauth.config.schema import (
     check_integer_range,
     check_string_array,
     check_type,
+    closed_object,
     format_number,
-    is_object,
     security_warnings,
-    type_mismatch,
 )
 from fauth.config.extensions import (
     extension,
@@ -170,13 +169,7 @@ def parse_cache(doc: object) -> CacheConf:
 
     @raise SchemaError: what is wrong, without the C{property "cache"} prefix.
     """
-    if not is_object(doc):
-        raise SchemaError(type_mismatch(doc, "object"))
-    if not isinstance(doc, dict):
-        doc = {}  # an empty array passes as an object (Lua cannot tell them apart)
-    for name in doc:
-        if name not in _CACHE_KEYS:
-            raise SchemaError("additional properties forbidden, found %s" % name)
+    doc = closed_object(doc, _CACHE_KEYS)
     if "ttl" not in doc:
         # No default: "how long one user's allow serves again" is a choice
         # an operator makes, never one made for them.
@@ -272,12 +265,7 @@ def _parse_nodes(nodes: object, scheme: str) -> Tuple[Node, ...]:
 def _object(what: str, doc: object, allowed: frozenset) -> Dict[str, Any]:
     """An APISIX object with only the C{allowed} keys; an empty array passes as one (Lua cannot tell them apart)."""
     check_type(what, doc, "object")
-    if not isinstance(doc, dict):
-        return {}
-    for key in doc:
-        if key not in allowed:
-            raise SchemaError("additional properties forbidden, found %s" % key)
-    return doc
+    return dict(closed_object(doc, allowed))
 
 
 def parse_upstream(doc: object, upstream_id: Optional[str] = None) -> UpstreamConf:

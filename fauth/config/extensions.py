@@ -17,9 +17,8 @@ from fauth.config.schema import (
     check_integer,
     check_string_array,
     check_type,
-    is_object,
+    closed_object,
     property_error,
-    type_mismatch,
 )
 
 __all__ = [
@@ -45,25 +44,13 @@ _PARAM = re.compile(r"[A-Za-z0-9._~-]+\Z")
 _TOKEN = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+\Z")
 
 
-def _object(doc: object, allowed: tuple) -> Mapping[str, object]:
-    """A fauth object with only C{allowed} keys (an empty array passes, as in Lua)."""
-    if not is_object(doc):
-        raise SchemaError(type_mismatch(doc, "object"))
-    if not isinstance(doc, Mapping):
-        return {}
-    for name in doc:
-        if name not in allowed:
-            raise SchemaError("additional properties forbidden, found %s" % name)
-    return doc
-
-
 def parse_signin_redirect(doc: object) -> SigninConf:
     """
     Validate the C{signin_redirect} object.
 
     @raise SchemaError: what is wrong, without the C{property "signin_redirect"} prefix.
     """
-    conf = _object(doc, _SIGNIN_KEYS)
+    conf = closed_object(doc, _SIGNIN_KEYS)
     if "uri" not in conf:
         raise SchemaError('property "uri" is required')
     uri = check_type("uri", conf["uri"], "string")

@@ -348,7 +348,8 @@ class UpstreamProxy:
             for name, values in head.headers.items():
                 if name not in _RESPONSE_DROP and name not in listed:
                     out.setRawHeaders(name, values)
-            merge_into_response(request)
+            if request.cookies:  # an allow's auth cookies (allow_cookies)
+                merge_into_response(request)
             # HEAD keeps the upstream's own Content-Length (in head.headers); 204 must
             # have none and a 304's describes the 200 it stands for: never an invented 0.
             length = head.length  # an int, or UNKNOWN_LENGTH

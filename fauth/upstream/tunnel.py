@@ -497,7 +497,8 @@ class _Tunnel:
         for name, values in head.headers.items():
             if name not in HOP_BY_HOP and name not in listed:
                 out.setRawHeaders(name, values)
-        merge_into_response(request)
+        if request.cookies:  # an allow's auth cookies (allow_cookies)
+            merge_into_response(request)
         length = head.length
         if head.status in _NO_BODY_CODES or length == 0:
             if isinstance(length, int):

@@ -14,10 +14,10 @@ import pytest_twisted
 from twisted.internet.defer import ensureDeferred, gatherResults
 
 from fauth.auth.cookies import CookiePicker
-from fauth.config import ConfigError, parse_config, parse_forward_auth
+from fauth.config import parse_forward_auth
 from fauth.wire.h1 import ReplyHeaders
 from tests.auth.test_client import Env, env, eventually, request  # noqa: F401 (env: fixture)
-from tests.harness import raw_request, start_gateway
+from tests.harness import raw_request, refusal, start_gateway
 from tests.rawserver import RawConnection, Seen
 
 
@@ -38,19 +38,9 @@ def test_parsed_values() -> None:
     ],
 )
 def test_bad_values_are_refused_naming_route_and_attribute(value: Any, message: str) -> None:
-    doc = {
-        "routes": [
-            {
-                "id": "r1",
-                "uri": "/*",
-                "plugins": {"forward-auth": {"uri": "http://a/auth", "allow_cookies": value}},
-                "upstream": {"nodes": {"127.0.0.1:1980": 1}},
-            }
-        ]
-    }
-    with pytest.raises(ConfigError) as info:
-        parse_config(doc)
-    assert str(info.value) == 'route "r1": plugin forward-auth: property "allow_cookies" validation failed: ' + message
+    assert refusal({"uri": "http://a/auth", "allow_cookies": value}) == (
+        'route "r1": plugin forward-auth: property "allow_cookies" validation failed: ' + message
+    )
 
 
 def test_every_cookie_or_those_named_case_sensitively() -> None:

@@ -15,9 +15,10 @@ from twisted.web.http_headers import Headers
 
 from fauth.auth.decision import Respond
 from fauth.auth.signin import SigninRedirect, original_url, wants_html
-from fauth.config import ConfigError, SigninConf, parse_config, parse_forward_auth
+from fauth.config import SigninConf, parse_forward_auth
 from fauth.request.inbound import InboundRequest
 from tests.auth.test_client import Env, env, request  # noqa: F401 (env: fixture)
+from tests.harness import refusal
 from tests.rawserver import RawConnection, Seen
 
 BROWSER = ("Accept", "text/html,application/xhtml+xml,*/*;q=0.8")
@@ -66,21 +67,10 @@ def test_defaults_and_parsed_values() -> None:
     ],
 )
 def test_bad_sections_are_refused_naming_route_and_attribute(section: Any, message: str) -> None:
-    doc = {
-        "routes": [
-            {
-                "id": "r1",
-                "uri": "/*",
-                "plugins": {"forward-auth": {"uri": "http://a/auth", "signin_redirect": section}},
-                "upstream": {"nodes": {"127.0.0.1:1980": 1}},
-            }
-        ]
-    }
-    with pytest.raises(ConfigError) as info:
-        parse_config(doc)
-    assert str(info.value).startswith(
+    message_given = refusal({"uri": "http://a/auth", "signin_redirect": section})
+    assert message_given.startswith(
         'route "r1": plugin forward-auth: property "signin_redirect" validation failed: ' + message
-    ), str(info.value)
+    ), message_given
 
 
 # ---------------------------------------------------------------------------
