@@ -193,3 +193,43 @@ async def test_a_websocket_101_carries_the_auth_cookies(env: Env) -> None:
     assert b"Set-Cookie: _oauth2_proxy=session-erin; Path=/; HttpOnly" in head
     assert not any(line.lower().startswith(b"set-cookie: csrf") for line in head)
     assert [n.lower() for n, _ in upstream.requests[0].headers].count(b"set-cookie") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_embedded_guard_adds_auth_cookies_beside_the_applications(env: Env) -> None:
+    from twisted.internet import reactor
+    from twisted.web.resource import Resource
+
+    from fauth.edge.resources import ForwardAuthResource
+    from tests.servers import listen_on_loopback
+
+    class App(Resource):
+        isLeaf = True
+
+        def render_GET(self, request: Any) -> bytes:
+            request.addCookie(b"app", b"1")
+            return b"app for " + (request.getHeader(b"x-user-id") or b"nobody")
+
+    auth = await env.auth(session_auth)
+    guard = ForwardAuthResource(
+        App(),
+        {"uri": auth.url(), "request_headers": ["Authorization"], "upstream_headers": ["X-User-ID"],
+         "allow_cookies": ["_oauth2_proxy"], "signin_redirect": {"uri": "/sign-in"}},
+        reactor=reactor,
+    )
+    port = await listen_on_loopback(reactor, guard)
+    try:
+        def get(*headers: str) -> Any:
+            head = "GET /x HTTP/1.1\r\nHost: app\r\nConnection: close\r\n%s\r\n" % "".join(h + "\r\n" for h in headers)
+            return raw_request(reactor, port.getHost().port, head.encode())
+
+        from tests.auth.test_client import Reply
+
+        ok = Reply(await get("Authorization: token-fay"))
+        assert (ok.status, ok.body) == (200, b"app for fay")
+        assert sorted(ok.headers[b"set-cookie"]) == [b"_oauth2_proxy=session-fay; Path=/; HttpOnly", b"app=1"]
+        browser = Reply(await get("Accept: text/html"))
+        assert browser.status == 302
+        assert browser.headers[b"location"] == [b"/sign-in?rd=http%3A%2F%2Fapp%2Fx"]
+    finally:
+        await port.stopListening()
