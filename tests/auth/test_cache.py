@@ -508,6 +508,22 @@ def test_waiters_ask_on_their_own_when_the_answer_forbids_reuse() -> None:
     assert [w[0].cache for w in waiters] == ["uncacheable", "miss"]
 
 
+def test_a_waiter_asking_on_its_own_sends_its_own_request_under_a_narrowed_key() -> None:
+    # Requests of two users share a key (one tenant): the starter's answer
+    # forbids reuse, so the waiter asks again, with its own credentials,
+    # never the starter's (which would make it the starter's user).
+    auth, client, _ = forward_auth(cache={"ttl": 30, "key": ["$http_x_tenant"]})
+    first = outcome(auth.check(inbound("alice", x_tenant="acme"), ROUTE))
+    waiter = outcome(auth.check(inbound("bob", x_tenant="acme"), ROUTE))
+    assert len(client.calls) == 1
+    client.calls[0].answer(200, {b"x-user-id": [b"alice"], b"cache-control": [b"no-store"]})
+    assert first[0].set_headers == ((b"X-User-ID", (b"alice",)),)
+    assert len(client.calls) == 2
+    assert client.calls[1].fields[b"authorization"] == b"bob"
+    client.calls[1].answer(200, {b"x-user-id": [b"bob"], b"cache-control": [b"no-store"]})
+    assert waiter[0].set_headers == ((b"X-User-ID", (b"bob",)),)
+
+
 def test_a_waiter_leaving_during_its_own_call_cancels_that_call() -> None:
     auth, client, _ = forward_auth()
     outcome(auth.check(inbound(), ROUTE))
