@@ -200,6 +200,17 @@ class GatewayCollector:
         yield upgrades
         yield tunnels
 
+        failed = GaugeMetricFamily(
+            "fauth_route_failed_closed",
+            "1 for each route that arrived (from etcd) but cannot run: it answers 503 until a valid version "
+            "arrives; the log says why.",
+            labels=["route"],
+        )
+        for route_conf in conf.routes:
+            if route_conf.failure is not None:
+                failed.add_metric([route_conf.id], 1)
+        yield failed
+
         pools = GaugeMetricFamily(
             "fauth_pool_connections",
             "Connections to auth services and upstream nodes per target: idle (pooled for reuse) "
