@@ -427,3 +427,38 @@ async def test_unmatched_is_404_with_apisix_body(reactor: Any, traversal_gateway
     head, _, body = response.partition(b"\r\n\r\n")
     assert body == b'{"error_msg":"404 Route Not Found"}'
     assert b"Content-Type: application/json" in head
+
+
+@ensureDeferred
+async def test_vars_and_remote_addrs_through_a_gateway(reactor: Any) -> None:
+    """
+    A public route limited by C{vars} or C{remote_addrs} is taken only when
+    they hold; otherwise the guarded route behind it answers (403): were
+    they ignored, everyone would get the public one.
+    """
+    auth = await listen_on_loopback(reactor, DemoAuthResource())
+    upstream = await listen_on_loopback(reactor, _PathEcho())
+    nodes = {"127.0.0.1:%d" % upstream.getHost().port: 1}
+    guard = {"forward-auth": {"uri": "http://127.0.0.1:%d/" % auth.getHost().port, "request_headers": ["Authorization"]}}
+    gateway = await start_gateway(
+        reactor,
+        {
+            "routes": [
+                {"id": "guarded", "uri": "/*", "plugins": guard, "upstream": {"nodes": nodes}},
+                {"id": "beta", "uri": "/v", "vars": [["http_x_beta", "==", "yes"]], "upstream": {"nodes": nodes}},
+                {"id": "office", "uri": "/o", "remote_addrs": ["192.0.2.0/24"], "upstream": {"nodes": nodes}},
+                {"id": "local", "uri": "/l", "remote_addr": "127.0.0.1", "upstream": {"nodes": nodes}},
+            ]
+        },
+    )
+    try:
+        port = gateway.port_number
+        assert _status(await raw_request(reactor, port, _get(b"/v"))) == 403
+        assert _status(await raw_request(reactor, port, _get(b"/v", b"X-Beta: no\r\n"))) == 403
+        assert _status(await raw_request(reactor, port, _get(b"/v", b"X-Beta: yes\r\n"))) == 200
+        assert _status(await raw_request(reactor, port, _get(b"/o"))) == 403
+        assert _status(await raw_request(reactor, port, _get(b"/l"))) == 200
+    finally:
+        await gateway.stop()
+        await auth.stopListening()
+        await upstream.stopListening()
