@@ -16,7 +16,7 @@ from typing import Any, Callable, List, Optional, Tuple, Union
 
 import attr
 
-from fauth.config.schema import SchemaError
+from fauth.config.schema import SchemaError, check_type
 
 __all__ = ["AddressList", "Expr", "Lookup", "parse_remote_addrs", "parse_vars"]
 
@@ -108,13 +108,10 @@ def parse_remote_addrs(doc: Any, prop: str = "remote_addrs") -> AddressList:
 
     @raise SchemaError: in APISIX's wording.
     """
-    items = [doc] if prop == "remote_addr" else doc
-    if prop == "remote_addrs":
-        if not isinstance(items, list):
-            raise SchemaError('property "remote_addrs" validation failed: wrong type: expected array, got %s'
-                              % _lua_type(items))
-        if not items:
-            raise SchemaError('property "remote_addrs" validation failed: expect array to have at least 1 items')
+    items = [doc] if prop == "remote_addr" else check_type(prop, doc, "array")
+    if not items:
+        raise SchemaError('property "remote_addrs" validation failed: expect array to have at least 1 items')
+    assert isinstance(items, list)
     networks = []
     for i, item in enumerate(items, 1):
         network = _network(item)
@@ -126,18 +123,6 @@ def parse_remote_addrs(doc: Any, prop: str = "remote_addrs") -> AddressList:
             )
         networks.append(network)
     return AddressList(tuple(networks))
-
-
-def _lua_type(value: object) -> str:
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, (list, dict)):
-        return "table"
-    return "nil"
 
 
 @attr.frozen
@@ -276,12 +261,10 @@ def parse_vars(doc: Any) -> Optional[Expr]:
     @raise SchemaError: C{failed to validate the 'vars' expression: ...},
         APISIX's wording.
     """
-    if not isinstance(doc, list):
-        if isinstance(doc, dict) and not doc:
-            return None  # an empty object is an empty array to Lua
-        raise SchemaError('property "vars" validation failed: wrong type: expected array, got %s' % _lua_type(doc))
+    doc = check_type("vars", doc, "array")  # an empty object is an empty array to Lua
     if not doc:
         return None
+    assert isinstance(doc, list)
     try:
         if not isinstance(doc[0], list) and not (isinstance(doc[0], str) and doc[0].upper() in _LOGIC):
             raise SchemaError("rule should be wrapped inside brackets")

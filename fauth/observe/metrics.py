@@ -285,7 +285,8 @@ class MetricsResource(Resource):
 #: the smallest descriptor limit, the stalest etcd revision; an info gauge
 #: is 1, not N.
 _TAKE_MIN = frozenset(["process_start_time_seconds", "process_max_fds", "fauth_etcd_revision"])
-_TAKE_MAX = frozenset(["python_info"])
+# Per route or per object, the same in every worker that has it: a sum would count workers.
+_TAKE_MAX = frozenset(["python_info", "fauth_route_failed_closed", "fauth_etcd_skipped_objects"])
 
 
 def merge_expositions(texts: List[str], own: Optional[Dict[str, Dict[Tuple[Tuple[str, str], ...], float]]] = None) -> List[Metric]:
