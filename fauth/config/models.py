@@ -22,6 +22,7 @@ __all__ = [
     "HttpLimits",
     "Node",
     "PluginConfigConf",
+    "PluginsConf",
     "RouteConf",
     "ServiceConf",
     "UpstreamConf",
@@ -149,6 +150,18 @@ class RouteConf:
 
 
 @attr.frozen
+class PluginsConf:
+    """
+    The C{plugins} of a route, service or plugin config.  Merging goes by
+    plugin name, as APISIX's: an object that has C{forward-auth} gives it
+    whole, whatever a service or plugin config under it says.
+    """
+
+    has_forward_auth: bool = False
+    forward_auth: Optional[ForwardAuthConf] = None
+
+
+@attr.frozen
 class ServiceConf:
     """
     A validated APISIX service: what its routes take when they do not say
@@ -157,7 +170,7 @@ class ServiceConf:
 
     id: str
     upstream: Optional[UpstreamConf] = None
-    forward_auth: Optional[ForwardAuthConf] = None
+    plugins: PluginsConf = PluginsConf()
     hosts: Optional[Tuple[str, ...]] = None
     enable_websocket: Optional[bool] = None
     name: str = ""
@@ -168,7 +181,7 @@ class PluginConfigConf:
     """A validated APISIX plugin config: plugins its routes take when they lack them."""
 
     id: str
-    forward_auth: Optional[ForwardAuthConf] = None
+    plugins: PluginsConf = PluginsConf()
 
 
 @attr.frozen

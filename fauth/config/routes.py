@@ -28,8 +28,8 @@ from fauth.config.apisix import (
 )
 from fauth.config.expr import parse_remote_addrs, parse_vars
 from fauth.config.models import (
-    ForwardAuthConf,
     PluginConfigConf,
+    PluginsConf,
     RouteConf,
     ServiceConf,
     UpstreamConf,
@@ -67,7 +67,7 @@ def _reference(name: str, value: object) -> str:
     return text
 
 
-def parse_plugins(doc: Mapping[str, Any]) -> Optional[ForwardAuthConf]:
+def parse_plugins(doc: Mapping[str, Any]) -> PluginsConf:
     """
     The C{plugins} of a route, service or plugin config: C{forward-auth}
     is the only one fauth runs; any other is refused (a plugin APISIX would
@@ -85,7 +85,7 @@ def parse_plugins(doc: Mapping[str, Any]) -> Optional[ForwardAuthConf]:
             forward_auth = parse_forward_auth(plugin_conf)
         except SchemaError as e:
             raise SchemaError("failed to check the configuration of plugin %s err: %s" % (plugin_name, e))
-    return forward_auth
+    return PluginsConf("forward-auth" in plugins, forward_auth)
 
 
 def _hosts(doc: Mapping[str, Any], single: bool) -> Optional[Tuple[str, ...]]:
@@ -217,7 +217,9 @@ def parse_route(
     enable_websocket = doc.get("enable_websocket")
     if enable_websocket is not None:
         check_type("enable_websocket", enable_websocket, "boolean")
-    forward_auth = parse_plugins(doc)
+    # Merged by plugin name, as APISIX: the first object that has the
+    # plugin gives it whole (route, then plugin config, then service).
+    plugins = parse_plugins(doc)
     upstream = _upstream(doc, upstreams)
     timeout = _timeout(doc) if "timeout" in doc else None
 
@@ -229,14 +231,14 @@ def parse_route(
             raise SchemaError(
                 "failed to fetch plugin config info by plugin config id [%s], response code: 404" % plugin_config_id
             )
-        forward_auth = forward_auth or plugin_config.forward_auth
+        plugins = plugins if plugins.has_forward_auth else plugin_config.plugins
     service_id = None
     if "service_id" in doc:
         service_id = _reference("service_id", doc["service_id"])
         service = services.get(service_id)
         if service is None:
             raise SchemaError("failed to fetch service info by service id [%s], response code: 404" % service_id)
-        forward_auth = forward_auth or service.forward_auth
+        plugins = plugins if plugins.has_forward_auth else service.plugins
         upstream = upstream or service.upstream
         hosts = hosts or service.hosts
         if enable_websocket is None:
@@ -254,7 +256,7 @@ def parse_route(
         methods=methods,
         hosts=hosts,
         priority=priority,
-        forward_auth=forward_auth,
+        forward_auth=plugins.forward_auth,
         enabled=status == 1,
         enable_websocket=bool(enable_websocket),
         remote_addrs=remote_addrs,
@@ -283,7 +285,7 @@ def parse_service(
     return ServiceConf(
         id=_object_id(doc, service_id),
         upstream=_upstream(doc, upstreams),
-        forward_auth=parse_plugins(doc),
+        plugins=parse_plugins(doc),
         hosts=_hosts(doc, single=False),
         enable_websocket=enable_websocket,
         name=name,
@@ -299,7 +301,7 @@ def parse_plugin_config(doc: object, plugin_config_id: Optional[str] = None) -> 
     doc = _object("plugin_config", doc, _PLUGIN_CONFIG_KEYS)
     if "plugins" not in doc:
         raise SchemaError('property "plugins" is required')
-    return PluginConfigConf(id=_object_id(doc, plugin_config_id), forward_auth=parse_plugins(doc))
+    return PluginConfigConf(id=_object_id(doc, plugin_config_id), plugins=parse_plugins(doc))
 
 
 def placeholder_route(
