@@ -610,6 +610,7 @@ class Control:
                 return
             previous = {route.id: route for route in self.conf.routes}
             sifted = sift(merge(self.conf, StoreContents()), raw, previous)
+            held = {route.id for route in sifted.placeholders}
             for key, reason in sifted.reasons.items():
                 if self.reasons.get(key) != reason:
                     log.warn(
@@ -617,10 +618,13 @@ class Control:
                         kind=_singular(key[0]),
                         id=key[1],
                         what="cannot run and answers 503 until a valid version arrives"
-                        if key[0] == "routes"
+                        if key[0] == "routes" and key[1] in held
                         else "skipped",
                         error=reason,
                     )
+            recovered = [
+                key for key in self.reasons if key not in sifted.reasons and key[1] in sifted.contents.of(key[0])
+            ]
             placeholders, self.placeholders = self.placeholders, sifted.placeholders
             try:
                 conf = self._fail_closed(merge(self.conf, sifted.contents))
@@ -633,6 +637,8 @@ class Control:
             self.reasons = dict(sifted.reasons)
             self.last_origin = origin
             self._apply(conf, built)
+            for kind, doc_id in recovered:
+                log.info("etcd: {kind} {id} is valid now and runs", kind=_singular(kind), id=doc_id)
         except Exception:
             log.failure("etcd: changes could not be applied; the running table is kept")
 

@@ -146,6 +146,21 @@ async def test_admin_api_services_and_plugin_configs(
         await env.stop()
 
 
+@ensureDeferred
+async def test_admin_api_host_bound_route_wins(
+    reactor: Any, tmp_path: Any, auth: str, upstream: str  # noqa: F811
+) -> None:
+    env = await start_admin_env(reactor, tmp_path, {})
+    try:
+        route_a = {"uri": "/app/*", "hosts": ["admin.example.com"], "plugins": _fa(auth), "upstream": _nodes(upstream)}
+        assert (await env.admin("PUT", "/apisix/admin/routes/B", {"uri": "/app/public", "upstream": _nodes(upstream)}))[0] == 201
+        assert (await env.admin("PUT", "/apisix/admin/routes/A", route_a))[0] == 201
+        assert (await env.get("/app/public", {"Host": "admin.example.com"}))[0] == 403
+        assert (await env.get("/app/public", {"Host": "www.example.com"}))[0] == 200
+    finally:
+        await env.stop()
+
+
 # --- etcd: what arrives at run time fails closed -------------------------------------------
 
 
