@@ -625,13 +625,10 @@ class Control:
             recovered = [
                 key for key in self.reasons if key not in sifted.reasons and key[1] in sifted.contents.of(key[0])
             ]
-            placeholders, self.placeholders = self.placeholders, sifted.placeholders
-            try:
-                conf = self._fail_closed(merge(self.conf, sifted.contents))
-                built = self._build(conf)
-            except Exception:
-                self.placeholders = placeholders
-                raise
+            # Each object was parsed once by sift: its configuration is served as it is.
+            conf = sifted.conf
+            built = self._build(conf)
+            self.placeholders = sifted.placeholders
             self.contents = sifted.contents
             self.skipped = dict(sifted.skipped)
             self.reasons = dict(sifted.reasons)

@@ -34,12 +34,15 @@ class Sifted:
     @ivar reasons: why, by C{(kind, id)} (one line, APISIX's wording).
     @ivar placeholders: a fail-closed route for each skipped route that
         can be placed (L{placeholder_route}).
+    @ivar conf: C{files} with the objects that validate added (after the
+        file's), and the placeholders: what the gateway serves.
     """
 
     contents: StoreContents
     skipped: Mapping[Tuple[str, str], Any]
     reasons: Mapping[Tuple[str, str], str]
     placeholders: Tuple[RouteConf, ...]
+    conf: GatewayConf
 
 
 def sift(files: GatewayConf, raw: StoreContents, previous: Mapping[str, RouteConf]) -> Sifted:
@@ -87,7 +90,15 @@ def sift(files: GatewayConf, raw: StoreContents, previous: Mapping[str, RouteCon
             )
             if placeholder is not None:
                 placeholders.append(placeholder)
-    return Sifted(StoreContents(**valid), skipped, reasons, tuple(placeholders))
+    routes = tuple(known["routes"].values())
+    conf = attr.evolve(
+        files,
+        routes=routes + tuple(placeholders),
+        upstreams=known["upstreams"],
+        services=known["services"],
+        plugin_configs=known["plugin_configs"],
+    )
+    return Sifted(StoreContents(**valid), skipped, reasons, tuple(placeholders), conf)
 
 
 def _because(doc: Any, reasons: Mapping[Tuple[str, str], str]) -> str:
