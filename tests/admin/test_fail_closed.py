@@ -15,7 +15,7 @@ from pytest_twisted import async_yield_fixture, ensureDeferred
 
 from fauth.config import ConfigError, parse_config
 from fauth.process.demo import DemoAuthResource
-from tests.adminenv import start_admin_env
+from tests.adminenv import env_doc, start_admin_env, write_config
 from tests.admin.test_etcd import etcd, reactor, start_fleet, stop_fleet, upstream  # noqa: F401 (fixtures)
 from tests.etcdenv import EtcdCluster, etcd_put, etcdctl
 from tests.servers import listen_on_loopback
@@ -157,6 +157,28 @@ async def test_admin_api_host_bound_route_wins(
         assert (await env.admin("PUT", "/apisix/admin/routes/A", route_a))[0] == 201
         assert (await env.get("/app/public", {"Host": "admin.example.com"}))[0] == 403
         assert (await env.get("/app/public", {"Host": "www.example.com"}))[0] == 200
+    finally:
+        await env.stop()
+
+
+@ensureDeferred
+async def test_reload_that_drops_a_service_still_named_is_refused(
+    reactor: Any, tmp_path: Any, auth: str, upstream: str  # noqa: F811
+) -> None:
+    doc = {
+        "services": [{"id": "s", "plugins": _fa(auth), "upstream": _nodes(upstream)}],
+        "routes": [{"id": "pub", "uri": "/*", "upstream": _nodes(upstream)}],
+    }
+    env = await start_admin_env(reactor, tmp_path, doc)
+    try:
+        assert (await env.admin("PUT", "/apisix/admin/routes/r", {"uri": "/r/*", "service_id": "s"}))[0] == 201
+        assert (await env.get("/r/x"))[0] == 403
+        full = env_doc(tmp_path, dict(doc, services=[]))
+        write_config(env.config_path, full)
+        code, answer = await env.admin("POST", "/apisix/admin/reload")
+        assert code == 400
+        assert 'route "r": failed to fetch service info by service id [s], response code: 404' in answer["error_msg"]
+        assert (await env.get("/r/x"))[0] == 403  # the running table kept
     finally:
         await env.stop()
 

@@ -44,6 +44,9 @@ def test_route_plugins_override_plugin_config_which_override_service() -> None:
     route = one({"service_id": "s"}, **doc)
     assert route.forward_auth is not None and route.forward_auth.uri == "http://service/"
     assert (route.service_id, route.plugin_config_id) == ("s", None)
+    # Empty plugins on the route: nothing of its own, the service's applies.
+    route = one({"service_id": "s", "plugins": {}}, **doc)
+    assert route.forward_auth is not None and route.forward_auth.uri == "http://service/"
 
 
 def test_service_supplies_upstream_hosts_and_websocket_the_route_lacks() -> None:
