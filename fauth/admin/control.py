@@ -560,7 +560,8 @@ class Control:
 
         def written(_: object) -> None:
             self._report("store_write", "ok")
-            if self.contents is before and (change[0], change[1]) not in self.skipped:
+            # With objects skipped, re-sift: the change may make them valid.
+            if self.contents is before and not self.skipped:
                 self.contents = contents
                 self.last_origin = "admin"
                 try:
@@ -568,7 +569,8 @@ class Control:
                 except _BuildError as e:
                     raise AdminError(500, "saved, but not applied: %s" % e)
             else:
-                # The watch changed the table meanwhile: apply onto that.
+                # The watch changed the table meanwhile (or objects wait
+                # in skipped): apply onto that.
                 self.apply_remote([change], origin="admin")
 
         def failed(failure: Failure) -> None:
