@@ -166,6 +166,31 @@ def _timeout(doc: Mapping[str, Any]) -> UpstreamTimeouts:
     return UpstreamTimeouts(**values)
 
 
+_LABEL_VALUE = re.compile(r"\S{1,256}\Z")
+
+
+def _metadata(doc: Mapping[str, Any]) -> str:
+    """
+    Check C{name}, C{desc} and C{labels} (inert, but shown and listed by:
+    APISIX's types and lengths); the name.
+    """
+    name = doc.get("name", "")
+    check_type("name", name, "string")
+    if len(name) > 256:
+        raise _prop("name", "string too long, expected at most 256")
+    if "desc" in doc:
+        check_type("desc", doc["desc"], "string")
+        if len(doc["desc"]) > 256:
+            raise _prop("desc", "string too long, expected at most 256")
+    if "labels" in doc:
+        check_type("labels", doc["labels"], "object")
+        for key, value in (doc["labels"] or {}).items():
+            if not isinstance(value, str) or not _LABEL_VALUE.match(value):
+                raise _prop("labels", 'property "%s" validation failed: expected a string of 1 to 256 '
+                            "characters without whitespace" % key)
+    return str(name)
+
+
 def _object_id(doc: Mapping[str, Any], given: Optional[str]) -> str:
     oid = doc.get("id", given)
     if oid is None:
@@ -212,8 +237,7 @@ def parse_route(
     check_type("status", status, "integer")
     if status not in (0, 1):
         raise _prop("status", "matches none of the enum values")
-    name = doc.get("name", "")
-    check_type("name", name, "string")
+    name = _metadata(doc)
     enable_websocket = doc.get("enable_websocket")
     if enable_websocket is not None:
         check_type("enable_websocket", enable_websocket, "boolean")
@@ -277,8 +301,7 @@ def parse_service(
     """
     doc = _object("service", doc, _SERVICE_KEYS)
     _refuse_lua(doc)
-    name = doc.get("name", "")
-    check_type("name", name, "string")
+    name = _metadata(doc)
     enable_websocket = doc.get("enable_websocket")
     if enable_websocket is not None:
         check_type("enable_websocket", enable_websocket, "boolean")
@@ -301,6 +324,7 @@ def parse_plugin_config(doc: object, plugin_config_id: Optional[str] = None) -> 
     doc = _object("plugin_config", doc, _PLUGIN_CONFIG_KEYS)
     if "plugins" not in doc:
         raise SchemaError('property "plugins" is required')
+    _metadata(doc)
     return PluginConfigConf(id=_object_id(doc, plugin_config_id), plugins=parse_plugins(doc))
 
 

@@ -99,6 +99,21 @@ def test_inert_metadata_accepted() -> None:
     assert route.name == "n"
 
 
+@pytest.mark.parametrize(
+    "route, message",
+    [
+        ({"name": 5}, 'property "name" validation failed: wrong type: expected string'),
+        ({"desc": "x" * 257}, 'property "desc" validation failed: string too long'),
+        ({"labels": ["a"]}, 'property "labels" validation failed: wrong type: expected object'),
+        ({"labels": {"team": "a b"}}, 'property "labels" validation failed: property "team" validation failed'),
+    ],
+)
+def test_metadata_checked_as_apisix(route: Dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        one(route)
+    assert str(caught.value).startswith('route "r": ' + message), str(caught.value)
+
+
 def test_status_zero_disables() -> None:
     assert one({"status": 0}).enabled is False
     assert one({"status": 1}).enabled is True
