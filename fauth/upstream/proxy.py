@@ -339,6 +339,11 @@ class UpstreamProxy:
         self._wire: Dict[Node, Tuple[bytes, bytes]] = {
             node: (node.host.encode("idna"), node.netloc.encode("idna")) for node in conf.nodes
         }
+        limit = getattr(pool, "limit", None)  # a StrictConnectionPool's keepalive_pool
+        if limit is not None:
+            for node, (host, _) in self._wire.items():
+                limit((self._scheme, host, node.port), conf.keepalive_pool,
+                      conf.keepalive_idle_timeout, conf.keepalive_requests)
 
     def _pick(self, request: Any, inbound: InboundRequest) -> Tuple[Node, object]:
         """The first node for C{request}, and its hash key (C{chash})."""

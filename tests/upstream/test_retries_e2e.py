@@ -198,3 +198,24 @@ async def test_chash_retries_the_next_node_when_the_key_s_node_is_dead(reactor: 
     )
     for user in range(8):
         assert await bodies(reactor, gw.port_number, "/c/x?user=%d" % user, 1) == [b"200 live"]
+
+
+@ensureDeferred
+async def test_keepalive_pool_requests_and_idle_timeout_close_connections(reactor: Any, stack: Stack) -> None:
+    up = await stack.upstream(Recorder(b"up"))
+    connections = stack.count_connections(up)
+    gw = await stack.gateway([route("1", "/k/*", {node(up): 1}, keepalive_pool={"requests": 2})])
+    assert await bodies(reactor, gw.port_number, "/k/x", 6) == [b"200 up"] * 6
+    assert connections[0] == 3
+    other = await stack.upstream(Recorder(b"other"))
+    counted = stack.count_connections(other)
+    gw2 = await stack.gateway([route("1", "/k/*", {node(other): 1}, keepalive_pool={"idle_timeout": 0})])
+    for _ in range(3):
+        assert await bodies(reactor, gw2.port_number, "/k/x", 1) == [b"200 other"]
+        await sleep(reactor, 0.01)  # the zero-second timer closes the idle connection
+    assert counted[0] == 3
+    default = await stack.upstream(Recorder(b"default"))
+    kept = stack.count_connections(default)
+    gw3 = await stack.gateway([route("1", "/k/*", {node(default): 1})])
+    assert await bodies(reactor, gw3.port_number, "/k/x", 4) == [b"200 default"] * 4
+    assert kept[0] == 1
