@@ -14,10 +14,11 @@ both the store and the running table alone.
 """
 from __future__ import annotations
 
+import copy
 import os
 import re
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import attr
 from twisted.internet.defer import Deferred
@@ -60,12 +61,21 @@ def _one_line(e: BaseException) -> str:
 
 
 class AdminError(Exception):
-    """A refused admin operation: the HTTP status and APISIX's C{error_msg}."""
+    """
+    A refused admin operation: the HTTP status and APISIX's message, sent
+    as C{{"error_msg": message}} (or, with C{field}, under that name:
+    APISIX answers a missing key with C{{"message": "Key not found"}}).
+    """
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, field: str = "error_msg") -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.field = field
+
+
+def _not_found() -> AdminError:
+    return AdminError(404, "Key not found", field="message")
 
 
 @attr.frozen
@@ -79,6 +89,9 @@ class Entry:
     source: str = "api"
     #: The key prefix: C{etcd.prefix} with etcd, else APISIX's default.
     prefix: str = "/apisix"
+    #: The revisions that created and last changed it (0 for the file's objects).
+    created_index: int = 0
+    modified_index: int = 0
 
     @property
     def key(self) -> str:
@@ -115,10 +128,36 @@ def _file_ids(doc: Mapping[str, Any], kind: str) -> List[str]:
 
 
 def _then(outcome: Optional["Deferred[Any]"], result: Any) -> Any:
-    """C{result}, or a Deferred firing with it once C{outcome} (an etcd write) succeeded."""
+    """
+    C{result} (called first when callable: an entry made after the write
+    knows its indexes), or a Deferred firing with it once C{outcome} (an
+    etcd write) succeeded.
+    """
+    make = result if callable(result) else lambda: result
     if outcome is None:
-        return result
-    return outcome.addCallback(lambda _: result)
+        return make()
+    return outcome.addCallback(lambda _: make())
+
+
+def _replace_at(doc: Mapping[str, Any], path: Sequence[str], value: object) -> object:
+    """
+    C{doc} with what C{path} names replaced by C{value} (missing objects on
+    the way are made), as APISIX's C{core.table.patch}.
+
+    @raise AdminError: 400 C{invalid sub-path: /a/b} when the path crosses
+        something that is not an object.
+    """
+    result: Dict[str, Any] = copy.deepcopy(dict(doc))
+    node: Any = result
+    for i, name in enumerate(path[:-1]):
+        child = node.get(name)
+        if child is None:
+            child = node[name] = {}
+        if not isinstance(child, dict):
+            raise AdminError(400, "invalid sub-path: /" + "/".join(path[: i + 1]))
+        node = child
+    node[path[-1]] = value
+    return result
 
 
 def _changed(contents: StoreContents, changes: List[Tuple[str, str, Any]]) -> StoreContents:
@@ -314,7 +353,9 @@ class Control:
 
     def _entry(self, kind: str, doc_id: str, value: Mapping[str, Any], source: str = "api") -> Entry:
         etcd = self.conf.etcd
-        return Entry(kind, doc_id, value, source, etcd.prefix if etcd is not None else "/apisix")
+        indexes = self.etcd.indexes if self.etcd is not None else self.contents.indexes
+        created, modified = indexes.get((kind, doc_id), (0, 0))
+        return Entry(kind, doc_id, value, source, etcd.prefix if etcd is not None else "/apisix", created, modified)
 
     def file_ids(self, kind: str) -> List[str]:
         """The ids of C{kind} the configuration file owns."""
@@ -327,7 +368,7 @@ class Control:
                 return entry
         value = self.contents.of(kind).get(doc_id)
         if value is None:
-            raise AdminError(404, "%s %s not found" % (_singular(kind), doc_id))
+            raise _not_found()
         return self._entry(kind, doc_id, value)
 
     def list(self, kind: str) -> List[Entry]:
@@ -344,27 +385,36 @@ class Control:
 
     # -- writes --------------------------------------------------------------
 
-    def put(self, kind: str, doc_id: str, body: object) -> Tuple[bool, Entry]:
+    def put(self, kind: str, doc_id: Optional[str], body: object, ttl: Optional[float] = None) -> Tuple[bool, Entry]:
         """
-        Create or replace C{doc_id}.
+        Create or replace C{doc_id} (C{None}: the id the body holds, as
+        APISIX's C{PUT /apisix/admin/routes}).
 
+        @param ttl: seconds after which the object is deleted (APISIX's
+            C{?ttl=}: an etcd lease; the store file keeps the time).
         @return: whether it was created, and the stored entry; with etcd, a
             Deferred firing with them once etcd took the change (failing
             with L{AdminError}, 503 while etcd is unavailable).
         @raise AdminError: refused; nothing changed.
         """
+        doc = self._object(body)
+        if doc_id is None:
+            if doc.get("id") is None:
+                raise AdminError(400, "missing %s id" % _singular(kind))
+            doc_id = str(doc["id"])
         _check_id(kind, doc_id)
         self._check_writable(kind, doc_id)
-        doc = self._object(body)
         if "id" in doc and str(doc["id"]) != doc_id:
             raise AdminError(400, "wrong %s id" % _singular(kind))
         previous = self.contents.of(kind).get(doc_id)
         value = {"id": doc_id}
         value.update((k, v) for k, v in doc.items() if k != "id")
         _timestamps(value, previous, int(self._clock()))
-        return _then(self._commit(kind, doc_id, value), (previous is None, self._entry(kind, doc_id, value)))
+        return _then(
+            self._commit(kind, doc_id, value, ttl), lambda: (previous is None, self._entry(kind, doc_id, value))
+        )
 
-    def create(self, kind: str, body: object) -> Entry:
+    def create(self, kind: str, body: object, ttl: Optional[float] = None) -> Entry:
         """C{POST}: store under a generated id (with etcd: a Deferred, as L{put})."""
         self._check_loaded()
         doc = self._object(body)
@@ -374,48 +424,77 @@ class Control:
         value = {"id": doc_id}
         value.update(doc)
         _timestamps(value, None, int(self._clock()))
-        return _then(self._commit(kind, doc_id, value), self._entry(kind, doc_id, value))
+        return _then(self._commit(kind, doc_id, value, ttl), lambda: self._entry(kind, doc_id, value))
 
-    def patch(self, kind: str, doc_id: str, patch: object) -> Entry:
+    def patch(
+        self, kind: str, doc_id: str, patch: object, sub_path: Sequence[str] = (), ttl: Optional[float] = None
+    ) -> Entry:
         """
-        C{PATCH}: an RFC 7396 merge patch of the stored document, then full
-        validation (with etcd: a Deferred, as L{put}).
-        """
-        _check_id(kind, doc_id)
-        self._check_writable(kind, doc_id)
-        previous = self.contents.of(kind).get(doc_id)
-        if previous is None:
-            raise AdminError(404, "%s %s not found" % (_singular(kind), doc_id))
-        merged = self._object(merge_patch(previous, patch))
-        if "id" in merged and str(merged["id"]) != doc_id:
-            raise AdminError(400, "wrong %s id" % _singular(kind))
-        value = {"id": doc_id}
-        value.update((k, v) for k, v in merged.items() if k != "id")
-        patched_stamp = isinstance(patch, dict) and "update_time" in patch
-        _timestamps(value, previous, int(self._clock()), patch=not patched_stamp)
-        return _then(self._commit(kind, doc_id, value), self._entry(kind, doc_id, value))
-
-    def delete(self, kind: str, doc_id: str) -> Entry:
-        """
-        Remove C{doc_id}; an upstream still named by a route is kept (with
+        C{PATCH}: an RFC 7396 merge patch of the stored document or, with
+        C{sub_path} (C{PATCH /routes/1/upstream/nodes}), C{patch} put in
+        place of what that path holds, as APISIX; then full validation (with
         etcd: a Deferred, as L{put}).
         """
         _check_id(kind, doc_id)
         self._check_writable(kind, doc_id)
         previous = self.contents.of(kind).get(doc_id)
         if previous is None:
-            raise AdminError(404, "%s %s not found" % (_singular(kind), doc_id))
+            raise _not_found()
+        if sub_path:
+            merged = self._object(_replace_at(previous, sub_path, patch))
+        else:
+            merged = self._object(merge_patch(previous, self._object(patch)))
+        if "id" in merged and str(merged["id"]) != doc_id:
+            raise AdminError(400, "wrong %s id" % _singular(kind))
+        value = {"id": doc_id}
+        value.update((k, v) for k, v in merged.items() if k != "id")
+        patched_stamp = not sub_path and isinstance(patch, dict) and "update_time" in patch
+        _timestamps(value, previous, int(self._clock()), patch=not patched_stamp)
+        return _then(self._commit(kind, doc_id, value, ttl), lambda: self._entry(kind, doc_id, value))
+
+    def delete(self, kind: str, doc_id: str, force: bool = False) -> Entry:
+        """
+        Remove C{doc_id}; an upstream still named by a route is kept (with
+        etcd: a Deferred, as L{put}).  C{force} (APISIX's C{?force=true})
+        skips that check, but fauth still refuses a change that would leave
+        a route without its upstream.
+        """
+        _check_id(kind, doc_id)
+        self._check_writable(kind, doc_id)
+        previous = self.contents.of(kind).get(doc_id)
+        if previous is None:
+            raise _not_found()
         if kind == "upstreams":
             for route in self.list("routes"):
                 if str(route.value.get("upstream_id")) == doc_id and "upstream_id" in route.value:
-                    raise AdminError(
-                        400, "can not delete this upstream, route [%s] is still using it now" % route.id
-                    )
+                    message = "can not delete this upstream, route [%s] is still using it now" % route.id
+                    if force:
+                        message += " (fauth never serves a route without its upstream: change the route first)"
+                    raise AdminError(400, message)
+        entry = self._entry(kind, doc_id, previous)
         contents = self.contents.without(kind, doc_id)
-        return _then(
-            self._save_and_apply(self._effective(contents), contents, (kind, doc_id, None)),
-            self._entry(kind, doc_id, previous),
-        )
+        return _then(self._save_and_apply(self._effective(contents), contents, (kind, doc_id, None)), entry)
+
+    def expire(self) -> None:
+        """
+        Delete every stored object whose C{?ttl=} ran out (the store file's;
+        etcd deletes its leased keys itself), in one change.  Never raises
+        (a timer calls it).
+        """
+        now = self._clock()
+        due = [key for key, when in self.contents.expires.items() if when <= now]
+        if not due or self.store is None:
+            return
+        contents = self.contents
+        for kind, doc_id in due:
+            contents = contents.without(kind, doc_id)
+        try:
+            self._save_and_apply(self._effective(contents), contents)
+        except AdminError as e:
+            log.error("expired objects not removed: {error}", error=e.message)
+            return
+        for kind, doc_id in due:
+            log.info("admin API: {kind} {id} expired (ttl)", kind=_singular(kind), id=doc_id)
 
     def _check_loaded(self) -> None:
         # Validating against a table that lacks etcd's objects would refuse
@@ -452,7 +531,9 @@ class Control:
         self._last_id = candidate
         return str(candidate)
 
-    def _commit(self, kind: str, doc_id: str, value: Dict[str, Any]) -> Optional[Deferred]:
+    def _commit(
+        self, kind: str, doc_id: str, value: Dict[str, Any], ttl: Optional[float] = None
+    ) -> Optional[Deferred]:
         # The document alone first: its errors get APISIX's exact wording.
         try:
             if kind == "routes":
@@ -464,8 +545,9 @@ class Control:
             if not message.startswith(_APISIX_WORDED):
                 message = "invalid configuration: " + message
             raise AdminError(400, message)
-        contents = self.contents.with_doc(kind, doc_id, value)
-        return self._save_and_apply(self._effective(contents), contents, (kind, doc_id, value))
+        expires = None if ttl is None else self._clock() + ttl
+        contents = self.contents.with_doc(kind, doc_id, value, expires)
+        return self._save_and_apply(self._effective(contents), contents, (kind, doc_id, value), ttl)
 
     def _effective(self, contents: StoreContents) -> GatewayConf:
         try:
@@ -474,7 +556,11 @@ class Control:
             raise AdminError(400, str(e))
 
     def _save_and_apply(
-        self, conf: GatewayConf, contents: StoreContents, change: Optional[Tuple[str, str, Any]] = None
+        self,
+        conf: GatewayConf,
+        contents: StoreContents,
+        change: Optional[Tuple[str, str, Any]] = None,
+        ttl: Optional[float] = None,
     ) -> Optional["Deferred[None]"]:
         try:
             built = self._build(conf)
@@ -482,7 +568,7 @@ class Control:
             raise AdminError(400, "invalid configuration: %s" % e)
         if self.etcd is not None:
             assert change is not None
-            return self._write_etcd(conf, contents, built, change)
+            return self._write_etcd(conf, contents, built, change, ttl)
         assert self.store is not None
         try:
             self.store.save(contents)
@@ -500,7 +586,12 @@ class Control:
         return None
 
     def _write_etcd(
-        self, conf: GatewayConf, contents: StoreContents, built: List[Any], change: Tuple[str, str, Any]
+        self,
+        conf: GatewayConf,
+        contents: StoreContents,
+        built: List[Any],
+        change: Tuple[str, str, Any],
+        ttl: Optional[float] = None,
     ) -> "Deferred[None]":
         """
         Write one validated change to etcd (one put or delete: all or
@@ -532,7 +623,7 @@ class Control:
                 raise AdminError(503, "etcd is unavailable, nothing was changed: %s" % failure.value)
             raise AdminError(503, "etcd refused the change, nothing was changed: %s" % failure.value)
 
-        return self.etcd.write(*change).addCallbacks(written, failed)
+        return self.etcd.write(*change, ttl=ttl).addCallbacks(written, failed)
 
     # -- changes from etcd -----------------------------------------------------
 

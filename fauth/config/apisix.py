@@ -31,9 +31,12 @@ __all__ = [
     "HEADER_NAME",
     "HTTP_METHODS",
     "KNOWN_PLUGINS",
+    "auth_disabled",
     "check_string_list",
     "parse_cache",
+    "meta_disabled",
     "parse_forward_auth",
+    "parse_forward_auth_plugin",
     "parse_route",
     "parse_upstream",
 ]
@@ -126,6 +129,10 @@ def parse_forward_auth(conf: object) -> ForwardAuthConf:
             for name, value in extra.items()
         )
     meta = checked.get("_meta")
+    try:
+        _check_meta(meta)
+    except SchemaError as e:
+        raise _prop("_meta", str(e))
     error_response = None
     if isinstance(meta, dict) and meta.get("error_response") is not None:
         er = meta["error_response"]
@@ -155,6 +162,66 @@ def parse_forward_auth(conf: object) -> ForwardAuthConf:
         cache=cache,
         warnings=tuple(warnings),
     )
+
+
+def _check_meta(meta: object) -> None:
+    """
+    APISIX's injected C{_meta} schema (C{plugin_injected_schema}): C{disable}
+    (see L{parse_forward_auth_plugin}), C{error_response}, C{priority}
+    (forward-auth is the only plugin fauth runs: nothing to order); C{filter}
+    and C{pre_function} are refused.
+    """
+    if not isinstance(meta, dict):
+        return  # absent, or an empty array (Lua cannot tell it from an object)
+    for name in meta:
+        if name not in ("disable", "error_response", "priority", "filter", "pre_function"):
+            raise SchemaError("additional properties forbidden, found %s" % name)
+    if "disable" in meta:
+        check_type("disable", meta["disable"], "boolean")
+    if "error_response" in meta and not isinstance(meta["error_response"], str) and not is_object(
+        meta["error_response"]
+    ):
+        raise _prop("error_response", "value should match only one schema, but matches none")
+    if "priority" in meta:
+        check_type("priority", meta["priority"], "integer")
+    if "filter" in meta:
+        check_type("filter", meta["filter"], "array")
+        raise _prop("filter", "not supported by fauth: it has no vars expressions for plugins yet "
+                              "(a route of its own, with its own uri, hosts or methods, can hold the plugin)")
+    if "pre_function" in meta:
+        check_type("pre_function", meta["pre_function"], "string")
+        raise _prop("pre_function", "not supported by fauth: it runs no Lua")
+
+
+def meta_disabled(conf: object) -> bool:
+    """Whether a plugin object has C{_meta.disable} true (APISIX's C{check_disable})."""
+    meta = conf.get("_meta") if isinstance(conf, dict) else None
+    return isinstance(meta, dict) and meta.get("disable") is True
+
+
+def auth_disabled(route: RouteConf) -> bool:
+    """Whether C{route} has a C{forward-auth} that C{_meta.disable} turned off."""
+    plugins = route.source.get("plugins")
+    return isinstance(plugins, dict) and meta_disabled(plugins.get("forward-auth"))
+
+
+def parse_forward_auth_plugin(conf: object) -> Optional[ForwardAuthConf]:
+    """
+    The C{forward-auth} of a route: L{parse_forward_auth}, or C{None} when
+    C{_meta.disable} is true.  As APISIX, a disabled plugin never runs
+    (every request of the route passes without an auth call) and is
+    accepted even when the rest of its object does not validate; only its
+    C{_meta} must.
+
+    @raise SchemaError: with APISIX's message.
+    """
+    if not meta_disabled(conf):
+        return parse_forward_auth(conf)
+    try:
+        _check_meta(conf.get("_meta") if isinstance(conf, dict) else None)
+    except SchemaError as e:
+        raise _prop("_meta", str(e))
+    return None
 
 
 _CACHE_KEYS = ("ttl", "deny_ttl", "max_entries", "stale_if_error", "key")
@@ -496,7 +563,7 @@ def parse_route(
         if plugin_name not in KNOWN_PLUGINS:
             raise SchemaError("unknown plugin [%s]" % plugin_name)
         try:
-            forward_auth = parse_forward_auth(plugin_conf)
+            forward_auth = parse_forward_auth_plugin(plugin_conf)
         except SchemaError as e:
             raise SchemaError("failed to check the configuration of plugin %s err: %s" % (plugin_name, e))
     if "upstream" in doc and "upstream_id" in doc:

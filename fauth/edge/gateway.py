@@ -17,6 +17,7 @@ from fauth.auth.cache import DecisionCache
 from fauth.auth.forward import ForwardAuth
 from fauth.auth.client import AuthCallError, AuthClient, AuthTarget
 from fauth.config import ForwardAuthConf, GatewayConf, RouteConf, UpstreamConf
+from fauth.config.apisix import auth_disabled
 from fauth.upstream.proxy import UpstreamProxy
 from fauth.upstream.tunnel import Tunnels
 from fauth.routing.table import RouteTable
@@ -199,6 +200,11 @@ class Gateway:
                 )
                 if auth.cache is not None:
                     self._caches[key] = auth.cache
+            elif auth_disabled(route):
+                log.warn(
+                    "route {id}: forward-auth is disabled by _meta.disable: its requests pass without auth",
+                    id=route.id,
+                )
             entries.append((route, Route(route, auth, upstream)))
         return RouteTable(entries)
 

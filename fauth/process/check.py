@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import List
 
 from fauth.config import GatewayConf, RouteConf
+from fauth.config.apisix import auth_disabled
 
 __all__ = ["describe"]
 
@@ -23,9 +24,10 @@ def _route_line(route: RouteConf) -> str:
     if not route.enabled:
         parts.append("disabled (status 0)")
     auth = route.forward_auth
-    parts.append(
-        "no forward-auth" if auth is None else "forward-auth %s %s" % (auth.request_method, auth.uri)
-    )
+    if auth is not None:
+        parts.append("forward-auth %s %s" % (auth.request_method, auth.uri))
+    else:
+        parts.append("no forward-auth (disabled by _meta.disable)" if auth_disabled(route) else "no forward-auth")
     upstream = route.upstream
     target = ", ".join("%s(%d)" % (node.netloc, node.weight) for node in upstream.nodes)
     parts.append("upstream %s://%s" % (upstream.scheme, target))
