@@ -475,6 +475,12 @@ class Control:
         contents = self.contents.without(kind, doc_id)
         return _then(self._save_and_apply(self._effective(contents), contents, (kind, doc_id, None)), entry)
 
+    def next_expiry(self) -> Optional[float]:
+        """Seconds until the first stored object's C{?ttl=} runs out (0 if past), or C{None}."""
+        if not self.contents.expires:
+            return None
+        return max(0.0, min(self.contents.expires.values()) - self._clock())
+
     def expire(self) -> None:
         """
         Delete every stored object whose C{?ttl=} ran out (the store file's;
