@@ -33,6 +33,7 @@ from fauth.config import (
     parse_upstream,
     read_document,
 )
+from fauth.config.document import standalone_id
 from fauth.config.schema import SchemaError
 from fauth.admin.store import KINDS, Store, StoreContents
 
@@ -124,7 +125,16 @@ def _file_docs(doc: Mapping[str, Any], kind: str) -> List[Any]:
 
 
 def _file_ids(doc: Mapping[str, Any], kind: str) -> List[str]:
-    return [str(d["id"]) for d in _file_docs(doc, kind) if isinstance(d, dict) and d.get("id") is not None]
+    return [doc_id for doc_id, _ in _file_items(doc, kind)]
+
+
+def _file_items(doc: Mapping[str, Any], kind: str) -> List[Tuple[str, Dict[str, Any]]]:
+    """The file's objects of C{kind} with their ids (C{arr_<n>} for those without, as APISIX)."""
+    return [
+        (standalone_id(i) if d.get("id") is None else str(d["id"]), d)
+        for i, d in enumerate(_file_docs(doc, kind), 1)
+        if isinstance(d, dict)
+    ]
 
 
 def _then(outcome: Optional["Deferred[Any]"], result: Any) -> Any:
@@ -378,9 +388,8 @@ class Control:
 
     def _file_entries(self, kind: str) -> List[Entry]:
         return [
-            self._entry(kind, str(d["id"]), d, "file")
-            for d in _file_docs(self.conf.source, kind)
-            if isinstance(d, dict) and d.get("id") is not None
+            self._entry(kind, doc_id, d if "id" in d else dict(d, id=doc_id), "file")
+            for doc_id, d in _file_items(self.conf.source, kind)
         ]
 
     # -- writes --------------------------------------------------------------

@@ -20,7 +20,7 @@ from fauth.config.errors import ConfigError
 from fauth.config.models import AdminConf, DemoConf, EtcdConf, GatewayConf, HttpLimits
 from fauth.config.schema import SchemaError
 
-__all__ = ["load_config", "parse_config", "read_document"]
+__all__ = ["load_config", "parse_config", "read_document", "standalone_id"]
 
 _TOP_LEVEL_KEYS = frozenset(
     [
@@ -32,6 +32,15 @@ _ADMIN_KEYS = frozenset(["listen", "keys", "store", "metrics_require_key"])
 _ETCD_KEYS = frozenset(["host", "prefix", "timeout", "user", "password"])
 _ETCD_HOST_RE = re.compile(r"^http://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+)(:[0-9]{1,5})?/?$")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def standalone_id(position: int) -> str:
+    """
+    The id of the C{position}th (from 1) route or upstream of a file that
+    gives it none: C{arr_<position>}, as APISIX's standalone mode names them
+    (C{apisix/core/config_yaml.lua}).
+    """
+    return "arr_%d" % position
 
 
 def parse_config(doc: object, environ: Optional[Mapping[str, str]] = None) -> GatewayConf:
@@ -67,11 +76,11 @@ def parse_config(doc: object, environ: Optional[Mapping[str, str]] = None) -> Ga
         raise ConfigError('config: property "upstreams" validation failed: wrong type: expected array')
     for i, up in enumerate(raw_upstreams, 1):
         uid = up.get("id") if isinstance(up, dict) else None
-        label = 'upstream "%s"' % uid if uid is not None else "upstream #%d" % i
         if uid is None:
-            raise ConfigError('%s: property "id" is required' % label)
+            uid = standalone_id(i)
+        label = 'upstream "%s"' % uid
         try:
-            parsed = parse_upstream(up)
+            parsed = parse_upstream(up, str(uid))
         except SchemaError as e:
             raise ConfigError("%s: %s" % (label, e))
         if str(uid) in upstreams:
@@ -85,9 +94,11 @@ def parse_config(doc: object, environ: Optional[Mapping[str, str]] = None) -> Ga
         raise ConfigError('config: property "routes" validation failed: wrong type: expected array')
     for i, r in enumerate(raw_routes, 1):
         rid = r.get("id") if isinstance(r, dict) else None
-        label = 'route "%s"' % rid if rid is not None else "route #%d" % i
+        if rid is None:
+            rid = standalone_id(i)
+        label = 'route "%s"' % rid
         try:
-            route = parse_route(r, upstreams)
+            route = parse_route(r, upstreams, str(rid))
         except SchemaError as e:
             message = str(e)
             prefix = "failed to check the configuration of plugin forward-auth err: "
