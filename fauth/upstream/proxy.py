@@ -410,15 +410,41 @@ class UpstreamProxy:
 
     # -- hook for fauth.upstream.tunnel (WebSocket) ---------------------------
 
-    def tunnel_target(self, request: Any, inbound: InboundRequest) -> Tuple[Any, bytes, str]:
+    def tunnel_target(self, request: Any, inbound: InboundRequest) -> Tuple[Any, bytes, str, Any]:
         """
         The next node for an upgrade, never through the pool: its endpoint,
         the request head (hop-by-hop fields dropped, as for any request; the
-        tunnel adds its own C{Upgrade} and C{Connection}) and its netloc.
+        tunnel adds its own C{Upgrade} and C{Connection}), its netloc, and
+        C{None} or, with more than one try, C{next_target(failure)}: the
+        same three for the next node after a connection failure (the rules
+        of L{_Tries}), or C{None}.
         """
-        node = self._pick(request, inbound)[0]
+        node, key = self._pick(request, inbound)
+        current = [node]
         if self._counted:
-            when_finished(request, lambda _: self._balancer.release(node))
+            when_finished(request, lambda _: self._balancer.release(current[0]))
+        if self._tries == 1:
+            return self._tunnel_to(request, inbound, node) + (None,)
+        tried = {node}
+        deadline = self._reactor.seconds() + self.conf.retry_timeout if self.conf.retry_timeout > 0 else None
+
+        def next_target(failure: Failure) -> Optional[Tuple[Any, bytes, str]]:
+            if len(tried) >= self._tries or not connect_failed(failure):
+                return None
+            if deadline is not None and self._reactor.seconds() > deadline:
+                return None
+            next_node = self._balancer.pick(key, tried)
+            if next_node is None:
+                return None
+            if self._counted:
+                self._balancer.release(current[0])
+            tried.add(next_node)
+            current[0] = next_node
+            return self._tunnel_to(request, inbound, next_node)
+
+        return self._tunnel_to(request, inbound, node) + (next_target,)
+
+    def _tunnel_to(self, request: Any, inbound: InboundRequest, node: Node) -> Tuple[Any, bytes, str]:
         host, netloc = self._wire[node]
         endpoint = self._connector.endpoint(self._scheme, host, node.port)[1]
         return endpoint, self._head(request, inbound, netloc, None), node.netloc
