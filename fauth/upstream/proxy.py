@@ -324,10 +324,11 @@ class UpstreamProxy:
         self.conf = conf
         self._reactor = reactor
         self._balancer = Balancer(conf.type, conf.nodes)
-        # One node: no balancer, no retries, no per-request work for either.
-        self._single = self._balancer.single
         self._tries = conf.tries
         self._counted = conf.type == "least_conn"
+        # One node: no balancer, no retries, no per-request work for either
+        # (least_conn still counts, as APISIX's does for a later scale-out).
+        self._single = self._balancer.single if not self._counted else None
         self._hash_key = _hash_key(conf) if conf.type == "chash" else None
         self._connector = Connector(
             reactor, pool, tls_policy(conf.tls_verify, trust_root), conf.timeout.connect
@@ -347,7 +348,7 @@ class UpstreamProxy:
 
     def _pick(self, request: Any, inbound: InboundRequest) -> Tuple[Node, object]:
         """The first node for C{request}, and its hash key (C{chash})."""
-        if self._single is not None and not self._counted:
+        if self._single is not None:
             return self._single, None
         key = self._hash_key(inbound) if self._hash_key is not None else None
         node = self._balancer.pick(key)
@@ -458,7 +459,11 @@ class UpstreamProxy:
         @param exchange: a L{fauth.observe.exchange.Exchange} to time the upstream
             leg, or C{None}.
         """
-        node, key = self._pick(request, inbound)
+        single = self._single
+        if single is not None:
+            node, key = single, None
+        else:
+            node, key = self._pick(request, inbound)
         host, netloc = self._wire[node]
         body, upload = self._body(request, inbound)
         length = len(body) if body is not None else (upload.length if upload is not None else None)

@@ -5,7 +5,7 @@ through a real gateway on loopback in front of real (and dead) upstreams.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 from pytest_twisted import ensureDeferred
 from twisted.internet.defer import Deferred
@@ -27,8 +27,17 @@ async def dead_port(reactor: Any) -> int:
     return port
 
 
-def listed(*nodes: Dict[str, Any]) -> List[Dict[str, Any]]:
+def listed(*nodes: Dict[str, Any]) -> Any:
+    """Nodes in APISIX's list form (route() is typed for the mapping form)."""
     return list(nodes)
+
+
+async def dead_primary(reactor: Any, stack: Stack, live: Recorder, uri: str, **upstream: Any) -> Tuple[Any, int, int]:
+    """A gateway whose route's primary node refuses connections and whose backup is C{live}."""
+    up = await stack.upstream(live)
+    dead = await dead_port(reactor)
+    gw = await stack.gateway([route("1", uri, listed(n(dead, 1, 1), n(up, 1, 0)), **upstream)])
+    return gw, dead, up
 
 
 def n(port: int, weight: int = 1, priority: int = 0) -> Dict[str, Any]:
@@ -47,17 +56,14 @@ async def bodies(reactor: Any, port: int, path: str, count: int, extra: bytes = 
 async def test_backup_node_gets_nothing_while_the_primary_answers(reactor: Any, stack: Stack) -> None:
     primary, backup = Recorder(b"primary"), Recorder(b"backup")
     p, b = await stack.upstream(primary), await stack.upstream(backup)
-    gw = await stack.gateway([route("1", "/p/*", listed(n(b, 10, -1), n(p, 1, 0)))])  # type: ignore[arg-type]
+    gw = await stack.gateway([route("1", "/p/*", listed(n(b, 10, -1), n(p, 1, 0)))])
     assert await bodies(reactor, gw.port_number, "/p/x", 6) == [b"200 primary"] * 6
     assert backup.seen == []
 
 
 @ensureDeferred
 async def test_backup_node_takes_over_when_the_primary_refuses(reactor: Any, stack: Stack) -> None:
-    backup = Recorder(b"backup")
-    b = await stack.upstream(backup)
-    dead = await dead_port(reactor)
-    gw = await stack.gateway([route("1", "/p/*", listed(n(dead, 1, 1), n(b, 1, 0)))])  # type: ignore[arg-type]
+    gw, dead, b = await dead_primary(reactor, stack, Recorder(b"backup"), "/p/*")
     with LogCapture() as logs:
         assert await bodies(reactor, gw.port_number, "/p/x", 3) == [b"200 backup"] * 3
     assert logs.contains("upstream 127.0.0.1:%d failed: connection refused; trying 127.0.0.1:%d" % (dead, b))
@@ -89,19 +95,17 @@ async def test_retries_one_of_three_dead_nodes_can_still_fail(reactor: Any, stac
     up = await stack.upstream(live)
     dead1, dead2 = await dead_port(reactor), await dead_port(reactor)
     nodes = listed(n(dead1, 1, 2), n(dead2, 1, 1), n(up, 1, 0))
-    gw = await stack.gateway([route("1", "/r/*", nodes, retries=1)])  # type: ignore[arg-type]
+    gw = await stack.gateway([route("1", "/r/*", nodes, retries=1)])
     # Priorities fix the order: two dead tries, and no third.
     assert await bodies(reactor, gw.port_number, "/r/x", 2) == [b"502 "] * 2
-    gw2 = await stack.gateway([route("1", "/r/*", nodes)])  # type: ignore[arg-type]
+    gw2 = await stack.gateway([route("1", "/r/*", nodes)])
     assert await bodies(reactor, gw2.port_number, "/r/x", 2) == [b"200 live"] * 2
 
 
 @ensureDeferred
 async def test_a_streamed_body_reaches_the_node_after_a_refused_one(reactor: Any, stack: Stack) -> None:
     live = Recorder(b"live")
-    up = await stack.upstream(live)
-    dead = await dead_port(reactor)
-    gw = await stack.gateway([route("1", "/u/*", listed(n(dead, 1, 1), n(up, 1, 0)))])  # type: ignore[arg-type]
+    gw = (await dead_primary(reactor, stack, live, "/u/*"))[0]
     size = 3 * 1024 * 1024
     payload = b"POST /u/x HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % size
     reply = await fetch(reactor, gw.port_number, payload + b"x" * size)
@@ -122,7 +126,7 @@ async def test_no_retry_once_the_request_reached_a_node(reactor: Any, stack: Sta
     live = Recorder(b"live")
     up = await stack.upstream(live)
     rude = await stack.listen_factory(Factory.forProtocol(_HangUp))
-    gw = await stack.gateway([route("1", "/r/*", listed(n(rude, 1, 1), n(up, 1, 0)))])  # type: ignore[arg-type]
+    gw = await stack.gateway([route("1", "/r/*", listed(n(rude, 1, 1), n(up, 1, 0)))])
     assert await bodies(reactor, gw.port_number, "/r/x", 2) == [b"502 "] * 2
     assert live.seen == []
 
@@ -130,10 +134,7 @@ async def test_no_retry_once_the_request_reached_a_node(reactor: Any, stack: Sta
 @ensureDeferred
 async def test_pass_host_node_names_the_node_the_retry_went_to(reactor: Any, stack: Stack) -> None:
     live = Recorder(b"live", respond=lambda request: request.getHeader(b"host"))
-    up = await stack.upstream(live)
-    dead = await dead_port(reactor)
-    nodes = listed(n(dead, 1, 1), n(up, 1, 0))
-    gw = await stack.gateway([route("1", "/r/*", nodes, pass_host="node")])  # type: ignore[arg-type]
+    gw, _, up = await dead_primary(reactor, stack, live, "/r/*", pass_host="node")
     assert await bodies(reactor, gw.port_number, "/r/x", 1) == [b"200 127.0.0.1:%d" % up]
 
 
