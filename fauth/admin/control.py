@@ -235,6 +235,18 @@ def _check_id(kind: str, doc_id: str) -> None:
         )
 
 
+def _check_forbidden_times(doc: Mapping[str, Any]) -> None:
+    """
+    APISIX's C{check_forbidden_properties} for C{PUT} and C{POST}: the
+    gateway sets C{create_time} and C{update_time} (a C{PATCH} may give them).
+    """
+    for where, inner in (("", doc), ("upstream.", doc.get("upstream")), ("plugins.", doc.get("plugins"))):
+        if isinstance(inner, dict):
+            for name in ("create_time", "update_time"):
+                if inner.get(name) is not None:
+                    raise AdminError(400, "the property is forbidden:  %s%s" % (where, name))
+
+
 def _timestamps(value: Dict[str, Any], previous: Optional[Mapping[str, Any]], now: int, patch: bool = False) -> None:
     for name in ("create_time", "update_time"):
         stamp = value.get(name)
@@ -407,6 +419,7 @@ class Control:
         @raise AdminError: refused; nothing changed.
         """
         doc = self._object(body)
+        _check_forbidden_times(doc)
         if doc_id is None:
             if doc.get("id") is None:
                 raise AdminError(400, "missing %s id" % _singular(kind))
@@ -429,6 +442,7 @@ class Control:
         doc = self._object(body)
         if "id" in doc:
             raise AdminError(400, "wrong %s id, do not need it" % _singular(kind))
+        _check_forbidden_times(doc)
         doc_id = self._new_id()
         value = {"id": doc_id}
         value.update(doc)
