@@ -29,8 +29,12 @@ def _route_line(route: RouteConf) -> str:
     else:
         parts.append("no forward-auth (disabled by _meta.disable)" if auth_disabled(route) else "no forward-auth")
     upstream = route.upstream
-    target = ", ".join("%s(%d)" % (node.netloc, node.weight) for node in upstream.nodes)
-    parts.append("upstream %s://%s" % (upstream.scheme, target))
+    target = ", ".join(
+        "%s(%d%s)" % (node.netloc, node.weight, ", priority %d" % node.priority if node.priority else "")
+        for node in upstream.nodes
+    )
+    kind = "" if upstream.type == "roundrobin" else upstream.type + " "
+    parts.append("upstream %s%s://%s" % (kind, upstream.scheme, target))
     if route.enable_websocket:
         parts.append("websocket")
     return "; ".join(parts)

@@ -17,6 +17,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.web.resource import Resource
 
 from fauth.config import ConfigError, parse_config
+from fauth.process.check import describe
 from tests.adminenv import AdminEnv, Marker, start_admin_env
 from tests.admin.test_etcd import Fleet, etcd, start_fleet, stop_fleet
 from tests.etcdenv import EtcdCluster, etcd_get, etcd_put
@@ -164,9 +165,16 @@ def test_yaml_meta_refusals(meta: Dict[str, Any], words: str) -> None:
 
 
 def test_a_disabled_forward_auth_is_accepted_even_when_invalid_as_apisix() -> None:
+    nodes = [{"host": "127.0.0.1", "port": 9, "weight": 1, "priority": 2}, {"host": "127.0.0.1", "port": 8, "weight": 1}]
     doc = {"routes": [{"id": "1", "uri": "/", "plugins": {"forward-auth": {"timeout": 0, "_meta": {"disable": True}}},
-                       "upstream": {"nodes": {"127.0.0.1:9": 1}}}]}
-    assert parse_config(doc).routes[0].forward_auth is None
+                       "upstream": {"type": "least_conn", "nodes": nodes}}]}
+    conf = parse_config(doc)
+    assert conf.routes[0].forward_auth is None
+    # fauth --check says so.
+    assert (
+        "  route '1': /; no forward-auth (disabled by _meta.disable); "
+        "upstream least_conn http://127.0.0.1:9(1, priority 2), 127.0.0.1:8(1)"
+    ) in describe(conf).splitlines()
 
 
 # --- the admin API (store file) ----------------------------------------------------
