@@ -429,6 +429,8 @@ def parse_upstream(doc: object, upstream_id: Optional[str] = None) -> UpstreamCo
     if kind not in _BALANCERS:
         raise _prop("type", "invalid balancer type: %s (fauth has roundrobin, least_conn and chash)" % _shown(kind))
     scheme = doc.get("scheme", "http")
+    if scheme in ("grpc", "grpcs", "tcp", "tls", "udp", "kafka"):
+        raise _prop("scheme", "%s is not supported by fauth (http or https)" % scheme)
     if scheme not in ("http", "https"):
         raise _prop("scheme", "matches none of the enum values")
     if "nodes" not in doc:

@@ -128,6 +128,8 @@ async def test_yaml_meta_disable_priority_and_id_less_routes(reactor: Any, tmp_p
     [
         ({"checks": {"active": {"http_path": "/"}}}, 'property "checks" validation failed: not supported: fauth runs no health checks'),
         ({"type": "ewma"}, 'property "type" validation failed: invalid balancer type: ewma'),
+        ({"scheme": "grpc"}, 'property "scheme" validation failed: grpc is not supported by fauth (http or https)'),
+        ({"scheme": "gopher"}, 'property "scheme" validation failed: matches none of the enum values'),
         ({"discovery_type": "dns", "service_name": "x"}, 'property "discovery_type" validation failed: not supported'),
         ({"tls": {"client_cert_id": "1"}}, 'property "tls" validation failed: client_cert_id is not supported by fauth'),
         ({"type": "chash"}, "missing key"),
