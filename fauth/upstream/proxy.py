@@ -230,34 +230,48 @@ class _Relay:
                 (abort or transport.loseConnection)()
 
 
+class _Retries:
+    """
+    Which node one request tries next after a connection failure
+    (L{connect_failed}): the balancer's next node not tried yet, while
+    C{retries} and C{retry_timeout} allow, as APISIX's balancer does; none
+    after any other failure.
+    """
+
+    def __init__(self, reactor: IReactorTime, balancer: Balancer, conf: UpstreamConf, node: Node, key: object) -> None:
+        self._reactor = reactor
+        self._balancer = balancer
+        self._key = key
+        self._tried = {node}
+        self._left = conf.tries - 1
+        self._deadline = reactor.seconds() + conf.retry_timeout if conf.retry_timeout > 0 else None
+
+    def next_node(self, failure: Failure) -> Optional[Node]:
+        """The node to try after C{failure}, or C{None}: the request failed."""
+        if self._left <= 0 or not connect_failed(failure):
+            return None
+        if self._deadline is not None and self._reactor.seconds() > self._deadline:
+            log.warn("upstream: retry_timeout passed after {count} tries", count=len(self._tried))
+            return None
+        node = self._balancer.pick(self._key, self._tried)
+        if node is not None:
+            self._left -= 1
+            self._tried.add(node)
+        return node
+
+
 class _Tries:
     """
-    One request's tries of an upstream with more than one node: after a
-    connection failure (L{connect_failed}), the balancer's next node not
-    tried yet, while C{retries} and C{retry_timeout} allow, as APISIX's
-    balancer does; any other failure, or the last try's, is the request's.
+    One request's tries of an upstream with more than one node, the next
+    one chosen by L{_Retries}.
 
     @ivar result: fires with the answering try's head, or fails with the
         last failure; cancelling it cancels the try in progress.
     """
 
-    def __init__(
-        self,
-        reactor: IReactorTime,
-        balancer: Balancer,
-        conf: UpstreamConf,
-        node: Node,
-        key: object,
-        first: "Deferred[Any]",
-        send: Callable[[Node, str], "Deferred[Any]"],
-    ) -> None:
-        self._reactor = reactor
-        self._balancer = balancer
-        self._key = key
+    def __init__(self, retries: _Retries, first: "Deferred[Any]", send: Callable[[Node, str], "Deferred[Any]"]) -> None:
+        self._retries = retries
         self._send = send
-        self._tried = {node}
-        self._left = conf.tries - 1
-        self._deadline = reactor.seconds() + conf.retry_timeout if conf.retry_timeout > 0 else None
         self._current = first
         self.result: "Deferred[Any]" = Deferred(lambda _: self._current.cancel())
         self._follow(first)
@@ -273,17 +287,11 @@ class _Tries:
     def _failed(self, failure: Failure) -> None:
         if self.result.called:  # cancelled
             return
-        if self._left > 0 and connect_failed(failure):
-            if self._deadline is not None and self._reactor.seconds() > self._deadline:
-                log.warn("upstream: retry_timeout passed after {count} tries", count=len(self._tried))
-            else:
-                node = self._balancer.pick(self._key, self._tried)
-                if node is not None:
-                    self._left -= 1
-                    self._tried.add(node)
-                    self._follow(self._send(node, describe_failure(failure)))
-                    return
-        self.result.errback(failure)
+        node = self._retries.next_node(failure)
+        if node is None:
+            self.result.errback(failure)
+        else:
+            self._follow(self._send(node, describe_failure(failure)))
 
 
 def _hash_key(conf: UpstreamConf) -> Callable[[InboundRequest], str]:
@@ -418,7 +426,7 @@ class UpstreamProxy:
         tunnel adds its own C{Upgrade} and C{Connection}), its netloc, and
         C{None} or, with more than one try, C{next_target(failure)}: the
         same three for the next node after a connection failure (the rules
-        of L{_Tries}), or C{None}.
+        of L{_Retries}), or C{None}.
         """
         node, key = self._pick(request, inbound)
         current = [node]
@@ -426,20 +434,14 @@ class UpstreamProxy:
             when_finished(request, lambda _: self._balancer.release(current[0]))
         if self._tries == 1:
             return self._tunnel_to(request, inbound, node) + (None,)
-        tried = {node}
-        deadline = self._reactor.seconds() + self.conf.retry_timeout if self.conf.retry_timeout > 0 else None
+        retries = _Retries(self._reactor, self._balancer, self.conf, node, key)
 
         def next_target(failure: Failure) -> Optional[Tuple[Any, bytes, str]]:
-            if len(tried) >= self._tries or not connect_failed(failure):
-                return None
-            if deadline is not None and self._reactor.seconds() > deadline:
-                return None
-            next_node = self._balancer.pick(key, tried)
+            next_node = retries.next_node(failure)
             if next_node is None:
                 return None
             if self._counted:
                 self._balancer.release(current[0])
-            tried.add(next_node)
             current[0] = next_node
             return self._tunnel_to(request, inbound, next_node)
 
@@ -496,7 +498,7 @@ class UpstreamProxy:
                 return self._connector.request(self._scheme, host, node.port, retry)
 
             first = self._connector.request(self._scheme, host, node.port, outgoing)
-            d = _Tries(self._reactor, self._balancer, self.conf, node, key, first, send).result
+            d = _Tries(_Retries(self._reactor, self._balancer, self.conf, node, key), first, send).result
         if self._counted:
             when_finished(request, lambda _: self._balancer.release(node))
         relay.start(d)

@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 
 from fauth.config import Node, UpstreamConf
 from fauth.upstream.balancer import Balancer, ConsistentHash, LeastConnections, SmoothWeightedRoundRobin
-from fauth.upstream.proxy import _Tries, connect_failed
+from fauth.upstream.proxy import _Retries, _Tries, connect_failed
 from tests.harness import outcome
 
 A, B, C, D = (Node(h, 80) for h in "abcd")
@@ -100,7 +100,7 @@ def _tries(conf: UpstreamConf, clock: Clock, sent: List[Node], cancelled: Any = 
     node = balancer.pick()
     assert node is not None
     sent.append(node)
-    return _Tries(clock, balancer, conf, node, None, first, send), pending
+    return _Tries(_Retries(clock, balancer, conf, node, None), first, send), pending
 
 
 def test_tries_stop_at_retries_and_keep_the_last_failure() -> None:
