@@ -279,17 +279,9 @@ class ApisixAdmin(Resource):
                 # APISIX's PUT /apisix/admin/routes with the id in the body.
                 return self._put(request, method, kind, None)
             raise self._not_allowed(request, "GET, PUT, POST")
-        doc_id = parts[1]
-        if len(parts) > 2:
-            if method != "PATCH":
-                raise AdminError(404, "not found")
-
-            def patched_at(entry: Entry) -> bytes:
-                self._audit(request, method, entry, "updated")
-                return _answer(request, 200, self._item(entry, written=True))
-
-            outcome = self._control.patch(kind, doc_id, self._body(request), parts[2:], _ttl(request))
-            return self._reply(request, outcome, patched_at)
+        doc_id, sub_path = parts[1], parts[2:]
+        if sub_path and method != "PATCH":
+            raise AdminError(404, "not found")
         if method in ("GET", "HEAD"):
             return _answer(request, 200, self._item(self._control.get(kind, doc_id)))
         if method == "PUT":
@@ -300,7 +292,8 @@ class ApisixAdmin(Resource):
                 self._audit(request, method, entry, "updated")
                 return _answer(request, 200, self._item(entry, written=True))
 
-            return self._reply(request, self._control.patch(kind, doc_id, self._body(request), ttl=_ttl(request)), patched)
+            outcome = self._control.patch(kind, doc_id, self._body(request), sub_path, _ttl(request))
+            return self._reply(request, outcome, patched)
         if method == "DELETE":
 
             def deleted(entry: Entry) -> bytes:
