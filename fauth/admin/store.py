@@ -1,9 +1,10 @@
 # -*- test-case-name: tests.admin.test_store -*-
 """
 Where the admin API's changes are kept: one small JSON file,
-C{{"routes": {id: doc}, "upstreams": {id: doc}, "meta": {...}}}, replaced
-atomically on every change so that a crash at any moment leaves either the
-old or the new state on disk, never a torn file.
+C{{"routes": {id: doc}, "upstreams": {id: doc}, "meta": {...}}} (and
+C{"services"}, C{"plugin_configs"} when there are any), replaced atomically
+on every change so that a crash at any moment leaves either the old or the
+new state on disk, never a torn file.
 
 C{meta} holds what etcd would keep beside the documents: a revision counted
 up by every change, each object's C{createdIndex} and C{modifiedIndex} (the
@@ -23,20 +24,23 @@ from fauth.config import ConfigError
 
 __all__ = ["Store", "StoreContents", "atomic_write"]
 
-KINDS = ("routes", "upstreams")
+#: The object kinds, in APISIX's etcd and admin API names; an object may
+#: name one of an earlier kind (a route its service, a service its upstream).
+KINDS = ("upstreams", "plugin_configs", "services", "routes")
 
 
 @attr.frozen
 class StoreContents:
     """
-    The raw route and upstream documents the admin API accepted, by id, in
-    the order they were first written.  Never mutated: a change builds a new
-    one (see L{with_doc} and L{without}).
+    The raw documents the admin API accepted (routes, upstreams, services,
+    plugin configs), by id, in the order they were first written.  Never
+    mutated: a change builds a new one (see L{with_doc} and L{without}).
     """
 
     routes: Mapping[str, Mapping[str, Any]] = attr.field(factory=dict)
     upstreams: Mapping[str, Mapping[str, Any]] = attr.field(factory=dict)
-    #: Counted up by every change.
+    services: Mapping[str, Mapping[str, Any]] = attr.field(factory=dict)
+    plugin_configs: Mapping[str, Mapping[str, Any]] = attr.field(factory=dict)
     # (The bookkeeping below is not compared: two contents are equal when
     # they hold the same documents.)
     revision: int = attr.field(default=0, eq=False)
@@ -46,8 +50,9 @@ class StoreContents:
     expires: Mapping[Tuple[str, str], float] = attr.field(factory=dict, eq=False)
 
     def of(self, kind: str) -> Mapping[str, Mapping[str, Any]]:
-        """The documents of C{kind} (C{"routes"} or C{"upstreams"})."""
-        return self.routes if kind == "routes" else self.upstreams
+        """The documents of C{kind} (one of L{KINDS})."""
+        docs: Mapping[str, Mapping[str, Any]] = getattr(self, kind)
+        return docs
 
     def with_doc(
         self, kind: str, doc_id: str, doc: Mapping[str, Any], expires: Optional[float] = None
@@ -81,8 +86,11 @@ class StoreContents:
 
     def to_json(self) -> bytes:
         """The file's bytes."""
+        doc: Dict[str, Any] = {"routes": dict(self.routes), "upstreams": dict(self.upstreams)}
+        # The newer kinds only when used: an older fauth can still read the file.
+        doc.update((kind, dict(self.of(kind))) for kind in ("services", "plugin_configs") if self.of(kind))
         meta: Dict[str, Any] = {"revision": self.revision}
-        for kind in KINDS:
+        for kind in list(doc):
             entries = meta[kind] = {}
             for doc_id in self.of(kind):
                 created, modified = self.indexes.get((kind, doc_id), (0, 0))
@@ -90,7 +98,7 @@ class StoreContents:
                 if (kind, doc_id) in self.expires:
                     entry["expires"] = self.expires[(kind, doc_id)]
                 entries[doc_id] = entry
-        doc = {"routes": dict(self.routes), "upstreams": dict(self.upstreams), "meta": meta}
+        doc["meta"] = meta
         # Compact: indent would turn off json's C encoder (5x slower).
         return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8") + b"\n"
 
@@ -232,9 +240,7 @@ class Store:
                     )
             found[kind] = docs
         revision, indexes, expires = _read_meta(self.path, doc.get("meta", {}), found)
-        return StoreContents(
-            routes=found["routes"], upstreams=found["upstreams"], revision=revision, indexes=indexes, expires=expires
-        )
+        return StoreContents(revision=revision, indexes=indexes, expires=expires, **found)
 
     def save(self, contents: StoreContents) -> None:
         """

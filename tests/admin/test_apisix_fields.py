@@ -231,8 +231,8 @@ async def test_etcd_meta_disable_priority_ttl_and_indexes(
         await fleet.all_serve("/off", 200, 2)
         assert services.auth.calls == 0
         assert await fleet.get(gw, "/pair") == (200, b"live")
-        # Refused: skipped, never served.
-        assert (await fleet.get(gw, "/filtered"))[0] == 404
+        # Refused: kept as a route that answers 503 (fail closed), never served unauthenticated.
+        assert (await fleet.get(gw, "/filtered"))[0] == 503
         assert ("routes", "filtered") in gw.service.control.skipped
         # Indexes are etcd's revisions.
         code, one = await fleet.admin(gw, "GET", R + "/pair")

@@ -267,6 +267,9 @@ def test_routes_and_upstreams_without_id_named_by_position_as_apisix_standalone(
     del named["upstream"]
     conf = parse_config(dict(_doc(named), upstreams=[{"nodes": {"127.0.0.1:9": 1}}]))
     assert conf.routes[0].upstream.id == "arr_1"
+    conf = parse_config(dict(_doc(dict(named, service_id="arr_1")), upstreams=[{"nodes": {"127.0.0.1:9": 1}}],
+                             services=[{"plugins": {}}]))
+    assert list(conf.services) == ["arr_1"]
     # The name is the one errors and duplicates go by.
     assert refusal(_doc(route, _route(id="arr_1"))) == 'route "arr_1": duplicate id'
     assert refusal(_doc(dict(route, uri="nope"))).startswith('route "arr_1": property "uri"')
@@ -429,7 +432,7 @@ def test_client_max_body_size_is_top_level_only() -> None:
 
 
 def test_enable_websocket_is_a_boolean_of_the_route() -> None:
-    from fauth.config.apisix import parse_route
+    from fauth.config.routes import parse_route
     from fauth.config.schema import SchemaError
 
     base = {"id": "1", "uri": "/ws", "upstream": {"nodes": {"127.0.0.1:1980": 1}}}
