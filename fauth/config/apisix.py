@@ -13,6 +13,7 @@ import math
 import re
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Type, TypeVar
 
+from fauth.config.expr import parse_vars
 from fauth.config.models import CacheConf, ForwardAuthConf, Node, RouteConf, UpstreamConf, UpstreamTimeouts
 from fauth.config.schema import (
     SchemaError,
@@ -126,6 +127,10 @@ def parse_forward_auth(conf: object) -> ForwardAuthConf:
         _check_meta(meta)
     except SchemaError as e:
         raise _prop("_meta", str(e))
+    plugin_filter = None
+    if isinstance(meta, dict) and "filter" in meta:
+        # APISIX: "failed to validate the 'vars' expression: ..." (plugin.lua).
+        plugin_filter = parse_vars(meta["filter"])
     error_response = None
     if isinstance(meta, dict) and meta.get("error_response") is not None:
         er = meta["error_response"]
@@ -153,6 +158,7 @@ def parse_forward_auth(conf: object) -> ForwardAuthConf:
         status_on_error=_checked(checked, "status_on_error", int),
         error_response=error_response,
         cache=cache,
+        filter=plugin_filter,
         warnings=tuple(warnings),
     )
 
@@ -161,8 +167,8 @@ def _check_meta(meta: object) -> None:
     """
     APISIX's injected C{_meta} schema (C{plugin_injected_schema}): C{disable}
     (see L{parse_forward_auth_plugin}), C{error_response}, C{priority}
-    (forward-auth is the only plugin fauth runs: nothing to order); C{filter}
-    and C{pre_function} are refused.
+    (forward-auth is the only plugin fauth runs: nothing to order), C{filter}
+    (compiled by L{parse_forward_auth}); C{pre_function} is refused.
     """
     if not isinstance(meta, dict):
         return  # absent, or an empty array (Lua cannot tell it from an object)
@@ -179,8 +185,6 @@ def _check_meta(meta: object) -> None:
         check_type("priority", meta["priority"], "integer")
     if "filter" in meta:
         check_type("filter", meta["filter"], "array")
-        raise _prop("filter", "not supported by fauth: it has no vars expressions for plugins yet "
-                              "(a route of its own, with its own uri, hosts or methods, can hold the plugin)")
     if "pre_function" in meta:
         check_type("pre_function", meta["pre_function"], "string")
         raise _prop("pre_function", "not supported by fauth: it runs no Lua")

@@ -10,6 +10,7 @@ from typing import Any, Mapping, Optional, Tuple
 import attr
 
 from fauth.config.expr import AddressList, Expr
+from fauth.config.expr import Expr
 from fauth.config.templates import Template
 
 __all__ = [
@@ -73,6 +74,9 @@ class ForwardAuthConf:
     error_response: Optional[str] = None
     #: Off (C{None}) unless the object has a C{cache} section.
     cache: Optional[CacheConf] = None
+    #: C{_meta.filter}: the plugin runs only for requests it accepts (a
+    #: compiled L{fauth.config.expr.Expr}), or always (C{None}).
+    filter: Optional[Expr] = attr.field(default=None, eq=False)
     warnings: Tuple[str, ...] = attr.field(default=(), eq=False)
 
 

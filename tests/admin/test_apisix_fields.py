@@ -152,7 +152,8 @@ def test_yaml_upstream_fields_refused_in_apisix_words(upstream: Dict[str, Any], 
 @pytest.mark.parametrize(
     "meta, words",
     [
-        ({"filter": [["arg_a", "==", "1"]]}, 'property "_meta" validation failed: property "filter" validation failed: not supported by fauth'),
+        ({"filter": [["arg_a", "bogus", "1"]]}, "plugin forward-auth: failed to validate the 'vars' expression: invalid operator 'bogus'"),
+        ({"filter": "arg_a"}, 'property "filter" validation failed: wrong type: expected array, got string'),
         ({"pre_function": "return"}, 'property "pre_function" validation failed: not supported by fauth: it runs no Lua'),
         ({"disable": "yes"}, 'property "disable" validation failed: wrong type: expected boolean, got string'),
         ({"colour": 1}, 'property "_meta" validation failed: additional properties forbidden, found colour'),
@@ -196,12 +197,16 @@ async def test_admin_api_meta_disable_priority_and_refusals(reactor: Any, tmp_pa
         assert services.auth.calls == 1
         assert (await env.admin("PUT", R + "/pair", services.backup_pair("pair", "/pair")))[0] == 201
         assert (await env.get("/pair"))[:2] == (200, b"live")
-        code, body = await env.admin("PUT", R + "/f", services.guarded("f", "/f", filter=[["arg_a", "==", "1"]]))
+        # _meta.filter: the plugin runs only for the requests it accepts (APISIX's meta_filter).
+        code, body = await env.admin("PUT", R + "/f", services.guarded("f", "/f", filter=[["arg_check", "==", "1"]]))
+        assert code == 201, body
+        calls = services.auth.calls
+        assert (await env.get("/f?check=1"))[:2] == (403, b"denied")
+        assert (await env.get("/f?check=0"))[:2] == (200, b"live")
+        assert services.auth.calls == calls + 1
+        code, body = await env.admin("PUT", R + "/g", services.guarded("g", "/g", filter=[["arg_a", "bogus", "1"]]))
         assert code == 400
-        assert body["error_msg"].startswith(
-            'failed to check the configuration of plugin forward-auth err: property "_meta" validation failed: '
-            'property "filter" validation failed: not supported by fauth'
-        )
+        assert body["error_msg"].endswith("failed to validate the 'vars' expression: invalid operator 'bogus'")
         checks = services.backup_pair("c", "/c", checks={"active": {}})
         code, body = await env.admin("PUT", R + "/c", checks)
         assert (code, body["error_msg"]) == (
@@ -209,7 +214,7 @@ async def test_admin_api_meta_disable_priority_and_refusals(reactor: Any, tmp_pa
             'invalid configuration: upstream: property "checks" validation failed: not supported: fauth runs no '
             "health checks (a node that refuses connections is retried on the next, see retries)",
         )
-        assert (await env.get("/f"))[0] == 404 and (await env.get("/c"))[0] == 404
+        assert (await env.get("/g"))[0] == 404 and (await env.get("/c"))[0] == 404
     finally:
         await env.stop()
 
@@ -223,17 +228,22 @@ async def test_etcd_meta_disable_priority_ttl_and_indexes(
 ) -> None:
     etcd_put(etcd.url, "/apisix/routes/off", services.guarded("off", "/off", disable=True))
     etcd_put(etcd.url, "/apisix/routes/pair", services.backup_pair("pair", "/pair"))
-    etcd_put(etcd.url, "/apisix/routes/filtered", services.guarded("filtered", "/filtered", filter=[]))
+    etcd_put(etcd.url, "/apisix/routes/filtered", services.guarded("filtered", "/filtered", filter=[["http_x_skip", "~=", "yes"]]))
+    etcd_put(etcd.url, "/apisix/routes/lua", services.guarded("lua", "/lua", pre_function="return"))
     fleet: Fleet = await start_fleet(reactor, tmp_path, etcd.urls, count=1)
     try:
         await fleet.synced()
         (gw,) = fleet.gateways
         await fleet.all_serve("/off", 200, 2)
-        assert services.auth.calls == 0
+        assert services.auth.calls == 0  # (and /off's requests never call it)
         assert await fleet.get(gw, "/pair") == (200, b"live")
+        # The filter decides whether the plugin runs.
+        assert await fleet.get(gw, "/filtered") == (403, b"denied")
+        response = await fleet.client.get(gw.url + "/filtered", headers={"X-Skip": "yes"})
+        assert (response.code, await response.content()) == (200, b"live")
         # Refused: kept as a route that answers 503 (fail closed), never served unauthenticated.
-        assert (await fleet.get(gw, "/filtered"))[0] == 503
-        assert ("routes", "filtered") in gw.service.control.skipped
+        assert (await fleet.get(gw, "/lua"))[0] == 503
+        assert ("routes", "lua") in gw.service.control.skipped
         # Indexes are etcd's revisions.
         code, one = await fleet.admin(gw, "GET", R + "/pair")
         assert code == 200 and 0 < one["createdIndex"] == one["modifiedIndex"]
