@@ -601,3 +601,27 @@ async def test_partial_message_asks_on_the_prefix_before_the_rest_is_sent(
         assert (seen["length"], seen["sha256"]) == (len(body), sha256(body).hexdigest())
     finally:
         await stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_partial_message_on_an_embedded_guard(reactor: Any) -> None:
+    # ForwardAuthResource reads the body as Twisted does, then asks on its
+    # prefix; the guarded resource gets it whole.
+    from fauth.edge.server import HardenedSite
+    from fauth.testing import StubAuthService
+
+    stub = StubAuthService(decide=lambda call: (200, (), b""))
+    echo = Echo()
+    guard = stub.guard(echo, dict(PARTIAL, uri="http://stub-auth/"), reactor=reactor)
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(HardenedSite(guard, reactor=reactor))
+    try:
+        for size, chunked in ((LIMIT, False), (5000, False), (5000, True)):
+            body = _body(size)
+            raw = await raw_request(reactor, port.getHost().port, _upload("/x", body, chunked))
+            assert raw.startswith(b"HTTP/1.1 200"), raw[:200]
+            call = stub.calls[-1]
+            assert call.body == body[:LIMIT]
+            assert call.header(b"x-forwarded-body-truncated") == (b"true" if size > LIMIT else b"false")
+            assert (echo.seen[-1]["length"], echo.seen[-1]["sha256"]) == (size, sha256(body).hexdigest())
+    finally:
+        await port.stopListening()
