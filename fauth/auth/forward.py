@@ -88,7 +88,6 @@ class ForwardAuth:
         self._preflight = (
             None if conf.run_on_preflight else Preflight(tuple((name, None) for name in self._upstream_headers))
         )
-        self._partial = self._post and conf.allow_partial_message
         names = [part.name for _, _, template in self._extra for part in template.parts if not isinstance(part, str)]
         if self._uri is not None:
             names += self._uri.names
@@ -97,7 +96,7 @@ class ForwardAuth:
         self.needs_body = self._post or any(name.startswith("post_arg") for name in names)
         #: C{allow_partial_message} in POST mode: a body over
         #: C{max_req_body_size} is cut for the auth call, not refused.
-        self.takes_partial_body = self._partial
+        self.takes_partial_body = self._post and conf.allow_partial_message
         for warning in conf.warnings:
             log.warn("{warning}", warning=warning)
 
@@ -133,7 +132,7 @@ class ForwardAuth:
             encoding = first_value(inbound.headers, b"content-encoding")
             if encoding is not None:
                 table["content-encoding"] = (b"Content-Encoding", encoding)
-            if self._partial:
+            if self.takes_partial_body:
                 # Always sent on such a route (as Envoy's partial-body
                 # header): a client's copy can never stand in for it.
                 table["x-forwarded-body-truncated"] = (b"X-Forwarded-Body-Truncated", b"true" if truncated else b"false")
@@ -179,7 +178,7 @@ class ForwardAuth:
             too_big = self._body_too_big(inbound)
             if too_big is None:
                 body = inbound.body()
-            elif self._partial:
+            elif self.takes_partial_body:
                 body = inbound.body()[: self.conf.max_req_body_size]
                 truncated = True
             else:
@@ -193,15 +192,14 @@ class ForwardAuth:
         variables = RequestVariables.for_request(inbound, route) if self._needs_vars else None
         try:
             headers = self.build_headers(inbound, route, variables, truncated)
-            target = None if self._uri is None else self._uri.render(variables)  # type: ignore[arg-type]
+            target = None if self._uri is None or variables is None else self._uri.render(variables)
         except (HeaderError, UnsafeValue) as e:
             # The client's own data made the auth request unsendable (CR/LF
             # through $arg_*, say).  Degradation is for an auth service that
             # fails, not a client that can choose to fail it: never degrade.
             return succeed(self._failed(str(e), degradable=False))
-        call = _Call(method, target, headers, body)
         if self.cache is not None:
-            return self._check_cached(self.cache, inbound, route, call)
+            return self._check_cached(self.cache, inbound, route, _Call(method, target, headers, body))
         d = self._client.call(method, headers, body, self._timeout, target)
         return d.addCallbacks(self._interpret, self._transport_failure)
 
