@@ -10,8 +10,7 @@ from typing import Any, Mapping, Optional, Tuple
 import attr
 
 from fauth.config.expr import AddressList, Expr
-from fauth.config.expr import Expr
-from fauth.config.templates import Template
+from fauth.config.templates import Template, UriTemplate
 
 __all__ = [
     "AdminConf",
@@ -55,7 +54,17 @@ class CacheConf:
 
 @attr.frozen
 class ForwardAuthConf:
-    """One validated C{forward-auth} plugin instance (defaults filled in)."""
+    """
+    One validated C{forward-auth} plugin instance (defaults filled in).
+
+    @ivar uri_template: C{uri} compiled when it has variables, else C{None}.
+    @ivar preserve_request_method: (fauth's own) the auth call uses the
+        client's method; C{request_method} still says whether it has the body.
+    @ivar run_on_preflight: (fauth's own) C{False}: a CORS preflight goes
+        upstream without an auth call.
+    @ivar allow_partial_message: (fauth's own) POST mode: a larger body
+        sends its first C{max_req_body_size} bytes to auth instead of a 413.
+    """
 
     uri: str
     ssl_verify: bool = True
@@ -72,12 +81,21 @@ class ForwardAuthConf:
     allow_degradation: bool = False
     status_on_error: int = 403
     error_response: Optional[str] = None
+    uri_template: Optional[UriTemplate] = None
+    preserve_request_method: bool = False
+    run_on_preflight: bool = True
+    allow_partial_message: bool = False
     #: Off (C{None}) unless the object has a C{cache} section.
     cache: Optional[CacheConf] = None
     #: C{_meta.filter}: the plugin runs only for requests it accepts (a
     #: compiled L{fauth.config.expr.Expr}), or always (C{None}).
     filter: Optional[Expr] = attr.field(default=None, eq=False)
     warnings: Tuple[str, ...] = attr.field(default=(), eq=False)
+
+    @property
+    def client_uri(self) -> str:
+        """The URL the auth client is built for: C{uri}, or with variables its origin and C{/}."""
+        return self.uri if self.uri_template is None else self.uri_template.origin + "/"
 
 
 @attr.frozen

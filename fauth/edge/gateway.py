@@ -80,7 +80,7 @@ class AuthClients:
     def get(self, conf: ForwardAuthConf) -> AuthClient:
         """The client for this plugin instance's C{uri} and keep-alive settings."""
         try:
-            target: Optional[AuthTarget] = AuthTarget.parse(conf.uri, conf.ssl_verify)
+            target: Optional[AuthTarget] = AuthTarget.parse(conf.client_uri, conf.ssl_verify)
             bad_uri = None
         except AuthCallError as e:
             target, bad_uri = None, str(e)

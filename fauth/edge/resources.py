@@ -197,14 +197,23 @@ class _BodyBuffer(BodySink):
     up to C{limit} bytes: then C{done} is called, with the body in
     C{request.content} and C{inbound.content}, the whole body or just more
     than C{limit} of it (the auth check answers 413 then).
+
+    With C{partial} (C{allow_partial_message}), a body passing C{limit} is
+    held instead: what was read (C{limit} and at most one read more) is in
+    C{inbound.content} only, for the auth check to cut, and goes back to
+    the request (L{HardenedRequest.hold_back}), which reads no more until
+    the upstream leg streams the whole body, from its first byte.
     """
 
-    def __init__(self, request: Any, inbound: InboundRequest, limit: int, done: Callable[[], None]) -> None:
+    def __init__(
+        self, request: Any, inbound: InboundRequest, limit: int, done: Callable[[], None], partial: bool = False
+    ) -> None:
         length = request.body_length
         self._file: Any = BytesIO() if length is not None and length < 100000 else tempfile.TemporaryFile()
         self._request = request
         self._inbound = inbound
         self._limit = limit
+        self._partial = partial
         self._size = 0
         self._done: Optional[Callable[[], None]] = done
 
@@ -214,7 +223,20 @@ class _BodyBuffer(BodySink):
         self._size += len(data)
         self._file.write(data)
         if self._size > self._limit:
-            self._finish()
+            if self._partial:
+                self._hold()
+            else:
+                self._finish()
+
+    def _hold(self) -> None:
+        done, self._done = self._done, None
+        assert done is not None
+        self._file.seek(0)
+        received = self._file.read()
+        self._file.close()
+        self._inbound.content = BytesIO(received)
+        self._request.hold_back(received)
+        done()
 
     def body_end(self) -> None:
         self._finish()
@@ -305,10 +327,10 @@ class GatewayResource(Resource):
             # 413 by the check at once, before any of it is read).
             limit = auth.conf.max_req_body_size
             declared = request.body_length
-            if declared is not None and declared > limit:
+            if declared is not None and declared > limit and not auth.takes_partial_body:
                 check()
             else:
-                request.stream_body(_BodyBuffer(request, inbound, limit, check))
+                request.stream_body(_BodyBuffer(request, inbound, limit, check, auth.takes_partial_body))
             return server.NOT_DONE_YET
         check()
         return server.NOT_DONE_YET
@@ -370,7 +392,11 @@ class ForwardAuthResource(Resource):
             # then the guarded tree rendered.
             if self._auth.needs_body:
                 declared = request.body_length
-                if declared is not None and declared > self._auth.conf.max_req_body_size:
+                if (
+                    declared is not None
+                    and declared > self._auth.conf.max_req_body_size
+                    and not self._auth.takes_partial_body
+                ):
                     guard(self._auth, request, inbound, lambda: None)  # 413 before the body
                 else:
                     request.process_with_body()
