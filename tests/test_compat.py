@@ -58,7 +58,7 @@ from fauth.wire.agent import BytesBody, NoCookies, PreEncodedURL, PreparedHeader
         # plain pool
         (client.HTTPConnectionPool, "_factory"),
         (client.HTTPConnectionPool, "_newConnection"),
-        (client.HTTPConnectionPool, "_putConnection"),
+        (client.HTTPConnectionPool, "_putConnection"),  # and read maxPersistentPerHost, cachedConnectionTimeout per call (keepalive_pool per target)
         (client.HTTPConnectionPool, "_removeConnection"),
         (client, "_HTTP11ClientFactory"),
         (_newclient, "Request"),
@@ -140,6 +140,23 @@ def test_treq_passes_a_pre_encoded_url_and_prepared_headers_through() -> None:
     assert isinstance(headers, PreparedHeaders) and headers.wire == wire
     assert headers.hasHeader(b"accept-encoding")  # added by treq's wrapper, not sent by fauth
     assert isinstance(body, BytesBody) and body.body == b"body"
+
+
+def test_treq_sends_a_copied_url_with_its_own_target() -> None:
+    # PreEncodedURL.with_target (a forward-auth uri with variables) copies
+    # the hyperlink URL and changes only its text: treq must send that text
+    # and nothing of the parsed parts it was copied from.
+    agent = RecordingAgent()
+    jar = NoCookies()
+    http_client = HTTPClient(agent, cookiejar=jar, data_to_body_producer=BytesBody)
+    url = PreEncodedURL.encode("http://auth.test:9999/")
+    http_client.request(
+        "GET", url.with_target(b"/verify?uri=%2Fa%2520b"), headers=PreparedHeaders(()), cookies=jar,
+        allow_redirects=False, unbuffered=True, reactor=Clock(),
+    )
+    ((_, uri, _, _),) = agent.calls
+    assert uri == b"http://auth.test:9999/verify?uri=%2Fa%2520b"
+    assert url.to_text() == "http://auth.test:9999/"
 
 
 def test_treq_and_twisted_wrappers_keep_what_they_wrap_as_original() -> None:

@@ -14,7 +14,7 @@ from twisted.web.http_headers import Headers
 from fauth.config.headerrules import HeaderRules, fold
 from fauth.wire.h1 import ReplyHeaders
 
-__all__ = ["AUTH_SERVER", "Allow", "AuthServer", "Decision", "Degrade", "Respond"]
+__all__ = ["AUTH_SERVER", "Allow", "AuthServer", "Decision", "Degrade", "Preflight", "Respond"]
 
 
 @attr.frozen
@@ -79,6 +79,17 @@ class Allow:
 
 
 @attr.frozen
+class Preflight(Allow):
+    """
+    A CORS preflight let through without an auth call (C{run_on_preflight:
+    false}); like an allow whose answer had none of the identity headers,
+    it removes them all from the request.
+    """
+
+    outcome = "preflight"
+
+
+@attr.frozen
 class Degrade:
     """The auth service failed and C{allow_degradation} lets the request through untouched."""
 
@@ -115,4 +126,4 @@ class AuthServer:
 #: The single L{AuthServer} decision.
 AUTH_SERVER = AuthServer()
 
-Decision = Union[Allow, Degrade, Respond, AuthServer]
+Decision = Union[Allow, Degrade, Respond, AuthServer]  # a Preflight is an Allow

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional, Tuple
 import attr
 
 from fauth.config.expr import AddressList, Expr
-from fauth.config.templates import Template
+from fauth.config.templates import Template, UriTemplate
 
 __all__ = [
     "AdminConf",
@@ -73,7 +73,17 @@ class SigninConf:
 
 @attr.frozen
 class ForwardAuthConf:
-    """One validated C{forward-auth} plugin instance (defaults filled in)."""
+    """
+    One validated C{forward-auth} plugin instance (defaults filled in).
+
+    @ivar uri_template: C{uri} compiled when it has variables, else C{None}.
+    @ivar preserve_request_method: (fauth's own) the auth call uses the
+        client's method; C{request_method} still says whether it has the body.
+    @ivar run_on_preflight: (fauth's own) C{False}: a CORS preflight goes
+        upstream without an auth call.
+    @ivar allow_partial_message: (fauth's own) POST mode: a larger body
+        sends its first C{max_req_body_size} bytes to auth instead of a 413.
+    """
 
     uri: str
     ssl_verify: bool = True
@@ -90,8 +100,15 @@ class ForwardAuthConf:
     allow_degradation: bool = False
     status_on_error: int = 403
     error_response: Optional[str] = None
+    uri_template: Optional[UriTemplate] = None
+    preserve_request_method: bool = False
+    run_on_preflight: bool = True
+    allow_partial_message: bool = False
     #: Off (C{None}) unless the object has a C{cache} section.
     cache: Optional[CacheConf] = None
+    #: C{_meta.filter}: the plugin runs only for requests it accepts (a
+    #: compiled L{fauth.config.expr.Expr}), or always (C{None}).
+    filter: Optional[Expr] = attr.field(default=None, eq=False)
     #: Off (C{None}) unless the object has a C{signin_redirect} section.
     signin_redirect: Optional[SigninConf] = None
     #: Cookies of a 2xx auth answer passed to the client (C{"*"}: all).
@@ -99,6 +116,11 @@ class ForwardAuthConf:
     #: Path prefixes the auth service serves itself: proxied to it, unchecked.
     auth_server_paths: Tuple[str, ...] = ()
     warnings: Tuple[str, ...] = attr.field(default=(), eq=False)
+
+    @property
+    def client_uri(self) -> str:
+        """The URL the auth client is built for: C{uri}, or with variables its origin and C{/}."""
+        return self.uri if self.uri_template is None else self.uri_template.origin + "/"
 
 
 @attr.frozen
@@ -108,6 +130,8 @@ class Node:
     host: str
     port: int
     weight: int = 1
+    #: Lower priorities are tried only once every higher one failed (APISIX's).
+    priority: int = 0
 
     @property
     def netloc(self) -> str:
@@ -126,7 +150,20 @@ class UpstreamTimeouts:
 
 @attr.frozen
 class UpstreamConf:
-    """A validated upstream: where allowed requests go."""
+    """
+    A validated upstream: where allowed requests go.
+
+    @ivar type: C{roundrobin}, C{least_conn} or C{chash}.
+    @ivar retries: further nodes tried after a connection failure; C{None}:
+        as many as there are other nodes (APISIX's default).
+    @ivar retry_timeout: seconds from the first try after which no further
+        node is tried; C{0}: no limit.
+    @ivar hash_on: what C{key} names, for C{chash}: C{vars}, C{header},
+        C{cookie} or C{vars_combinations}.
+    @ivar key: the variable, header or cookie name (or the template, for
+        C{vars_combinations}) whose value is hashed.
+    @ivar tls_verify: verify an https upstream's certificate and name.
+    """
 
     nodes: Tuple[Node, ...]
     id: Optional[str] = None
@@ -136,6 +173,20 @@ class UpstreamConf:
     upstream_host: Optional[str] = None
     timeout: UpstreamTimeouts = UpstreamTimeouts()
     keepalive_pool: int = 320
+    keepalive_idle_timeout: float = 60.0
+    keepalive_requests: int = 1000
+    retries: Optional[int] = None
+    retry_timeout: float = 0.0
+    hash_on: str = "vars"
+    key: Optional[str] = None
+    tls_verify: bool = True
+
+    @property
+    def tries(self) -> int:
+        """How many nodes one request may try, the first included."""
+        usable = sum(1 for n in self.nodes if n.weight > 0)
+        retries = usable - 1 if self.retries is None else self.retries
+        return max(1, min(retries + 1, usable))
 
 
 @attr.frozen

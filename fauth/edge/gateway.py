@@ -18,6 +18,7 @@ from fauth.auth.forward import ForwardAuth
 from fauth.auth.client import AuthCallError, AuthClient, AuthTarget
 from fauth.auth.variables import RequestVariables
 from fauth.config import ForwardAuthConf, GatewayConf, Node, RouteConf, UpstreamConf, UpstreamTimeouts
+from fauth.config.apisix import auth_disabled
 from fauth.config.expr import Lookup
 from fauth.request.inbound import InboundRequest
 from fauth.upstream.proxy import UpstreamProxy
@@ -86,7 +87,7 @@ class AuthClients:
     def get(self, conf: ForwardAuthConf) -> AuthClient:
         """The client for this plugin instance's C{uri} and keep-alive settings."""
         try:
-            target: Optional[AuthTarget] = AuthTarget.parse(conf.uri, conf.ssl_verify)
+            target: Optional[AuthTarget] = AuthTarget.parse(conf.client_uri, conf.ssl_verify)
             bad_uri = None
         except AuthCallError as e:
             target, bad_uri = None, str(e)
@@ -218,6 +219,11 @@ class Gateway:
                 )
                 if auth.cache is not None:
                     self._caches[key] = auth.cache
+            elif auth_disabled(route):
+                log.warn(
+                    "route {id}: forward-auth is disabled by _meta.disable: its requests pass without auth",
+                    id=route.id,
+                )
             entries.append((route, self._route(route, auth, upstream, proxies)))
         return RouteTable(entries, _variables)
 

@@ -129,8 +129,12 @@ class HardenedRequest(server.Request):
         """
         self._sink = sink
         pending, self._pending = self._pending, []
-        for data in pending:
+        for index, data in enumerate(pending):
             sink.body_data(data)
+            if self._sink is not sink:
+                # It handed the body back (hold_back): the rest waits behind.
+                self._pending.extend(pending[index + 1 :])
+                return
         if self.body_complete:
             sink.body_end()
         elif start:
@@ -154,6 +158,17 @@ class HardenedRequest(server.Request):
             server.Request.requestReceived(self, self.method, self.uri, self.clientproto)
         else:
             self.want_body()
+
+    def hold_back(self, received: bytes) -> None:
+        """
+        Stop streaming to the sink and hold the body back again (read no
+        more of it), with C{received} (what the sink took) put in front of
+        what comes meanwhile: the next L{stream_body} sees the body from
+        its first byte.
+        """
+        self._sink = None
+        self._pending.insert(0, received)
+        self.pause_body()
 
     def take_pending(self) -> bytes:
         """The body received so far and not passed on (for a body complete before it is wanted)."""

@@ -20,6 +20,7 @@ from twisted.web.resource import IResource, Resource, getChildForRequest
 
 from fauth.auth.decision import AUTH_SERVER, Allow, Decision, Respond
 from fauth.auth.forward import ForwardAuth
+from fauth.auth.variables import RequestVariables
 from fauth.wire.transport import is_cancellation
 from fauth.config import ForwardAuthConf, HttpLimits, RouteConf, parse_forward_auth
 from fauth.edge.drain import InFlight
@@ -199,14 +200,23 @@ class _BodyBuffer(BodySink):
     up to C{limit} bytes: then C{done} is called, with the body in
     C{request.content} and C{inbound.content}, the whole body or just more
     than C{limit} of it (the auth check answers 413 then).
+
+    With C{partial} (C{allow_partial_message}), a body passing C{limit} is
+    held instead: what was read (C{limit} and at most one read more) is in
+    C{inbound.content} only, for the auth check to cut, and goes back to
+    the request (L{HardenedRequest.hold_back}), which reads no more until
+    the upstream leg streams the whole body, from its first byte.
     """
 
-    def __init__(self, request: Any, inbound: InboundRequest, limit: int, done: Callable[[], None]) -> None:
+    def __init__(
+        self, request: Any, inbound: InboundRequest, limit: int, done: Callable[[], None], partial: bool = False
+    ) -> None:
         length = request.body_length
         self._file: Any = BytesIO() if length is not None and length < 100000 else tempfile.TemporaryFile()
         self._request = request
         self._inbound = inbound
         self._limit = limit
+        self._partial = partial
         self._size = 0
         self._done: Optional[Callable[[], None]] = done
 
@@ -216,7 +226,20 @@ class _BodyBuffer(BodySink):
         self._size += len(data)
         self._file.write(data)
         if self._size > self._limit:
-            self._finish()
+            if self._partial:
+                self._hold()
+            else:
+                self._finish()
+
+    def _hold(self) -> None:
+        done, self._done = self._done, None
+        assert done is not None
+        self._file.seek(0)
+        received = self._file.read()
+        self._file.close()
+        self._inbound.content = BytesIO(received)
+        self._request.hold_back(received)
+        done()
 
     def body_end(self) -> None:
         self._finish()
@@ -287,10 +310,15 @@ class GatewayResource(Resource):
         else:
             forward = lambda: upstream.forward(request, inbound, exchange)  # noqa: E731
         # -- end of hook
-        if route.auth is None:
+        auth = route.auth
+        if auth is None or (
+            auth.conf.filter is not None
+            and not auth.conf.filter.evaluate(RequestVariables.for_request(inbound, route.conf).lookup)
+        ):
+            # No forward-auth, or its _meta.filter says it does not run for
+            # this request (APISIX's meta_filter): straight upstream.
             forward()
             return server.NOT_DONE_YET
-        auth = route.auth
 
         def check() -> None:
             guard(
@@ -308,10 +336,10 @@ class GatewayResource(Resource):
             # 413 by the check at once, before any of it is read).
             limit = auth.conf.max_req_body_size
             declared = request.body_length
-            if declared is not None and declared > limit:
+            if declared is not None and declared > limit and not auth.takes_partial_body:
                 check()
             else:
-                request.stream_body(_BodyBuffer(request, inbound, limit, check))
+                request.stream_body(_BodyBuffer(request, inbound, limit, check, auth.takes_partial_body))
             return server.NOT_DONE_YET
         check()
         return server.NOT_DONE_YET
@@ -373,7 +401,11 @@ class ForwardAuthResource(Resource):
             # then the guarded tree rendered.
             if self._auth.needs_body:
                 declared = request.body_length
-                if declared is not None and declared > self._auth.conf.max_req_body_size:
+                if (
+                    declared is not None
+                    and declared > self._auth.conf.max_req_body_size
+                    and not self._auth.takes_partial_body
+                ):
                     guard(self._auth, request, inbound, lambda: None)  # 413 before the body
                 else:
                     request.process_with_body()

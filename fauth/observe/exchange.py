@@ -39,9 +39,11 @@ DURATION_BUCKETS: Tuple[float, ...] = (
 _BUCKET_LABELS = tuple(floatToGoString(b) for b in DURATION_BUCKETS) + ("+Inf",)
 
 #: Values of the C{outcome} label of C{fauth_auth_decisions_total}.
-OUTCOMES = ("allow", "deny", "redirect", "error", "degraded", "rejected", "auth_server")
-# Outcomes without an auth call: 413 before it, a path of the auth service itself.
-_NOT_ASKED = frozenset(["rejected", "auth_server"])
+OUTCOMES = ("allow", "deny", "redirect", "error", "degraded", "rejected", "preflight", "auth_server")
+
+# Outcomes decided without asking the auth service (413, a CORS preflight
+# let through, a path of the auth service itself): no auth duration.
+_NOT_ASKED = frozenset(["rejected", "preflight", "auth_server"])
 
 #: Values of the C{result} label of C{fauth_auth_cache_total}, and of a
 #: decision's C{cache}: C{hit} (a stored decision), C{miss} (the auth

@@ -233,3 +233,19 @@ async def test_the_embedded_guard_adds_auth_cookies_beside_the_applications(env:
         assert browser.headers[b"location"] == [b"/sign-in?rd=http%3A%2F%2Fapp%2Fx"]
     finally:
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_gateway_made_502_after_an_allow_carries_the_auth_cookies(env: Env) -> None:
+    from tests.auth.test_client import free_port
+
+    auth = await env.auth(session_auth)
+    doc = env.doc(auth.url(), request_headers=["Authorization"], allow_cookies=["_oauth2_proxy"])
+    doc["routes"][0]["upstream"] = {"nodes": {"127.0.0.1:%d" % await free_port(env.reactor): 1}}
+    gw = await start_gateway(env.reactor, doc)
+    try:
+        reply = await request(gw, headers=[("Authorization", "token-gil")])
+    finally:
+        await gw.stop()
+    assert reply.status == 502
+    assert reply.headers[b"set-cookie"] == [b"_oauth2_proxy=session-gil; Path=/; HttpOnly"]

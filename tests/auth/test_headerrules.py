@@ -120,11 +120,7 @@ async def test_patterns_and_renames_through_the_gateway(env: Env, tmp_path: Any)
         ok = await request(gw, headers=[("Authorization", "good")] + SPOOFED)
         assert ok.status == 200
         seen = env.upstream.seen[-1]
-        identity = {
-            name.lower(): values for name, values in seen.getAllRawHeaders()
-            if name.lower().replace(b"_", b"-").startswith((b"remote-", b"x-user", b"x-auth"))
-        }
-        assert identity == {
+        assert identity_headers(seen) == {
             b"remote-user": [b"alice"],
             b"remote-groups": [b"admins,dev"],
             b"x-user": [b"alice@corp"],
@@ -158,3 +154,24 @@ async def test_the_access_log_user_follows_a_rename_for_stored_allows(env: Env, 
         ]
     finally:
         await gw.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_preflight_let_through_unasked_strips_what_a_pattern_matches(env: Env) -> None:
+    auth = await env.auth(proxy_like)
+    gw = await env.gateway(auth.url(), upstream_headers=["Remote-*", "X-Auth-Request-User>X-User"], run_on_preflight=False)
+    reply = await request(
+        gw, method="OPTIONS",
+        headers=[("Origin", "https://app.example"), ("Access-Control-Request-Method", "PUT")] + SPOOFED,
+    )
+    assert reply.status == 200
+    assert len(auth.requests) == 0
+    seen = env.upstream.seen[-1]
+    assert identity_headers(seen) == {}
+
+
+def identity_headers(headers: Any) -> Any:
+    return {
+        name.lower(): values for name, values in headers.getAllRawHeaders()
+        if name.lower().replace(b"_", b"-").startswith((b"remote-", b"x-user", b"x-auth"))
+    }
