@@ -437,7 +437,7 @@ class Control:
                 self.apply_remote([change], origin="admin")
 
         def failed(failure: Failure) -> None:
-            from fauth.admin.etcd import EtcdError, EtcdUnavailable
+            from fauth.admin.etcdclient import EtcdError, EtcdUnavailable
 
             failure.trap(EtcdUnavailable, EtcdError, Exception)
             self._phases.report("store_write", "error")
