@@ -91,6 +91,31 @@ def test_the_channel_state_the_hardened_server_reads() -> None:
     assert http.parse_qs(b"a=1&b=", 1) == {b"a": [b"1"], b"b": [b""]}
 
 
+def test_bytes_after_a_head_in_the_same_read_go_straight_to_raw_data_received() -> None:
+    # fauth.edge.server.HardenedHTTPChannel.rawDataReceived stops the body of
+    # a head refused on its own (413) there: LineReceiver hands the rest of
+    # the read to rawDataReceived after allHeadersReceived, without passing
+    # through dataReceived again.
+    from twisted.internet.testing import StringTransport
+
+    seen: List[Tuple[str, bytes]] = []
+
+    class Channel(http.HTTPChannel):
+        def dataReceived(self, data: bytes) -> None:
+            seen.append(("dataReceived", data))
+            super().dataReceived(data)
+
+        def rawDataReceived(self, data: bytes) -> None:
+            seen.append(("rawDataReceived", data))
+            super().rawDataReceived(data)
+
+    channel = Channel()
+    channel.makeConnection(StringTransport())
+    channel.dataReceived(b"PUT /x HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\n\r\nbody")
+    assert [name for name, _ in seen] == ["dataReceived", "rawDataReceived"]
+    assert seen[1][1] == b"body"
+
+
 def test_a_fired_deferred_shows_its_result() -> None:
     # fauth.wire.transport.Connector.send reads a pooled connection off the
     # already-fired Deferred of getConnection.
