@@ -12,7 +12,15 @@ import math
 import re
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Type, TypeVar
 
-from fauth.config.models import CacheConf, ForwardAuthConf, Node, RouteConf, UpstreamConf, UpstreamTimeouts
+from fauth.config.models import (
+    ENCODED_POLICIES,
+    CacheConf,
+    ForwardAuthConf,
+    Node,
+    RouteConf,
+    UpstreamConf,
+    UpstreamTimeouts,
+)
 from fauth.config.schema import (
     SchemaError,
     check_forward_auth,
@@ -46,7 +54,7 @@ _ROUTE_KEYS = frozenset(
     [
         "id", "name", "desc", "uri", "uris", "methods", "host", "hosts", "priority",
         "plugins", "upstream", "upstream_id", "status", "labels", "enable_websocket",
-        "create_time", "update_time",
+        "create_time", "update_time", "encoded_characters",
     ]
 )
 _UPSTREAM_KEYS = frozenset(
@@ -397,6 +405,12 @@ def parse_route(
     check_type("name", name, "string")
     enable_websocket = doc.get("enable_websocket", False)
     check_type("enable_websocket", enable_websocket, "boolean")
+    encoded_characters = doc.get("encoded_characters")
+    if encoded_characters is not None:
+        # fauth's own (Traefik's encodedCharacters, per route): APISIX has none.
+        check_type("encoded_characters", encoded_characters, "string")
+        if encoded_characters not in ENCODED_POLICIES:
+            raise _prop("encoded_characters", "matches none of the enum values")
     plugins = doc.get("plugins", {})
     if plugins == []:
         plugins = {}
@@ -441,5 +455,6 @@ def parse_route(
         forward_auth=forward_auth,
         enabled=status == 1,
         enable_websocket=bool(enable_websocket),
+        encoded_characters=encoded_characters,
         source=doc,
     )
