@@ -210,3 +210,36 @@ def test_the_http2_connection_has_what_the_hardened_one_overrides() -> None:
         assert hasattr(H2Connection, name), name
     connection = H2Connection(Clock())
     assert connection.conn.decoder is not None and hasattr(connection.conn, "local_settings")
+
+
+def test_the_http2_seams_of_the_parity_with_http11() -> None:
+    # fauth.edge.h2.HardenedH2Connection: the handlers it overrides and the
+    # state it reads (per-stream queues, the stream's request, the flow
+    # control hooks), and h2's frame buffer (an incomplete header block in
+    # _headers_buffer, an incomplete frame in _data) and RequestReceived's
+    # stream_ended (END_STREAM on the HEADERS frame).
+    pytest.importorskip("h2")
+    import h2.events
+    from h2.frame_buffer import FrameBuffer
+    from twisted.web._http2 import H2Connection, H2Stream
+
+    for name in (
+        "_requestReceived", "_requestDataReceived", "_requestEnded", "_streamIsActive", "_sendPrioritisedData",
+        "openStreamWindow", "abortRequest", "_tryToWriteControlData", "writeDataToStream", "callLater",
+    ):
+        assert hasattr(H2Connection, name), name
+    for name in ("flowControlBlocked", "windowUpdated"):
+        assert hasattr(H2Stream, name), name
+    connection = H2Connection(Clock())
+    assert connection._outboundStreamQueues == {} and connection.streams == {}
+    assert isinstance(connection.conn.incoming_buffer, FrameBuffer)
+    buffer = FrameBuffer(server=True)
+    assert buffer._headers_buffer == [] and buffer._data == bytearray()
+    assert h2.events.RequestReceived(stream_id=1).stream_ended is None
+    assert "self._request = requestFactory(self, queued=False)" in _source(H2Stream.__init__)
+
+
+def _source(function: Any) -> str:
+    import inspect
+
+    return inspect.getsource(function)
