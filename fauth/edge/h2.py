@@ -45,7 +45,6 @@ pinned in tests/test_compat.py.
 """
 from __future__ import annotations
 
-import re
 from functools import partial
 from importlib.util import find_spec
 from typing import Any, Dict, Hashable, List, Optional, Sequence, Set, Tuple
@@ -55,7 +54,9 @@ from twisted.python.failure import Failure
 from twisted.web import http
 
 from fauth.config import HttpLimits
-from fauth.edge.server import HardenedHTTPChannel
+# As the HTTP/1.1 server: methods nginx accepts, a Content-Length of digits
+# only (h2 and Twisted take whatever int() takes).
+from fauth.edge.server import _LENGTH, _METHOD, HardenedHTTPChannel
 from fauth.request.replies import send_simple
 from fauth.wire.headers import CTL, TOKEN
 
@@ -77,11 +78,6 @@ _RESET_RATE = 33.0
 #: its producer, the upstream leg, is paused (L{HardenedH2Connection}).
 STREAM_QUEUE_LIMIT = 256 * 1024
 
-# As the HTTP/1.1 server (fauth.edge.server): methods nginx accepts, a
-# Content-Length of digits only (h2 and Twisted take whatever int() takes:
-# "+5", " 5", "1_0").
-_METHOD = re.compile(rb"[A-Z_\-]+\Z")
-_LENGTH = re.compile(rb"[0-9]{1,18}\Z")
 _SCHEMES = (b"http", b"https")
 # Frame types (RFC 9113 6): what a partial frame at the end of a read is.
 _DATA, _HEADERS, _CONTINUATION = 0x0, 0x1, 0x9

@@ -197,30 +197,26 @@ async def start(reactor: Any, http: Optional[Dict[str, Any]] = None, **routes: D
 
 
 @async_yield_fixture
-async def env(reactor: Any) -> AsyncIterator[Env]:
-    environment = await start(reactor)
+async def env(reactor: Any, request: Any) -> AsyncIterator[Env]:
+    """The gateway of L{start}, with the C{http} section a test passes as C{KEEP} (indirect), or none."""
+    environment = await start(reactor, getattr(request, "param", None))
     try:
         yield environment
     finally:
         await environment.stop()
 
 
-@async_yield_fixture
-async def keep_env(reactor: Any) -> AsyncIterator[Env]:
-    environment = await start(reactor, {"encoded_characters": "keep"})
-    try:
-        yield environment
-    finally:
-        await environment.stop()
+KEEP = pytest.mark.parametrize("env", [{"encoded_characters": "keep"}], indirect=True, ids=["keep"])
 
 
+@KEEP
 @ensureDeferred
-async def test_the_issue_paths_reach_auth_and_upstream_as_sent_with_keep(reactor: Any, keep_env: Env) -> None:
+async def test_the_issue_paths_reach_auth_and_upstream_as_sent_with_keep(reactor: Any, env: Env) -> None:
     for target in (b"/api/v4/projects/group%2Fproject", b"/api/a%20b/%2Fx", b"/api/v4/projects/group%2Fproject?ref=a%2Fb"):
-        keep_env.reset()
-        assert await keep_env.get(reactor, target) == 200
-        assert keep_env.judged() == [target]
-        assert [hit["uri"] for hit in keep_env.guarded.hits] == [target]
+        env.reset()
+        assert await env.get(reactor, target) == 200
+        assert env.judged() == [target]
+        assert [hit["uri"] for hit in env.guarded.hits] == [target]
 
 
 @pytest.mark.parametrize("char", sorted(AMBIGUOUS), ids=lambda c: "%%%02X" % c)
@@ -232,12 +228,13 @@ async def test_each_ambiguous_encoding_is_400_by_default_and_nobody_sees_it(reac
 
 
 @pytest.mark.parametrize("char", sorted(AMBIGUOUS), ids=lambda c: "%%%02X" % c)
+@KEEP
 @ensureDeferred
-async def test_each_ambiguous_encoding_is_kept_encoded_for_auth_and_upstream(reactor: Any, keep_env: Env, char: int) -> None:
-    assert await keep_env.get(reactor, b"/api/a%%%02xb" % char) == 200
+async def test_each_ambiguous_encoding_is_kept_encoded_for_auth_and_upstream(reactor: Any, env: Env, char: int) -> None:
+    assert await env.get(reactor, b"/api/a%%%02xb" % char) == 200
     expected = b"/api/a%%%02Xb" % char
-    assert keep_env.judged() == [expected]
-    assert [hit["uri"] for hit in keep_env.guarded.hits] == [expected]
+    assert env.judged() == [expected]
+    assert [hit["uri"] for hit in env.guarded.hits] == [expected]
 
 
 @ensureDeferred
@@ -260,13 +257,14 @@ async def test_a_route_overrides_the_listener_either_way(reactor: Any) -> None:
         await environment.stop()
 
 
+@KEEP
 @ensureDeferred
-async def test_an_encoded_slash_never_routes_as_a_slash(reactor: Any, keep_env: Env) -> None:
+async def test_an_encoded_slash_never_routes_as_a_slash(reactor: Any, env: Env) -> None:
     # Kept, %2F is part of a segment: "/api%2Fadmin/x" is not under /api/ for the
     # routes, and goes on encoded, so a strict upstream sees one segment too.
-    assert await keep_env.get(reactor, b"/api%2Fadmin/x", authorised=False) == 200
-    assert [hit["uri"] for hit in keep_env.public.hits] == [b"/api%2Fadmin/x"]
-    assert keep_env.guarded.hits == []
+    assert await env.get(reactor, b"/api%2Fadmin/x", authorised=False) == 200
+    assert [hit["uri"] for hit in env.public.hits] == [b"/api%2Fadmin/x"]
+    assert env.guarded.hits == []
 
 
 # What an attacker sends to climb out of an unguarded route or into a guarded one.
@@ -316,11 +314,12 @@ async def test_merge_slashes_off_keeps_them_for_everyone(reactor: Any) -> None:
         await environment.stop()
 
 
+@KEEP
 @ensureDeferred
-async def test_unreserved_encodings_are_decoded_and_hex_upper_cased(reactor: Any, keep_env: Env) -> None:
-    assert await keep_env.get(reactor, b"/api/%7euser/caf%c3%a9/%2fk") == 200
-    assert keep_env.judged() == [b"/api/~user/caf%C3%A9/%2Fk"]
-    assert keep_env.served() == [b"/api/~user/caf%C3%A9/%2Fk"]
+async def test_unreserved_encodings_are_decoded_and_hex_upper_cased(reactor: Any, env: Env) -> None:
+    assert await env.get(reactor, b"/api/%7euser/caf%c3%a9/%2fk") == 200
+    assert env.judged() == [b"/api/~user/caf%C3%A9/%2Fk"]
+    assert env.served() == [b"/api/~user/caf%C3%A9/%2Fk"]
 
 
 TARGETS = [
