@@ -6,7 +6,7 @@ target, the normalised path routes match on, the host, the peer.
 from __future__ import annotations
 
 import re
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, NamedTuple, Optional, Tuple
 from urllib.parse import unquote_to_bytes
 
 import attr
@@ -51,8 +51,7 @@ AMBIGUOUS = frozenset(b"/\\\x00;%?#")
 _DECODED_SEPARATORS = re.compile(rb"[/\\;\x00?#]")
 
 
-@attr.frozen
-class NormalPath:
+class NormalPath(NamedTuple):
     """
     A request path normalised as RFC 3986 6.2.2 allows (L{normalise}).
 
