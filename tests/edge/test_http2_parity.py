@@ -315,12 +315,17 @@ BY_FAUTH = {
 }
 
 
+def _refused_by_h2(outcome: Outcome) -> bool:
+    return outcome.refused and (outcome.goaway == 1 or outcome.reset == 1)  # PROTOCOL_ERROR
+
+
 @pytest.mark.parametrize("name", list(BY_H2))
 @ensureDeferred
 async def test_malformed_requests_h2_refuses_reach_nobody(env: Env, name: str) -> None:
     outcome = await deferToThread(exchange, env.number, headers_only(BY_H2[name] + [AUTH]))
-    assert outcome.refused, outcome
-    assert outcome.goaway == 1 or outcome.reset == 1, outcome  # PROTOCOL_ERROR
+    # h2 4.4 (CPython) refuses each; h2 4.3 (PyPy 3.9) lets two host fields
+    # and a content-length such as "+5" through, which fauth answers 400.
+    assert _refused_by_h2(outcome) or outcome.status == 400, outcome
     assert env.untouched()
 
 
@@ -329,7 +334,8 @@ async def test_malformed_requests_h2_refuses_reach_nobody(env: Env, name: str) -
 async def test_malformed_requests_fauth_refuses_are_answered_and_reach_nobody(env: Env, name: str) -> None:
     headers, status = BY_FAUTH[name]
     outcome = await deferToThread(exchange, env.number, headers_only(headers + [AUTH]))
-    assert outcome.status == status, outcome
+    # (h2 4.3 refuses an ordinary CONNECT itself.)
+    assert outcome.status == status or name == "connect" and _refused_by_h2(outcome), outcome
     assert env.untouched()
 
 
