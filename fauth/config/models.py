@@ -9,6 +9,8 @@ from typing import Any, Mapping, Optional, Tuple
 
 import attr
 
+from fauth.config.expr import AddressList, Expr
+from fauth.config.expr import Expr
 from fauth.config.templates import Template
 
 __all__ = [
@@ -20,7 +22,10 @@ __all__ = [
     "GatewayConf",
     "HttpLimits",
     "Node",
+    "PluginConfigConf",
+    "PluginsConf",
     "RouteConf",
+    "ServiceConf",
     "UpstreamConf",
     "UpstreamTimeouts",
 ]
@@ -69,6 +74,9 @@ class ForwardAuthConf:
     error_response: Optional[str] = None
     #: Off (C{None}) unless the object has a C{cache} section.
     cache: Optional[CacheConf] = None
+    #: C{_meta.filter}: the plugin runs only for requests it accepts (a
+    #: compiled L{fauth.config.expr.Expr}), or always (C{None}).
+    filter: Optional[Expr] = attr.field(default=None, eq=False)
     warnings: Tuple[str, ...] = attr.field(default=(), eq=False)
 
 
@@ -79,6 +87,8 @@ class Node:
     host: str
     port: int
     weight: int = 1
+    #: Lower priorities are tried only once every higher one failed (APISIX's).
+    priority: int = 0
 
     @property
     def netloc(self) -> str:
@@ -97,7 +107,20 @@ class UpstreamTimeouts:
 
 @attr.frozen
 class UpstreamConf:
-    """A validated upstream: where allowed requests go."""
+    """
+    A validated upstream: where allowed requests go.
+
+    @ivar type: C{roundrobin}, C{least_conn} or C{chash}.
+    @ivar retries: further nodes tried after a connection failure; C{None}:
+        as many as there are other nodes (APISIX's default).
+    @ivar retry_timeout: seconds from the first try after which no further
+        node is tried; C{0}: no limit.
+    @ivar hash_on: what C{key} names, for C{chash}: C{vars}, C{header},
+        C{cookie} or C{vars_combinations}.
+    @ivar key: the variable, header or cookie name (or the template, for
+        C{vars_combinations}) whose value is hashed.
+    @ivar tls_verify: verify an https upstream's certificate and name.
+    """
 
     nodes: Tuple[Node, ...]
     id: Optional[str] = None
@@ -107,23 +130,45 @@ class UpstreamConf:
     upstream_host: Optional[str] = None
     timeout: UpstreamTimeouts = UpstreamTimeouts()
     keepalive_pool: int = 320
+    keepalive_idle_timeout: float = 60.0
+    keepalive_requests: int = 1000
+    retries: Optional[int] = None
+    retry_timeout: float = 0.0
+    hash_on: str = "vars"
+    key: Optional[str] = None
+    tls_verify: bool = True
+
+    @property
+    def tries(self) -> int:
+        """How many nodes one request may try, the first included."""
+        usable = sum(1 for n in self.nodes if n.weight > 0)
+        retries = usable - 1 if self.retries is None else self.retries
+        return max(1, min(retries + 1, usable))
 
 
 @attr.frozen
 class RouteConf:
     """
-    A validated route.
+    A validated route, its service and plugin config merged in (as APISIX's
+    C{plugin_config.merge} and C{merge_service_route}).
 
+    @ivar hosts: the route's C{hosts} (or C{host}), else its service's.
+    @ivar remote_addrs: C{remote_addrs} (or C{remote_addr}), or C{None}.
+    @ivar vars: the compiled C{vars}, or C{None}.
     @ivar enable_websocket: an C{Upgrade: websocket} request is tunnelled to
         the upstream (L{fauth.upstream.tunnel}) instead of having its
         C{Upgrade} and C{Connection} headers dropped.
     @ivar encoded_characters: C{keep} or C{reject} (see L{HttpLimits}), or
         C{None}: the C{http} section's.
+    @ivar failure: for a route that arrived at run time (etcd) but cannot
+        run, why: it keeps its place in the table and answers 503 (fail
+        closed) rather than let its paths fall to a broader route.
+        C{upstream} is then C{None}; otherwise it never is.
     """
 
     id: str
     uris: Tuple[str, ...]
-    upstream: UpstreamConf
+    upstream: Optional[UpstreamConf]
     name: str = ""
     methods: Optional[frozenset] = None
     hosts: Optional[Tuple[str, ...]] = None
@@ -132,11 +177,51 @@ class RouteConf:
     enabled: bool = True
     enable_websocket: bool = False
     encoded_characters: Optional[str] = None
+    remote_addrs: Optional[AddressList] = None
+    vars: Optional[Expr] = None
+    service_id: Optional[str] = None
+    plugin_config_id: Optional[str] = None
+    failure: Optional[str] = None
     source: Mapping[str, Any] = attr.field(factory=dict, eq=False, repr=False)
 
 
 #: What a path holding an ambiguous encoding gets (L{HttpLimits.encoded_characters}).
 ENCODED_POLICIES = ("keep", "reject")
+
+
+@attr.frozen
+class PluginsConf:
+    """
+    The C{plugins} of a route, service or plugin config.  Merging goes by
+    plugin name, as APISIX's: an object that has C{forward-auth} gives it
+    whole, whatever a service or plugin config under it says.
+    """
+
+    has_forward_auth: bool = False
+    forward_auth: Optional[ForwardAuthConf] = None
+
+
+@attr.frozen
+class ServiceConf:
+    """
+    A validated APISIX service: what its routes take when they do not say
+    it themselves (plugins, upstream, hosts, C{enable_websocket}).
+    """
+
+    id: str
+    upstream: Optional[UpstreamConf] = None
+    plugins: PluginsConf = PluginsConf()
+    hosts: Optional[Tuple[str, ...]] = None
+    enable_websocket: Optional[bool] = None
+    name: str = ""
+
+
+@attr.frozen
+class PluginConfigConf:
+    """A validated APISIX plugin config: plugins its routes take when they lack them."""
+
+    id: str
+    plugins: PluginsConf = PluginsConf()
 
 
 @attr.frozen
@@ -236,6 +321,8 @@ class GatewayConf:
     listen: Tuple[str, ...] = ("tcp:9080",)
     routes: Tuple[RouteConf, ...] = ()
     upstreams: Mapping[str, UpstreamConf] = attr.field(factory=dict)
+    services: Mapping[str, ServiceConf] = attr.field(factory=dict)
+    plugin_configs: Mapping[str, PluginConfigConf] = attr.field(factory=dict)
     demo: Optional[DemoConf] = None
     ssl_trusted_certificate: Optional[str] = None
     http: HttpLimits = HttpLimits()
