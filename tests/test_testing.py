@@ -1,6 +1,6 @@
 """
 L{fauth.testing}: the doubles an application guarded by fauth tests with,
-used the way its README section shows.
+used the way docs/embedders/embedding.md shows.
 """
 from __future__ import annotations
 

@@ -37,14 +37,12 @@ import json
 import os
 import signal
 import sys
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-import attr
 import yaml
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
@@ -52,20 +50,22 @@ from fauth.config import ConfigError
 from fauth.admin.control import RESTART_ONLY, Control
 from fauth.process.sockets import SYSTEMD_VARIABLES, SharedSocket, SocketSpec, bind_shared, check_shareable, family_name
 from fauth.process.worker import ETCD_STATE_KEY, EVENTS_FD, FIRST_SOCKET_FD, METRICS_KEY, METRICS_TEXT_KEY, READY_KEY
+from fauth.process.children import (
+    STABLE_AFTER,
+    WorkerProtocol,
+    WorkerSlot,
+    describe_exit,
+    reactor_module,
+    restart_delay,
+    worker_pythonpath,
+)
 from fauth.process.workermetrics import SupervisorMetrics
 from fauth.process.signals import ProcessSignals, stop_reactor
 
-__all__ = ["WorkerSupervisor", "describe_exit", "restart_delay"]
+__all__ = ["WorkerSupervisor"]
 
 log = Logger()
 
-#: First restart delay (seconds); doubled for every further quick exit.
-RESTART_DELAY = 0.1
-#: Longest restart delay (seconds).
-MAX_RESTART_DELAY = 10.0
-#: A worker that ran this long (seconds) before exiting restarts at once
-#: (after L{RESTART_DELAY}): its exit is not part of a crash loop.
-STABLE_AFTER = 10.0
 #: After C{shutdown_grace}, how long (seconds) the supervisor still waits
 #: for a draining worker before it sends SIGKILL.
 KILL_MARGIN = 5.0
@@ -73,119 +73,6 @@ KILL_MARGIN = 5.0
 STOP_NOW_TIMEOUT = 5.0
 #: Seconds the supervisor's C{/metrics} waits for its workers' answers.
 METRICS_TIMEOUT = 2.0
-
-
-# --- the supervisor -----------------------------------------------------------------
-
-
-@attr.s(auto_attribs=True, eq=False)
-class WorkerSlot:
-    """
-    One of the N worker positions and the process currently in it.
-
-    @ivar index: 1 to N.
-    @ivar process: the running worker's process transport, or C{None}.
-    @ivar pid: its process id (the last one, once it exited).
-    @ivar ready: whether it said it serves (and handles SIGHUP).
-    @ivar reload_pending: a reload was asked for before it was ready.
-    @ivar started: when it was started (reactor seconds).
-    @ivar quick_exits: consecutive exits within L{STABLE_AFTER} of a start.
-    @ivar restarts: how many times this slot was restarted.
-    """
-
-    index: int
-    process: Any = None
-    pid: Optional[int] = None
-    ready: bool = False
-    reload_pending: bool = False
-    started: float = 0.0
-    quick_exits: int = 0
-    restarts: int = 0
-    restart_call: Any = None
-    #: With etcd: the worker's last reported revision and whether it watches.
-    etcd_state: Optional[Tuple[int, bool]] = None
-
-
-def describe_exit(reason: Failure) -> str:
-    """C{exited with status N} or C{killed by signal N (SIGNAME)}, from C{processEnded}'s reason."""
-    value = reason.value
-    signum = getattr(value, "signal", None)
-    if signum:
-        try:
-            name = signal.Signals(signum).name
-        except ValueError:
-            name = "?"
-        return "killed by signal %d (%s)" % (signum, name)
-    return "exited with status %s" % (getattr(value, "exitCode", None),)
-
-
-def restart_delay(quick_exits: int) -> float:
-    """Seconds before a restart, after C{quick_exits} consecutive quick exits (1 or more)."""
-    return float(min(RESTART_DELAY * 2 ** max(0, quick_exits - 1), MAX_RESTART_DELAY))
-
-
-class _WorkerProtocol(ProcessProtocol):
-    """The supervisor's end of one worker process: relays its output, reports its end."""
-
-    def __init__(self, supervisor: "WorkerSupervisor", slot: WorkerSlot) -> None:
-        self._supervisor = supervisor
-        self._slot = slot
-        self._buffers: Dict[int, bytes] = {EVENTS_FD: b"", 2: b""}
-        self.pid: Optional[int] = None
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        buffered = self._buffers.get(childFD, b"") + data
-        *lines, rest = buffered.split(b"\n")
-        if len(rest) > 1 << 20:  # a runaway line: pass it on as it is
-            lines.append(rest)
-            rest = b""
-        self._buffers[childFD] = rest
-        for line in lines:
-            self._line(childFD, line)
-
-    def _line(self, childFD: int, line: bytes) -> None:
-        text = line.decode("utf-8", "replace").rstrip("\r")
-        if not text.strip("\x1e "):
-            return
-        if childFD == EVENTS_FD:
-            self._supervisor._relay(self._slot, self.pid, text)
-        else:
-            log.warn("worker {index} (pid {pid}) stderr: {line}", index=self._slot.index, pid=self.pid, line=text)
-
-    def processEnded(self, reason: Failure) -> None:
-        for childFD, rest in sorted(self._buffers.items()):
-            if rest:
-                self._line(childFD, rest)
-        self._buffers = {EVENTS_FD: b"", 2: b""}
-        self._supervisor._ended(self._slot, self.pid, reason)
-
-
-def _worker_pythonpath(environ: Mapping[str, str]) -> Optional[str]:
-    """
-    The C{PYTHONPATH} a worker needs to import this very C{fauth} (a source
-    checkout not otherwise on the path), or C{None} to leave it as it is.
-    """
-    import site
-
-    import fauth
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(fauth.__file__)))
-    site_dirs = list(getattr(site, "getsitepackages", lambda: [])())
-    user_site = getattr(site, "getusersitepackages", lambda: None)()
-    if user_site:
-        site_dirs.append(user_site)
-    current = [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if root in [os.path.abspath(p) for p in site_dirs + current]:
-        return None
-    return os.pathsep.join([root] + current)
-
-
-def _reactor_module(reactor: Any) -> Optional[str]:
-    """The module whose C{install()} gives a worker the supervisor's kind of reactor."""
-    module = type(reactor).__module__
-    if module.startswith("twisted.internet.") and hasattr(sys.modules.get(module), "install"):
-        return module
-    return None
 
 
 class WorkerSupervisor(MultiService):
@@ -408,7 +295,7 @@ class WorkerSupervisor(MultiService):
 
     def _environment(self) -> Dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
-        path = _worker_pythonpath(env)
+        path = worker_pythonpath(env)
         if path is not None:
             env["PYTHONPATH"] = path
         return env
@@ -419,16 +306,16 @@ class WorkerSupervisor(MultiService):
             return
         argv = [self._executable, "-m", "fauth.process.worker", "--index", str(slot.index)]
         argv += ["--config", str(self.control.config_path)]
-        reactor_module = _reactor_module(self._reactor)
-        if reactor_module is not None:
-            argv += ["--reactor", reactor_module]
+        module = reactor_module(self._reactor)
+        if module is not None:
+            argv += ["--reactor", module]
         # 0: a pipe that only tells the worker when this process is gone;
         # 1: this process's standard output (an access log to "-" goes
         # there as from a single process); 2 and EVENTS_FD: relayed.
         child_fds: Dict[int, Any] = {0: "w", 1: 1, 2: "r", EVENTS_FD: "r"}
         for n, shared in enumerate(self.sockets):
             child_fds[FIRST_SOCKET_FD + n] = shared.fd
-        protocol = _WorkerProtocol(self, slot)
+        protocol = WorkerProtocol(self, slot)
         try:
             process = self._reactor.spawnProcess(
                 protocol,
@@ -497,7 +384,7 @@ class WorkerSupervisor(MultiService):
         if all(index in answers for index in expected):
             self._metrics_done(serial)
 
-    def _relay(self, slot: WorkerSlot, pid: Optional[int], line: str) -> None:
+    def relay(self, slot: WorkerSlot, pid: Optional[int], line: str) -> None:
         """Publish one line of a worker's log (a JSON event) in this process's log."""
         try:
             event = eventFromJSON(line.lstrip("\x1e"))
@@ -528,7 +415,7 @@ class WorkerSupervisor(MultiService):
             slot.reload_pending = False
             self._signal(slot, signal.SIGHUP)
 
-    def _ended(self, slot: WorkerSlot, pid: Optional[int], reason: Failure) -> None:
+    def worker_ended(self, slot: WorkerSlot, pid: Optional[int], reason: Failure) -> None:
         status = describe_exit(reason)
         slot.process = None
         slot.ready = False

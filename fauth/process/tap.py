@@ -11,7 +11,7 @@ __all__ = ["Options", "makeService"]
 
 
 class Options(usage.Options):
-    synopsis = "[--config FILE] [--workers N]"
+    synopsis = "[--config FILE] [--workers N] [--check] [--version]"
     longdesc = (
         "Run the fauth forward-authentication gateway: every request is checked "
         "with an external auth service (APISIX forward-auth semantics) before it "
@@ -29,7 +29,30 @@ class Options(usage.Options):
             "else 1; 1 runs a single process).",
         ],
     ]
+    optFlags = [
+        [
+            "check",
+            None,
+            "Load and validate the config, print what would be served (listeners, routes, auth "
+            "targets, upstreams) and exit: 0 if it is valid, 1 with the error if not. Binds nothing.",
+        ],
+    ]
     compData = usage.Completions(optActions={"config": usage.CompleteFiles("*.y*ml *.json")})
+
+    def opt_version(self) -> None:
+        """Print fauth's version (and Twisted's and Python's) and exit."""
+        import platform
+
+        import twisted
+
+        from fauth import __version__
+
+        sys.stdout.write(
+            "fauth %s (Twisted %s, %s %s)\n"
+            % (__version__, twisted.__version__, platform.python_implementation(), platform.python_version())
+        )
+        sys.stdout.flush()
+        raise SystemExit(0)
 
 
 def _workers_option(value: Optional[str]) -> Optional[int]:
@@ -48,6 +71,15 @@ def _workers_option(value: Optional[str]) -> Optional[int]:
     return count
 
 
+def _check(conf: Any, path: str) -> None:
+    from fauth.process.check import describe
+
+    sys.stdout.write(describe(conf))
+    sys.stdout.write("fauth: configuration %s is valid\n" % path)
+    sys.stdout.flush()
+    raise SystemExit(0)
+
+
 def makeService(options: Any) -> Any:
     """
     Load and validate the config (merged with the admin store), then build
@@ -63,6 +95,8 @@ def makeService(options: Any) -> Any:
     try:
         workers = _workers_option(options["workers"])
         control = Control.from_file(options["config"])
+        if options["check"]:
+            _check(control.conf, options["config"])
         if workers is None:
             workers = control.conf.workers
         if workers > 1:

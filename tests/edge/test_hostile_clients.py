@@ -343,7 +343,7 @@ async def test_spoofing_without_credentials_reaches_nobody(env: HostileEnv) -> N
 @ensureDeferred
 async def test_degradation_lets_client_identity_through_as_documented(env: HostileEnv) -> None:
     """
-    README, "Security model": with ``allow_degradation`` an unreachable auth
+    docs/operators/security.md: with ``allow_degradation`` an unreachable auth
     service lets the request through untouched, client headers included, as
     APISIX does.  This pins that documented behaviour.
     """

@@ -84,6 +84,58 @@ def test_twistd_help_mentions_config() -> None:
     assert "--config" in result.stdout
 
 
+# --- --version and --check --------------------------------------------------
+
+FAUTH = [sys.executable, "-m", "fauth"]
+ALL_RUNNERS = dict(RUNNERS, fauth=FAUTH)
+
+
+def _argv(runner: str, *args: str) -> List[str]:
+    # `python -m fauth` takes fauth's options directly; twist/twistd after the subcommand.
+    return ALL_RUNNERS[runner] + ([] if runner == "fauth" else ["fauth"]) + list(args)
+
+
+@pytest.mark.parametrize("runner", sorted(ALL_RUNNERS))
+def test_version_is_fauths(runner: str) -> None:
+    from fauth import __version__
+
+    result = run(_argv(runner, "--version"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("fauth %s (Twisted " % __version__)
+
+
+@pytest.mark.parametrize("runner", sorted(ALL_RUNNERS))
+def test_check_prints_what_would_be_served_and_binds_nothing(runner: str, tmp_path: Any) -> None:
+    path, gateway, auth, upstream = quickstart_copy(tmp_path)
+    # The gateway's own port is held by someone else: a check that bound it would fail.
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.bind(("127.0.0.1", gateway))
+    holder.listen(1)
+    try:
+        result = run(_argv(runner, "--config", path, "--check"))
+    finally:
+        holder.close()
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "listen: tcp:%d" % gateway in lines
+    assert (
+        "  route 'headers': /headers; methods GET; forward-auth GET http://127.0.0.1:%d/; "
+        "upstream http://127.0.0.1:%d(1)" % (auth, upstream)
+    ) in lines
+    assert lines[-1] == "fauth: configuration %s is valid" % path
+    assert not _accepts(auth) and not _accepts(upstream)
+
+
+@pytest.mark.parametrize("runner", sorted(ALL_RUNNERS))
+def test_check_refuses_a_bad_config_with_one_line(runner: str, tmp_path: Any) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(BAD_TIMEOUT_CONFIG)
+    result = run(_argv(runner, "--config", str(path), "--check"))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [BAD_TIMEOUT_MESSAGE]
+    assert "valid" not in result.stdout
+
+
 # --- the quickstart, for real ----------------------------------------------
 
 

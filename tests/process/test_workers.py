@@ -339,7 +339,7 @@ def test_restart_delay_and_exit_description() -> None:
     from twisted.internet.error import ProcessDone, ProcessTerminated
     from twisted.python.failure import Failure
 
-    from fauth.process.supervisor import MAX_RESTART_DELAY, describe_exit, restart_delay
+    from fauth.process.children import MAX_RESTART_DELAY, describe_exit, restart_delay
 
     assert [restart_delay(n) for n in (1, 2, 3, 4)] == [0.1, 0.2, 0.4, 0.8]
     assert restart_delay(50) == MAX_RESTART_DELAY
@@ -387,7 +387,8 @@ def test_restarts_back_off_while_workers_keep_exiting() -> None:
     from twisted.python.failure import Failure
 
     from fauth.admin.control import Control
-    from fauth.process.supervisor import MAX_RESTART_DELAY, WorkerSupervisor
+    from fauth.process.children import MAX_RESTART_DELAY
+    from fauth.process.supervisor import WorkerSupervisor
 
     clock = MemoryReactorClock()
     supervisor = WorkerSupervisor(Control(parse_config({}), config_path="/nonexistent.yaml"), 2, clock)
@@ -399,7 +400,7 @@ def test_restarts_back_off_while_workers_keep_exiting() -> None:
     for _ in range(9):
         slot.started = clock.seconds()
         clock.advance(1)  # a quick exit
-        supervisor._ended(slot, 4242, killed)
+        supervisor.worker_ended(slot, 4242, killed)
         delays.append(round(slot.restart_call.getTime() - clock.seconds(), 6))
         clock.advance(delays[-1])
     assert delays[:4] == [0.1, 0.2, 0.4, 0.8] and delays[-1] == MAX_RESTART_DELAY
@@ -407,7 +408,7 @@ def test_restarts_back_off_while_workers_keep_exiting() -> None:
     # A worker that ran for a while restarts at once again.
     slot.started = clock.seconds()
     clock.advance(60)
-    supervisor._ended(slot, 4243, killed)
+    supervisor.worker_ended(slot, 4243, killed)
     assert round(slot.restart_call.getTime() - clock.seconds(), 6) == 0.1
     # Stopping cancels a pending restart.
     supervisor.stopService()
