@@ -18,6 +18,7 @@ from fauth.auth.forward import ForwardAuth
 from fauth.auth.client import AuthCallError, AuthClient, AuthTarget
 from fauth.auth.variables import RequestVariables
 from fauth.config import ForwardAuthConf, GatewayConf, RouteConf, UpstreamConf
+from fauth.config.apisix import auth_disabled
 from fauth.config.expr import Lookup
 from fauth.request.inbound import InboundRequest
 from fauth.upstream.proxy import UpstreamProxy
@@ -211,6 +212,11 @@ class Gateway:
                 )
                 if auth.cache is not None:
                     self._caches[key] = auth.cache
+            elif auth_disabled(route):
+                log.warn(
+                    "route {id}: forward-auth is disabled by _meta.disable: its requests pass without auth",
+                    id=route.id,
+                )
             entries.append((route, Route(route, auth, upstream)))
         return RouteTable(entries, _variables)
 
