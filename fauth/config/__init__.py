@@ -10,6 +10,7 @@ from fauth.config.document import load_config, parse_config, read_document
 from fauth.config.errors import ConfigError
 from fauth.config.models import (
     AdminConf,
+    ENCODED_POLICIES,
     CacheConf,
     DemoConf,
     EtcdConf,
@@ -27,6 +28,7 @@ from fauth.config.models import (
 from fauth.config.schema import SchemaError
 
 __all__ = [
+    "ENCODED_POLICIES",
     "AdminConf",
     "CacheConf",
     "ConfigError",

@@ -201,6 +201,8 @@ class RouteConf:
     @ivar enable_websocket: an C{Upgrade: websocket} request is tunnelled to
         the upstream (L{fauth.upstream.tunnel}) instead of having its
         C{Upgrade} and C{Connection} headers dropped.
+    @ivar encoded_characters: C{keep} or C{reject} (see L{HttpLimits}), or
+        C{None}: the C{http} section's.
     @ivar failure: for a route that arrived at run time (etcd) but cannot
         run, why: it keeps its place in the table and answers 503 (fail
         closed) rather than let its paths fall to a broader route.
@@ -217,12 +219,17 @@ class RouteConf:
     forward_auth: Optional[ForwardAuthConf] = None
     enabled: bool = True
     enable_websocket: bool = False
+    encoded_characters: Optional[str] = None
     remote_addrs: Optional[AddressList] = None
     vars: Optional[Expr] = None
     service_id: Optional[str] = None
     plugin_config_id: Optional[str] = None
     failure: Optional[str] = None
     source: Mapping[str, Any] = attr.field(factory=dict, eq=False, repr=False)
+
+
+#: What a path holding an ambiguous encoding gets (L{HttpLimits.encoded_characters}).
+ENCODED_POLICIES = ("keep", "reject")
 
 
 @attr.frozen
@@ -281,6 +288,12 @@ class HttpLimits:
         (L{fauth.edge.h2}; needs the C{h2} package).
     @ivar max_concurrent_streams: HTTP/2 streams one connection may have
         open at once; more closes the connection.
+    @ivar encoded_characters: what a path holding C{%2F}, C{%5C}, C{%00},
+        C{%3B}, C{%25}, C{%3F} or C{%23} gets (L{fauth.request.inbound}):
+        C{reject} (400) or C{keep} (routed, authorised and proxied still
+        encoded); a route's own C{encoded_characters} wins.
+    @ivar merge_slashes: repeated slashes in a path are one, for routing,
+        the auth service and the upstream alike.
     """
 
     idle_timeout: float = 60.0
@@ -292,6 +305,8 @@ class HttpLimits:
     client_max_body_size: int = 0
     http2: bool = False
     max_concurrent_streams: int = 100
+    encoded_characters: str = "reject"
+    merge_slashes: bool = True
 
 
 @attr.frozen

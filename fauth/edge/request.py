@@ -197,19 +197,27 @@ class HardenedRequest(server.Request):
                 self._conn.release_body()
 
     def handleContentChunk(self, data: bytes) -> None:
-        if not self.dispatched:
-            if self.content is not None:
-                super().handleContentChunk(data)
-            # else: refused on its head by the channel (413), dropped
-            return
         self.body_received += len(data)
+        limits = getattr(self._conn, "_limits", None)  # a hardened channel's
+        limit = limits.client_max_body_size if limits is not None else 0
+        if not self.dispatched:
+            if self.content is None:
+                return  # refused on its head by the channel (413): dropped
+            if limit and self.body_received > limit:
+                # A chunked body beyond client_max_body_size, read as
+                # Twisted does (a resource without handles_heads, or after
+                # process_with_body): nobody has answered yet.
+                self.content = None
+                self._conn.refuse(413)
+                return
+            super().handleContentChunk(data)
+            return
         if self._dropping or self.finished:
             self._dropping = True
             self.body_dropped += len(data)
             if self.body_dropped > DISCARD_LIMIT:
                 self._conn.linger_close()
             return
-        limit = self._conn._limits.client_max_body_size
         if limit and self.body_received > limit:
             # A chunked body beyond client_max_body_size.
             self.refuse_body(413)

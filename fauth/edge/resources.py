@@ -28,7 +28,7 @@ from fauth.edge.gateway import AuthClients, Gateway
 from fauth.edge.request import BodySink, HardenedRequest
 from fauth.edge.h2 import NegotiatingChannel, alpn_protocols
 from fauth.edge.server import HardenedSite
-from fauth.request.inbound import BadRequest, InboundRequest
+from fauth.request.inbound import BadRequest, InboundRequest, check_encoded
 from fauth.request.lifecycle import when_finished
 from fauth.observe.exchange import Exchange
 from fauth.observe.metrics import GatewayMetrics
@@ -183,13 +183,41 @@ def guard(
     d.addErrback(_internal_error, request)
 
 
-def parse_inbound(request: Any) -> Optional[InboundRequest]:
-    """The request as fauth sees it, or C{None} after answering 400."""
+def parse_inbound(request: Any, limits: HttpLimits, policy: Optional[str] = None) -> Optional[InboundRequest]:
+    """
+    The request as fauth sees it, its path normalised as C{limits} say, or
+    C{None} after answering 400.  With C{policy}, an ambiguous encoding in
+    the path is checked against it (else the caller does, once routed:
+    L{encoded_refused}).
+    """
     try:
-        return InboundRequest.from_twisted(request)
+        inbound = InboundRequest.from_twisted(request, limits.merge_slashes)
+        if policy is not None:
+            check_encoded(inbound.encoded, policy)
+        return inbound
     except BadRequest as e:
-        send_simple(request, 400, json.dumps({"error_msg": str(e)}).encode(), b"application/json")
+        _bad_request(request, e)
         return None
+
+
+def encoded_refused(request: Any, inbound: InboundRequest, policy: str) -> bool:
+    """Whether C{inbound}'s path was refused (400 answered) by the C{encoded_characters} C{policy}."""
+    try:
+        check_encoded(inbound.encoded, policy)
+    except BadRequest as e:
+        _bad_request(request, e)
+        return True
+    return False
+
+
+def _bad_request(request: Any, error: BadRequest) -> None:
+    send_simple(request, 400, json.dumps({"error_msg": str(error)}).encode(), b"application/json")
+
+
+def _site_limits(request: Any) -> HttpLimits:
+    """The limits of the (hardened) site serving C{request}; the defaults on any other site."""
+    limits = getattr(getattr(request, "site", None), "limits", None)
+    return limits if isinstance(limits, HttpLimits) else HttpLimits()
 
 
 class _BodyBuffer(BodySink):
@@ -283,12 +311,17 @@ class GatewayResource(Resource):
     def render(self, request: Any) -> Any:
         self.in_flight.track(request)
         exchange = None if self._metrics is None else Exchange(self._metrics, request)
-        inbound = parse_inbound(request)
+        http = self._gateway.conf.http
+        inbound = parse_inbound(request, http)
         if inbound is None:
             return server.NOT_DONE_YET
         route = self._gateway.table.match(inbound.method, inbound.host, inbound.path, inbound)
         if route is None:
             send_simple(request, 404, _NOT_FOUND, b"application/json")
+            return server.NOT_DONE_YET
+        if inbound.encoded and encoded_refused(
+            request, inbound, route.conf.encoded_characters or http.encoded_characters
+        ):
             return server.NOT_DONE_YET
         if exchange is not None:
             exchange.routed(route.conf.id)
@@ -392,7 +425,8 @@ class ForwardAuthResource(Resource):
         if getattr(request, "fauth_allowed", None) is self:
             # Allowed on its head; the body is in now (HardenedRequest.process_with_body).
             return self._render_wrapped(request)
-        inbound = parse_inbound(request)
+        limits = _site_limits(request)
+        inbound = parse_inbound(request, limits, limits.encoded_characters)
         if inbound is None:
             return server.NOT_DONE_YET
         if getattr(request, "dispatched", False) and request.content is None:
