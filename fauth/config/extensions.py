@@ -22,7 +22,9 @@ from fauth.config.schema import (
 )
 
 __all__ = [
+    "INTEGRATION_KEYS",
     "REDIRECT_STATUSES",
+    "SIGNIN_KEYS",
     "extension",
     "parse_allow_cookies",
     "parse_auth_server_paths",
@@ -34,7 +36,11 @@ _T = TypeVar("_T")
 #: What C{signin_redirect.status} may be.
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 
-_SIGNIN_KEYS = ("uri", "param", "statuses", "status")
+#: The keys of C{signin_redirect}.
+SIGNIN_KEYS = ("uri", "param", "statuses", "status")
+#: fauth's own C{forward-auth} attributes for the auth servers' integrations
+#: (C{preset} is read by L{fauth.config.presets} before the rest).
+INTEGRATION_KEYS = ("preset", "signin_redirect", "allow_cookies", "auth_server_paths")
 # A URL a Location header can carry as it is: visible ASCII, and either a
 # path on the client's host or an http(s) URL.
 _SIGNIN_URI = re.compile(r"(?:/|https?://[^/?#\s]+(?:[/?]|\Z))[\x21-\x7e]*\Z")
@@ -50,7 +56,7 @@ def parse_signin_redirect(doc: object) -> SigninConf:
 
     @raise SchemaError: what is wrong, without the C{property "signin_redirect"} prefix.
     """
-    conf = closed_object(doc, _SIGNIN_KEYS)
+    conf = closed_object(doc, SIGNIN_KEYS)
     if "uri" not in conf:
         raise SchemaError('property "uri" is required')
     uri = check_type("uri", conf["uri"], "string")

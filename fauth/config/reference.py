@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Tuple
 
 import attr
 
-from fauth.config import apisix, document, routes, schema
+from fauth.config import apisix, document, extensions, routes, schema
 from fauth.config.models import (
     AdminConf,
     CacheConf,
@@ -24,6 +24,7 @@ from fauth.config.models import (
     GatewayConf,
     HttpLimits,
     RouteConf,
+    SigninConf,
     UpstreamConf,
     UpstreamTimeouts,
 )
@@ -87,6 +88,7 @@ def _forward_auth_defaults() -> Dict[str, str]:
         shown[key] = "%s (%s)" % (shown[key], bound)
     shown["request_method"] += " (%s)" % " or ".join("`%s`" % m for m in schema._REQUEST_METHODS)
     shown["uri"] = REQUIRED
+    shown["allow_cookies"] = shown["auth_server_paths"] = _shown([])
     return shown
 
 
@@ -110,6 +112,17 @@ _FORWARD_AUTH = {
     "preserve_request_method": "extension: the auth call uses the client's method",
     "run_on_preflight": "extension: `false` lets a CORS preflight through without an auth call",
     "allow_partial_message": "extension, POST mode: a larger body sends its first `max_req_body_size` bytes to auth instead of 413",
+    "preset": "extension: `authelia`, `oauth2-proxy` or `authentik` fills the attributes that server's documentation asks for; written ones win",
+    "signin_redirect": "extension: chosen denials become a redirect to a sign-in page, for browsers (its own table)",
+    "allow_cookies": "extension: cookie names (or `*`) whose `Set-Cookie` in a 2xx auth answer goes to the client's response",
+    "auth_server_paths": "extension: path prefixes proxied to the auth service itself, without a check",
+}
+
+_SIGNIN = {
+    "uri": "the sign-in URL: a path on the client's host, or an http(s) URL",
+    "param": "the query parameter carrying the original URL, percent-encoded",
+    "statuses": "the auth answers that redirect (300 to 599)",
+    "status": "the redirect's status: 301, 302, 303, 307 or 308",
 }
 
 _CACHE = {
@@ -285,7 +298,8 @@ def _sections() -> Iterable[_Section]:
         "The `forward-auth` plugin object: APISIX's attributes with APISIX's defaults and bounds, then fauth's "
         "extensions. Unknown keys are accepted, as APISIX does.",
         # C{cache} is read by L{apisix.parse_forward_auth} beside the schema's properties.
-        schema.FORWARD_AUTH_PROPERTY_ORDER + tuple(schema.FORWARD_AUTH_EXTENSIONS) + ("cache",),
+        schema.FORWARD_AUTH_PROPERTY_ORDER + tuple(schema.FORWARD_AUTH_EXTENSIONS) + ("cache",)
+        + extensions.INTEGRATION_KEYS,
         _forward_auth_defaults(), _FORWARD_AUTH,
     )
     cache = _model_defaults(CacheConf)
@@ -293,6 +307,12 @@ def _sections() -> Iterable[_Section]:
     yield _Section(
         "forward-auth cache", "The `cache` object inside `forward-auth` (fauth's own).",
         tuple(apisix._CACHE_KEYS), cache, _CACHE,
+    )
+    signin = _model_defaults(SigninConf)
+    signin["uri"] = REQUIRED
+    yield _Section(
+        "forward-auth signin_redirect", "The `signin_redirect` object inside `forward-auth` (fauth's own).",
+        extensions.SIGNIN_KEYS, signin, _SIGNIN,
     )
 
 
