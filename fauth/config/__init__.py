@@ -17,6 +17,7 @@ from fauth.config.models import (
     HttpLimits,
     Node,
     RouteConf,
+    TrustedProxies,
     UpstreamConf,
     UpstreamTimeouts,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "Node",
     "RouteConf",
     "SchemaError",
+    "TrustedProxies",
     "UpstreamConf",
     "UpstreamTimeouts",
     "load_config",

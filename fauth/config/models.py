@@ -5,7 +5,8 @@ built once per document by L{fauth.config.document}.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Tuple
+from ipaddress import IPv4Network, IPv6Network
+from typing import Any, Mapping, Optional, Tuple, Union
 
 import attr
 
@@ -21,6 +22,7 @@ __all__ = [
     "HttpLimits",
     "Node",
     "RouteConf",
+    "TrustedProxies",
     "UpstreamConf",
     "UpstreamTimeouts",
 ]
@@ -210,6 +212,21 @@ class EtcdConf:
 
 
 @attr.frozen
+class TrustedProxies:
+    """
+    Top-level C{trusted_proxies} (and C{real_ip_header}): peers whose
+    forwarded chain names the client (L{fauth.request.clientaddr}).
+
+    @ivar networks: the trusted networks (a single address is a /32 or /128).
+    @ivar header: C{X-Forwarded-For} or C{Forwarded}: the one header the
+        chain is read from.
+    """
+
+    networks: Tuple[Union[IPv4Network, IPv6Network], ...]
+    header: str = "X-Forwarded-For"
+
+
+@attr.frozen
 class GatewayConf:
     """
     The whole gateway configuration.
@@ -234,4 +251,6 @@ class GatewayConf:
     workers: int = 1
     #: Routes and upstreams of the admin API in etcd rather than the store file.
     etcd: Optional[EtcdConf] = None
+    #: Peers whose X-Forwarded-For/Forwarded is honoured; C{None}: none.
+    trusted_proxies: Optional[TrustedProxies] = None
     source: Mapping[str, Any] = attr.field(factory=dict, eq=False, repr=False)

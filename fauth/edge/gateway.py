@@ -17,6 +17,7 @@ from fauth.auth.cache import DecisionCache
 from fauth.auth.forward import ForwardAuth
 from fauth.auth.client import AuthCallError, AuthClient, AuthTarget
 from fauth.config import ForwardAuthConf, GatewayConf, RouteConf, UpstreamConf
+from fauth.request.clientaddr import ForwardedChain
 from fauth.upstream.proxy import UpstreamProxy
 from fauth.upstream.tunnel import Tunnels
 from fauth.routing.table import RouteTable
@@ -49,6 +50,10 @@ def load_trust_root(path: Optional[str]) -> Any:
         for chunk in pem.split(b"-----BEGIN CERTIFICATE-----")[1:]
     ]
     return ssl.trustRootFromCertificates(certs)
+
+
+def _forwarded_chain(conf: GatewayConf) -> Optional[ForwardedChain]:
+    return ForwardedChain(conf.trusted_proxies) if conf.trusted_proxies is not None else None
 
 
 class AuthClients:
@@ -131,6 +136,8 @@ class Gateway:
 
     @ivar table: the current L{RouteTable}; replaced, never mutated.
     @ivar tunnels: the open WebSocket tunnels (routes with C{enable_websocket}).
+    @ivar forwarded_chain: the client addresses behind C{trusted_proxies},
+        or C{None} when no proxy is trusted (the peer is the client).
     """
 
     def __init__(
@@ -146,6 +153,7 @@ class Gateway:
         self.upstream_pool = StrictConnectionPool(reactor, cachedConnectionTimeout=60.0)
         self.tunnels = Tunnels(reactor)
         self.conf = conf
+        self.forwarded_chain = _forwarded_chain(conf)
         # Decision caches by (route id, forward-auth conf): a rebuilt route
         # whose forward-auth is unchanged keeps its decisions; one whose
         # forward-auth changed (or a removed route) loses them with its old
@@ -172,6 +180,7 @@ class Gateway:
         if table is None:
             table = self._build(conf)
         self.conf, self.table = conf, table
+        self.forwarded_chain = _forwarded_chain(conf)
         self._install(conf, table)
 
     def _install(self, conf: GatewayConf, table: "RouteTable[Route]") -> None:

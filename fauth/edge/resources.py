@@ -27,6 +27,7 @@ from fauth.edge.gateway import AuthClients, Gateway
 from fauth.edge.request import BodySink, HardenedRequest
 from fauth.edge.h2 import NegotiatingChannel, alpn_protocols
 from fauth.edge.server import HardenedSite
+from fauth.request.clientaddr import ForwardedChain
 from fauth.request.inbound import BadRequest, InboundRequest
 from fauth.request.lifecycle import when_finished
 from fauth.observe.exchange import Exchange
@@ -178,10 +179,14 @@ def guard(
     d.addErrback(_internal_error, request)
 
 
-def parse_inbound(request: Any) -> Optional[InboundRequest]:
-    """The request as fauth sees it, or C{None} after answering 400."""
+def parse_inbound(request: Any, proxies: Optional[ForwardedChain] = None) -> Optional[InboundRequest]:
+    """
+    The request as fauth sees it, or C{None} after answering 400.
+
+    @param proxies: the C{trusted_proxies} (see L{InboundRequest.from_twisted}).
+    """
     try:
-        return InboundRequest.from_twisted(request)
+        return InboundRequest.from_twisted(request, proxies)
     except BadRequest as e:
         send_simple(request, 400, json.dumps({"error_msg": str(e)}).encode(), b"application/json")
         return None
@@ -256,9 +261,11 @@ class GatewayResource(Resource):
     def render(self, request: Any) -> Any:
         self.in_flight.track(request)
         exchange = None if self._metrics is None else Exchange(self._metrics, request)
-        inbound = parse_inbound(request)
+        inbound = parse_inbound(request, self._gateway.forwarded_chain)
         if inbound is None:
             return server.NOT_DONE_YET
+        if exchange is not None and inbound.proxied is not None:
+            exchange.client_addr = inbound.remote_addr
         route = self._gateway.table.match(inbound.method, inbound.host, inbound.path)
         if route is None:
             send_simple(request, 404, _NOT_FOUND, b"application/json")

@@ -254,10 +254,17 @@ class UpstreamProxy:
                 fields.extend([(name, value) for value in values])
             elif lower == b"x-forwarded-for":
                 forwarded = list(values)
-        peer = inbound.remote_addr.encode("latin-1")
+        client = inbound.remote_addr.encode("latin-1")
+        peer = client
+        if inbound.proxied is not None:
+            # trusted_proxies: a trusted peer's chain goes on with the peer
+            # appended; an untrusted peer's is dropped (as Caddy does).
+            peer = (getattr(request.getClientAddress(), "host", None) or "unix:").encode("latin-1")
+            if not inbound.proxied.peer_trusted:
+                forwarded = []
         fields += [
             (b"X-Forwarded-For", b", ".join(forwarded + [peer]) if forwarded else peer),
-            (b"X-Real-IP", peer),
+            (b"X-Real-IP", client),
             (b"X-Forwarded-Proto", inbound.scheme.encode("ascii")),
             (b"X-Forwarded-Host", inbound.host.encode("latin-1")),
             (b"X-Forwarded-Port", b"%d" % inbound.server_port),
