@@ -8,7 +8,9 @@ from fauth.config.apisix import parse_forward_auth, parse_route, parse_upstream
 from fauth.config.document import load_config, parse_config, read_document
 from fauth.config.errors import ConfigError
 from fauth.config.models import (
+    ActiveCheck,
     AdminConf,
+    AuthChecks,
     CacheConf,
     DemoConf,
     EtcdConf,
@@ -24,7 +26,9 @@ from fauth.config.models import (
 from fauth.config.schema import SchemaError
 
 __all__ = [
+    "ActiveCheck",
     "AdminConf",
+    "AuthChecks",
     "CacheConf",
     "ConfigError",
     "DemoConf",

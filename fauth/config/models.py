@@ -13,7 +13,9 @@ import attr
 from fauth.config.templates import Template
 
 __all__ = [
+    "ActiveCheck",
     "AdminConf",
+    "AuthChecks",
     "CacheConf",
     "DemoConf",
     "EtcdConf",
@@ -51,6 +53,32 @@ class CacheConf:
 
 
 @attr.frozen
+class ActiveCheck:
+    """
+    C{checks.active} of C{forward-auth} (fauth's own): a C{GET} of
+    C{http_path} on every auth node each C{interval} seconds; a 2xx or 3xx
+    answer within C{timeout} seconds passes.
+    """
+
+    http_path: str
+    interval: float = 5.0
+    timeout: float = 1.0
+
+
+@attr.frozen
+class AuthChecks:
+    """
+    C{checks} of C{forward-auth} with C{nodes}: passive (nginx's
+    C{max_fails} failures in a row leave a node out for C{fail_timeout}
+    seconds; C{0} turns it off) and optionally active.
+    """
+
+    max_fails: int = 1
+    fail_timeout: float = 10.0
+    active: Optional[ActiveCheck] = None
+
+
+@attr.frozen
 class ForwardAuthConf:
     """One validated C{forward-auth} plugin instance (defaults filled in)."""
 
@@ -71,6 +99,11 @@ class ForwardAuthConf:
     error_response: Optional[str] = None
     #: Off (C{None}) unless the object has a C{cache} section.
     cache: Optional[CacheConf] = None
+    #: Several auth servers (fauth's own): where to connect, C{uri} saying
+    #: what to ask; C{None}: C{uri}'s host alone.
+    nodes: Optional[Tuple["Node", ...]] = None
+    #: Their health checks (defaults with C{nodes}; C{None} without).
+    checks: Optional[AuthChecks] = None
     warnings: Tuple[str, ...] = attr.field(default=(), eq=False)
 
 

@@ -6,7 +6,7 @@ pools they share.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import attr
 from twisted.internet.defer import DeferredList
@@ -16,6 +16,7 @@ from twisted.web.client import HTTPConnectionPool
 from fauth.auth.cache import DecisionCache
 from fauth.auth.forward import ForwardAuth
 from fauth.auth.client import AuthCallError, AuthClient, AuthTarget
+from fauth.auth.targets import AuthNodes
 from fauth.config import ForwardAuthConf, GatewayConf, RouteConf, UpstreamConf
 from fauth.request.clientaddr import ForwardedChain
 from fauth.upstream.proxy import UpstreamProxy
@@ -71,9 +72,14 @@ class AuthClients:
         self._trust_root = trust_root
         self._pool = pool
         self._clients: Dict[Tuple[Any, ...], AuthClient] = {}
+        self._node_sets: Dict[Tuple[Any, ...], AuthNodes] = {}
 
-    def get(self, conf: ForwardAuthConf) -> AuthClient:
-        """The client for this plugin instance's C{uri} and keep-alive settings."""
+    def get(self, conf: ForwardAuthConf) -> Union[AuthClient, AuthNodes]:
+        """
+        The client for this plugin instance's C{uri} and keep-alive
+        settings; with C{nodes}, the L{AuthNodes} of those nodes (and
+        C{checks}).
+        """
         try:
             target: Optional[AuthTarget] = AuthTarget.parse(conf.uri, conf.ssl_verify)
             bad_uri = None
@@ -86,43 +92,71 @@ class AuthClients:
             conf.keepalive_pool,
             conf.timeout,
         )
+        if target is not None and conf.nodes is not None:
+            return self._nodes(key + (conf.nodes, conf.checks), conf, target)
         client = self._clients.get(key)
         if client is None:
-            client = self._clients[key] = AuthClient(
-                self._reactor,
-                target,
-                keepalive=conf.keepalive,
-                keepalive_timeout=conf.keepalive_timeout / 1000.0,
-                keepalive_pool=conf.keepalive_pool,
-                connect_timeout=conf.timeout / 1000.0,
-                trust_root=self._trust_root,
-                bad_uri=bad_uri,
-                pool=self._pool,
-            )
+            client = self._clients[key] = self._client(conf, target, bad_uri, self._pool)
         return client
 
-    def clients(self) -> List[AuthClient]:
-        """Every client in use (for the pool metrics)."""
-        return list(self._clients.values())
+    def _client(
+        self, conf: ForwardAuthConf, target: Optional[AuthTarget], bad_uri: Optional[str], pool: Optional[HTTPConnectionPool]
+    ) -> AuthClient:
+        return AuthClient(
+            self._reactor,
+            target,
+            keepalive=conf.keepalive,
+            keepalive_timeout=conf.keepalive_timeout / 1000.0,
+            keepalive_pool=conf.keepalive_pool,
+            connect_timeout=conf.timeout / 1000.0,
+            trust_root=self._trust_root,
+            bad_uri=bad_uri,
+            pool=pool,
+        )
 
-    def prune(self, keep: Iterable[AuthClient]) -> None:
+    def _nodes(self, key: Tuple[Any, ...], conf: ForwardAuthConf, target: AuthTarget) -> AuthNodes:
+        nodes = self._node_sets.get(key)
+        if nodes is None:
+            assert conf.nodes is not None and conf.checks is not None  # parse_forward_auth sets both
+            nodes = self._node_sets[key] = AuthNodes(
+                self._reactor,
+                target,
+                conf.nodes,
+                conf.checks,
+                # One pool per node (the application's own, when it gave one).
+                lambda node_target, pool: self._client(conf, node_target, None, pool or self._pool),
+            )
+        return nodes
+
+    def clients(self) -> List[AuthClient]:
+        """Every client in use, those of each auth node included (for the pool metrics)."""
+        return list(self._clients.values()) + [c for nodes in self._node_sets.values() for c in nodes.clients()]
+
+    def node_sets(self) -> List[AuthNodes]:
+        """The auth nodes of every C{forward-auth} with C{nodes} (for their metrics)."""
+        return list(self._node_sets.values())
+
+    def prune(self, keep: Iterable[Union[AuthClient, AuthNodes]]) -> None:
         """
         Close and forget every client not in C{keep} (those the installed
         table uses).  A request in flight holds its own reference, so it
         completes; only the idle pooled connections are closed.
         """
         kept = {id(c) for c in keep}
-        for key, client in list(self._clients.items()):
-            if id(client) not in kept:
-                del self._clients[key]
-                try:
-                    client.close()
-                except Exception:
-                    log.failure("closing an unused auth client failed")
+        unused: List[Union[AuthClient, AuthNodes]] = []
+        for key in [k for k, c in self._clients.items() if id(c) not in kept]:
+            unused.append(self._clients.pop(key))
+        for key in [k for k, n in self._node_sets.items() if id(n) not in kept]:
+            unused.append(self._node_sets.pop(key))
+        for client in unused:
+            try:
+                client.close()
+            except Exception:
+                log.failure("closing an unused auth client failed")
 
     def close(self) -> Any:
-        """Close every pooled connection."""
-        return DeferredList([c.close() for c in self._clients.values()])
+        """Close every pooled connection (and stop the active health checks)."""
+        return DeferredList([c.close() for c in list(self._clients.values()) + list(self._node_sets.values())])
 
 
 class Gateway:

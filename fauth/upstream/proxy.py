@@ -19,7 +19,7 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
-from fauth.upstream.balancer import SmoothWeightedRoundRobin
+from fauth.routing.balancer import SmoothWeightedRoundRobin
 from fauth.config import Node, UpstreamConf
 from fauth.wire.connection import ClientRequest, FileUpload, StreamUpload
 from fauth.wire.h1 import ResponseHead, request_head

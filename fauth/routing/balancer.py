@@ -1,5 +1,8 @@
-# -*- test-case-name: tests.upstream.test_proxy_e2e -*-
-"""Node selection: nginx's smooth weighted round-robin."""
+# -*- test-case-name: tests.upstream.test_proxy_e2e,tests.auth.test_targets -*-
+"""
+Node selection: nginx's smooth weighted round-robin, shared by the upstream
+leg (L{fauth.upstream.proxy}) and several auth servers (L{fauth.auth.targets}).
+"""
 from __future__ import annotations
 
 from typing import List, Sequence
