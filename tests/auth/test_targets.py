@@ -280,3 +280,16 @@ def test_defaults_and_ports() -> None:
     assert conf.nodes == (Node("10.0.0.1", 443, 1), Node("::1", 8443, 3))
     assert conf.checks == AuthChecks(max_fails=1, fail_timeout=10.0, active=None)
     assert parse_forward_auth({"uri": "http://auth/"}).nodes is None
+
+
+@ensureDeferred
+async def test_with_the_decision_cache(reactor: Any, env: Env) -> None:
+    a, b = await env.node("a"), await env.node("b")
+    dead = "127.0.0.1:%d" % free_ports(1)[0]
+    gw = await env.gateway({dead: 5, env.addresses["a"]: 1, env.addresses["b"]: 1}, cache={"ttl": 60})
+    users = [(await env.ask(gw))[1]["X-User-Id"] for _ in range(5)]
+    # One call (the dead node refused it first, then a live one answered),
+    # then the stored allow: whichever node answered, the key is the same.
+    assert len(a.calls) + len(b.calls) == 1
+    assert len(set(users)) == 1
+    assert node_metrics(gw)[("fauth_auth_node_calls_total", dead, "unreachable")] == 1

@@ -208,3 +208,49 @@ async def test_ipv6_peer(reactor: Any, env: Env) -> None:
     upstream = await get(reactor, port, b"X-Forwarded-For: 6.6.6.6", host="::1")
     assert env.auth.seen[-1][b"x-forwarded-for"] == [b"::1"]
     assert upstream["X-Forwarded-For"] == "::1"
+
+
+class ByAddress(Resource):
+    """Allows only the client 203.0.113.9 (by the X-Forwarded-For it is sent); counts the calls."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def render(self, request: Any) -> bytes:
+        self.calls += 1
+        if request.getHeader(b"x-forwarded-for") != b"203.0.113.9":
+            request.setResponseCode(403)
+            return b"not from here"
+        request.setHeader(b"X-User-ID", b"office")
+        return b""
+
+
+@ensureDeferred
+async def test_cached_decisions_are_per_resolved_client(reactor: Any, env: Env) -> None:
+    auth = ByAddress()
+    port = await listen_on_loopback(reactor, auth)
+    env.ports.append(port)
+    gw_port, _, metrics = await env.gateway(
+        trusted_proxies=["127.0.0.1"],
+        routes=[
+            {
+                "id": "c",
+                "uri": "/headers",
+                "plugins": {"forward-auth": {"uri": port_url(port, "/"), "upstream_headers": ["X-User-ID"], "cache": {"ttl": 60}}},
+                "upstream": {"nodes": {env.echo: 1}},
+            }
+        ],
+    )
+    allowed = await get(reactor, gw_port, b"X-Forwarded-For: 203.0.113.9")
+    assert allowed["X-User-Id"] == "office"
+    assert (await get(reactor, gw_port, b"X-Forwarded-For: 6.6.6.6, 203.0.113.9"))["X-User-Id"] == "office"
+    assert auth.calls == 1  # the same client: the stored allow
+    # Another client behind the proxy never gets that allow, spoofing left of it or not.
+    head = b"GET /headers HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\nX-Forwarded-For: 203.0.113.9, 198.51.100.7\r\n\r\n"
+    denied = await raw_request(reactor, gw_port, head)
+    assert denied.startswith(b"HTTP/1.1 403 ") and denied.endswith(b"not from here")
+    assert auth.calls == 2
+    assert [line["auth"] for line in env.log_lines(metrics)] == ["allow", "allow (cached)", "deny"]
