@@ -12,8 +12,8 @@ walk too: the last address known good is the client.
 from __future__ import annotations
 
 import re
-from ipaddress import IPv4Address, IPv6Address, ip_address
-from typing import List, Optional, Sequence, Tuple, Union
+from socket import AF_INET, AF_INET6, inet_ntop, inet_pton
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import attr
 from twisted.web.http_headers import Headers
@@ -22,14 +22,35 @@ from fauth.config.models import TrustedProxies
 
 __all__ = ["ClientAddress", "ForwardedChain", "forwarded_for"]
 
-_Address = Union[IPv4Address, IPv6Address]
-
-# An X-Forwarded-For hop: an address, an IPv4 address with a port, or a
-# bracketed IPv6 address with an optional port (what proxies write).
+# An X-Forwarded-For hop: a bracketed IPv6 address with an optional port,
+# an IPv4 address with a port, or an address (what proxies write).
 _HOP = re.compile(r"\[([0-9A-Fa-f:.]+)\](?::([0-9]{1,5}))?\Z|([0-9.]+):([0-9]{1,5})\Z|([0-9A-Fa-f:.]+)\Z")
 # RFC 7239 forwarded-pair (token "=" token / quoted-string), then its separator.
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _PAIR = re.compile(r"[ \t]*(%s)=(%s|\"(?:[^\"\\]|\\.)*\")[ \t]*([;,]|\Z)" % (_TOKEN, _TOKEN))
+_MAPPED = b"\0" * 10 + b"\xff\xff"
+# Peers whose trust is remembered; past this many the memory starts over.
+_PEERS_KEPT = 4096
+
+#: An address as the trust check reads it: C{(4 or 6, its integer value)},
+#: an IPv4 address seen as C{::ffff:a.b.c.d} by a dual-stack socket as IPv4.
+_Address = Tuple[int, int]
+
+
+def _address(text: str) -> Optional[_Address]:
+    # inet_pton, not ipaddress: the same strict literals (no leading zeros,
+    # no short forms, no scope), for a tenth of the time.
+    try:
+        return 4, int.from_bytes(inet_pton(AF_INET, text), "big")
+    except (OSError, ValueError):
+        pass
+    try:
+        packed = inet_pton(AF_INET6, text)
+    except (OSError, ValueError):
+        return None
+    if packed[:12] == _MAPPED:
+        return 4, int.from_bytes(packed[12:], "big")
+    return 6, int.from_bytes(packed, "big")
 
 
 @attr.s(slots=True, frozen=True, auto_attribs=True)
@@ -50,19 +71,25 @@ class ClientAddress:
     peer_trusted: bool
 
 
-def _parse_hop(text: str) -> Optional[Tuple[_Address, int]]:
+def _parse_hop(text: str) -> Optional[Tuple[str, int, _Address]]:
+    """A hop's address as written canonically, its port (C{0}: none), and its value."""
+    if ":" not in text and "[" not in text:
+        # An IPv4 address, what nearly every hop is: no pattern needed.
+        found = _address(text)
+        return None if found is None else (text, 0, found)
     match = _HOP.match(text)
     if match is None:
         return None
     v6, v6_port, v4, v4_port, bare = match.groups()
-    try:
-        address = ip_address(v6 or v4 or bare)
-    except ValueError:
-        return None
+    literal = v6 or v4 or bare
+    address = _address(literal)
     port = int(v6_port or v4_port or 0)
-    if port > 65535 or (v6 is not None and address.version != 6):
+    if address is None or port > 65535 or (v4 is not None and ":" in literal):
         return None
-    return address, port
+    if v6 is not None and ":" not in literal:
+        return None  # [192.0.2.1]: brackets are for IPv6
+    host = inet_ntop(AF_INET6, inet_pton(AF_INET6, literal)) if ":" in literal else literal
+    return host, port, address
 
 
 def forwarded_for(values: Sequence[bytes]) -> List[Optional[str]]:
@@ -100,27 +127,35 @@ class ForwardedChain:
 
     def __init__(self, conf: TrustedProxies) -> None:
         self.conf = conf
-        self._networks = conf.networks
+        networks: Dict[int, List[Tuple[int, int]]] = {4: [], 6: []}
+        for network in conf.networks:
+            networks[network.version].append((int(network.network_address), int(network.netmask)))
+        self._networks = networks
         self._forwarded = conf.header.lower() == "forwarded"
         self._header = conf.header.lower().encode("ascii")
+        self._peers: Dict[str, bool] = {}
 
     def trusts(self, address: _Address) -> bool:
-        """Whether C{address} is in one of the trusted networks."""
-        if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
-            # A dual-stack socket's view of an IPv4 peer.
-            address = address.ipv4_mapped
-        for network in self._networks:
-            if address in network:
+        """Whether C{address} (see L{_address}) is in one of the trusted networks."""
+        family, value = address
+        for network, mask in self._networks[family]:
+            if value & mask == network:
                 return True
         return False
 
+    def _trusts_peer(self, peer_host: str) -> bool:
+        trusted = self._peers.get(peer_host)
+        if trusted is None:
+            address = _address(peer_host)  # None: a UNIX socket, which no network holds
+            trusted = address is not None and self.trusts(address)
+            if len(self._peers) >= _PEERS_KEPT:
+                self._peers.clear()
+            self._peers[peer_host] = trusted
+        return trusted
+
     def resolve(self, peer_host: str, peer_port: int, headers: Headers) -> ClientAddress:
         """The client of a request from C{peer_host}, with C{headers}."""
-        try:
-            peer = ip_address(peer_host)
-        except ValueError:  # a UNIX socket: no network holds it
-            return ClientAddress(peer_host, peer_port, False)
-        if not self.trusts(peer):
+        if not self._trusts_peer(peer_host):
             return ClientAddress(peer_host, peer_port, False)
         values = headers.getRawHeaders(self._header)
         if not values:
@@ -134,8 +169,7 @@ class ForwardedChain:
             parsed = _parse_hop(hop) if hop is not None else None
             if parsed is None:
                 break  # not an address: the last good one stands
-            address, port = parsed
-            host = str(address)
+            host, port, address = parsed
             if not self.trusts(address):
                 break
         return ClientAddress(host, port, True)
