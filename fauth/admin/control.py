@@ -27,12 +27,16 @@ from twisted.python.failure import Failure
 from fauth.config import (
     ConfigError,
     GatewayConf,
+    RouteConf,
     parse_config,
+    parse_plugin_config,
     parse_route,
+    parse_service,
     parse_upstream,
     read_document,
 )
 from fauth.config.schema import SchemaError
+from fauth.admin.sift import sift
 from fauth.admin.store import KINDS, Store, StoreContents
 
 __all__ = ["AdminError", "Control", "Entry", "KINDS", "merge_patch"]
@@ -45,9 +49,29 @@ RESTART_ONLY = ("listen", "admin", "demo", "http", "ssl_trusted_certificate", "w
 
 # APISIX's id schema: a string of 1-64 of these, or a positive integer.
 _ID_RE = re.compile(r"[a-zA-Z0-9\-_.]{1,64}\Z")
-_LABEL_RE = re.compile(r'^(route|upstream) "([^"]*)": ')
+_LABEL_RE = re.compile(r'^(route|upstream|service|plugin_config) "([^"]*)": ')
 # Messages parse_route already words as APISIX's admin API does.
-_APISIX_WORDED = ("failed to check the configuration of plugin", "unknown plugin", "failed to fetch upstream")
+_APISIX_WORDED = (
+    "failed to check the configuration of plugin",
+    "unknown plugin",
+    "failed to fetch upstream",
+    "failed to fetch service",
+    "failed to fetch plugin config",
+    "failed to validate the 'vars' expression",
+    "only one of remote_addr",
+)
+#: Who may name an object of each kind, and by which field: (kind, field).
+_USERS = {
+    "upstreams": (("routes", "upstream_id"), ("services", "upstream_id")),
+    "services": (("routes", "service_id"),),
+    "plugin_configs": (("routes", "plugin_config_id"),),
+}
+#: APISIX's refusal to delete an object still named (admin/services.lua ...).
+_IN_USE = {
+    "upstreams": "can not delete this upstream, %s [%s] is still using it now",
+    "services": "can not delete this service directly, %s [%s] is still using it now",
+    "plugin_configs": "can not delete this plugin config, %s [%s] is still using it now",
+}
 
 
 class _BuildError(Exception):
@@ -121,20 +145,11 @@ def _then(outcome: Optional["Deferred[Any]"], result: Any) -> Any:
     return outcome.addCallback(lambda _: result)
 
 
-def _changed(contents: StoreContents, changes: List[Tuple[str, str, Any]]) -> StoreContents:
-    for kind, doc_id, value in changes:
-        if value is None:
-            if doc_id in contents.of(kind):
-                contents = contents.without(kind, doc_id)
-        else:
-            contents = contents.with_doc(kind, doc_id, value)
-    return contents
-
-
 def merge(base: GatewayConf, contents: StoreContents, store_path: Optional[str] = None) -> GatewayConf:
     """
     The effective configuration: C{base} (its C{source} document is the
-    file's) with the store's routes and upstreams appended after the file's.
+    file's) with the store's objects (routes, upstreams, services, plugin
+    configs) appended after the file's.
 
     @param store_path: when given, an error about a stored document is
         prefixed with C{store <path>:} so an operator knows which file to fix.
@@ -142,7 +157,7 @@ def merge(base: GatewayConf, contents: StoreContents, store_path: Optional[str] 
     """
     doc = base.source
     docs: Dict[str, List[Any]] = {}
-    for kind in ("upstreams", "routes"):
+    for kind in KINDS:
         file_docs = _file_docs(doc, kind)
         owned = set(_file_ids(doc, kind))
         for doc_id in contents.of(kind):
@@ -159,21 +174,28 @@ def merge(base: GatewayConf, contents: StoreContents, store_path: Optional[str] 
         if store_path is not None and match and match.group(2) in contents.of(match.group(1) + "s"):
             raise ConfigError("store %s: %s" % (store_path, e))
         raise
-    return attr.evolve(base, routes=parsed.routes, upstreams=parsed.upstreams)
+    return attr.evolve(
+        base,
+        routes=parsed.routes,
+        upstreams=parsed.upstreams,
+        services=parsed.services,
+        plugin_configs=parsed.plugin_configs,
+    )
 
 
 def parse_base(doc: object) -> GatewayConf:
     """
-    Validate everything in a configuration document except its routes and
-    upstreams (validated later, together with the store's).
+    Validate everything in a configuration document except its routes,
+    upstreams, services and plugin configs (validated later, together with
+    the store's).
     """
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
         raise ConfigError("config: expected a mapping at the top level")
-    _file_docs(doc, "routes")
-    _file_docs(doc, "upstreams")
-    base = parse_config(dict(doc, routes=[], upstreams=[]))
+    for kind in KINDS:
+        _file_docs(doc, kind)
+    base = parse_config(dict(doc, **{kind: [] for kind in KINDS}))
     return attr.evolve(base, source=doc)
 
 
@@ -244,6 +266,11 @@ class Control:
         self.last_origin = "reload"
         #: Objects read from etcd that did not validate, by (kind, id).
         self.skipped: Dict[Tuple[str, str], Any] = {}
+        #: Why, by (kind, id).
+        self.reasons: Dict[Tuple[str, str], str] = {}
+        #: The fail-closed stand-ins of the skipped routes (503), part of
+        #: every effective configuration until a valid version arrives.
+        self.placeholders: Tuple[RouteConf, ...] = ()
 
     @classmethod
     def from_document(cls, doc: object, config_path: Optional[str] = None) -> "Control":
@@ -325,14 +352,20 @@ class Control:
         for entry in self._file_entries(kind):
             if entry.id == doc_id:
                 return entry
-        value = self.contents.of(kind).get(doc_id)
+        value = self._stored(kind, doc_id)
         if value is None:
             raise AdminError(404, "%s %s not found" % (_singular(kind), doc_id))
         return self._entry(kind, doc_id, value)
 
+    def _stored(self, kind: str, doc_id: str) -> Optional[Mapping[str, Any]]:
+        """The store's document, or etcd's that did not validate (it is there all the same)."""
+        value = self.contents.of(kind).get(doc_id)
+        return value if value is not None else self.skipped.get((kind, doc_id))
+
     def list(self, kind: str) -> List[Entry]:
-        """The file's, then the store's, in configuration order."""
+        """The file's, then the store's (then etcd's that do not validate), in configuration order."""
         stored = [self._entry(kind, doc_id, value) for doc_id, value in self.contents.of(kind).items()]
+        stored += [self._entry(k, doc_id, value) for (k, doc_id), value in self.skipped.items() if k == kind]
         return self._file_entries(kind) + stored
 
     def _file_entries(self, kind: str) -> List[Entry]:
@@ -358,7 +391,7 @@ class Control:
         doc = self._object(body)
         if "id" in doc and str(doc["id"]) != doc_id:
             raise AdminError(400, "wrong %s id" % _singular(kind))
-        previous = self.contents.of(kind).get(doc_id)
+        previous = self._stored(kind, doc_id)
         value = {"id": doc_id}
         value.update((k, v) for k, v in doc.items() if k != "id")
         _timestamps(value, previous, int(self._clock()))
@@ -367,6 +400,9 @@ class Control:
     def create(self, kind: str, body: object) -> Entry:
         """C{POST}: store under a generated id (with etcd: a Deferred, as L{put})."""
         self._check_loaded()
+        if kind == "plugin_configs":
+            # APISIX's plugin_configs have no POST (unsupported_methods).
+            raise AdminError(405, "not supported `POST` method for plugin config")
         doc = self._object(body)
         if "id" in doc:
             raise AdminError(400, "wrong %s id, do not need it" % _singular(kind))
@@ -383,7 +419,7 @@ class Control:
         """
         _check_id(kind, doc_id)
         self._check_writable(kind, doc_id)
-        previous = self.contents.of(kind).get(doc_id)
+        previous = self._stored(kind, doc_id)
         if previous is None:
             raise AdminError(404, "%s %s not found" % (_singular(kind), doc_id))
         merged = self._object(merge_patch(previous, patch))
@@ -397,21 +433,22 @@ class Control:
 
     def delete(self, kind: str, doc_id: str) -> Entry:
         """
-        Remove C{doc_id}; an upstream still named by a route is kept (with
-        etcd: a Deferred, as L{put}).
+        Remove C{doc_id}; an upstream, service or plugin config still named
+        by a route (or an upstream by a service) is kept, as APISIX keeps it
+        (with etcd: a Deferred, as L{put}).
         """
         _check_id(kind, doc_id)
         self._check_writable(kind, doc_id)
-        previous = self.contents.of(kind).get(doc_id)
+        previous = self._stored(kind, doc_id)
         if previous is None:
             raise AdminError(404, "%s %s not found" % (_singular(kind), doc_id))
-        if kind == "upstreams":
-            for route in self.list("routes"):
-                if str(route.value.get("upstream_id")) == doc_id and "upstream_id" in route.value:
-                    raise AdminError(
-                        400, "can not delete this upstream, route [%s] is still using it now" % route.id
-                    )
-        contents = self.contents.without(kind, doc_id)
+        for user_kind, field in _USERS.get(kind, ()):
+            for user in self.list(user_kind):
+                if field in user.value and str(user.value[field]) == doc_id:
+                    raise AdminError(400, _IN_USE[kind] % (_singular(user_kind), user.id))
+        contents = self.contents
+        if doc_id in contents.of(kind):
+            contents = contents.without(kind, doc_id)
         return _then(
             self._save_and_apply(self._effective(contents), contents, (kind, doc_id, None)),
             self._entry(kind, doc_id, previous),
@@ -444,8 +481,9 @@ class Control:
     def _new_id(self) -> str:
         # Time-based and increasing, so a deleted id is not handed out again
         # (clients may still hold it); unique against every known id.
-        taken = set(self.contents.routes) | set(self.contents.upstreams)
-        taken.update(self.file_ids("routes"), self.file_ids("upstreams"))
+        taken = {doc_id for kind in KINDS for doc_id in self.contents.of(kind)}
+        taken.update(doc_id for kind in KINDS for doc_id in self.file_ids(kind))
+        taken.update(doc_id for _, doc_id in self.skipped)
         candidate = max(int(self._clock() * 1000000), self._last_id + 1)
         while str(candidate) in taken:
             candidate += 1
@@ -454,9 +492,14 @@ class Control:
 
     def _commit(self, kind: str, doc_id: str, value: Dict[str, Any]) -> Optional[Deferred]:
         # The document alone first: its errors get APISIX's exact wording.
+        conf = self.conf
         try:
             if kind == "routes":
-                parse_route(value, self.conf.upstreams)
+                parse_route(value, conf.upstreams, None, conf.services, conf.plugin_configs)
+            elif kind == "services":
+                parse_service(value, conf.upstreams)
+            elif kind == "plugin_configs":
+                parse_plugin_config(value)
             else:
                 parse_upstream(value)
         except SchemaError as e:
@@ -469,9 +512,15 @@ class Control:
 
     def _effective(self, contents: StoreContents) -> GatewayConf:
         try:
-            return merge(self.conf, contents)
+            return self._fail_closed(merge(self.conf, contents))
         except ConfigError as e:
             raise AdminError(400, str(e))
+
+    def _fail_closed(self, conf: GatewayConf) -> GatewayConf:
+        """C{conf} with the placeholders of the routes that cannot run, but none a valid route replaced."""
+        valid = {route.id for route in conf.routes}
+        held = tuple(p for p in self.placeholders if p.id not in valid)
+        return attr.evolve(conf, routes=conf.routes + held) if held else conf
 
     def _save_and_apply(
         self, conf: GatewayConf, contents: StoreContents, change: Optional[Tuple[str, str, Any]] = None
@@ -511,7 +560,8 @@ class Control:
 
         def written(_: object) -> None:
             self._report("store_write", "ok")
-            if self.contents is before:
+            # With objects skipped, re-sift: the change may make them valid.
+            if self.contents is before and not self.skipped:
                 self.contents = contents
                 self.last_origin = "admin"
                 try:
@@ -519,7 +569,8 @@ class Control:
                 except _BuildError as e:
                     raise AdminError(500, "saved, but not applied: %s" % e)
             else:
-                # The watch changed the table meanwhile: apply onto that.
+                # The watch changed the table meanwhile (or objects wait
+                # in skipped): apply onto that.
                 self.apply_remote([change], origin="admin")
 
         def failed(failure: Failure) -> None:
@@ -539,65 +590,63 @@ class Control:
     def apply_remote(self, changes: List[Tuple[str, str, Any]], replace: bool = False, origin: str = "etcd") -> None:
         """
         Apply changes read from etcd (C{(kind, id, document or None)}, in
-        etcd's order): all at once when the result validates; otherwise one
-        by one, each that would make the configuration invalid logged and
-        skipped, so that the rest still applies.  Skipped objects are tried
-        again with every later change (a route skipped for want of its
-        upstream is taken once the upstream arrives).  Never raises (a
-        watcher calls it).
+        etcd's order).  Every object is validated (L{fauth.admin.sift}):
+        those that do not validate are logged and left out, and a route
+        among them stays in the table as a placeholder answering 503 (fail
+        closed) until a valid version arrives; an object is tried again
+        with every later change (a route waiting for its upstream is taken
+        once the upstream arrives).  Never raises (a watcher calls it).
 
         @param replace: C{changes} is the whole of etcd's contents (a
             listing), not changes to the current one.
         """
         try:
-            previously_skipped = {} if replace else dict(self.skipped)
-            for kind, doc_id, _ in changes:
-                previously_skipped.pop((kind, doc_id), None)
-            start = StoreContents() if replace else self.contents
-            if replace:
-                # Upstreams first: routes may name them.
-                changes = sorted(changes, key=lambda c: 0 if c[0] == "upstreams" else 1)
-            else:
-                changes = [c for c in changes if self.contents.of(c[0]).get(c[1]) != c[2]]
-                if not changes:
-                    self.skipped = previously_skipped
-                    return
-            # Upstreams before routes here too, for the same reason.
-            retried = sorted(
-                [(kind, doc_id, doc) for (kind, doc_id), doc in previously_skipped.items()],
-                key=lambda c: 0 if c[0] == "upstreams" else 1,
-            )
-            candidates = changes + retried
-            skipped: Dict[Tuple[str, str], Any] = {}
-            contents = _changed(start, candidates)
-            try:
-                conf = merge(self.conf, contents)
-            except ConfigError:
-                contents = start
-                for change in candidates:
-                    candidate = _changed(contents, [change])
-                    try:
-                        merge(self.conf, candidate)
-                    except ConfigError as e:
-                        skipped[(change[0], change[1])] = change[2]
-                        if (change[0], change[1]) not in previously_skipped:
-                            message = _LABEL_RE.sub("", str(e), count=1)
-                            log.warn(
-                                "etcd: {kind} {id} skipped: {error}",
-                                kind=_singular(change[0]),
-                                id=change[1],
-                                error=message,
-                            )
-                        continue
-                    contents = candidate
-                conf = merge(self.conf, contents)
+            raw = StoreContents() if replace else self._remote()
+            for kind, doc_id, doc in changes:
+                if doc is None:
+                    if doc_id in raw.of(kind):
+                        raw = raw.without(kind, doc_id)
+                else:
+                    raw = raw.with_doc(kind, doc_id, doc)
+            if changes and not replace and raw == self._remote():
+                return
+            previous = {route.id: route for route in self.conf.routes}
+            sifted = sift(merge(self.conf, StoreContents()), raw, previous)
+            held = {route.id for route in sifted.placeholders}
+            for key, reason in sifted.reasons.items():
+                if self.reasons.get(key) != reason:
+                    log.warn(
+                        "etcd: {kind} {id} {what}: {error}",
+                        kind=_singular(key[0]),
+                        id=key[1],
+                        what="cannot run and answers 503 until a valid version arrives"
+                        if key[0] == "routes" and key[1] in held
+                        else "skipped",
+                        error=reason,
+                    )
+            recovered = [
+                key for key in self.reasons if key not in sifted.reasons and key[1] in sifted.contents.of(key[0])
+            ]
+            # Each object was parsed once by sift: its configuration is served as it is.
+            conf = sifted.conf
             built = self._build(conf)
-            self.contents = contents
-            self.skipped = skipped
+            self.placeholders = sifted.placeholders
+            self.contents = sifted.contents
+            self.skipped = dict(sifted.skipped)
+            self.reasons = dict(sifted.reasons)
             self.last_origin = origin
             self._apply(conf, built)
+            for kind, doc_id in recovered:
+                log.info("etcd: {kind} {id} is valid now and runs", kind=_singular(kind), id=doc_id)
         except Exception:
             log.failure("etcd: changes could not be applied; the running table is kept")
+
+    def _remote(self) -> StoreContents:
+        """Everything etcd holds as last seen: the objects that validate and those that do not."""
+        raw = self.contents
+        for (kind, doc_id), doc in self.skipped.items():
+            raw = raw.with_doc(kind, doc_id, doc)
+        return raw
 
     def _build(self, conf: GatewayConf) -> List[Any]:
         """
@@ -662,7 +711,7 @@ class Control:
                 contents = self.contents
                 if self.reload_store and self.store is not None:
                     contents = self.store.load()
-                conf = merge(base, contents, self.store.path if self.store is not None else None)
+                conf = self._fail_closed(merge(base, contents, self.store.path if self.store is not None else None))
                 changed = [name for name in RESTART_ONLY if getattr(conf, name) != getattr(self.conf, name)]
                 conf = attr.evolve(conf, **{name: getattr(self.conf, name) for name in RESTART_ONLY})
                 built = self._build(conf)
@@ -693,6 +742,9 @@ class Control:
             self._report("reload", "refused")
             raise error
         self.contents = contents
+        if self.etcd is not None and self.skipped:
+            # What etcd holds that did not validate may now (or the reverse).
+            self.apply_remote([], origin="reload")
         log.info(
             "reloaded {path}: {routes} routes, {stored} of them from the admin store",
             path=self.config_path,

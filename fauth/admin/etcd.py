@@ -1,7 +1,9 @@
 # -*- test-case-name: tests.admin.test_etcd -*-
 """
-Routes and upstreams shared by several gateways through etcd, in APISIX's
-key layout: C{<prefix>/routes/<id>} and C{<prefix>/upstreams/<id>}, each
+Routes, upstreams, services and plugin configs shared by several gateways
+through etcd, in APISIX's key layout: C{<prefix>/routes/<id>},
+C{<prefix>/upstreams/<id>}, C{<prefix>/services/<id>},
+C{<prefix>/plugin_configs/<id>}, each
 value the JSON object APISIX stores (C{id}, the object's fields,
 C{create_time}, C{update_time}).
 
@@ -34,6 +36,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 
+from fauth.admin.store import KINDS
 from fauth.config import EtcdConf
 
 __all__ = ["EtcdClient", "EtcdCollector", "EtcdError", "EtcdSync", "EtcdUnavailable", "Change", "parse_event"]
@@ -48,8 +51,6 @@ RETRY_DELAY = 0.1
 MAX_RETRY_DELAY = 1.0
 #: Largest single line of a watch stream (one watch response).
 MAX_WATCH_LINE = 64 * 1024 * 1024
-
-KINDS = ("routes", "upstreams")
 
 #: One change to apply: kind, id, the document (C{None}: deleted).
 Change = Tuple[str, str, Optional[Dict[str, Any]]]
@@ -81,8 +82,9 @@ def range_end(prefix: str) -> str:
 def parse_event(prefix: str, key: bytes, value: Optional[bytes]) -> Optional[Change]:
     """
     The change an etcd key and value stand for, or C{None} for keys that are
-    not a route or upstream (APISIX keeps other objects under the prefix too:
-    plugins, ssls, consumers, which fauth does not use).
+    not a route, upstream, service or plugin config (APISIX keeps other
+    objects under the prefix too: ssls, consumers, global rules, which fauth
+    does not use).
 
     @param value: C{None} for a deletion.
     @raise ValueError: the value is not a JSON object of that id (logged
@@ -437,7 +439,16 @@ class EtcdSync(Service):
     # -- health --------------------------------------------------------------
 
     def status(self) -> str:
-        """One line for C{/healthz}."""
+        """One line for C{/healthz}, naming the routes that cannot run (they answer 503)."""
+        failing = [route.id for route in self.control.placeholders]
+        if not failing:
+            return self._watch_status()
+        return "%s; routes answering 503 until a valid version arrives (see the log): %s" % (
+            self._watch_status(),
+            ", ".join(failing),
+        )
+
+    def _watch_status(self) -> str:
         if self.watching:
             return "etcd: watching %s%s at revision %s" % (self.client.host, self.conf.prefix, self.revision)
         since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.down_since or time.time()))
@@ -603,7 +614,9 @@ class EtcdCollector:
         )
         revision.add_metric([], sync.revision or 0)
         skipped = GaugeMetricFamily(
-            "fauth_etcd_skipped_objects", "Routes and upstreams in etcd left out because they do not validate"
+            "fauth_etcd_skipped_objects",
+            "Objects in etcd left out because they do not validate (a route among them answers 503: "
+            "fauth_route_failed_closed)",
         )
         skipped.add_metric([], len(sync.control.skipped))
         return iter([watching, revision, skipped])

@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.admin.test_store -*-
 """
 Where the admin API's changes are kept: one small JSON file,
-C{{"routes": {id: doc}, "upstreams": {id: doc}}}, replaced atomically on
+C{{"routes": {id: doc}, "upstreams": {id: doc}}} (and C{"services"},
+C{"plugin_configs"} when there are any), replaced atomically on
 every change so that a crash at any moment leaves either the old or the new
 state on disk, never a torn file.
 """
@@ -18,23 +19,28 @@ from fauth.config import ConfigError
 
 __all__ = ["Store", "StoreContents", "atomic_write"]
 
-KINDS = ("routes", "upstreams")
+#: The object kinds, in APISIX's etcd and admin API names; an object may
+#: name one of an earlier kind (a route its service, a service its upstream).
+KINDS = ("upstreams", "plugin_configs", "services", "routes")
 
 
 @attr.frozen
 class StoreContents:
     """
-    The raw route and upstream documents the admin API accepted, by id, in
-    the order they were first written.  Never mutated: a change builds a new
-    one (see L{with_doc} and L{without}).
+    The raw documents the admin API accepted (routes, upstreams, services,
+    plugin configs), by id, in the order they were first written.  Never
+    mutated: a change builds a new one (see L{with_doc} and L{without}).
     """
 
     routes: Mapping[str, Mapping[str, Any]] = attr.field(factory=dict)
     upstreams: Mapping[str, Mapping[str, Any]] = attr.field(factory=dict)
+    services: Mapping[str, Mapping[str, Any]] = attr.field(factory=dict)
+    plugin_configs: Mapping[str, Mapping[str, Any]] = attr.field(factory=dict)
 
     def of(self, kind: str) -> Mapping[str, Mapping[str, Any]]:
-        """The documents of C{kind} (C{"routes"} or C{"upstreams"})."""
-        return self.routes if kind == "routes" else self.upstreams
+        """The documents of C{kind} (one of L{KINDS})."""
+        docs: Mapping[str, Mapping[str, Any]] = getattr(self, kind)
+        return docs
 
     def with_doc(self, kind: str, doc_id: str, doc: Mapping[str, Any]) -> "StoreContents":
         """A copy with C{doc} stored under C{doc_id} (in place if it existed)."""
@@ -51,6 +57,8 @@ class StoreContents:
     def to_json(self) -> bytes:
         """The file's bytes."""
         doc = {"routes": dict(self.routes), "upstreams": dict(self.upstreams)}
+        # The newer kinds only when used: an older fauth can still read the file.
+        doc.update((kind, dict(self.of(kind))) for kind in ("services", "plugin_configs") if self.of(kind))
         # Compact: indent would turn off json's C encoder (5x slower).
         return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8") + b"\n"
 
@@ -163,7 +171,7 @@ class Store:
                         self.path, '%s "%s" holds a document with id "%s"' % (kind[:-1], doc_id, item.get("id"))
                     )
             found[kind] = docs
-        return StoreContents(routes=found["routes"], upstreams=found["upstreams"])
+        return StoreContents(**found)
 
     def save(self, contents: StoreContents) -> None:
         """

@@ -4,7 +4,8 @@ Configuration: frozen models, APISIX objects and their wording, the document, te
 The public names are importable from here: C{from fauth.config import
 parse_config, ConfigError, GatewayConf}.
 """
-from fauth.config.apisix import parse_forward_auth, parse_route, parse_upstream
+from fauth.config.apisix import parse_forward_auth, parse_upstream
+from fauth.config.routes import parse_plugin_config, parse_route, parse_service
 from fauth.config.document import load_config, parse_config, read_document
 from fauth.config.errors import ConfigError
 from fauth.config.models import (
@@ -18,7 +19,9 @@ from fauth.config.models import (
     GatewayConf,
     HttpLimits,
     Node,
+    PluginConfigConf,
     RouteConf,
+    ServiceConf,
     TrustedProxies,
     UpstreamConf,
     UpstreamTimeouts,
@@ -37,7 +40,9 @@ __all__ = [
     "GatewayConf",
     "HttpLimits",
     "Node",
+    "PluginConfigConf",
     "RouteConf",
+    "ServiceConf",
     "SchemaError",
     "TrustedProxies",
     "UpstreamConf",
@@ -45,7 +50,9 @@ __all__ = [
     "load_config",
     "parse_config",
     "parse_forward_auth",
+    "parse_plugin_config",
     "parse_route",
+    "parse_service",
     "parse_upstream",
     "read_document",
 ]

@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.config.test_document -*-
 """
-APISIX objects: C{forward-auth} plugin attributes, upstreams and routes,
+APISIX objects: C{forward-auth} plugin attributes and upstreams (routes:
+L{fauth.config.routes}),
 validated in the wording APISIX's validator uses, so an APISIX user's route
 JSON works unchanged.
 """
@@ -18,7 +19,6 @@ from fauth.config.models import (
     CacheConf,
     ForwardAuthConf,
     Node,
-    RouteConf,
     UpstreamConf,
     UpstreamTimeouts,
 )
@@ -43,7 +43,6 @@ __all__ = [
     "check_string_list",
     "parse_cache",
     "parse_forward_auth",
-    "parse_route",
     "parse_upstream",
 ]
 
@@ -51,13 +50,6 @@ HTTP_METHODS = frozenset(
     ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE", "PURGE"]
 )
 KNOWN_PLUGINS = frozenset(["forward-auth"])
-_ROUTE_KEYS = frozenset(
-    [
-        "id", "name", "desc", "uri", "uris", "methods", "host", "hosts", "priority",
-        "plugins", "upstream", "upstream_id", "status", "labels", "enable_websocket",
-        "create_time", "update_time",
-    ]
-)
 _UPSTREAM_KEYS = frozenset(
     [
         "id", "name", "desc", "type", "scheme", "nodes", "pass_host", "upstream_host",
@@ -427,102 +419,3 @@ def check_string_list(name: str, value: object) -> Tuple[str, ...]:
     if not value:
         raise _prop(name, "expect array to have at least 1 items")
     return tuple(value)
-
-
-def parse_route(
-    doc: object, upstreams: Mapping[str, UpstreamConf], route_id: Optional[str] = None
-) -> RouteConf:
-    """
-    Validate one APISIX route object.
-
-    @raise SchemaError: what is wrong, without the route prefix.
-    """
-    doc = _object("route", doc, _ROUTE_KEYS)
-    if "uri" in doc and "uris" in doc:
-        raise SchemaError('only one of "uri" and "uris" is allowed')
-    if "uri" in doc:
-        check_type("uri", doc["uri"], "string")
-        uris: Tuple[str, ...] = (doc["uri"],)
-    elif "uris" in doc:
-        uris = check_string_list("uris", doc["uris"])
-    else:
-        raise SchemaError('property "uri" is required')
-    for uri in uris:
-        if not uri.startswith("/"):
-            raise _prop("uri", 'expected "%s" to start with "/"' % uri)
-    methods = None
-    if "methods" in doc:
-        listed = check_string_list("methods", doc["methods"])
-        for m in listed:
-            if m not in HTTP_METHODS:
-                raise _prop("methods", "failed to validate item: matches none of the enum values")
-        methods = frozenset(listed)
-    hosts: Optional[Tuple[str, ...]] = None
-    if "host" in doc and "hosts" in doc:
-        raise SchemaError('only one of "host" and "hosts" is allowed')
-    if "host" in doc:
-        check_type("host", doc["host"], "string")
-        hosts = (doc["host"],)
-    elif "hosts" in doc:
-        hosts = check_string_list("hosts", doc["hosts"])
-    for h in hosts or ():
-        if not _HOST_RE.match(h):
-            # Escaped: the message is one line, whatever the host holds.
-            raise _prop("hosts", 'invalid host "%s"' % h.encode("unicode_escape").decode("ascii"))
-    hosts = tuple(h.lower() for h in hosts) if hosts else None
-    priority = doc.get("priority", 0)
-    check_type("priority", priority, "integer")
-    status = doc.get("status", 1)
-    check_type("status", status, "integer")
-    if status not in (0, 1):
-        raise _prop("status", "matches none of the enum values")
-    name = doc.get("name", "")
-    check_type("name", name, "string")
-    enable_websocket = doc.get("enable_websocket", False)
-    check_type("enable_websocket", enable_websocket, "boolean")
-    plugins = doc.get("plugins", {})
-    if plugins == []:
-        plugins = {}
-    check_type("plugins", plugins, "object")
-    forward_auth = None
-    for plugin_name, plugin_conf in plugins.items():
-        if plugin_name not in KNOWN_PLUGINS:
-            raise SchemaError("unknown plugin [%s]" % plugin_name)
-        try:
-            forward_auth = parse_forward_auth(plugin_conf)
-        except SchemaError as e:
-            raise SchemaError("failed to check the configuration of plugin %s err: %s" % (plugin_name, e))
-    if "upstream" in doc and "upstream_id" in doc:
-        raise SchemaError('only one of "upstream" and "upstream_id" is allowed')
-    if "upstream" in doc:
-        try:
-            upstream = parse_upstream(doc["upstream"])
-        except SchemaError as e:
-            raise SchemaError("upstream: %s" % e)
-    elif "upstream_id" in doc:
-        uid = doc["upstream_id"]
-        if isinstance(uid, bool) or not isinstance(uid, (str, int)):
-            check_type("upstream_id", uid, "string")
-        if str(uid) not in upstreams:
-            raise SchemaError("failed to fetch upstream info by upstream id [%s]" % uid)
-        upstream = upstreams[str(uid)]
-    else:
-        raise SchemaError('property "upstream" is required (or "upstream_id")')
-    rid = doc.get("id", route_id)
-    if rid is None:
-        raise SchemaError('property "id" is required')
-    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
-        check_type("id", rid, "string")
-    return RouteConf(
-        id=str(rid),
-        uris=uris,
-        upstream=upstream,
-        name=name,
-        methods=methods,
-        hosts=hosts,
-        priority=priority,
-        forward_auth=forward_auth,
-        enabled=status == 1,
-        enable_websocket=bool(enable_websocket),
-        source=doc,
-    )

@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.config.test_document -*-
 """
 A whole configuration document: YAML/JSON loading, the top-level keys, the
-routes and upstreams in it (L{fauth.config.apisix}), and C{${ENV_VAR}} in
+upstreams, services, plugin configs and routes in it
+(L{fauth.config.apisix}, L{fauth.config.routes}), and C{${ENV_VAR}} in
 admin keys.  Every error is one line naming the route and the attribute.
 """
 from __future__ import annotations
@@ -11,12 +12,13 @@ import os
 import re
 from importlib.util import find_spec
 from ipaddress import ip_network
-from typing import Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, TypeVar
 
 import attr
 import yaml
 
-from fauth.config.apisix import HEADER_NAME, check_string_list, parse_route, parse_upstream
+from fauth.config.apisix import HEADER_NAME, check_string_list, parse_upstream
+from fauth.config.routes import parse_plugin_config, parse_route, parse_service
 from fauth.config.errors import ConfigError
 from fauth.config.models import AdminConf, DemoConf, EtcdConf, GatewayConf, HttpLimits, TrustedProxies
 from fauth.config.schema import SchemaError
@@ -25,8 +27,8 @@ __all__ = ["load_config", "parse_config", "read_document"]
 
 _TOP_LEVEL_KEYS = frozenset(
     [
-        "listen", "routes", "upstreams", "demo", "ssl_trusted_certificate", "http", "admin", "shutdown_grace",
-        "access_log", "access_log_user_header", "workers", "client_max_body_size", "etcd",
+        "listen", "routes", "upstreams", "services", "plugin_configs", "demo", "ssl_trusted_certificate", "http",
+        "admin", "shutdown_grace", "access_log", "access_log_user_header", "workers", "client_max_body_size", "etcd",
         "trusted_proxies", "real_ip_header",
     ]
 )
@@ -63,43 +65,12 @@ def parse_config(doc: object, environ: Optional[Mapping[str, str]] = None) -> Ga
     for desc in listen_t:
         _check_endpoint("listen", desc)
 
-    upstreams = {}
-    raw_upstreams = doc.get("upstreams") or []
-    if not isinstance(raw_upstreams, list):
-        raise ConfigError('config: property "upstreams" validation failed: wrong type: expected array')
-    for i, up in enumerate(raw_upstreams, 1):
-        uid = up.get("id") if isinstance(up, dict) else None
-        label = 'upstream "%s"' % uid if uid is not None else "upstream #%d" % i
-        if uid is None:
-            raise ConfigError('%s: property "id" is required' % label)
-        try:
-            parsed = parse_upstream(up)
-        except SchemaError as e:
-            raise ConfigError("%s: %s" % (label, e))
-        if str(uid) in upstreams:
-            raise ConfigError("%s: duplicate id" % label)
-        upstreams[str(uid)] = parsed
-
-    routes = []
-    seen = set()
-    raw_routes = doc.get("routes") or []
-    if not isinstance(raw_routes, list):
-        raise ConfigError('config: property "routes" validation failed: wrong type: expected array')
-    for i, r in enumerate(raw_routes, 1):
-        rid = r.get("id") if isinstance(r, dict) else None
-        label = 'route "%s"' % rid if rid is not None else "route #%d" % i
-        try:
-            route = parse_route(r, upstreams)
-        except SchemaError as e:
-            message = str(e)
-            prefix = "failed to check the configuration of plugin forward-auth err: "
-            if message.startswith(prefix):
-                message = "plugin forward-auth: " + message[len(prefix):]
-            raise ConfigError("%s: %s" % (label, message))
-        if route.id in seen:
-            raise ConfigError("%s: duplicate id" % label)
-        seen.add(route.id)
-        routes.append(route)
+    upstreams = _objects(doc, "upstreams", "upstream", lambda d: parse_upstream(d))
+    plugin_configs = _objects(doc, "plugin_configs", "plugin_config", lambda d: parse_plugin_config(d))
+    services = _objects(doc, "services", "service", lambda d: parse_service(d, upstreams))
+    routes = list(
+        _objects(doc, "routes", "route", lambda d: parse_route(d, upstreams, None, services, plugin_configs)).values()
+    )
 
     demo = None
     if doc.get("demo") is not None:
@@ -168,6 +139,8 @@ def parse_config(doc: object, environ: Optional[Mapping[str, str]] = None) -> Ga
         listen=listen_t,
         routes=tuple(routes),
         upstreams=upstreams,
+        services=services,
+        plugin_configs=plugin_configs,
         demo=demo,
         ssl_trusted_certificate=trusted,
         http=http,
@@ -180,6 +153,37 @@ def parse_config(doc: object, environ: Optional[Mapping[str, str]] = None) -> Ga
         trusted_proxies=_parse_trusted_proxies(doc.get("trusted_proxies"), doc.get("real_ip_header")),
         source=doc,
     )
+
+
+_T = TypeVar("_T")
+
+
+def _objects(doc: Mapping[str, Any], kind: str, singular: str, parse: Callable[[Any], _T]) -> Dict[str, _T]:
+    """
+    The APISIX objects of one top-level list, by id, in order; an error
+    names the object (C{route "1": ...}, or C{route #2} without an id).
+    """
+    raw = doc.get(kind) or []
+    if not isinstance(raw, list):
+        raise ConfigError('config: property "%s" validation failed: wrong type: expected array' % kind)
+    parsed: Dict[str, _T] = {}
+    for i, item in enumerate(raw, 1):
+        oid = item.get("id") if isinstance(item, dict) else None
+        label = '%s "%s"' % (singular, oid) if oid is not None else "%s #%d" % (singular, i)
+        if oid is None:
+            raise ConfigError('%s: property "id" is required' % label)
+        try:
+            obj = parse(item)
+        except SchemaError as e:
+            message = str(e)
+            prefix = "failed to check the configuration of plugin forward-auth err: "
+            if message.startswith(prefix):
+                message = "plugin forward-auth: " + message[len(prefix):]
+            raise ConfigError("%s: %s" % (label, message))
+        if str(oid) in parsed:
+            raise ConfigError("%s: duplicate id" % label)
+        parsed[str(oid)] = obj
+    return parsed
 
 
 _SIZE_RE = re.compile(r"([0-9]{1,15})([kKmMgG]?)\Z")

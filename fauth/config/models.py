@@ -10,6 +10,7 @@ from typing import Any, Mapping, Optional, Tuple, Union
 
 import attr
 
+from fauth.config.expr import AddressList, Expr
 from fauth.config.templates import Template
 
 __all__ = [
@@ -23,7 +24,10 @@ __all__ = [
     "GatewayConf",
     "HttpLimits",
     "Node",
+    "PluginConfigConf",
+    "PluginsConf",
     "RouteConf",
+    "ServiceConf",
     "TrustedProxies",
     "UpstreamConf",
     "UpstreamTimeouts",
@@ -147,16 +151,24 @@ class UpstreamConf:
 @attr.frozen
 class RouteConf:
     """
-    A validated route.
+    A validated route, its service and plugin config merged in (as APISIX's
+    C{plugin_config.merge} and C{merge_service_route}).
 
+    @ivar hosts: the route's C{hosts} (or C{host}), else its service's.
+    @ivar remote_addrs: C{remote_addrs} (or C{remote_addr}), or C{None}.
+    @ivar vars: the compiled C{vars}, or C{None}.
     @ivar enable_websocket: an C{Upgrade: websocket} request is tunnelled to
         the upstream (L{fauth.upstream.tunnel}) instead of having its
         C{Upgrade} and C{Connection} headers dropped.
+    @ivar failure: for a route that arrived at run time (etcd) but cannot
+        run, why: it keeps its place in the table and answers 503 (fail
+        closed) rather than let its paths fall to a broader route.
+        C{upstream} is then C{None}; otherwise it never is.
     """
 
     id: str
     uris: Tuple[str, ...]
-    upstream: UpstreamConf
+    upstream: Optional[UpstreamConf]
     name: str = ""
     methods: Optional[frozenset] = None
     hosts: Optional[Tuple[str, ...]] = None
@@ -164,7 +176,47 @@ class RouteConf:
     forward_auth: Optional[ForwardAuthConf] = None
     enabled: bool = True
     enable_websocket: bool = False
+    remote_addrs: Optional[AddressList] = None
+    vars: Optional[Expr] = None
+    service_id: Optional[str] = None
+    plugin_config_id: Optional[str] = None
+    failure: Optional[str] = None
     source: Mapping[str, Any] = attr.field(factory=dict, eq=False, repr=False)
+
+
+@attr.frozen
+class PluginsConf:
+    """
+    The C{plugins} of a route, service or plugin config.  Merging goes by
+    plugin name, as APISIX's: an object that has C{forward-auth} gives it
+    whole, whatever a service or plugin config under it says.
+    """
+
+    has_forward_auth: bool = False
+    forward_auth: Optional[ForwardAuthConf] = None
+
+
+@attr.frozen
+class ServiceConf:
+    """
+    A validated APISIX service: what its routes take when they do not say
+    it themselves (plugins, upstream, hosts, C{enable_websocket}).
+    """
+
+    id: str
+    upstream: Optional[UpstreamConf] = None
+    plugins: PluginsConf = PluginsConf()
+    hosts: Optional[Tuple[str, ...]] = None
+    enable_websocket: Optional[bool] = None
+    name: str = ""
+
+
+@attr.frozen
+class PluginConfigConf:
+    """A validated APISIX plugin config: plugins its routes take when they lack them."""
+
+    id: str
+    plugins: PluginsConf = PluginsConf()
 
 
 @attr.frozen
@@ -271,6 +323,8 @@ class GatewayConf:
     listen: Tuple[str, ...] = ("tcp:9080",)
     routes: Tuple[RouteConf, ...] = ()
     upstreams: Mapping[str, UpstreamConf] = attr.field(factory=dict)
+    services: Mapping[str, ServiceConf] = attr.field(factory=dict)
+    plugin_configs: Mapping[str, PluginConfigConf] = attr.field(factory=dict)
     demo: Optional[DemoConf] = None
     ssl_trusted_certificate: Optional[str] = None
     http: HttpLimits = HttpLimits()

@@ -17,8 +17,11 @@ from fauth.auth.cache import DecisionCache
 from fauth.auth.forward import ForwardAuth
 from fauth.auth.client import AuthCallError, AuthClient, AuthTarget
 from fauth.auth.targets import AuthNodes
+from fauth.auth.variables import RequestVariables
 from fauth.config import ForwardAuthConf, GatewayConf, RouteConf, UpstreamConf
+from fauth.config.expr import Lookup
 from fauth.request.clientaddr import ForwardedChain
+from fauth.request.inbound import InboundRequest
 from fauth.upstream.proxy import UpstreamProxy
 from fauth.upstream.tunnel import Tunnels
 from fauth.routing.table import RouteTable
@@ -35,7 +38,8 @@ class Route:
 
     conf: RouteConf
     auth: Optional[ForwardAuth]
-    upstream: UpstreamProxy
+    #: C{None} for a route that cannot run (C{conf.failure}): it answers 503.
+    upstream: Optional[UpstreamProxy]
 
 
 def load_trust_root(path: Optional[str]) -> Any:
@@ -55,6 +59,11 @@ def load_trust_root(path: Optional[str]) -> Any:
 
 def _forwarded_chain(conf: GatewayConf) -> Optional[ForwardedChain]:
     return ForwardedChain(conf.trusted_proxies) if conf.trusted_proxies is not None else None
+
+
+def _variables(inbound: InboundRequest) -> Lookup:
+    """The variables C{vars} of a route read (APISIX's C{ctx.var} before the route is known)."""
+    return RequestVariables.for_request(inbound).lookup
 
 
 class AuthClients:
@@ -220,7 +229,7 @@ class Gateway:
     def _install(self, conf: GatewayConf, table: "RouteTable[Route]") -> None:
         keep = {(route.id, route.forward_auth) for route in conf.routes if route.forward_auth is not None}
         self._caches = {key: cache for key, cache in self._caches.items() if key in keep}
-        self.upstream_pool.keep_idle(max([r.upstream.keepalive_pool for r in conf.routes] + [32]))
+        self.upstream_pool.keep_idle(max([r.upstream.keepalive_pool for r in conf.routes if r.upstream] + [32]))
         # The same keys as in _build: these are the clients the table uses.
         self.auth_clients.prune(
             [self.auth_clients.get(route.forward_auth) for route in conf.routes if route.forward_auth is not None]
@@ -230,6 +239,9 @@ class Gateway:
         proxies: Dict[int, UpstreamProxy] = {}
         entries: List[Tuple[RouteConf, Route]] = []
         for route in conf.routes:
+            if route.upstream is None:
+                entries.append((route, Route(route, None, None)))
+                continue
             upstream = self._proxy(route.upstream, proxies)
             auth = None
             if route.forward_auth is not None:
@@ -243,7 +255,7 @@ class Gateway:
                 if auth.cache is not None:
                     self._caches[key] = auth.cache
             entries.append((route, Route(route, auth, upstream)))
-        return RouteTable(entries)
+        return RouteTable(entries, _variables)
 
     def decision_cache(self, route_id: str) -> Optional[DecisionCache]:
         """The installed decision cache of route C{route_id}, if it has one."""

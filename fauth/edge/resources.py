@@ -40,6 +40,7 @@ __all__ = ["ForwardAuthResource", "GatewayResource", "GatewayRequest", "GatewayS
 log = Logger()
 
 _NOT_FOUND = b'{"error_msg":"404 Route Not Found"}'
+_UNAVAILABLE = b'{"error_msg":"503 Service Unavailable: this route cannot run (see the gateway log)"}'
 
 
 class _HttpDate:
@@ -266,18 +267,23 @@ class GatewayResource(Resource):
             return server.NOT_DONE_YET
         if exchange is not None and inbound.proxied is not None:
             exchange.client_addr = inbound.remote_addr
-        route = self._gateway.table.match(inbound.method, inbound.host, inbound.path)
+        route = self._gateway.table.match(inbound.method, inbound.host, inbound.path, inbound)
         if route is None:
             send_simple(request, 404, _NOT_FOUND, b"application/json")
             return server.NOT_DONE_YET
         if exchange is not None:
             exchange.routed(route.conf.id)
+        upstream = route.upstream
+        if upstream is None:
+            # A route that cannot run (RouteConf.failure) holds its paths: fail closed.
+            send_simple(request, 503, _UNAVAILABLE, b"application/json")
+            return server.NOT_DONE_YET
         # -- WebSocket hook: an upgrade on an enable_websocket route is tunnelled
         if route.conf.enable_websocket and wants_upgrade(request):
-            tunnels, upstream = self._gateway.tunnels, route.upstream
+            tunnels = self._gateway.tunnels
             forward = lambda: tunnels.forward(upstream, request, inbound, exchange)  # noqa: E731
         else:
-            forward = lambda: route.upstream.forward(request, inbound, exchange)  # noqa: E731
+            forward = lambda: upstream.forward(request, inbound, exchange)  # noqa: E731
         # -- end of hook
         if route.auth is None:
             forward()

@@ -230,6 +230,17 @@ class GatewayCollector:
         yield node_calls
         yield node_up
 
+        failed = GaugeMetricFamily(
+            "fauth_route_failed_closed",
+            "1 for each route that arrived (from etcd) but cannot run: it answers 503 until a valid version "
+            "arrives; the log says why.",
+            labels=["route"],
+        )
+        for route_conf in conf.routes:
+            if route_conf.failure is not None:
+                failed.add_metric([route_conf.id], 1)
+        yield failed
+
         pools = GaugeMetricFamily(
             "fauth_pool_connections",
             "Connections to auth services and upstream nodes per target: idle (pooled for reuse) "
@@ -304,7 +315,8 @@ class MetricsResource(Resource):
 #: the smallest descriptor limit, the stalest etcd revision; an info gauge
 #: is 1, not N.
 _TAKE_MIN = frozenset(["process_start_time_seconds", "process_max_fds", "fauth_etcd_revision"])
-_TAKE_MAX = frozenset(["python_info"])
+# Per route or per object, the same in every worker that has it: a sum would count workers.
+_TAKE_MAX = frozenset(["python_info", "fauth_route_failed_closed", "fauth_etcd_skipped_objects"])
 
 
 def merge_expositions(texts: List[str], own: Optional[Dict[str, Dict[Tuple[Tuple[str, str], ...], float]]] = None) -> List[Metric]:

@@ -20,6 +20,13 @@ def _route_line(route: RouteConf) -> str:
         parts.append("hosts " + ",".join(route.hosts))
     if route.priority:
         parts.append("priority %d" % route.priority)
+    if route.remote_addrs is not None:
+        parts.append("remote_addrs " + ",".join(str(n) for n in route.remote_addrs.networks))
+    if route.vars is not None:
+        parts.append("vars")
+    for what, oid in (("service", route.service_id), ("plugin_config", route.plugin_config_id)):
+        if oid is not None:
+            parts.append("%s %s" % (what, oid))
     if not route.enabled:
         parts.append("disabled (status 0)")
     auth = route.forward_auth
@@ -27,8 +34,11 @@ def _route_line(route: RouteConf) -> str:
         "no forward-auth" if auth is None else "forward-auth %s %s" % (auth.request_method, auth.uri)
     )
     upstream = route.upstream
-    target = ", ".join("%s(%d)" % (node.netloc, node.weight) for node in upstream.nodes)
-    parts.append("upstream %s://%s" % (upstream.scheme, target))
+    if upstream is None:
+        parts.append("cannot run, answers 503: %s" % route.failure)
+    else:
+        target = ", ".join("%s(%d)" % (node.netloc, node.weight) for node in upstream.nodes)
+        parts.append("upstream %s://%s" % (upstream.scheme, target))
     if route.enable_websocket:
         parts.append("websocket")
     return "; ".join(parts)

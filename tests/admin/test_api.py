@@ -105,9 +105,9 @@ async def test_healthz_needs_no_key(world: World) -> None:
 async def test_unknown_admin_path_is_404_with_key(world: World) -> None:
     code, body = await world.env.admin("GET", "/nothing")
     assert code == 404
-    code, body = await world.env.admin("GET", "/apisix/admin/services")
+    code, body = await world.env.admin("GET", "/apisix/admin/consumers")
     assert code == 404
-    assert "services" in body["error_msg"]
+    assert "consumers" in body["error_msg"]
 
 
 def test_key_comparison() -> None:

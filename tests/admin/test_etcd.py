@@ -270,7 +270,8 @@ async def test_invalid_objects_are_skipped_and_the_rest_applies(
         await fleet.synced()
         await fleet.all_serve("/early", 200, 2)
         # An APISIX route with a plugin fauth does not run, a route naming an
-        # unknown upstream, a value that is no JSON object: each skipped.
+        # unknown upstream, a value that is no JSON object: each skipped, the
+        # routes that can be placed answering 503 (fail closed).
         etcd_put(
             etcd.url,
             "/apisix/routes/other",
@@ -282,7 +283,7 @@ async def test_invalid_objects_are_skipped_and_the_rest_applies(
         await fleet.all_serve("/good", 200, 1.0)
         for path in ("/other", "/orphan"):
             code, _ = await fleet.get(fleet.gateways[0], path)
-            assert code == 404
+            assert code == 503
         # The watch goes on.
         etcd_put(etcd.url, "/apisix/routes/later", route("later", "/later", upstream))
         await fleet.all_serve("/later", 200, 1.0)
@@ -542,7 +543,7 @@ async def test_a_route_skipped_for_its_upstream_is_taken_when_the_upstream_is_fi
         etcd_put(etcd.url, "/apisix/routes/other", route("other", "/other", upstream))
         await fleet.all_serve("/other", 200, 1.0)
         code, _ = await fleet.get(fleet.gateways[0], "/r")
-        assert code == 404
+        assert code == 503
         assert set(fleet.gateways[0].service.control.skipped) == {("upstreams", "u"), ("routes", "r")}
         etcd_put(etcd.url, "/apisix/upstreams/u", {"id": "u", "nodes": {upstream: 1}})
         await fleet.all_serve("/r", 200, 1.0)

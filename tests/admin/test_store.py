@@ -214,7 +214,7 @@ CORRUPT = {
     "nan": (b'{"routes": {"1": {"id": "1", "priority": NaN}}}', "not valid JSON"),
     "array": (b"[]", "not a JSON object"),
     "routes-array": (b'{"routes": [], "upstreams": {}}', '"routes" is not an object'),
-    "unknown-key": (b'{"routes": {}, "services": {}}', 'unknown key "services"'),
+    "unknown-key": (b'{"routes": {}, "consumers": {}}', 'unknown key "consumers"'),
     "route-not-object": (b'{"routes": {"1": "x"}}', 'route "1" is not an object'),
     "id-mismatch": (b'{"routes": {"1": {"id": "2", "uri": "/a", "upstream_id": "u"}}}', 'route "1" holds a document with id "2"'),
     "no-longer-valid": (

@@ -420,7 +420,7 @@ def test_client_max_body_size_is_top_level_only() -> None:
 
 
 def test_enable_websocket_is_a_boolean_of_the_route() -> None:
-    from fauth.config.apisix import parse_route
+    from fauth.config.routes import parse_route
     from fauth.config.schema import SchemaError
 
     base = {"id": "1", "uri": "/ws", "upstream": {"nodes": {"127.0.0.1:1980": 1}}}

@@ -254,3 +254,15 @@ async def test_cached_decisions_are_per_resolved_client(reactor: Any, env: Env) 
     assert denied.startswith(b"HTTP/1.1 403 ") and denied.endswith(b"not from here")
     assert auth.calls == 2
     assert [line["auth"] for line in env.log_lines(metrics)] == ["allow", "allow (cached)", "deny"]
+
+
+@ensureDeferred
+async def test_remote_addrs_match_the_resolved_client(reactor: Any, env: Env) -> None:
+    route = {"id": "office", "uri": "/headers", "remote_addrs": ["203.0.113.0/24"], "upstream": {"nodes": {env.echo: 1}}}
+    head = b"GET /headers HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\nX-Forwarded-For: %s\r\n\r\n"
+    port, _, _ = await env.gateway(trusted_proxies=["127.0.0.1"], routes=[route])
+    assert (await raw_request(reactor, port, head % b"203.0.113.9")).startswith(b"HTTP/1.1 200 ")
+    assert (await raw_request(reactor, port, head % b"203.0.113.9, 198.51.100.7")).startswith(b"HTTP/1.1 404 ")
+    # Not trusted: the same claim matches nothing.
+    port, _, _ = await env.gateway(routes=[route])
+    assert (await raw_request(reactor, port, head % b"203.0.113.9")).startswith(b"HTTP/1.1 404 ")
