@@ -58,7 +58,7 @@ from fauth.wire.agent import BytesBody, NoCookies, PreEncodedURL, PreparedHeader
         # plain pool
         (client.HTTPConnectionPool, "_factory"),
         (client.HTTPConnectionPool, "_newConnection"),
-        (client.HTTPConnectionPool, "_putConnection"),
+        (client.HTTPConnectionPool, "_putConnection"),  # and read maxPersistentPerHost, cachedConnectionTimeout per call (keepalive_pool per target)
         (client.HTTPConnectionPool, "_removeConnection"),
         (client, "_HTTP11ClientFactory"),
         (_newclient, "Request"),

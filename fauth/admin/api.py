@@ -21,6 +21,7 @@ from __future__ import annotations
 import hmac
 import json
 import math
+import re
 from typing import Any, Callable, Iterable, List, Optional, Sequence
 
 from twisted.internet.defer import Deferred
@@ -126,6 +127,74 @@ class Healthz(Resource):
         return b"draining"
 
 
+def _ttl(request: Any) -> Optional[float]:
+    """APISIX's C{?ttl=} (seconds), or C{None}."""
+    given = request.args.get(b"ttl")
+    if not given:
+        return None
+    try:
+        ttl = float(given[-1])
+    except ValueError:
+        ttl = math.nan
+    if not math.isfinite(ttl) or ttl <= 0:
+        # (APISIX checks tonumber() only; etcd refuses a lease of 0 or less.)
+        raise AdminError(400, "invalid argument ttl: should be a number")
+    return ttl
+
+
+def _arg(request: Any, name: bytes) -> Optional[str]:
+    values = request.args.get(name)
+    return values[-1].decode("utf-8", "replace") if values else None
+
+
+def _search(pattern: "re.Pattern[str]", text: object) -> bool:
+    return isinstance(text, str) and pattern.search(text) is not None
+
+
+def _listing(request: Any, items: List[dict]) -> dict:
+    """
+    C{{"total": n, "list": [...]}} with APISIX v3's list arguments applied
+    (C{apisix/admin/v3_adapter.lua}): C{name} and C{uri} (regular
+    expressions, searched), C{label} (a label key present), then C{page}
+    and C{page_size} (10 to 500, the pages in C{createdIndex} order);
+    C{total} counts what the filters kept.
+    """
+    patterns = {}
+    for name in ("name", "uri"):
+        text = _arg(request, name.encode("ascii"))
+        if text is not None:
+            try:
+                patterns[name] = re.compile(text)
+            except re.error as e:
+                raise AdminError(400, "invalid argument %s: %s" % (name, e))
+    label = _arg(request, b"label")
+    kept = []
+    for item in items:
+        value = item["value"]
+        if "name" in patterns and not _search(patterns["name"], value.get("name")):
+            continue
+        if label is not None and not (isinstance(value.get("labels"), dict) and label in value["labels"]):
+            continue
+        if "uri" in patterns:
+            uris = [value.get("uri")] + list(value.get("uris") or [])
+            if not any(_search(patterns["uri"], uri) for uri in uris):
+                continue
+        kept.append(item)
+    total = len(kept)
+    page, size = _arg(request, b"page"), _arg(request, b"page_size")
+    if page is not None and size is not None:
+        try:
+            page_number, page_size = int(page), int(size)
+        except ValueError:
+            page_number, page_size = 1, 0
+        if not 10 <= page_size <= 500:
+            raise AdminError(400, "page_size must be between 10 and 500")
+        page_number = max(page_number, 1)
+        kept.sort(key=lambda item: item["createdIndex"])
+        kept = kept[(page_number - 1) * page_size : page_number * page_size]
+    return {"total": total, "list": kept}
+
+
 class ApisixAdmin(Resource):
     """
     Everything under C{/apisix/admin/} (the key is checked by the
@@ -152,7 +221,7 @@ class ApisixAdmin(Resource):
                 raise AdminError(404, "not found")
             return self._dispatch(request, method, parts[1:])
         except AdminError as e:
-            return _error(request, e.status, e.message)
+            return _answer(request, e.status, {e.field: e.message})
         except Exception:
             log.failure("admin API: unexpected error on {method} {uri}", method=method, uri=request.uri)
             return _error(request, 500, "internal error")
@@ -168,7 +237,7 @@ class ApisixAdmin(Resource):
         def failed(failure: Failure) -> bytes:
             error = failure.value
             if isinstance(error, AdminError):
-                return _error(request, error.status, error.message)
+                return _answer(request, error.status, {error.field: error.message})
             log.failure("admin API: unexpected error on {method} {uri}", failure, method=request.method, uri=request.uri)
             return _error(request, 500, "internal error")
 
@@ -198,49 +267,68 @@ class ApisixAdmin(Resource):
         if len(parts) == 1:
             if method in ("GET", "HEAD"):
                 entries = self._control.list(kind)
-                return _answer(request, 200, {"total": len(entries), "list": [self._item(e) for e in entries]})
+                return _answer(request, 200, _listing(request, [self._item(e) for e in entries]))
             if method == "POST":
 
                 def created_one(entry: Entry) -> bytes:
                     self._audit(request, method, entry, "created")
-                    return _answer(request, 201, {"key": entry.key, "value": entry.value})
+                    return _answer(request, 201, self._item(entry, written=True))
 
-                return self._reply(request, self._control.create(kind, self._body(request)), created_one)
-            raise self._not_allowed(request, "GET, POST")
-        if len(parts) != 2:
+                return self._reply(request, self._control.create(kind, self._body(request), _ttl(request)), created_one)
+            if method == "PUT":
+                # APISIX's PUT /apisix/admin/routes with the id in the body.
+                return self._put(request, method, kind, None)
+            raise self._not_allowed(request, "GET, PUT, POST")
+        doc_id, sub_path = parts[1], parts[2:]
+        if sub_path and method != "PATCH":
             raise AdminError(404, "not found")
-        doc_id = parts[1]
         if method in ("GET", "HEAD"):
             return _answer(request, 200, self._item(self._control.get(kind, doc_id)))
         if method == "PUT":
-
-            def put_one(outcome: Any) -> bytes:
-                created, entry = outcome
-                self._audit(request, method, entry, "created" if created else "updated")
-                return _answer(request, 201 if created else 200, {"key": entry.key, "value": entry.value})
-
-            return self._reply(request, self._control.put(kind, doc_id, self._body(request)), put_one)
+            return self._put(request, method, kind, doc_id)
         if method == "PATCH":
 
             def patched(entry: Entry) -> bytes:
                 self._audit(request, method, entry, "updated")
-                return _answer(request, 200, {"key": entry.key, "value": entry.value})
+                return _answer(request, 200, self._item(entry, written=True))
 
-            return self._reply(request, self._control.patch(kind, doc_id, self._body(request)), patched)
+            outcome = self._control.patch(kind, doc_id, self._body(request), sub_path, _ttl(request))
+            return self._reply(request, outcome, patched)
         if method == "DELETE":
 
             def deleted(entry: Entry) -> bytes:
                 self._audit(request, method, entry, "deleted")
                 return _answer(request, 200, {"key": entry.key, "deleted": "1"})
 
-            return self._reply(request, self._control.delete(kind, doc_id), deleted)
+            force = request.args.get(b"force") == [b"true"]
+            return self._reply(request, self._control.delete(kind, doc_id, force), deleted)
         raise self._not_allowed(request, "GET, PUT, PATCH, DELETE")
 
+    def _put(self, request: Any, method: str, kind: str, doc_id: Optional[str]) -> Any:
+        def put_one(outcome: Any) -> bytes:
+            created, entry = outcome
+            self._audit(request, method, entry, "created" if created else "updated")
+            return _answer(request, 201 if created else 200, self._item(entry, written=True))
+
+        return self._reply(request, self._control.put(kind, doc_id, self._body(request), _ttl(request)), put_one)
+
     @staticmethod
-    def _item(entry: Entry) -> dict:
-        # "source" is ours (APISIX has no file-owned objects); clients that
-        # do not know it ignore it.
-        return {"key": entry.key, "value": entry.value, "source": entry.source}
+    def _item(entry: Entry, written: bool = False) -> dict:
+        """
+        APISIX v3's object answer: C{key}, C{value}, C{createdIndex},
+        C{modifiedIndex} (its clients read them from every answer), and
+        fauth's C{source} (APISIX has no file-owned objects; clients that do
+        not know it ignore it) on reads.
+        """
+        item = {
+            "key": entry.key,
+            "value": entry.value,
+            "createdIndex": entry.created_index,
+            "modifiedIndex": entry.modified_index,
+        }
+        if not written:
+            item["source"] = entry.source
+        return item
 
     @staticmethod
     def _not_allowed(request: Any, allowed: str) -> AdminError:

@@ -14,10 +14,11 @@ both the store and the running table alone.
 """
 from __future__ import annotations
 
+import copy
 import os
 import re
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import attr
 from twisted.internet.defer import Deferred
@@ -35,6 +36,7 @@ from fauth.config import (
     parse_upstream,
     read_document,
 )
+from fauth.config.document import standalone_id
 from fauth.config.schema import SchemaError
 from fauth.admin.sift import sift
 from fauth.admin.store import KINDS, Store, StoreContents
@@ -84,12 +86,21 @@ def _one_line(e: BaseException) -> str:
 
 
 class AdminError(Exception):
-    """A refused admin operation: the HTTP status and APISIX's C{error_msg}."""
+    """
+    A refused admin operation: the HTTP status and APISIX's message, sent
+    as C{{"error_msg": message}} (or, with C{field}, under that name:
+    APISIX answers a missing key with C{{"message": "Key not found"}}).
+    """
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, field: str = "error_msg") -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.field = field
+
+
+def _not_found() -> AdminError:
+    return AdminError(404, "Key not found", field="message")
 
 
 @attr.frozen
@@ -103,6 +114,9 @@ class Entry:
     source: str = "api"
     #: The key prefix: C{etcd.prefix} with etcd, else APISIX's default.
     prefix: str = "/apisix"
+    #: The revisions that created and last changed it (0 for the file's objects).
+    created_index: int = 0
+    modified_index: int = 0
 
     @property
     def key(self) -> str:
@@ -135,14 +149,49 @@ def _file_docs(doc: Mapping[str, Any], kind: str) -> List[Any]:
 
 
 def _file_ids(doc: Mapping[str, Any], kind: str) -> List[str]:
-    return [str(d["id"]) for d in _file_docs(doc, kind) if isinstance(d, dict) and d.get("id") is not None]
+    return [doc_id for doc_id, _ in _file_items(doc, kind)]
+
+
+def _file_items(doc: Mapping[str, Any], kind: str) -> List[Tuple[str, Dict[str, Any]]]:
+    """The file's objects of C{kind} with their ids (C{arr_<n>} for those without, as APISIX)."""
+    return [
+        (standalone_id(i) if d.get("id") is None else str(d["id"]), d)
+        for i, d in enumerate(_file_docs(doc, kind), 1)
+        if isinstance(d, dict)
+    ]
 
 
 def _then(outcome: Optional["Deferred[Any]"], result: Any) -> Any:
-    """C{result}, or a Deferred firing with it once C{outcome} (an etcd write) succeeded."""
+    """
+    C{result} (called first when callable: an entry made after the write
+    knows its indexes), or a Deferred firing with it once C{outcome} (an
+    etcd write) succeeded.
+    """
+    make = result if callable(result) else lambda: result
     if outcome is None:
-        return result
-    return outcome.addCallback(lambda _: result)
+        return make()
+    return outcome.addCallback(lambda _: make())
+
+
+def _replace_at(doc: Mapping[str, Any], path: Sequence[str], value: object) -> object:
+    """
+    C{doc} with what C{path} names replaced by C{value} (missing objects on
+    the way are made), as APISIX's C{core.table.patch}.
+
+    @raise AdminError: 400 C{invalid sub-path: /a/b} when the path crosses
+        something that is not an object.
+    """
+    result: Dict[str, Any] = copy.deepcopy(dict(doc))
+    node: Any = result
+    for i, name in enumerate(path[:-1]):
+        child = node.get(name)
+        if child is None:
+            child = node[name] = {}
+        if not isinstance(child, dict):
+            raise AdminError(400, "invalid sub-path: /" + "/".join(path[: i + 1]))
+        node = child
+    node[path[-1]] = value
+    return result
 
 
 def merge(base: GatewayConf, contents: StoreContents, store_path: Optional[str] = None) -> GatewayConf:
@@ -206,6 +255,18 @@ def _check_id(kind: str, doc_id: str) -> None:
             'invalid configuration: property "id" validation failed: %s id "%s" must be 1 to 64 '
             "letters, digits, '-', '_' or '.'" % (_singular(kind), doc_id),
         )
+
+
+def _check_forbidden_times(doc: Mapping[str, Any]) -> None:
+    """
+    APISIX's C{check_forbidden_properties} for C{PUT} and C{POST}: the
+    gateway sets C{create_time} and C{update_time} (a C{PATCH} may give them).
+    """
+    for where, inner in (("", doc), ("upstream.", doc.get("upstream")), ("plugins.", doc.get("plugins"))):
+        if isinstance(inner, dict):
+            for name in ("create_time", "update_time"):
+                if inner.get(name) is not None:
+                    raise AdminError(400, "the property is forbidden:  %s%s" % (where, name))
 
 
 def _timestamps(value: Dict[str, Any], previous: Optional[Mapping[str, Any]], now: int, patch: bool = False) -> None:
@@ -341,7 +402,9 @@ class Control:
 
     def _entry(self, kind: str, doc_id: str, value: Mapping[str, Any], source: str = "api") -> Entry:
         etcd = self.conf.etcd
-        return Entry(kind, doc_id, value, source, etcd.prefix if etcd is not None else "/apisix")
+        indexes = self.etcd.indexes if self.etcd is not None else self.contents.indexes
+        created, modified = indexes.get((kind, doc_id), (0, 0))
+        return Entry(kind, doc_id, value, source, etcd.prefix if etcd is not None else "/apisix", created, modified)
 
     def file_ids(self, kind: str) -> List[str]:
         """The ids of C{kind} the configuration file owns."""
@@ -354,7 +417,7 @@ class Control:
                 return entry
         value = self._stored(kind, doc_id)
         if value is None:
-            raise AdminError(404, "%s %s not found" % (_singular(kind), doc_id))
+            raise _not_found()
         return self._entry(kind, doc_id, value)
 
     def _stored(self, kind: str, doc_id: str) -> Optional[Mapping[str, Any]]:
@@ -370,34 +433,43 @@ class Control:
 
     def _file_entries(self, kind: str) -> List[Entry]:
         return [
-            self._entry(kind, str(d["id"]), d, "file")
-            for d in _file_docs(self.conf.source, kind)
-            if isinstance(d, dict) and d.get("id") is not None
+            self._entry(kind, doc_id, d if "id" in d else dict(d, id=doc_id), "file")
+            for doc_id, d in _file_items(self.conf.source, kind)
         ]
 
     # -- writes --------------------------------------------------------------
 
-    def put(self, kind: str, doc_id: str, body: object) -> Tuple[bool, Entry]:
+    def put(self, kind: str, doc_id: Optional[str], body: object, ttl: Optional[float] = None) -> Tuple[bool, Entry]:
         """
-        Create or replace C{doc_id}.
+        Create or replace C{doc_id} (C{None}: the id the body holds, as
+        APISIX's C{PUT /apisix/admin/routes}).
 
+        @param ttl: seconds after which the object is deleted (APISIX's
+            C{?ttl=}: an etcd lease; the store file keeps the time).
         @return: whether it was created, and the stored entry; with etcd, a
             Deferred firing with them once etcd took the change (failing
             with L{AdminError}, 503 while etcd is unavailable).
         @raise AdminError: refused; nothing changed.
         """
+        doc = self._object(body)
+        _check_forbidden_times(doc)
+        if doc_id is None:
+            if doc.get("id") is None:
+                raise AdminError(400, "missing %s id" % _singular(kind))
+            doc_id = str(doc["id"])
         _check_id(kind, doc_id)
         self._check_writable(kind, doc_id)
-        doc = self._object(body)
         if "id" in doc and str(doc["id"]) != doc_id:
             raise AdminError(400, "wrong %s id" % _singular(kind))
         previous = self._stored(kind, doc_id)
         value = {"id": doc_id}
         value.update((k, v) for k, v in doc.items() if k != "id")
         _timestamps(value, previous, int(self._clock()))
-        return _then(self._commit(kind, doc_id, value), (previous is None, self._entry(kind, doc_id, value)))
+        return _then(
+            self._commit(kind, doc_id, value, ttl), lambda: (previous is None, self._entry(kind, doc_id, value))
+        )
 
-    def create(self, kind: str, body: object) -> Entry:
+    def create(self, kind: str, body: object, ttl: Optional[float] = None) -> Entry:
         """C{POST}: store under a generated id (with etcd: a Deferred, as L{put})."""
         self._check_loaded()
         if kind == "plugin_configs":
@@ -406,53 +478,93 @@ class Control:
         doc = self._object(body)
         if "id" in doc:
             raise AdminError(400, "wrong %s id, do not need it" % _singular(kind))
+        _check_forbidden_times(doc)
         doc_id = self._new_id()
         value = {"id": doc_id}
         value.update(doc)
         _timestamps(value, None, int(self._clock()))
-        return _then(self._commit(kind, doc_id, value), self._entry(kind, doc_id, value))
+        return _then(self._commit(kind, doc_id, value, ttl), lambda: self._entry(kind, doc_id, value))
 
-    def patch(self, kind: str, doc_id: str, patch: object) -> Entry:
+    def patch(
+        self, kind: str, doc_id: str, patch: object, sub_path: Sequence[str] = (), ttl: Optional[float] = None
+    ) -> Entry:
         """
-        C{PATCH}: an RFC 7396 merge patch of the stored document, then full
-        validation (with etcd: a Deferred, as L{put}).
+        C{PATCH}: an RFC 7396 merge patch of the stored document or, with
+        C{sub_path} (C{PATCH /routes/1/upstream/nodes}), C{patch} put in
+        place of what that path holds, as APISIX; then full validation (with
+        etcd: a Deferred, as L{put}).
         """
         _check_id(kind, doc_id)
         self._check_writable(kind, doc_id)
         previous = self._stored(kind, doc_id)
         if previous is None:
-            raise AdminError(404, "%s %s not found" % (_singular(kind), doc_id))
-        merged = self._object(merge_patch(previous, patch))
+            raise _not_found()
+        if sub_path:
+            merged = self._object(_replace_at(previous, sub_path, patch))
+        else:
+            merged = self._object(merge_patch(previous, self._object(patch)))
         if "id" in merged and str(merged["id"]) != doc_id:
             raise AdminError(400, "wrong %s id" % _singular(kind))
         value = {"id": doc_id}
         value.update((k, v) for k, v in merged.items() if k != "id")
-        patched_stamp = isinstance(patch, dict) and "update_time" in patch
+        patched_stamp = not sub_path and isinstance(patch, dict) and "update_time" in patch
         _timestamps(value, previous, int(self._clock()), patch=not patched_stamp)
-        return _then(self._commit(kind, doc_id, value), self._entry(kind, doc_id, value))
+        return _then(self._commit(kind, doc_id, value, ttl), lambda: self._entry(kind, doc_id, value))
 
-    def delete(self, kind: str, doc_id: str) -> Entry:
+    def delete(self, kind: str, doc_id: str, force: bool = False) -> Entry:
         """
         Remove C{doc_id}; an upstream, service or plugin config still named
         by a route (or an upstream by a service) is kept, as APISIX keeps it
-        (with etcd: a Deferred, as L{put}).
+        (with etcd: a Deferred, as L{put}).  C{force} (APISIX's
+        C{?force=true}) skips that check in APISIX; fauth still refuses a
+        change that would leave a route without what it names, and says so.
         """
         _check_id(kind, doc_id)
         self._check_writable(kind, doc_id)
         previous = self._stored(kind, doc_id)
         if previous is None:
-            raise AdminError(404, "%s %s not found" % (_singular(kind), doc_id))
+            raise _not_found()
         for user_kind, field in _USERS.get(kind, ()):
             for user in self.list(user_kind):
                 if field in user.value and str(user.value[field]) == doc_id:
-                    raise AdminError(400, _IN_USE[kind] % (_singular(user_kind), user.id))
+                    message = _IN_USE[kind] % (_singular(user_kind), user.id)
+                    if force:
+                        message += " (fauth never serves a %s without what it names: change it first)" % (
+                            _singular(user_kind)
+                        )
+                    raise AdminError(400, message)
+        entry = self._entry(kind, doc_id, previous)
         contents = self.contents
         if doc_id in contents.of(kind):
             contents = contents.without(kind, doc_id)
-        return _then(
-            self._save_and_apply(self._effective(contents), contents, (kind, doc_id, None)),
-            self._entry(kind, doc_id, previous),
-        )
+        return _then(self._save_and_apply(self._effective(contents), contents, (kind, doc_id, None)), entry)
+
+    def next_expiry(self) -> Optional[float]:
+        """Seconds until the first stored object's C{?ttl=} runs out (0 if past), or C{None}."""
+        if not self.contents.expires:
+            return None
+        return max(0.0, min(self.contents.expires.values()) - self._clock())
+
+    def expire(self) -> None:
+        """
+        Delete every stored object whose C{?ttl=} ran out (the store file's;
+        etcd deletes its leased keys itself), in one change.  Never raises
+        (a timer calls it).
+        """
+        now = self._clock()
+        due = [key for key, when in self.contents.expires.items() if when <= now]
+        if not due or self.store is None:
+            return
+        contents = self.contents
+        for kind, doc_id in due:
+            contents = contents.without(kind, doc_id)
+        try:
+            self._save_and_apply(self._effective(contents), contents)
+        except AdminError as e:
+            log.error("expired objects not removed: {error}", error=e.message)
+            return
+        for kind, doc_id in due:
+            log.info("admin API: {kind} {id} expired (ttl)", kind=_singular(kind), id=doc_id)
 
     def _check_loaded(self) -> None:
         # Validating against a table that lacks etcd's objects would refuse
@@ -490,7 +602,9 @@ class Control:
         self._last_id = candidate
         return str(candidate)
 
-    def _commit(self, kind: str, doc_id: str, value: Dict[str, Any]) -> Optional[Deferred]:
+    def _commit(
+        self, kind: str, doc_id: str, value: Dict[str, Any], ttl: Optional[float] = None
+    ) -> Optional[Deferred]:
         # The document alone first: its errors get APISIX's exact wording.
         conf = self.conf
         try:
@@ -507,8 +621,9 @@ class Control:
             if not message.startswith(_APISIX_WORDED):
                 message = "invalid configuration: " + message
             raise AdminError(400, message)
-        contents = self.contents.with_doc(kind, doc_id, value)
-        return self._save_and_apply(self._effective(contents), contents, (kind, doc_id, value))
+        expires = None if ttl is None else self._clock() + ttl
+        contents = self.contents.with_doc(kind, doc_id, value, expires)
+        return self._save_and_apply(self._effective(contents), contents, (kind, doc_id, value), ttl)
 
     def _effective(self, contents: StoreContents) -> GatewayConf:
         try:
@@ -523,7 +638,11 @@ class Control:
         return attr.evolve(conf, routes=conf.routes + held) if held else conf
 
     def _save_and_apply(
-        self, conf: GatewayConf, contents: StoreContents, change: Optional[Tuple[str, str, Any]] = None
+        self,
+        conf: GatewayConf,
+        contents: StoreContents,
+        change: Optional[Tuple[str, str, Any]] = None,
+        ttl: Optional[float] = None,
     ) -> Optional["Deferred[None]"]:
         try:
             built = self._build(conf)
@@ -531,7 +650,7 @@ class Control:
             raise AdminError(400, "invalid configuration: %s" % e)
         if self.etcd is not None:
             assert change is not None
-            return self._write_etcd(conf, contents, built, change)
+            return self._write_etcd(conf, contents, built, change, ttl)
         assert self.store is not None
         try:
             self.store.save(contents)
@@ -549,7 +668,12 @@ class Control:
         return None
 
     def _write_etcd(
-        self, conf: GatewayConf, contents: StoreContents, built: List[Any], change: Tuple[str, str, Any]
+        self,
+        conf: GatewayConf,
+        contents: StoreContents,
+        built: List[Any],
+        change: Tuple[str, str, Any],
+        ttl: Optional[float] = None,
     ) -> "Deferred[None]":
         """
         Write one validated change to etcd (one put or delete: all or
@@ -583,7 +707,7 @@ class Control:
                 raise AdminError(503, "etcd is unavailable, nothing was changed: %s" % failure.value)
             raise AdminError(503, "etcd refused the change, nothing was changed: %s" % failure.value)
 
-        return self.etcd.write(*change).addCallbacks(written, failed)
+        return self.etcd.write(*change, ttl=ttl).addCallbacks(written, failed)
 
     # -- changes from etcd -----------------------------------------------------
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import random
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple, cast
@@ -282,21 +283,44 @@ class EtcdClient:
             return doc
         raise EtcdUnavailable("; ".join(errors))
 
-    def list(self, prefix: str) -> "Deferred[Tuple[int, List[Tuple[bytes, bytes]]]]":
-        """Every key under C{prefix}/ and the revision of that view."""
+    def list(self, prefix: str) -> "Deferred[Tuple[int, List[Tuple[bytes, bytes, int, int]]]]":
+        """
+        Every key under C{prefix}/ (with its value, and the revisions that
+        created and last changed it) and the revision of that view.
+        """
         body = {"key": _b64(prefix + "/"), "range_end": _b64(range_end(prefix + "/"))}
 
-        def parsed(doc: Dict[str, Any]) -> Tuple[int, List[Tuple[bytes, bytes]]]:
+        def parsed(doc: Dict[str, Any]) -> Tuple[int, List[Tuple[bytes, bytes, int, int]]]:
             revision = int(doc["header"]["revision"])
-            kvs = [(_unb64(kv["key"]), _unb64(kv.get("value", ""))) for kv in doc.get("kvs", [])]
+            kvs = [
+                (
+                    _unb64(kv["key"]),
+                    _unb64(kv.get("value", "")),
+                    int(kv.get("create_revision", 0)),
+                    int(kv.get("mod_revision", 0)),
+                )
+                for kv in doc.get("kvs", [])
+            ]
             return revision, kvs
 
         return self.call("/v3/kv/range", body).addCallback(parsed)
 
-    def put(self, key: str, value: bytes) -> "Deferred[int]":
-        """Write C{key}; fires with the new revision."""
+    def put(self, key: str, value: bytes, ttl: Optional[float] = None) -> "Deferred[int]":
+        """
+        Write C{key}; fires with the new revision.  With C{ttl}, under a
+        new lease of that many seconds (rounded up: etcd's are whole), so
+        etcd deletes it then, as APISIX's C{?ttl=}.
+        """
         body = {"key": _b64(key), "value": base64.b64encode(value).decode("ascii")}
-        return self.call("/v3/kv/put", body).addCallback(lambda doc: int(doc["header"]["revision"]))
+        if ttl is None:
+            return self.call("/v3/kv/put", body).addCallback(lambda doc: int(doc["header"]["revision"]))
+
+        def leased(doc: Dict[str, Any]) -> "Deferred[int]":
+            return self.call("/v3/kv/put", dict(body, lease=doc["ID"])).addCallback(
+                lambda doc: int(doc["header"]["revision"])
+            )
+
+        return self.call("/v3/lease/grant", {"TTL": max(1, math.ceil(ttl))}).addCallback(leased)
 
     def delete(self, key: str) -> "Deferred[int]":
         """Delete C{key}; fires with the new revision."""
@@ -409,6 +433,9 @@ class EtcdSync(Service):
         self.conf = conf
         self.client = client if client is not None else EtcdClient(conf, reactor)
         self.revision: Optional[int] = None
+        #: C{(kind, id)}: the C{create_revision} and C{mod_revision} of its key
+        #: (APISIX's C{createdIndex} and C{modifiedIndex}).
+        self.indexes: Dict[Tuple[str, str], Tuple[int, int]] = {}
         self.down_since: Optional[float] = time.time()
         self.watching = False
         self.last_error = "not connected yet"
@@ -428,13 +455,28 @@ class EtcdSync(Service):
         """C{<prefix>/<kind>/<id>}."""
         return "%s/%s/%s" % (self.conf.prefix, kind, doc_id)
 
-    def write(self, kind: str, doc_id: str, value: Optional[Dict[str, Any]]) -> "Deferred[int]":
-        """Put (or, C{value} C{None}, delete) one object; one etcd request, so all or nothing."""
+    def write(
+        self, kind: str, doc_id: str, value: Optional[Dict[str, Any]], ttl: Optional[float] = None
+    ) -> "Deferred[int]":
+        """
+        Put (or, C{value} C{None}, delete) one object; one etcd request, so
+        all or nothing (with C{ttl}, a lease is granted first: an object
+        is never written without the lease it was asked with).
+        """
         key = self.key(kind, doc_id)
         if value is None:
-            return self.client.delete(key)
+            return self.client.delete(key).addCallback(self._indexed, kind, doc_id, False)
         data = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
-        return self.client.put(key, data)
+        return self.client.put(key, data, ttl).addCallback(self._indexed, kind, doc_id, True)
+
+    def _indexed(self, revision: int, kind: str, doc_id: str, present: bool) -> int:
+        # The watch brings the same revisions later; the admin API's answer needs them now.
+        if present:
+            created = self.indexes.get((kind, doc_id), (revision, revision))[0]
+            self.indexes[(kind, doc_id)] = (created, revision)
+        else:
+            self.indexes.pop((kind, doc_id), None)
+        return revision
 
     # -- health --------------------------------------------------------------
 
@@ -492,10 +534,13 @@ class EtcdSync(Service):
         if self.revision is None:
             revision, kvs = yield self.client.list(self.conf.prefix)
             changes = []
-            for key, value in kvs:
+            indexes = {}
+            for key, value, created, modified in kvs:
                 change = self._parse(key, value)
                 if change is not None:
                     changes.append(change)
+                    indexes[(change[0], change[1])] = (created, modified)
+            self.indexes = indexes
             self.control.apply_remote(changes, replace=True, origin="etcd")
             self.revision = revision
             self.listings += 1
@@ -547,6 +592,13 @@ class EtcdSync(Service):
             change = self._parse(_unb64(kv.get("key", "")), None if deleted else _unb64(kv.get("value", "")))
             if change is not None:
                 changes.append(change)
+                if deleted:
+                    self.indexes.pop((change[0], change[1]), None)
+                else:
+                    self.indexes[(change[0], change[1])] = (
+                        int(kv.get("create_revision", 0)),
+                        int(kv.get("mod_revision", 0)),
+                    )
         if changes:
             self.control.apply_remote(changes, origin="etcd")
         self.revision = latest

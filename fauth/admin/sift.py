@@ -98,7 +98,13 @@ def sift(files: GatewayConf, raw: StoreContents, previous: Mapping[str, RouteCon
         services=known["services"],
         plugin_configs=known["plugin_configs"],
     )
-    return Sifted(StoreContents(**valid), skipped, reasons, tuple(placeholders), conf)
+    contents = StoreContents(
+        routes=valid["routes"],
+        upstreams=valid["upstreams"],
+        services=valid["services"],
+        plugin_configs=valid["plugin_configs"],
+    )
+    return Sifted(contents, skipped, reasons, tuple(placeholders), conf)
 
 
 def _because(doc: Any, reasons: Mapping[Tuple[str, str], str]) -> str:

@@ -1,17 +1,22 @@
 # -*- test-case-name: tests.admin.test_store -*-
 """
 Where the admin API's changes are kept: one small JSON file,
-C{{"routes": {id: doc}, "upstreams": {id: doc}}} (and C{"services"},
-C{"plugin_configs"} when there are any), replaced atomically on
-every change so that a crash at any moment leaves either the old or the new
-state on disk, never a torn file.
+C{{"routes": {id: doc}, "upstreams": {id: doc}, "meta": {...}}} (and
+C{"services"}, C{"plugin_configs"} when there are any), replaced atomically
+on every change so that a crash at any moment leaves either the old or the
+new state on disk, never a torn file.
+
+C{meta} holds what etcd would keep beside the documents: a revision counted
+up by every change, each object's C{createdIndex} and C{modifiedIndex} (the
+revisions that created and last changed it, as APISIX's admin API shows
+them) and, for objects written with C{?ttl=}, when they expire.
 """
 from __future__ import annotations
 
 import json
 import os
 import tempfile
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import attr
 
@@ -36,29 +41,64 @@ class StoreContents:
     upstreams: Mapping[str, Mapping[str, Any]] = attr.field(factory=dict)
     services: Mapping[str, Mapping[str, Any]] = attr.field(factory=dict)
     plugin_configs: Mapping[str, Mapping[str, Any]] = attr.field(factory=dict)
+    # (The bookkeeping below is not compared: two contents are equal when
+    # they hold the same documents.)
+    revision: int = attr.field(default=0, eq=False)
+    #: C{(kind, id)}: C{(createdIndex, modifiedIndex)}.
+    indexes: Mapping[Tuple[str, str], Tuple[int, int]] = attr.field(factory=dict, eq=False)
+    #: C{(kind, id)}: when it expires (seconds since the epoch), for objects written with a TTL.
+    expires: Mapping[Tuple[str, str], float] = attr.field(factory=dict, eq=False)
 
     def of(self, kind: str) -> Mapping[str, Mapping[str, Any]]:
         """The documents of C{kind} (one of L{KINDS})."""
         docs: Mapping[str, Mapping[str, Any]] = getattr(self, kind)
         return docs
 
-    def with_doc(self, kind: str, doc_id: str, doc: Mapping[str, Any]) -> "StoreContents":
-        """A copy with C{doc} stored under C{doc_id} (in place if it existed)."""
+    def with_doc(
+        self, kind: str, doc_id: str, doc: Mapping[str, Any], expires: Optional[float] = None
+    ) -> "StoreContents":
+        """
+        A copy with C{doc} stored under C{doc_id} (in place if it existed),
+        expiring at C{expires} if given (a write without one keeps none, as
+        an etcd put without a lease).
+        """
         docs = dict(self.of(kind))
         docs[doc_id] = doc
-        return attr.evolve(self, **{kind: docs})
+        revision = self.revision + 1
+        indexes = dict(self.indexes)
+        created = indexes.get((kind, doc_id), (revision, revision))[0]
+        indexes[(kind, doc_id)] = (created, revision)
+        expiry = dict(self.expires)
+        expiry.pop((kind, doc_id), None)
+        if expires is not None:
+            expiry[(kind, doc_id)] = expires
+        return attr.evolve(self, revision=revision, indexes=indexes, expires=expiry, **{kind: docs})
 
     def without(self, kind: str, doc_id: str) -> "StoreContents":
         """A copy without the document C{doc_id}."""
         docs = dict(self.of(kind))
         del docs[doc_id]
-        return attr.evolve(self, **{kind: docs})
+        indexes = dict(self.indexes)
+        indexes.pop((kind, doc_id), None)
+        expiry = dict(self.expires)
+        expiry.pop((kind, doc_id), None)
+        return attr.evolve(self, revision=self.revision + 1, indexes=indexes, expires=expiry, **{kind: docs})
 
     def to_json(self) -> bytes:
         """The file's bytes."""
-        doc = {"routes": dict(self.routes), "upstreams": dict(self.upstreams)}
+        doc: Dict[str, Any] = {"routes": dict(self.routes), "upstreams": dict(self.upstreams)}
         # The newer kinds only when used: an older fauth can still read the file.
         doc.update((kind, dict(self.of(kind))) for kind in ("services", "plugin_configs") if self.of(kind))
+        meta: Dict[str, Any] = {"revision": self.revision}
+        for kind in list(doc):
+            entries = meta[kind] = {}
+            for doc_id in self.of(kind):
+                created, modified = self.indexes.get((kind, doc_id), (0, 0))
+                entry: Dict[str, Any] = {"created": created, "modified": modified}
+                if (kind, doc_id) in self.expires:
+                    entry["expires"] = self.expires[(kind, doc_id)]
+                entries[doc_id] = entry
+        doc["meta"] = meta
         # Compact: indent would turn off json's C encoder (5x slower).
         return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8") + b"\n"
 
@@ -114,6 +154,34 @@ def _shape_error(path: str, what: str) -> ConfigError:
     )
 
 
+def _read_meta(
+    path: str, meta: object, found: Mapping[str, Mapping[str, Any]]
+) -> Tuple[int, Dict[Tuple[str, str], Tuple[int, int]], Dict[Tuple[str, str], float]]:
+    """The revision, indexes and expiry times of a store file's C{meta}; a file written before it had one gets indexes in its order."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("revision", 0), int):
+        raise _shape_error(path, '"meta" is not an object with an integer "revision"')
+    revision = meta.get("revision", 0)
+    indexes: Dict[Tuple[str, str], Tuple[int, int]] = {}
+    expires: Dict[Tuple[str, str], float] = {}
+    for kind in KINDS:
+        entries = meta.get(kind, {})
+        if not isinstance(entries, dict):
+            raise _shape_error(path, '"meta.%s" is not an object' % kind)
+        for doc_id in found[kind]:
+            entry = entries.get(doc_id)
+            if not isinstance(entry, dict):
+                revision += 1
+                indexes[(kind, doc_id)] = (revision, revision)
+                continue
+            created, modified, expiry = entry.get("created"), entry.get("modified"), entry.get("expires")
+            if not isinstance(created, int) or not isinstance(modified, int):
+                raise _shape_error(path, '"meta.%s.%s" lacks integer "created" and "modified"' % (kind, doc_id))
+            indexes[(kind, doc_id)] = (created, modified)
+            if isinstance(expiry, (int, float)) and not isinstance(expiry, bool):
+                expires[(kind, doc_id)] = float(expiry)
+    return revision, indexes, expires
+
+
 class Store:
     """
     The store file.
@@ -156,7 +224,7 @@ class Store:
         if not isinstance(doc, dict):
             raise _shape_error(self.path, "not a JSON object")
         for key in doc:
-            if key not in KINDS:
+            if key not in KINDS and key != "meta":
                 raise _shape_error(self.path, 'unknown key "%s"' % key)
         found: Dict[str, Dict[str, Dict[str, Any]]] = {}
         for kind in KINDS:
@@ -171,7 +239,8 @@ class Store:
                         self.path, '%s "%s" holds a document with id "%s"' % (kind[:-1], doc_id, item.get("id"))
                     )
             found[kind] = docs
-        return StoreContents(**found)
+        revision, indexes, expires = _read_meta(self.path, doc.get("meta", {}), found)
+        return StoreContents(revision=revision, indexes=indexes, expires=expires, **found)
 
     def save(self, contents: StoreContents) -> None:
         """

@@ -23,7 +23,7 @@ from twisted.web.client import HTTPConnectionPool
 from fauth import __version__
 from fauth.auth.client import AuthCallError, AuthClient, AuthTarget, Reply
 from fauth.config import AuthChecks, Node
-from fauth.routing.balancer import SmoothWeightedRoundRobin
+from fauth.routing.balancer import Balancer
 from fauth.routing.health import NodeHealth, connect_failed
 from fauth.wire.transport import IClientReactor, describe_failure, is_cancellation
 
@@ -69,9 +69,7 @@ class AuthNodes:
         self._clients: Dict[Node, AuthClient] = {
             node: make_client(attr.evolve(target, host=node.host, port=node.port), None) for node in usable
         }
-        self._balancer = SmoothWeightedRoundRobin(usable)
-        # Every node comes round within this many picks.
-        self._round = sum(node.weight for node in usable)
+        self._balancer = Balancer("roundrobin", usable)
         self.health = NodeHealth(reactor.seconds, checks.max_fails, checks.fail_timeout)
         self.calls: Dict[Node, Dict[str, int]] = {node: dict.fromkeys(NODE_RESULTS, 0) for node in usable}
         self._probes: Optional[_Probes] = None
@@ -99,11 +97,9 @@ class AuthNodes:
 
     def _pick(self, tried: Sequence[Node]) -> Optional[Node]:
         usable = self.health.usable
-        for _ in range(self._round):
-            node = self._balancer.pick()
-            if node not in tried and usable(node):
-                return node
-        return None
+        skip = set(tried)
+        skip.update(node for node in self._clients if not usable(node))
+        return self._balancer.pick(None, skip)
 
     def call(
         self, method: str, fields: Sequence[Tuple[bytes, bytes]], body: Optional[bytes], timeout: float

@@ -13,12 +13,14 @@ import math
 import re
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Type, TypeVar
 
+from fauth.config.expr import parse_vars
 from fauth.config.models import (
     ActiveCheck,
     AuthChecks,
     CacheConf,
     ForwardAuthConf,
     Node,
+    RouteConf,
     UpstreamConf,
     UpstreamTimeouts,
 )
@@ -40,9 +42,12 @@ __all__ = [
     "HEADER_NAME",
     "HTTP_METHODS",
     "KNOWN_PLUGINS",
+    "auth_disabled",
     "check_string_list",
     "parse_cache",
+    "meta_disabled",
     "parse_forward_auth",
+    "parse_forward_auth_plugin",
     "parse_upstream",
 ]
 
@@ -54,8 +59,24 @@ _UPSTREAM_KEYS = frozenset(
     [
         "id", "name", "desc", "type", "scheme", "nodes", "pass_host", "upstream_host",
         "timeout", "keepalive_pool", "labels", "create_time", "update_time",
+        "retries", "retry_timeout", "hash_on", "key", "tls", "checks",
+        "discovery_type", "discovery_args", "service_name",
     ]
 )
+#: Upstream fields of APISIX's schema that fauth refuses, and why.
+_UPSTREAM_REFUSED = {
+    "checks": "fauth runs no health checks (a node that refuses connections is retried on the next, see retries)",
+    "discovery_type": "fauth has no service discovery; list the nodes in \"nodes\"",
+    "discovery_args": "fauth has no service discovery; list the nodes in \"nodes\"",
+    "service_name": "fauth has no service discovery; list the nodes in \"nodes\"",
+}
+_BALANCERS = ("roundrobin", "least_conn", "chash")
+# APISIX's upstream_hash_vars_schema and upstream_hash_header_schema.
+_HASH_VARS_PATTERN = (
+    "^((uri|server_name|server_addr|request_uri|remote_port|remote_addr|query_string|host|hostname"
+    "|mqtt_client_id)|arg_[0-9a-zA-z_-]+)$"
+)
+_HASH_NAME_PATTERN = "^[a-zA-Z0-9-_]+$"
 HEADER_NAME = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")  # an RFC 9110 token; fullmatch
 _HOST_RE = re.compile(r"\*?[0-9a-zA-Z-._\[\]:]+\Z")
 _HOSTNAME_RE = re.compile(r"^[0-9A-Za-z]([0-9A-Za-z-]{0,62})(\.[0-9A-Za-z]([0-9A-Za-z-]{0,62}))*\.?$")
@@ -111,6 +132,14 @@ def parse_forward_auth(conf: object) -> ForwardAuthConf:
             for name, value in extra.items()
         )
     meta = checked.get("_meta")
+    try:
+        _check_meta(meta)
+    except SchemaError as e:
+        raise _prop("_meta", str(e))
+    plugin_filter = None
+    if isinstance(meta, dict) and "filter" in meta:
+        # APISIX: "failed to validate the 'vars' expression: ..." (plugin.lua).
+        plugin_filter = parse_vars(meta["filter"])
     error_response = None
     if isinstance(meta, dict) and meta.get("error_response") is not None:
         er = meta["error_response"]
@@ -151,8 +180,67 @@ def parse_forward_auth(conf: object) -> ForwardAuthConf:
         cache=cache,
         nodes=nodes,
         checks=checks,
+        filter=plugin_filter,
         warnings=tuple(warnings),
     )
+
+
+def _check_meta(meta: object) -> None:
+    """
+    APISIX's injected C{_meta} schema (C{plugin_injected_schema}): C{disable}
+    (see L{parse_forward_auth_plugin}), C{error_response}, C{priority}
+    (forward-auth is the only plugin fauth runs: nothing to order), C{filter}
+    (compiled by L{parse_forward_auth}); C{pre_function} is refused.
+    """
+    if not isinstance(meta, dict):
+        return  # absent, or an empty array (Lua cannot tell it from an object)
+    for name in meta:
+        if name not in ("disable", "error_response", "priority", "filter", "pre_function"):
+            raise SchemaError("additional properties forbidden, found %s" % name)
+    if "disable" in meta:
+        check_type("disable", meta["disable"], "boolean")
+    if "error_response" in meta and not isinstance(meta["error_response"], str) and not is_object(
+        meta["error_response"]
+    ):
+        raise _prop("error_response", "value should match only one schema, but matches none")
+    if "priority" in meta:
+        check_type("priority", meta["priority"], "integer")
+    if "filter" in meta:
+        check_type("filter", meta["filter"], "array")
+    if "pre_function" in meta:
+        check_type("pre_function", meta["pre_function"], "string")
+        raise _prop("pre_function", "not supported by fauth: it runs no Lua")
+
+
+def meta_disabled(conf: object) -> bool:
+    """Whether a plugin object has C{_meta.disable} true (APISIX's C{check_disable})."""
+    meta = conf.get("_meta") if isinstance(conf, dict) else None
+    return isinstance(meta, dict) and meta.get("disable") is True
+
+
+def auth_disabled(route: RouteConf) -> bool:
+    """Whether C{route} has a C{forward-auth} that C{_meta.disable} turned off."""
+    plugins = route.source.get("plugins")
+    return isinstance(plugins, dict) and meta_disabled(plugins.get("forward-auth"))
+
+
+def parse_forward_auth_plugin(conf: object) -> Optional[ForwardAuthConf]:
+    """
+    The C{forward-auth} of a route: L{parse_forward_auth}, or C{None} when
+    C{_meta.disable} is true.  As APISIX, a disabled plugin never runs
+    (every request of the route passes without an auth call) and is
+    accepted even when the rest of its object does not validate; only its
+    C{_meta} must.
+
+    @raise SchemaError: with APISIX's message.
+    """
+    if not meta_disabled(conf):
+        return parse_forward_auth(conf)
+    try:
+        _check_meta(conf.get("_meta") if isinstance(conf, dict) else None)
+    except SchemaError as e:
+        raise _prop("_meta", str(e))
+    return None
 
 
 _CACHE_KEYS = ("ttl", "deny_ttl", "max_entries", "stale_if_error", "key")
@@ -325,9 +413,14 @@ def _parse_nodes(nodes: object, scheme: str) -> Tuple[Node, ...]:
             weight = item.get("weight", 1)
             check_type("nodes", weight, "integer")
             check_integer_range("nodes", weight, minimum=0)
+            priority = item.get("priority", 0)
+            check_type("nodes", priority, "integer")
+            assert isinstance(priority, (int, float))  # an integer, maybe written as 2.0
+            if "metadata" in item:
+                check_type("nodes", item["metadata"], "object")
             bare = node_host.strip("[]")
             h, _ = _parse_node_address(bare if ":" not in node_host else "[%s]" % bare)
-            parsed.append(Node(h, int(port), int(weight)))
+            parsed.append(Node(h, int(port), int(weight), int(priority)))
     else:
         check_type("nodes", nodes, "object")
     if not parsed or not any(n.weight > 0 for n in parsed):
@@ -346,13 +439,78 @@ def _object(what: str, doc: object, allowed: frozenset) -> Dict[str, Any]:
     return doc
 
 
+def _number(name: str, value: object, minimum: float, exclusive: bool = False) -> float:
+    """A finite number at least (or, C{exclusive}, above) C{minimum}."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        check_type(name, value, "number")
+    assert isinstance(value, (int, float))
+    if not math.isfinite(value):
+        raise _prop(name, "expected %s to be a finite number" % value)
+    if exclusive and value <= minimum:
+        raise _prop(name, "expected %s to be greater than %s" % (format_number(value), format_number(minimum)))
+    if not exclusive and value < minimum:
+        raise _prop(name, "expected %s to be at least %s" % (format_number(value), format_number(minimum)))
+    return float(value)
+
+
+def _parse_timeouts(t: object) -> UpstreamTimeouts:
+    check_type("timeout", t, "object")
+    values = {}
+    for k, v in (t.items() if isinstance(t, dict) else ()):
+        if k not in ("connect", "send", "read"):
+            raise _prop("timeout", "additional properties forbidden, found %s" % k)
+        values[k] = _number("timeout", v, 0, exclusive=True)
+    return UpstreamTimeouts(**values)
+
+
+def _parse_tls(tls: object) -> bool:
+    """C{tls}: whether to verify the upstream's certificate (fauth verifies unless told not to)."""
+    check_type("tls", tls, "object")
+    tls = tls if isinstance(tls, dict) else {}
+    for name in ("client_cert", "client_key", "client_cert_id"):
+        if name in tls:
+            raise _prop("tls", "%s is not supported by fauth (no client certificates towards upstreams)" % name)
+    for name in tls:
+        if name != "verify":
+            raise _prop("tls", "additional properties forbidden, found %s" % name)
+    verify = tls.get("verify", True)
+    check_type("tls", verify, "boolean")
+    return bool(verify)
+
+
+def _parse_hash(doc: Mapping[str, Any], kind: str) -> Tuple[str, Optional[str]]:
+    """C{hash_on} and C{key}, checked as APISIX's C{check_upstream_conf} does for C{chash}."""
+    hash_on = doc.get("hash_on", "vars")
+    if hash_on not in ("vars", "header", "cookie", "consumer", "vars_combinations"):
+        raise _prop("hash_on", "matches none of the enum values")
+    key = doc.get("key")
+    if key is not None:
+        check_type("key", key, "string")
+    if kind != "chash":
+        return hash_on, key
+    if hash_on == "consumer":
+        raise _prop("hash_on", "consumer is not supported by fauth (it has no consumers)")
+    if key is None:
+        raise SchemaError("missing key")
+    pattern = {"vars": _HASH_VARS_PATTERN, "header": _HASH_NAME_PATTERN, "cookie": _HASH_NAME_PATTERN}.get(hash_on)
+    if pattern is not None and not re.fullmatch(pattern[1:-1], key):
+        raise SchemaError('invalid configuration: failed to match pattern "%s" with "%s"' % (pattern, _shown(key)))
+    return hash_on, key
+
+
 def parse_upstream(doc: object, upstream_id: Optional[str] = None) -> UpstreamConf:
     """Validate one APISIX upstream object."""
     doc = _object("upstream", doc, _UPSTREAM_KEYS)
+    for name, why in _UPSTREAM_REFUSED.items():
+        if name in doc:
+            raise _prop(name, "not supported: %s" % why)
     kind = doc.get("type", "roundrobin")
-    if kind not in ("roundrobin",):
-        raise _prop("type", "matches none of the enum values")
+    check_type("type", kind, "string")
+    if kind not in _BALANCERS:
+        raise _prop("type", "invalid balancer type: %s (fauth has roundrobin, least_conn and chash)" % _shown(kind))
     scheme = doc.get("scheme", "http")
+    if scheme in ("grpc", "grpcs", "tcp", "tls", "udp", "kafka"):
+        raise _prop("scheme", "%s is not supported by fauth (http or https)" % scheme)
     if scheme not in ("http", "https"):
         raise _prop("scheme", "matches none of the enum values")
     if "nodes" not in doc:
@@ -372,30 +530,29 @@ def parse_upstream(doc: object, upstream_id: Optional[str] = None) -> UpstreamCo
             _parse_node_address(upstream_host)
         except SchemaError:
             raise _prop("upstream_host", 'invalid host "%s"' % _shown(upstream_host))
-    timeouts = UpstreamTimeouts()
-    if "timeout" in doc:
-        t = doc["timeout"]
-        check_type("timeout", t, "object")
-        values = {}
-        for k, v in (t.items() if isinstance(t, dict) else ()):
-            if k not in ("connect", "send", "read"):
-                raise _prop("timeout", "additional properties forbidden, found %s" % k)
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                check_type("timeout", v, "number")
-            if not math.isfinite(v):
-                raise _prop("timeout", "expected %s to be a finite number" % v)
-            if v <= 0:
-                raise _prop("timeout", "expected %s to be greater than 0" % v)
-            values[k] = float(v)
-        timeouts = UpstreamTimeouts(**values)
-    pool = 320
+    timeouts = _parse_timeouts(doc["timeout"]) if "timeout" in doc else UpstreamTimeouts()
+    pool, idle, requests = 320, 60.0, 1000
     if "keepalive_pool" in doc:
         kp = doc["keepalive_pool"]
         check_type("keepalive_pool", kp, "object")
-        size = kp.get("size", 320) if isinstance(kp, dict) else 320
-        check_type("keepalive_pool", size, "integer")
-        check_integer_range("keepalive_pool", size, minimum=1)
-        pool = int(size)
+        kp = kp if isinstance(kp, dict) else {}
+        for name in kp:
+            if name not in ("size", "idle_timeout", "requests"):
+                raise _prop("keepalive_pool", "additional properties forbidden, found %s" % name)
+        pool = check_integer("keepalive_pool", kp.get("size", 320), minimum=1)
+        idle = _number("keepalive_pool", kp.get("idle_timeout", 60), 0)
+        requests = check_integer("keepalive_pool", kp.get("requests", 1000), minimum=1)
+    retries = None
+    if "retries" in doc:
+        retries = check_integer("retries", doc["retries"], minimum=0)
+    retry_timeout = _number("retry_timeout", doc["retry_timeout"], 0) if "retry_timeout" in doc else 0.0
+    hash_on, key = _parse_hash(doc, kind)
+    tls_verify = _parse_tls(doc["tls"]) if "tls" in doc else True
+    for name in ("name", "desc"):
+        if name in doc:
+            check_type(name, doc[name], "string")
+    if "labels" in doc:
+        check_type("labels", doc["labels"], "object")
     uid = doc.get("id", upstream_id)
     return UpstreamConf(
         id=None if uid is None else str(uid),
@@ -406,6 +563,13 @@ def parse_upstream(doc: object, upstream_id: Optional[str] = None) -> UpstreamCo
         upstream_host=upstream_host,
         timeout=timeouts,
         keepalive_pool=pool,
+        keepalive_idle_timeout=idle,
+        keepalive_requests=requests,
+        retries=retries,
+        retry_timeout=retry_timeout,
+        hash_on=hash_on,
+        key=key,
+        tls_verify=tls_verify,
     )
 
 

@@ -23,7 +23,7 @@ from fauth.config.errors import ConfigError
 from fauth.config.models import AdminConf, DemoConf, EtcdConf, GatewayConf, HttpLimits, TrustedProxies
 from fauth.config.schema import SchemaError
 
-__all__ = ["load_config", "parse_config", "read_document"]
+__all__ = ["load_config", "parse_config", "read_document", "standalone_id"]
 
 _TOP_LEVEL_KEYS = frozenset(
     [
@@ -36,6 +36,15 @@ _ADMIN_KEYS = frozenset(["listen", "keys", "store", "metrics_require_key"])
 _ETCD_KEYS = frozenset(["host", "prefix", "timeout", "user", "password"])
 _ETCD_HOST_RE = re.compile(r"^http://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+)(:[0-9]{1,5})?/?$")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def standalone_id(position: int) -> str:
+    """
+    The id of the C{position}th (from 1) route or upstream of a file that
+    gives it none: C{arr_<position>}, as APISIX's standalone mode names them
+    (C{apisix/core/config_yaml.lua}).
+    """
+    return "arr_%d" % position
 
 
 def parse_config(doc: object, environ: Optional[Mapping[str, str]] = None) -> GatewayConf:
@@ -65,11 +74,11 @@ def parse_config(doc: object, environ: Optional[Mapping[str, str]] = None) -> Ga
     for desc in listen_t:
         _check_endpoint("listen", desc)
 
-    upstreams = _objects(doc, "upstreams", "upstream", lambda d: parse_upstream(d))
-    plugin_configs = _objects(doc, "plugin_configs", "plugin_config", lambda d: parse_plugin_config(d))
-    services = _objects(doc, "services", "service", lambda d: parse_service(d, upstreams))
+    upstreams = _objects(doc, "upstreams", "upstream", parse_upstream)
+    plugin_configs = _objects(doc, "plugin_configs", "plugin_config", parse_plugin_config)
+    services = _objects(doc, "services", "service", lambda d, oid: parse_service(d, upstreams, oid))
     routes = list(
-        _objects(doc, "routes", "route", lambda d: parse_route(d, upstreams, None, services, plugin_configs)).values()
+        _objects(doc, "routes", "route", lambda d, oid: parse_route(d, upstreams, oid, services, plugin_configs)).values()
     )
 
     demo = None
@@ -158,10 +167,11 @@ def parse_config(doc: object, environ: Optional[Mapping[str, str]] = None) -> Ga
 _T = TypeVar("_T")
 
 
-def _objects(doc: Mapping[str, Any], kind: str, singular: str, parse: Callable[[Any], _T]) -> Dict[str, _T]:
+def _objects(doc: Mapping[str, Any], kind: str, singular: str, parse: Callable[[Any, str], _T]) -> Dict[str, _T]:
     """
-    The APISIX objects of one top-level list, by id, in order; an error
-    names the object (C{route "1": ...}, or C{route #2} without an id).
+    The APISIX objects of one top-level list, by id, in order (one without
+    an id named by L{standalone_id}); an error names the object
+    (C{route "1": ...}).
     """
     raw = doc.get(kind) or []
     if not isinstance(raw, list):
@@ -169,11 +179,11 @@ def _objects(doc: Mapping[str, Any], kind: str, singular: str, parse: Callable[[
     parsed: Dict[str, _T] = {}
     for i, item in enumerate(raw, 1):
         oid = item.get("id") if isinstance(item, dict) else None
-        label = '%s "%s"' % (singular, oid) if oid is not None else "%s #%d" % (singular, i)
         if oid is None:
-            raise ConfigError('%s: property "id" is required' % label)
+            oid = standalone_id(i)
+        label = '%s "%s"' % (singular, oid)
         try:
-            obj = parse(item)
+            obj = parse(item, str(oid))
         except SchemaError as e:
             message = str(e)
             prefix = "failed to check the configuration of plugin forward-auth err: "

@@ -11,6 +11,7 @@ from typing import Any, Mapping, Optional, Tuple, Union
 import attr
 
 from fauth.config.expr import AddressList, Expr
+from fauth.config.expr import Expr
 from fauth.config.templates import Template
 
 __all__ = [
@@ -108,6 +109,9 @@ class ForwardAuthConf:
     nodes: Optional[Tuple["Node", ...]] = None
     #: Their health checks (defaults with C{nodes}; C{None} without).
     checks: Optional[AuthChecks] = None
+    #: C{_meta.filter}: the plugin runs only for requests it accepts (a
+    #: compiled L{fauth.config.expr.Expr}), or always (C{None}).
+    filter: Optional[Expr] = attr.field(default=None, eq=False)
     warnings: Tuple[str, ...] = attr.field(default=(), eq=False)
 
 
@@ -118,6 +122,8 @@ class Node:
     host: str
     port: int
     weight: int = 1
+    #: Lower priorities are tried only once every higher one failed (APISIX's).
+    priority: int = 0
 
     @property
     def netloc(self) -> str:
@@ -136,7 +142,20 @@ class UpstreamTimeouts:
 
 @attr.frozen
 class UpstreamConf:
-    """A validated upstream: where allowed requests go."""
+    """
+    A validated upstream: where allowed requests go.
+
+    @ivar type: C{roundrobin}, C{least_conn} or C{chash}.
+    @ivar retries: further nodes tried after a connection failure; C{None}:
+        as many as there are other nodes (APISIX's default).
+    @ivar retry_timeout: seconds from the first try after which no further
+        node is tried; C{0}: no limit.
+    @ivar hash_on: what C{key} names, for C{chash}: C{vars}, C{header},
+        C{cookie} or C{vars_combinations}.
+    @ivar key: the variable, header or cookie name (or the template, for
+        C{vars_combinations}) whose value is hashed.
+    @ivar tls_verify: verify an https upstream's certificate and name.
+    """
 
     nodes: Tuple[Node, ...]
     id: Optional[str] = None
@@ -146,6 +165,20 @@ class UpstreamConf:
     upstream_host: Optional[str] = None
     timeout: UpstreamTimeouts = UpstreamTimeouts()
     keepalive_pool: int = 320
+    keepalive_idle_timeout: float = 60.0
+    keepalive_requests: int = 1000
+    retries: Optional[int] = None
+    retry_timeout: float = 0.0
+    hash_on: str = "vars"
+    key: Optional[str] = None
+    tls_verify: bool = True
+
+    @property
+    def tries(self) -> int:
+        """How many nodes one request may try, the first included."""
+        usable = sum(1 for n in self.nodes if n.weight > 0)
+        retries = usable - 1 if self.retries is None else self.retries
+        return max(1, min(retries + 1, usable))
 
 
 @attr.frozen

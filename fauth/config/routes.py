@@ -23,7 +23,7 @@ from fauth.config.apisix import (
     _object,
     _prop,
     check_string_list,
-    parse_forward_auth,
+    parse_forward_auth_plugin,
     parse_upstream,
 )
 from fauth.config.expr import parse_remote_addrs, parse_vars
@@ -82,7 +82,7 @@ def parse_plugins(doc: Mapping[str, Any]) -> PluginsConf:
         if plugin_name not in KNOWN_PLUGINS:
             raise SchemaError("unknown plugin [%s]" % plugin_name)
         try:
-            forward_auth = parse_forward_auth(plugin_conf)
+            forward_auth = parse_forward_auth_plugin(plugin_conf)
         except SchemaError as e:
             raise SchemaError("failed to check the configuration of plugin %s err: %s" % (plugin_name, e))
     return PluginsConf("forward-auth" in plugins, forward_auth)

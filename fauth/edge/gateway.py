@@ -19,6 +19,7 @@ from fauth.auth.client import AuthCallError, AuthClient, AuthTarget
 from fauth.auth.targets import AuthNodes
 from fauth.auth.variables import RequestVariables
 from fauth.config import ForwardAuthConf, GatewayConf, RouteConf, UpstreamConf
+from fauth.config.apisix import auth_disabled
 from fauth.config.expr import Lookup
 from fauth.request.clientaddr import ForwardedChain
 from fauth.request.inbound import InboundRequest
@@ -254,6 +255,11 @@ class Gateway:
                 )
                 if auth.cache is not None:
                     self._caches[key] = auth.cache
+            elif auth_disabled(route):
+                log.warn(
+                    "route {id}: forward-auth is disabled by _meta.disable: its requests pass without auth",
+                    id=route.id,
+                )
             entries.append((route, Route(route, auth, upstream)))
         return RouteTable(entries, _variables)
 

@@ -20,6 +20,7 @@ from twisted.web.resource import IResource, Resource, getChildForRequest
 
 from fauth.auth.decision import Allow, Decision, Respond
 from fauth.auth.forward import ForwardAuth
+from fauth.auth.variables import RequestVariables
 from fauth.wire.transport import is_cancellation
 from fauth.config import ForwardAuthConf, HttpLimits, RouteConf, parse_forward_auth
 from fauth.edge.drain import InFlight
@@ -285,10 +286,15 @@ class GatewayResource(Resource):
         else:
             forward = lambda: upstream.forward(request, inbound, exchange)  # noqa: E731
         # -- end of hook
-        if route.auth is None:
+        auth = route.auth
+        if auth is None or (
+            auth.conf.filter is not None
+            and not auth.conf.filter.evaluate(RequestVariables.for_request(inbound, route.conf).lookup)
+        ):
+            # No forward-auth, or its _meta.filter says it does not run for
+            # this request (APISIX's meta_filter): straight upstream.
             forward()
             return server.NOT_DONE_YET
-        auth = route.auth
 
         def check() -> None:
             guard(

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import List
 
 from fauth.config import GatewayConf, RouteConf
+from fauth.config.apisix import auth_disabled
 
 __all__ = ["describe"]
 
@@ -30,15 +31,20 @@ def _route_line(route: RouteConf) -> str:
     if not route.enabled:
         parts.append("disabled (status 0)")
     auth = route.forward_auth
-    parts.append(
-        "no forward-auth" if auth is None else "forward-auth %s %s" % (auth.request_method, auth.uri)
-    )
+    if auth is not None:
+        parts.append("forward-auth %s %s" % (auth.request_method, auth.uri))
+    else:
+        parts.append("no forward-auth (disabled by _meta.disable)" if auth_disabled(route) else "no forward-auth")
     upstream = route.upstream
     if upstream is None:
         parts.append("cannot run, answers 503: %s" % route.failure)
     else:
-        target = ", ".join("%s(%d)" % (node.netloc, node.weight) for node in upstream.nodes)
-        parts.append("upstream %s://%s" % (upstream.scheme, target))
+        target = ", ".join(
+            "%s(%d%s)" % (node.netloc, node.weight, ", priority %d" % node.priority if node.priority else "")
+            for node in upstream.nodes
+        )
+        kind = "" if upstream.type == "roundrobin" else upstream.type + " "
+        parts.append("upstream %s%s://%s" % (kind, upstream.scheme, target))
     if route.enable_websocket:
         parts.append("websocket")
     return "; ".join(parts)

@@ -21,6 +21,7 @@ from fauth.observe.accesslog import AccessLogService
 from fauth.admin.api import AdminRoot, AdminSite
 from fauth.config import ConfigError, GatewayConf
 from fauth.admin.control import Control
+from fauth.admin.expiry import StoreExpiry
 from fauth.edge.gateway import Gateway
 from fauth.observe.metrics import GatewayMetrics, MetricsResource
 from fauth.edge.resources import GatewayResource, GatewaySite
@@ -161,6 +162,8 @@ class GatewayService(MultiService):
             )
             self.admin_listener = _listener(reactor, conf.admin.listen, AdminSite(self.admin_root), "admin.listen")
             self.admin_listener.setServiceParent(self)
+            if self.control.store is not None:
+                StoreExpiry(reactor, self.control).setServiceParent(self)
         self._handle_signals = handle_signals
         self._signals = ProcessSignals(reactor, self.terminate, self._reload_on_signal)
         self._terminating = False

@@ -167,6 +167,10 @@ class WorkerSupervisor(MultiService):
             )
             self.admin_listener = _listener(reactor, conf.admin.listen, AdminSite(self.admin_root), "admin.listen")
             self.admin_listener.setServiceParent(self)
+            if control.store is not None:
+                from fauth.admin.expiry import StoreExpiry
+
+                StoreExpiry(reactor, control).setServiceParent(self)
         control.on_change(self._configuration_changed)
 
     def etcd_status(self) -> str:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import re
 from io import BytesIO
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from twisted.internet import error as net_error
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -19,15 +19,18 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
-from fauth.routing.balancer import SmoothWeightedRoundRobin
+from fauth.auth.variables import RequestVariables
 from fauth.config import Node, UpstreamConf
+from fauth.config.templates import compile_template
+from fauth.routing.balancer import Balancer
+from fauth.routing.health import connect_failed
 from fauth.wire.connection import ClientRequest, FileUpload, StreamUpload
 from fauth.wire.h1 import ResponseHead, request_head
 from fauth.wire.headers import HOP_BY_HOP, connection_listed
 from fauth.request.inbound import InboundRequest
 from fauth.request.lifecycle import when_finished
 from fauth.request.replies import send_simple
-from fauth.wire.transport import Connector, IClientReactor, describe_failure, tls_policy
+from fauth.wire.transport import Connector, IClientReactor, describe_failure, is_cancellation, tls_policy
 
 __all__ = ["UpstreamProxy"]
 
@@ -125,6 +128,10 @@ class _Relay:
         self._head_deadline = now + self._response_timeout
         self._timer = self._reactor.callLater(min(self._response_timeout, self._idle_timeout), self._check)
 
+    def again(self) -> None:
+        """A retry on another node: it has its own head deadline."""
+        self._head_deadline = self._reactor.seconds() + self._response_timeout
+
     @property
     def answered(self) -> bool:
         """The head is in: the body is (or was) on its way."""
@@ -208,6 +215,94 @@ class _Relay:
                 (abort or transport.loseConnection)()
 
 
+class _Retries:
+    """
+    Which node one request tries next after a connection failure
+    (L{connect_failed}): the balancer's next node not tried yet, while
+    C{retries} and C{retry_timeout} allow, as APISIX's balancer does; none
+    after any other failure.
+    """
+
+    def __init__(self, reactor: IReactorTime, balancer: Balancer, conf: UpstreamConf, node: Node, key: object) -> None:
+        self._reactor = reactor
+        self._balancer = balancer
+        self._key = key
+        self._tried = {node}
+        self._left = conf.tries - 1
+        self._deadline = reactor.seconds() + conf.retry_timeout if conf.retry_timeout > 0 else None
+
+    def next_node(self, failure: Failure) -> Optional[Node]:
+        """The node to try after C{failure}, or C{None}: the request failed."""
+        if self._left <= 0 or not connect_failed(failure):
+            return None
+        if self._deadline is not None and self._reactor.seconds() > self._deadline:
+            log.warn("upstream: retry_timeout passed after {count} tries", count=len(self._tried))
+            return None
+        node = self._balancer.pick(self._key, self._tried)
+        if node is not None:
+            self._left -= 1
+            self._tried.add(node)
+        return node
+
+
+class _Tries:
+    """
+    One request's tries of an upstream with more than one node, the next
+    one chosen by L{_Retries}.
+
+    @ivar result: fires with the answering try's head, or fails with the
+        last failure; cancelling it cancels the try in progress.
+    """
+
+    def __init__(self, retries: _Retries, first: "Deferred[Any]", send: Callable[[Node, str], "Deferred[Any]"]) -> None:
+        self._retries = retries
+        self._send = send
+        self._current = first
+        self.result: "Deferred[Any]" = Deferred(lambda _: self._current.cancel())
+        self._follow(first)
+
+    def _follow(self, d: "Deferred[Any]") -> None:
+        self._current = d
+        d.addCallbacks(self._answered, self._failed)
+
+    def _answered(self, head: Any) -> None:
+        if not self.result.called:
+            self.result.callback(head)
+
+    def _failed(self, failure: Failure) -> None:
+        if self.result.called:  # cancelled
+            return
+        node = self._retries.next_node(failure)
+        if node is None:
+            self.result.errback(failure)
+        else:
+            self._follow(self._send(node, describe_failure(failure)))
+
+
+def _hash_key(conf: UpstreamConf) -> Callable[[InboundRequest], str]:
+    """
+    The C{chash} key of a request, as APISIX's C{fetch_chash_hash_key}:
+    the variable, header or cookie C{key} names (or the C{vars_combinations}
+    template), and the client's address when the request has none.
+    """
+    key = conf.key or ""
+    if conf.hash_on == "vars_combinations":
+        template = compile_template(key)
+
+        def combined(inbound: InboundRequest) -> str:
+            value = template.render(RequestVariables.for_request(inbound))
+            return value or inbound.remote_addr
+
+        return combined
+    name = {"header": "http_" + key.lower().replace("-", "_"), "cookie": "cookie_" + key}.get(conf.hash_on, key)
+
+    def one(inbound: InboundRequest) -> str:
+        value = RequestVariables.for_request(inbound).lookup(name)
+        return value if isinstance(value, str) and value else inbound.remote_addr
+
+    return one
+
+
 class UpstreamProxy:
     """
     Sends allowed requests to one upstream's nodes.
@@ -221,8 +316,16 @@ class UpstreamProxy:
     ) -> None:
         self.conf = conf
         self._reactor = reactor
-        self._balancer = SmoothWeightedRoundRobin(conf.nodes)
-        self._connector = Connector(reactor, pool, tls_policy(True, trust_root), conf.timeout.connect)
+        self._balancer = Balancer(conf.type, conf.nodes)
+        self._tries = conf.tries
+        self._counted = conf.type == "least_conn"
+        # One node: no balancer, no retries, no per-request work for either
+        # (least_conn still counts, as APISIX's does for a later scale-out).
+        self._single = self._balancer.single if not self._counted else None
+        self._hash_key = _hash_key(conf) if conf.type == "chash" else None
+        self._connector = Connector(
+            reactor, pool, tls_policy(conf.tls_verify, trust_root), conf.timeout.connect
+        )
         self._scheme = conf.scheme.encode("ascii")
         self._response_timeout = conf.timeout.send + conf.timeout.read
         self._rewrite_host = (conf.upstream_host or "").encode("idna") if conf.pass_host == "rewrite" else None
@@ -230,6 +333,20 @@ class UpstreamProxy:
         self._wire: Dict[Node, Tuple[bytes, bytes]] = {
             node: (node.host.encode("idna"), node.netloc.encode("idna")) for node in conf.nodes
         }
+        limit = getattr(pool, "limit", None)  # a StrictConnectionPool's keepalive_pool
+        if limit is not None:
+            for node, (host, _) in self._wire.items():
+                limit((self._scheme, host, node.port), conf.keepalive_pool,
+                      conf.keepalive_idle_timeout, conf.keepalive_requests)
+
+    def _pick(self, request: Any, inbound: InboundRequest) -> Tuple[Node, object]:
+        """The first node for C{request}, and its hash key (C{chash})."""
+        if self._single is not None:
+            return self._single, None
+        key = self._hash_key(inbound) if self._hash_key is not None else None
+        node = self._balancer.pick(key)
+        assert node is not None  # nothing tried yet, and an upstream has a node
+        return node, key
 
     def _head(
         self, request: Any, inbound: InboundRequest, netloc: bytes, length: Optional[int], chunked: bool = False
@@ -294,13 +411,35 @@ class UpstreamProxy:
 
     # -- hook for fauth.upstream.tunnel (WebSocket) ---------------------------
 
-    def tunnel_target(self, request: Any, inbound: InboundRequest) -> Tuple[Any, bytes, str]:
+    def tunnel_target(self, request: Any, inbound: InboundRequest) -> Tuple[Any, bytes, str, Any]:
         """
         The next node for an upgrade, never through the pool: its endpoint,
         the request head (hop-by-hop fields dropped, as for any request; the
-        tunnel adds its own C{Upgrade} and C{Connection}) and its netloc.
+        tunnel adds its own C{Upgrade} and C{Connection}), its netloc, and
+        C{None} or, with more than one try, C{next_target(failure)}: the
+        same three for the next node after a connection failure (the rules
+        of L{_Retries}), or C{None}.
         """
-        node = self._balancer.pick()
+        node, key = self._pick(request, inbound)
+        current = [node]
+        if self._counted:
+            when_finished(request, lambda _: self._balancer.release(current[0]))
+        if self._tries == 1:
+            return self._tunnel_to(request, inbound, node) + (None,)
+        retries = _Retries(self._reactor, self._balancer, self.conf, node, key)
+
+        def next_target(failure: Failure) -> Optional[Tuple[Any, bytes, str]]:
+            next_node = retries.next_node(failure)
+            if next_node is None:
+                return None
+            if self._counted:
+                self._balancer.release(current[0])
+            current[0] = next_node
+            return self._tunnel_to(request, inbound, next_node)
+
+        return self._tunnel_to(request, inbound, node) + (next_target,)
+
+    def _tunnel_to(self, request: Any, inbound: InboundRequest, node: Node) -> Tuple[Any, bytes, str]:
         host, netloc = self._wire[node]
         endpoint = self._connector.endpoint(self._scheme, host, node.port)[1]
         return endpoint, self._head(request, inbound, netloc, None), node.netloc
@@ -314,16 +453,46 @@ class UpstreamProxy:
         @param exchange: a L{fauth.observe.exchange.Exchange} to time the upstream
             leg, or C{None}.
         """
-        node = self._balancer.pick()
+        single = self._single
+        if single is not None:
+            node, key = single, None
+        else:
+            node, key = self._pick(request, inbound)
         host, netloc = self._wire[node]
         body, upload = self._body(request, inbound)
         length = len(body) if body is not None else (upload.length if upload is not None else None)
+        chunked = upload is not None and length is None
         relay = _Relay(request, self._reactor, self._response_timeout, self.conf.timeout.read)
-        head = self._head(request, inbound, netloc, length, chunked=upload is not None and length is None)
+        head = self._head(request, inbound, netloc, length, chunked)
         outgoing = ClientRequest(request.method, head, relay, body, upload)
         if exchange is not None:
             exchange.upstream_started()
-        d = self._connector.request(self._scheme, host, node.port, outgoing)
+        if self._tries == 1:
+            d = self._connector.request(self._scheme, host, node.port, outgoing)
+        else:
+
+            def send(next_node: Node, last_error: str) -> "Deferred[Any]":
+                nonlocal node
+                log.warn(
+                    "upstream {node} failed: {err}; trying {next}",
+                    node=node.netloc, err=last_error, next=next_node.netloc,
+                )
+                if self._counted:
+                    self._balancer.release(node)
+                node = next_node
+                host, netloc = self._wire[node]
+                # pass_host: node names the node tried (APISIX recreates the request).
+                retry = outgoing
+                if self.conf.pass_host == "node":
+                    head = self._head(request, inbound, netloc, length, chunked)
+                    retry = ClientRequest(request.method, head, relay, body, upload)
+                relay.again()
+                return self._connector.request(self._scheme, host, node.port, retry)
+
+            first = self._connector.request(self._scheme, host, node.port, outgoing)
+            d = _Tries(_Retries(self._reactor, self._balancer, self.conf, node, key), first, send).result
+        if self._counted:
+            when_finished(request, lambda _: self._balancer.release(node))
         relay.start(d)
 
         def client_gone(reason: Optional[Failure]) -> None:

@@ -100,11 +100,12 @@ class Tunnels:
         Send the upgrade C{request} to the next node of C{proxy} (an
         L{fauth.upstream.proxy.UpstreamProxy}) and tunnel on a 101.
         """
-        endpoint, head, netloc = proxy.tunnel_target(request, inbound)
+        endpoint, head, netloc, next_target = proxy.tunnel_target(request, inbound)
         upgrade = b", ".join(request.requestHeaders.getRawHeaders(b"upgrade", []))
-        head = head[:-2] + b"Upgrade: %s\r\nConnection: Upgrade\r\n\r\n" % (upgrade,)
         timeout = proxy.conf.timeout
         tunnel = _Tunnel(self, request, exchange, netloc, timeout.send + timeout.read, timeout.read)
+        tunnel.upgrade = b"Upgrade: %s\r\nConnection: Upgrade\r\n\r\n" % (upgrade,)
+        tunnel.next_target = next_target
         tunnel.connect(endpoint, head)
 
     def close_all(self) -> None:
@@ -215,15 +216,24 @@ class _Tunnel:
 
     # -- the upgrade request -------------------------------------------------
 
+    #: The C{Upgrade} and C{Connection} fields ending every head sent.
+    upgrade = b"\r\n"
+    #: After a connection failure, the proxy's next node (see
+    #: L{fauth.upstream.proxy.UpstreamProxy.tunnel_target}), or C{None}.
+    next_target: Any = None
+
     def connect(self, endpoint: Any, head: bytes) -> None:
-        self._head = head
         if self._exchange is not None:
             self._exchange.upstream_started()
         self._deadline = self._reactor.seconds() + self._head_timeout
         self._timer = self._reactor.callLater(self._head_timeout, self._check)
+        self._dial(endpoint, head)
+        when_finished(self._request, self._request_finished)
+
+    def _dial(self, endpoint: Any, head: bytes) -> None:
+        self._head = head[:-2] + self.upgrade
         d = self._connecting = endpoint.connect(Factory.forProtocol(lambda: _UpstreamSide(self)))
         d.addErrback(self._connect_failed)
-        when_finished(self._request, self._request_finished)
 
     def _request_finished(self, reason: Optional[Failure]) -> None:
         # Before the takeover only: the client went away (or a non-101
@@ -237,6 +247,17 @@ class _Tunnel:
     def _connect_failed(self, failure: Failure) -> None:
         self._connecting = None
         if self._state == _CLOSED or self._client_gone:
+            return
+        target = self.next_target(failure) if self.next_target is not None else None
+        if target is not None:
+            endpoint, head, netloc = target
+            log.warn(
+                "upstream {node} failed: {err}; trying {next}",
+                node=self._netloc, err=describe_failure(failure), next=netloc,
+            )
+            self._netloc = netloc
+            self._deadline = self._reactor.seconds() + self._head_timeout
+            self._dial(endpoint, head)
             return
         self._fail(504 if failure.check(net_error.TimeoutError) else 502, describe_failure(failure))
 

@@ -86,6 +86,36 @@ class StrictConnectionPool(HTTPConnectionPool):
         self.cachedConnectionTimeout = cachedConnectionTimeout  # type: ignore[assignment]
         self._opened: Dict[Hashable, "weakref.WeakSet[ClientConnection]"] = {}
         self._closed = False
+        self._limits: Dict[Hashable, Tuple[int, float, int]] = {}
+        self._served: "weakref.WeakKeyDictionary[ClientConnection, int]" = weakref.WeakKeyDictionary()
+
+    def limit(self, key: Hashable, size: int, idle_timeout: float, requests: int) -> None:
+        """
+        An upstream's C{keepalive_pool} for target C{key}: at most C{size}
+        idle connections, each kept C{idle_timeout} seconds and used for at
+        most C{requests} requests (nginx's C{keepalive},
+        C{keepalive_timeout} and C{keepalive_requests}).  The last call for
+        a target wins, as the last upstream APISIX sets a pool with does.
+        """
+        self._limits[key] = (size, idle_timeout, requests)
+
+    def _putConnection(self, key: Hashable, connection: Any) -> None:
+        limits = self._limits.get(key)
+        if limits is None:
+            return super()._putConnection(key, connection)
+        size, idle_timeout, requests = limits
+        served = self._served.get(connection, 0) + 1
+        if served >= requests:
+            connection.transport.loseConnection()
+            return None
+        self._served[connection] = served
+        # Twisted's own, with this target's limits in place of the pool's.
+        default = self.maxPersistentPerHost, self.cachedConnectionTimeout
+        self.maxPersistentPerHost, self.cachedConnectionTimeout = size, idle_timeout  # type: ignore[assignment]
+        try:
+            return super()._putConnection(key, connection)
+        finally:
+            self.maxPersistentPerHost, self.cachedConnectionTimeout = default
 
     def _newConnection(self, key: Hashable, endpoint: IStreamClientEndpoint) -> Deferred:
         # Twisted's, but the quiescent callback closes what a closed pool

@@ -537,8 +537,8 @@ async def test_a_route_skipped_for_its_upstream_is_taken_when_the_upstream_is_fi
     fleet = await start_fleet(reactor, tmp_path, etcd.urls, count=1)
     try:
         await fleet.synced()
-        # An upstream fauth cannot run (APISIX's chash), and a route on it.
-        etcd_put(etcd.url, "/apisix/upstreams/u", {"id": "u", "type": "chash", "key": "remote_addr", "nodes": {upstream: 1}})
+        # An upstream fauth cannot run (APISIX's ewma), and a route on it.
+        etcd_put(etcd.url, "/apisix/upstreams/u", {"id": "u", "type": "ewma", "nodes": {upstream: 1}})
         etcd_put(etcd.url, "/apisix/routes/r", {"id": "r", "uri": "/r", "upstream_id": "u"})
         etcd_put(etcd.url, "/apisix/routes/other", route("other", "/other", upstream))
         await fleet.all_serve("/other", 200, 1.0)

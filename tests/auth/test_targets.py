@@ -293,3 +293,23 @@ async def test_with_the_decision_cache(reactor: Any, env: Env) -> None:
     assert len(a.calls) + len(b.calls) == 1
     assert len(set(users)) == 1
     assert node_metrics(gw)[("fauth_auth_node_calls_total", dead, "unreachable")] == 1
+
+
+@ensureDeferred
+async def test_backup_nodes_by_priority(reactor: Any, env: Env) -> None:
+    main, backup = await env.node("main"), await env.node("backup")
+
+    def listed(primary: str) -> List[Dict[str, Any]]:
+        host, port = primary.rsplit(":", 1)
+        spare_host, spare_port = env.addresses["backup"].rsplit(":", 1)
+        return [
+            {"host": host, "port": int(port), "weight": 1, "priority": 1},
+            {"host": spare_host, "port": int(spare_port), "weight": 100, "priority": 0},
+        ]
+
+    gw = await env.gateway(listed(env.addresses["main"]))
+    assert [(await env.ask(gw))[1]["X-User-Id"] for _ in range(3)] == ["main"] * 3
+    # The higher priority dead: the backup answers, after one refused connection.
+    gw = await env.gateway(listed("127.0.0.1:%d" % free_ports(1)[0]))
+    assert [(await env.ask(gw))[1]["X-User-Id"] for _ in range(3)] == ["backup"] * 3
+    assert len(main.calls) == 3 and len(backup.calls) == 3

@@ -256,11 +256,23 @@ def test_duplicate_route_id() -> None:
     assert message == 'route "1": duplicate id'
 
 
-def test_route_without_id_named_by_position() -> None:
+def test_routes_and_upstreams_without_id_named_by_position_as_apisix_standalone() -> None:
     route = _route()
     del route["id"]
-    message = refusal(_doc(_route(id="first"), route))
-    assert message == 'route #2: property "id" is required'
+    conf = parse_config(dict(_doc(_route(id="first"), route, dict(route, uri="/later")),
+                             upstreams=[{"nodes": {"127.0.0.1:9": 1}}]))
+    assert [r.id for r in conf.routes] == ["first", "arr_2", "arr_3"]
+    assert list(conf.upstreams) == ["arr_1"]
+    named = dict(route, upstream_id="arr_1")
+    del named["upstream"]
+    conf = parse_config(dict(_doc(named), upstreams=[{"nodes": {"127.0.0.1:9": 1}}]))
+    assert conf.routes[0].upstream.id == "arr_1"
+    conf = parse_config(dict(_doc(dict(named, service_id="arr_1")), upstreams=[{"nodes": {"127.0.0.1:9": 1}}],
+                             services=[{"plugins": {}}]))
+    assert list(conf.services) == ["arr_1"]
+    # The name is the one errors and duplicates go by.
+    assert refusal(_doc(route, _route(id="arr_1"))) == 'route "arr_1": duplicate id'
+    assert refusal(_doc(dict(route, uri="nope"))).startswith('route "arr_1": property "uri"')
 
 
 def test_invalid_yaml_reports_file_name(tmp_path: Any) -> None:

@@ -126,7 +126,6 @@ def test_status_zero_disables() -> None:
         ({"services": [{"id": "s", "upstream_id": "none"}]}, 'service "s": failed to fetch upstream info by upstream id [none]'),
         ({"services": [{"id": "s", "uri": "/x"}]}, 'service "s": additional properties forbidden, found uri'),
         ({"services": [{"id": "s", "script": "return {}"}]}, 'service "s": property "script" is not supported'),
-        ({"services": [{"plugins": {}}]}, 'service #1: property "id" is required'),
         ({"plugin_configs": [{"id": "p"}]}, 'plugin_config "p": property "plugins" is required'),
         ({"plugin_configs": [{"id": "p", "plugins": {"cors": {}}}]}, 'plugin_config "p": unknown plugin [cors]'),
         ({"plugin_configs": [{"id": "p", "plugins": {}}, {"id": "p", "plugins": {}}]}, 'plugin_config "p": duplicate id'),

@@ -485,9 +485,18 @@ UPGRADE = (
 )
 
 
-async def _raw_env(reactor: Any, tmp_path: Any, upstream: Protocol, read: float = 6) -> Tuple[Any, Any, Any]:
+async def _raw_env(
+    reactor: Any, tmp_path: Any, upstream: Protocol, read: float = 6, dead: Optional[int] = None
+) -> Tuple[Any, Any, Any]:
+    """C{dead}: a port nothing listens on, as the upstream's primary node (the live one its backup)."""
     factory = Factory.forProtocol(lambda: upstream)
     up_port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    nodes: Any = {"127.0.0.1:%d" % up_port.getHost().port: 1}
+    if dead is not None:
+        nodes = [
+            {"host": "127.0.0.1", "port": dead, "weight": 1, "priority": 1},
+            {"host": "127.0.0.1", "port": up_port.getHost().port, "weight": 1},
+        ]
     auth = StubAuthService(tokens={"Bearer good": {"X-User-ID": "alice"}})
     fa = {"uri": "http://stub-auth/auth", "request_headers": ["Authorization"], "upstream_headers": ["X-User-ID"]}
     conf = parse_config(
@@ -499,7 +508,7 @@ async def _raw_env(reactor: Any, tmp_path: Any, upstream: Protocol, read: float 
                     "enable_websocket": True,
                     "plugins": {"forward-auth": fa},
                     "upstream": {
-                        "nodes": {"127.0.0.1:%d" % up_port.getHost().port: 1},
+                        "nodes": nodes,
                         "timeout": {"connect": 2, "send": 2, "read": read},
                     },
                 }
@@ -613,6 +622,25 @@ async def test_an_unreachable_upstream_answers_502(reactor: Any, tmp_path: Any) 
         assert gateway.tunnels.count == 0
     finally:
         await port.stopListening()
+        await gateway.close()
+
+
+@ensureDeferred
+async def test_an_upgrade_goes_to_the_backup_node_when_the_primary_refuses(reactor: Any, tmp_path: Any) -> None:
+    closed = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(Protocol))
+    dead = closed.getHost().port
+    await closed.stopListening()
+    up_port, port, gateway = await _raw_env(reactor, tmp_path, _RawUpstream(), dead=dead)
+    try:
+        client = _RawClient(UPGRADE + b"ping")
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(Factory.forProtocol(lambda: client))
+        await wait_for(reactor, lambda: client.received.endswith(b"ping"))
+        assert client.received.startswith(b"HTTP/1.1 101 ")
+        client.transport.loseWriteConnection()  # type: ignore[union-attr]
+        assert (await client.done).endswith(b"pingbye")
+    finally:
+        await port.stopListening()
+        await up_port.stopListening()
         await gateway.close()
 
 
