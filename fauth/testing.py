@@ -49,6 +49,8 @@ class AuthCall:
     method: str
     fields: Tuple[Tuple[bytes, bytes], ...]
     body: Optional[bytes]
+    #: The request target built from a C{uri} with variables, else C{None}.
+    target: Optional[bytes] = None
 
     def header(self, name: bytes) -> Optional[bytes]:
         """The value of header C{name} (any case), or C{None}."""
@@ -92,9 +94,16 @@ class StubAuthService:
         identity = self._tokens.get(call.header(b"authorization") or b"")
         return (200, identity, b"") if identity is not None else self._deny
 
-    def call(self, method: str, fields: Sequence[Tuple[bytes, bytes]], body: Optional[bytes], timeout: float) -> Deferred:
+    def call(
+        self,
+        method: str,
+        fields: Sequence[Tuple[bytes, bytes]],
+        body: Optional[bytes],
+        timeout: float,
+        target: Optional[bytes] = None,
+    ) -> Deferred:
         """What L{fauth.auth.client.AuthClient.call} does, answered at once."""
-        auth_call = AuthCall(method, tuple(fields), body)
+        auth_call = AuthCall(method, tuple(fields), body, target)
         self.calls.append(auth_call)
         status, headers, reply_body = self._decide(auth_call)
         collected: Dict[bytes, List[bytes]] = {}

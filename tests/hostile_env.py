@@ -10,6 +10,8 @@ Routes (all on one gateway):
   - C{/bare}, C{/bare/*}: forward-auth (C{/auth-bare}: 200 without any
     C{X-User-ID} for C{letmein}) -> private upstream;
   - C{/public/*}: no plugin -> public upstream;
+  - C{/post-mode/*}: forward-auth in POST mode (the body goes to C{/auth}
+    too), C{max_req_body_size} 512 -> private upstream;
   - C{/get-only}: GET only, no plugin -> public upstream;
   - C{/vhost/*} on host C{secure.example}: guarded -> private upstream;
     on host C{open.example}, or any other host: unguarded -> public upstream;
@@ -151,10 +153,16 @@ def _fa(auth_url: str, path: str, **extra: Any) -> Dict[str, Any]:
     }
 
 
-async def start_env(reactor: Any, http: Optional[Dict[str, Any]] = None, degrade: bool = True) -> HostileEnv:
+async def start_env(
+    reactor: Any,
+    http: Optional[Dict[str, Any]] = None,
+    degrade: bool = True,
+    top: Optional[Dict[str, Any]] = None,
+) -> HostileEnv:
     """
     Start the auth service, both upstreams and the gateway (C{http} limits
-    optional; without C{degrade}, no C{/degrade} route).
+    optional; without C{degrade}, no C{/degrade} route; C{top}: more
+    top-level config keys, such as C{client_max_body_size}).
     """
     auth = AuthService()
     private = Upstream(b"private")
@@ -169,6 +177,12 @@ async def start_env(reactor: Any, http: Optional[Dict[str, Any]] = None, degrade
         {"id": "private", "uris": ["/private", "/private/*"], "plugins": _fa(auth_url, "/auth"), "upstream": to_private},
         {"id": "bare", "uris": ["/bare", "/bare/*"], "plugins": _fa(auth_url, "/auth-bare"), "upstream": to_private},
         {"id": "public", "uri": "/public/*", "upstream": to_public},
+        {
+            "id": "post-mode",
+            "uri": "/post-mode/*",
+            "plugins": _fa(auth_url, "/auth", request_method="POST", max_req_body_size=512),
+            "upstream": to_private,
+        },
         {"id": "get-only", "uri": "/get-only", "methods": ["GET"], "upstream": to_public},
         {
             "id": "vhost-secure",
@@ -189,7 +203,7 @@ async def start_env(reactor: Any, http: Optional[Dict[str, Any]] = None, degrade
                 "upstream": to_private,
             }
         )
-    doc: Dict[str, Any] = {"routes": routes}
+    doc: Dict[str, Any] = dict(top or {}, routes=routes)
     if http:
         doc["http"] = http
     gateway = await start_gateway(reactor, doc)

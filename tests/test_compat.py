@@ -91,6 +91,31 @@ def test_the_channel_state_the_hardened_server_reads() -> None:
     assert http.parse_qs(b"a=1&b=", 1) == {b"a": [b"1"], b"b": [b""]}
 
 
+def test_bytes_after_a_head_in_the_same_read_go_straight_to_raw_data_received() -> None:
+    # fauth.edge.server.HardenedHTTPChannel.rawDataReceived stops the body of
+    # a head refused on its own (413) there: LineReceiver hands the rest of
+    # the read to rawDataReceived after allHeadersReceived, without passing
+    # through dataReceived again.
+    from twisted.internet.testing import StringTransport
+
+    seen: List[Tuple[str, bytes]] = []
+
+    class Channel(http.HTTPChannel):
+        def dataReceived(self, data: bytes) -> None:
+            seen.append(("dataReceived", data))
+            super().dataReceived(data)
+
+        def rawDataReceived(self, data: bytes) -> None:
+            seen.append(("rawDataReceived", data))
+            super().rawDataReceived(data)
+
+    channel = Channel()
+    channel.makeConnection(StringTransport())
+    channel.dataReceived(b"PUT /x HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\n\r\nbody")
+    assert [name for name, _ in seen] == ["dataReceived", "rawDataReceived"]
+    assert seen[1][1] == b"body"
+
+
 def test_a_fired_deferred_shows_its_result() -> None:
     # fauth.wire.transport.Connector.send reads a pooled connection off the
     # already-fired Deferred of getConnection.
@@ -142,6 +167,23 @@ def test_treq_passes_a_pre_encoded_url_and_prepared_headers_through() -> None:
     assert isinstance(body, BytesBody) and body.body == b"body"
 
 
+def test_treq_sends_a_copied_url_with_its_own_target() -> None:
+    # PreEncodedURL.with_target (a forward-auth uri with variables) copies
+    # the hyperlink URL and changes only its text: treq must send that text
+    # and nothing of the parsed parts it was copied from.
+    agent = RecordingAgent()
+    jar = NoCookies()
+    http_client = HTTPClient(agent, cookiejar=jar, data_to_body_producer=BytesBody)
+    url = PreEncodedURL.encode("http://auth.test:9999/")
+    http_client.request(
+        "GET", url.with_target(b"/verify?uri=%2Fa%2520b"), headers=PreparedHeaders(()), cookies=jar,
+        allow_redirects=False, unbuffered=True, reactor=Clock(),
+    )
+    ((_, uri, _, _),) = agent.calls
+    assert uri == b"http://auth.test:9999/verify?uri=%2Fa%2520b"
+    assert url.to_text() == "http://auth.test:9999/"
+
+
 def test_treq_and_twisted_wrappers_keep_what_they_wrap_as_original() -> None:
     # fauth.wire.agent.as_sent walks .original beneath treq's response wrappers.
     from treq.response import _Response
@@ -185,3 +227,36 @@ def test_the_http2_connection_has_what_the_hardened_one_overrides() -> None:
         assert hasattr(H2Connection, name), name
     connection = H2Connection(Clock())
     assert connection.conn.decoder is not None and hasattr(connection.conn, "local_settings")
+
+
+def test_the_http2_seams_of_the_parity_with_http11() -> None:
+    # fauth.edge.h2.HardenedH2Connection: the handlers it overrides and the
+    # state it reads (per-stream queues, the stream's request, the flow
+    # control hooks), and h2's frame buffer (an incomplete header block in
+    # _headers_buffer, an incomplete frame in _data) and RequestReceived's
+    # stream_ended (END_STREAM on the HEADERS frame).
+    pytest.importorskip("h2")
+    import h2.events
+    from h2.frame_buffer import FrameBuffer
+    from twisted.web._http2 import H2Connection, H2Stream
+
+    for name in (
+        "_requestReceived", "_requestDataReceived", "_requestEnded", "_streamIsActive", "_sendPrioritisedData",
+        "openStreamWindow", "abortRequest", "_tryToWriteControlData", "writeDataToStream", "callLater",
+    ):
+        assert hasattr(H2Connection, name), name
+    for name in ("flowControlBlocked", "windowUpdated"):
+        assert hasattr(H2Stream, name), name
+    connection = H2Connection(Clock())
+    assert connection._outboundStreamQueues == {} and connection.streams == {}
+    assert isinstance(connection.conn.incoming_buffer, FrameBuffer)
+    buffer = FrameBuffer(server=True)
+    assert buffer._headers_buffer == [] and buffer._data == bytearray()
+    assert h2.events.RequestReceived(stream_id=1).stream_ended is None
+    assert "self._request = requestFactory(self, queued=False)" in _source(H2Stream.__init__)
+
+
+def _source(function: Any) -> str:
+    import inspect
+
+    return inspect.getsource(function)

@@ -31,7 +31,9 @@ from twisted.web import server
 from twisted.web.resource import IResource, Resource, getChildForRequest
 
 from fauth.config import ConfigError, HttpLimits
-from fauth.admin.control import KINDS, AdminError, Control, Entry
+from fauth.admin.control import Control
+from fauth.admin.objects import AdminError, Entry
+from fauth.admin.store import KINDS
 from fauth.edge.server import _CLOSED, HardenedHTTPChannel, HardenedSite
 
 __all__ = ["MAX_ADMIN_BODY", "AdminRoot", "AdminSite", "ApisixAdmin", "Healthz", "KeyGuard", "key_matches"]

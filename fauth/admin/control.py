@@ -1,11 +1,11 @@
 # -*- test-case-name: tests.admin.test_api,tests.admin.test_store,tests.admin.test_reload -*-
 """
 The effective configuration and every way it changes at run time: admin API
-writes, and reloads of the configuration file (SIGHUP, C{POST
-/apisix/admin/reload}).
+writes, changes from etcd, and reloads of the configuration file (SIGHUP,
+C{POST /apisix/admin/reload}).
 
-The effective configuration is the file's document with the store's routes
-and upstreams appended, validated as a whole with L{parse_config} (so a
+The effective configuration (L{fauth.admin.effective}) is the file's
+document with the store's objects appended, validated as a whole (so a
 route from one side may name an upstream from the other).  A change is
 validated completely first, its runtime built (L{Gateway.build}), then
 written to the store, and only then installed with L{Gateway.update}: a
@@ -14,9 +14,7 @@ both the store and the running table alone.
 """
 from __future__ import annotations
 
-import copy
 import os
-import re
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -25,141 +23,31 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from fauth.config import (
-    ConfigError,
-    GatewayConf,
-    RouteConf,
-    parse_config,
-    parse_plugin_config,
-    parse_route,
-    parse_service,
-    parse_upstream,
-    read_document,
+from fauth.config import ConfigError, GatewayConf, RouteConf, read_document
+from fauth.admin.effective import RESTART_ONLY, merge, parse_base
+from fauth.admin.objects import (
+    IN_USE,
+    USERS,
+    AdminError,
+    Entry,
+    check_document,
+    check_forbidden_times,
+    check_id,
+    file_ids,
+    file_items,
+    merge_patch,
+    not_found,
+    replace_at,
+    singular,
+    stamp_times,
 )
-from fauth.config.document import standalone_id
-from fauth.config.schema import SchemaError
+from fauth.admin.phases import Appliers, BuildError, one_line
 from fauth.admin.sift import sift
 from fauth.admin.store import KINDS, Store, StoreContents
 
-__all__ = ["AdminError", "Control", "Entry", "KINDS", "merge_patch"]
+__all__ = ["Control"]
 
 log = Logger()
-
-#: The admin API's resource types, as in its URLs.
-#: Sections a reload cannot change in a running process.
-RESTART_ONLY = ("listen", "admin", "demo", "http", "ssl_trusted_certificate", "workers", "etcd")
-
-# APISIX's id schema: a string of 1-64 of these, or a positive integer.
-_ID_RE = re.compile(r"[a-zA-Z0-9\-_.]{1,64}\Z")
-_LABEL_RE = re.compile(r'^(route|upstream|service|plugin_config) "([^"]*)": ')
-# Messages parse_route already words as APISIX's admin API does.
-_APISIX_WORDED = (
-    "failed to check the configuration of plugin",
-    "unknown plugin",
-    "failed to fetch upstream",
-    "failed to fetch service",
-    "failed to fetch plugin config",
-    "failed to validate the 'vars' expression",
-    "only one of remote_addr",
-)
-#: Who may name an object of each kind, and by which field: (kind, field).
-_USERS = {
-    "upstreams": (("routes", "upstream_id"), ("services", "upstream_id")),
-    "services": (("routes", "service_id"),),
-    "plugin_configs": (("routes", "plugin_config_id"),),
-}
-#: APISIX's refusal to delete an object still named (admin/services.lua ...).
-_IN_USE = {
-    "upstreams": "can not delete this upstream, %s [%s] is still using it now",
-    "services": "can not delete this service directly, %s [%s] is still using it now",
-    "plugin_configs": "can not delete this plugin config, %s [%s] is still using it now",
-}
-
-
-class _BuildError(Exception):
-    """The runtime could not be built from (or install) a valid configuration."""
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return "%s: %s" % (type(e).__name__, text) if text else type(e).__name__
-
-
-class AdminError(Exception):
-    """
-    A refused admin operation: the HTTP status and APISIX's message, sent
-    as C{{"error_msg": message}} (or, with C{field}, under that name:
-    APISIX answers a missing key with C{{"message": "Key not found"}}).
-    """
-
-    def __init__(self, status: int, message: str, field: str = "error_msg") -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.field = field
-
-
-def _not_found() -> AdminError:
-    return AdminError(404, "Key not found", field="message")
-
-
-@attr.frozen
-class Entry:
-    """One route or upstream as the admin API shows it."""
-
-    kind: str
-    id: str
-    value: Mapping[str, Any]
-    #: C{"file"} (owned by the configuration file, read-only) or C{"api"}.
-    source: str = "api"
-    #: The key prefix: C{etcd.prefix} with etcd, else APISIX's default.
-    prefix: str = "/apisix"
-    #: The revisions that created and last changed it (0 for the file's objects).
-    created_index: int = 0
-    modified_index: int = 0
-
-    @property
-    def key(self) -> str:
-        """APISIX's etcd key, e.g. C{/apisix/routes/1}."""
-        return "%s/%s/%s" % (self.prefix, self.kind, self.id)
-
-
-def merge_patch(target: object, patch: object) -> object:
-    """Apply an RFC 7396 JSON merge patch (a new value; inputs untouched)."""
-    if not isinstance(patch, dict):
-        return patch
-    result: Dict[str, Any] = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
-
-
-def _singular(kind: str) -> str:
-    return kind[:-1]
-
-
-def _file_docs(doc: Mapping[str, Any], kind: str) -> List[Any]:
-    docs = doc.get(kind) or []
-    if not isinstance(docs, list):
-        raise ConfigError('config: property "%s" validation failed: wrong type: expected array' % kind)
-    return docs
-
-
-def _file_ids(doc: Mapping[str, Any], kind: str) -> List[str]:
-    return [doc_id for doc_id, _ in _file_items(doc, kind)]
-
-
-def _file_items(doc: Mapping[str, Any], kind: str) -> List[Tuple[str, Dict[str, Any]]]:
-    """The file's objects of C{kind} with their ids (C{arr_<n>} for those without, as APISIX)."""
-    return [
-        (standalone_id(i) if d.get("id") is None else str(d["id"]), d)
-        for i, d in enumerate(_file_docs(doc, kind), 1)
-        if isinstance(d, dict)
-    ]
-
 
 def _then(outcome: Optional["Deferred[Any]"], result: Any) -> Any:
     """
@@ -171,117 +59,6 @@ def _then(outcome: Optional["Deferred[Any]"], result: Any) -> Any:
     if outcome is None:
         return make()
     return outcome.addCallback(lambda _: make())
-
-
-def _replace_at(doc: Mapping[str, Any], path: Sequence[str], value: object) -> object:
-    """
-    C{doc} with what C{path} names replaced by C{value} (missing objects on
-    the way are made), as APISIX's C{core.table.patch}.
-
-    @raise AdminError: 400 C{invalid sub-path: /a/b} when the path crosses
-        something that is not an object.
-    """
-    result: Dict[str, Any] = copy.deepcopy(dict(doc))
-    node: Any = result
-    for i, name in enumerate(path[:-1]):
-        child = node.get(name)
-        if child is None:
-            child = node[name] = {}
-        if not isinstance(child, dict):
-            raise AdminError(400, "invalid sub-path: /" + "/".join(path[: i + 1]))
-        node = child
-    node[path[-1]] = value
-    return result
-
-
-def merge(base: GatewayConf, contents: StoreContents, store_path: Optional[str] = None) -> GatewayConf:
-    """
-    The effective configuration: C{base} (its C{source} document is the
-    file's) with the store's objects (routes, upstreams, services, plugin
-    configs) appended after the file's.
-
-    @param store_path: when given, an error about a stored document is
-        prefixed with C{store <path>:} so an operator knows which file to fix.
-    @raise ConfigError: one line.
-    """
-    doc = base.source
-    docs: Dict[str, List[Any]] = {}
-    for kind in KINDS:
-        file_docs = _file_docs(doc, kind)
-        owned = set(_file_ids(doc, kind))
-        for doc_id in contents.of(kind):
-            if doc_id in owned:
-                raise ConfigError(
-                    'store %s: %s "%s" is also defined in the configuration file; remove it from one of them'
-                    % (store_path or "", _singular(kind), doc_id)
-                )
-        docs[kind] = list(file_docs) + list(contents.of(kind).values())
-    try:
-        parsed = parse_config(docs)
-    except ConfigError as e:
-        match = _LABEL_RE.match(str(e))
-        if store_path is not None and match and match.group(2) in contents.of(match.group(1) + "s"):
-            raise ConfigError("store %s: %s" % (store_path, e))
-        raise
-    return attr.evolve(
-        base,
-        routes=parsed.routes,
-        upstreams=parsed.upstreams,
-        services=parsed.services,
-        plugin_configs=parsed.plugin_configs,
-    )
-
-
-def parse_base(doc: object) -> GatewayConf:
-    """
-    Validate everything in a configuration document except its routes,
-    upstreams, services and plugin configs (validated later, together with
-    the store's).
-    """
-    if doc is None:
-        doc = {}
-    if not isinstance(doc, dict):
-        raise ConfigError("config: expected a mapping at the top level")
-    for kind in KINDS:
-        _file_docs(doc, kind)
-    base = parse_config(dict(doc, **{kind: [] for kind in KINDS}))
-    return attr.evolve(base, source=doc)
-
-
-def _check_id(kind: str, doc_id: str) -> None:
-    if not _ID_RE.match(doc_id):
-        raise AdminError(
-            400,
-            'invalid configuration: property "id" validation failed: %s id "%s" must be 1 to 64 '
-            "letters, digits, '-', '_' or '.'" % (_singular(kind), doc_id),
-        )
-
-
-def _check_forbidden_times(doc: Mapping[str, Any]) -> None:
-    """
-    APISIX's C{check_forbidden_properties} for C{PUT} and C{POST}: the
-    gateway sets C{create_time} and C{update_time} (a C{PATCH} may give them).
-    """
-    for where, inner in (("", doc), ("upstream.", doc.get("upstream")), ("plugins.", doc.get("plugins"))):
-        if isinstance(inner, dict):
-            for name in ("create_time", "update_time"):
-                if inner.get(name) is not None:
-                    raise AdminError(400, "the property is forbidden:  %s%s" % (where, name))
-
-
-def _timestamps(value: Dict[str, Any], previous: Optional[Mapping[str, Any]], now: int, patch: bool = False) -> None:
-    for name in ("create_time", "update_time"):
-        stamp = value.get(name)
-        if stamp is not None and (isinstance(stamp, bool) or not isinstance(stamp, int)):
-            raise AdminError(
-                400, 'invalid configuration: property "%s" validation failed: wrong type: expected integer' % name
-            )
-    # As APISIX: a client's own stamps are kept (restoring a backup), the
-    # creation time survives updates, the update time is now.
-    if "create_time" not in value:
-        value["create_time"] = previous.get("create_time", now) if previous else now
-    if patch or "update_time" not in value:
-        value["update_time"] = now
 
 
 class Control:
@@ -319,8 +96,7 @@ class Control:
         self.contents = contents
         self.config_path = config_path
         self._clock = clock
-        self._appliers: List[Tuple[Callable[..., None], Optional[Callable[[GatewayConf], Any]]]] = []
-        self._outcome_listeners: List[Callable[[str, str], None]] = []
+        self._phases = Appliers()
         self._last_id = 0
         self.reload_store = False
         self.etcd: Any = None
@@ -368,35 +144,12 @@ class Control:
     def on_change(
         self, apply: Callable[..., None], build: Optional[Callable[[GatewayConf], Any]] = None
     ) -> None:
-        """
-        Call C{apply(conf)} with every new effective configuration.
-
-        With C{build}, in two phases: C{build(conf)} runs before anything is
-        written or installed (whatever it raises refuses the change), then
-        C{apply(conf, built)} installs what it returned.  A bound C{update}
-        of an object with a C{build} method (L{Gateway.update}) is taken
-        that way without being told.
-        """
-        if build is None and getattr(apply, "__name__", None) == "update":
-            owner_build = getattr(getattr(apply, "__self__", None), "build", None)
-            if callable(owner_build):
-                build = owner_build
-        self._appliers.append((apply, build))
+        """L{Appliers.on_change}: C{apply} gets every new effective configuration."""
+        self._phases.on_change(apply, build)
 
     def on_outcome(self, listener: Callable[[str, str], None]) -> None:
-        """
-        Call C{listener(event, result)} after every reload (C{"reload"},
-        C{"ok"} or C{"refused"}) and every store write (C{"store_write"},
-        C{"ok"} or C{"error"}); for metrics, and to reopen the access log.
-        """
-        self._outcome_listeners.append(listener)
-
-    def _report(self, event: str, result: str) -> None:
-        for listener in self._outcome_listeners:
-            try:
-                listener(event, result)
-            except Exception:
-                log.failure("{event} listener failed", event=event)
+        """L{Appliers.on_outcome}: C{listener} hears every reload's and store write's outcome."""
+        self._phases.on_outcome(listener)
 
     # -- reads ---------------------------------------------------------------
 
@@ -408,7 +161,7 @@ class Control:
 
     def file_ids(self, kind: str) -> List[str]:
         """The ids of C{kind} the configuration file owns."""
-        return _file_ids(self.conf.source, kind)
+        return file_ids(self.conf.source, kind)
 
     def get(self, kind: str, doc_id: str) -> Entry:
         """One route or upstream, from the file or the store."""
@@ -417,7 +170,7 @@ class Control:
                 return entry
         value = self._stored(kind, doc_id)
         if value is None:
-            raise _not_found()
+            raise not_found()
         return self._entry(kind, doc_id, value)
 
     def _stored(self, kind: str, doc_id: str) -> Optional[Mapping[str, Any]]:
@@ -434,7 +187,7 @@ class Control:
     def _file_entries(self, kind: str) -> List[Entry]:
         return [
             self._entry(kind, doc_id, d if "id" in d else dict(d, id=doc_id), "file")
-            for doc_id, d in _file_items(self.conf.source, kind)
+            for doc_id, d in file_items(self.conf.source, kind)
         ]
 
     # -- writes --------------------------------------------------------------
@@ -452,19 +205,19 @@ class Control:
         @raise AdminError: refused; nothing changed.
         """
         doc = self._object(body)
-        _check_forbidden_times(doc)
+        check_forbidden_times(doc)
         if doc_id is None:
             if doc.get("id") is None:
-                raise AdminError(400, "missing %s id" % _singular(kind))
+                raise AdminError(400, "missing %s id" % singular(kind))
             doc_id = str(doc["id"])
-        _check_id(kind, doc_id)
+        check_id(kind, doc_id)
         self._check_writable(kind, doc_id)
         if "id" in doc and str(doc["id"]) != doc_id:
-            raise AdminError(400, "wrong %s id" % _singular(kind))
+            raise AdminError(400, "wrong %s id" % singular(kind))
         previous = self._stored(kind, doc_id)
         value = {"id": doc_id}
         value.update((k, v) for k, v in doc.items() if k != "id")
-        _timestamps(value, previous, int(self._clock()))
+        stamp_times(value, previous, int(self._clock()))
         return _then(
             self._commit(kind, doc_id, value, ttl), lambda: (previous is None, self._entry(kind, doc_id, value))
         )
@@ -477,12 +230,12 @@ class Control:
             raise AdminError(405, "not supported `POST` method for plugin config")
         doc = self._object(body)
         if "id" in doc:
-            raise AdminError(400, "wrong %s id, do not need it" % _singular(kind))
-        _check_forbidden_times(doc)
+            raise AdminError(400, "wrong %s id, do not need it" % singular(kind))
+        check_forbidden_times(doc)
         doc_id = self._new_id()
         value = {"id": doc_id}
         value.update(doc)
-        _timestamps(value, None, int(self._clock()))
+        stamp_times(value, None, int(self._clock()))
         return _then(self._commit(kind, doc_id, value, ttl), lambda: self._entry(kind, doc_id, value))
 
     def patch(
@@ -494,21 +247,21 @@ class Control:
         place of what that path holds, as APISIX; then full validation (with
         etcd: a Deferred, as L{put}).
         """
-        _check_id(kind, doc_id)
+        check_id(kind, doc_id)
         self._check_writable(kind, doc_id)
         previous = self._stored(kind, doc_id)
         if previous is None:
-            raise _not_found()
+            raise not_found()
         if sub_path:
-            merged = self._object(_replace_at(previous, sub_path, patch))
+            merged = self._object(replace_at(previous, sub_path, patch))
         else:
             merged = self._object(merge_patch(previous, self._object(patch)))
         if "id" in merged and str(merged["id"]) != doc_id:
-            raise AdminError(400, "wrong %s id" % _singular(kind))
+            raise AdminError(400, "wrong %s id" % singular(kind))
         value = {"id": doc_id}
         value.update((k, v) for k, v in merged.items() if k != "id")
         patched_stamp = not sub_path and isinstance(patch, dict) and "update_time" in patch
-        _timestamps(value, previous, int(self._clock()), patch=not patched_stamp)
+        stamp_times(value, previous, int(self._clock()), patch=not patched_stamp)
         return _then(self._commit(kind, doc_id, value, ttl), lambda: self._entry(kind, doc_id, value))
 
     def delete(self, kind: str, doc_id: str, force: bool = False) -> Entry:
@@ -519,18 +272,18 @@ class Control:
         C{?force=true}) skips that check in APISIX; fauth still refuses a
         change that would leave a route without what it names, and says so.
         """
-        _check_id(kind, doc_id)
+        check_id(kind, doc_id)
         self._check_writable(kind, doc_id)
         previous = self._stored(kind, doc_id)
         if previous is None:
-            raise _not_found()
-        for user_kind, field in _USERS.get(kind, ()):
+            raise not_found()
+        for user_kind, field in USERS.get(kind, ()):
             for user in self.list(user_kind):
                 if field in user.value and str(user.value[field]) == doc_id:
-                    message = _IN_USE[kind] % (_singular(user_kind), user.id)
+                    message = IN_USE[kind] % (singular(user_kind), user.id)
                     if force:
                         message += " (fauth never serves a %s without what it names: change it first)" % (
-                            _singular(user_kind)
+                            singular(user_kind)
                         )
                     raise AdminError(400, message)
         entry = self._entry(kind, doc_id, previous)
@@ -564,7 +317,7 @@ class Control:
             log.error("expired objects not removed: {error}", error=e.message)
             return
         for kind, doc_id in due:
-            log.info("admin API: {kind} {id} expired (ttl)", kind=_singular(kind), id=doc_id)
+            log.info("admin API: {kind} {id} expired (ttl)", kind=singular(kind), id=doc_id)
 
     def _check_loaded(self) -> None:
         # Validating against a table that lacks etcd's objects would refuse
@@ -581,7 +334,7 @@ class Control:
             raise AdminError(
                 409,
                 "%s %s is defined in the configuration file%s; edit the file and reload"
-                % (_singular(kind), doc_id, where),
+                % (singular(kind), doc_id, where),
             )
 
     @staticmethod
@@ -606,21 +359,7 @@ class Control:
         self, kind: str, doc_id: str, value: Dict[str, Any], ttl: Optional[float] = None
     ) -> Optional[Deferred]:
         # The document alone first: its errors get APISIX's exact wording.
-        conf = self.conf
-        try:
-            if kind == "routes":
-                parse_route(value, conf.upstreams, None, conf.services, conf.plugin_configs)
-            elif kind == "services":
-                parse_service(value, conf.upstreams)
-            elif kind == "plugin_configs":
-                parse_plugin_config(value)
-            else:
-                parse_upstream(value)
-        except SchemaError as e:
-            message = str(e)
-            if not message.startswith(_APISIX_WORDED):
-                message = "invalid configuration: " + message
-            raise AdminError(400, message)
+        check_document(kind, value, self.conf)
         expires = None if ttl is None else self._clock() + ttl
         contents = self.contents.with_doc(kind, doc_id, value, expires)
         return self._save_and_apply(self._effective(contents), contents, (kind, doc_id, value), ttl)
@@ -645,8 +384,8 @@ class Control:
         ttl: Optional[float] = None,
     ) -> Optional["Deferred[None]"]:
         try:
-            built = self._build(conf)
-        except _BuildError as e:
+            built = self._phases.build(conf)
+        except BuildError as e:
             raise AdminError(400, "invalid configuration: %s" % e)
         if self.etcd is not None:
             assert change is not None
@@ -656,14 +395,14 @@ class Control:
             self.store.save(contents)
         except OSError as e:
             log.error("admin change not saved to {path}: {error}", path=self.store.path, error=e)
-            self._report("store_write", "error")
+            self._phases.report("store_write", "error")
             raise AdminError(500, "failed to write the store %s: %s" % (self.store.path, e.strerror or e))
         self.contents = contents
-        self._report("store_write", "ok")
+        self._phases.report("store_write", "ok")
         self.last_origin = "admin"
         try:
             self._apply(conf, built)
-        except _BuildError as e:
+        except BuildError as e:
             raise AdminError(500, "saved, but not applied: %s" % e)
         return None
 
@@ -683,14 +422,14 @@ class Control:
         before = self.contents
 
         def written(_: object) -> None:
-            self._report("store_write", "ok")
+            self._phases.report("store_write", "ok")
             # With objects skipped, re-sift: the change may make them valid.
             if self.contents is before and not self.skipped:
                 self.contents = contents
                 self.last_origin = "admin"
                 try:
                     self._apply(conf, built)
-                except _BuildError as e:
+                except BuildError as e:
                     raise AdminError(500, "saved, but not applied: %s" % e)
             else:
                 # The watch changed the table meanwhile (or objects wait
@@ -698,10 +437,10 @@ class Control:
                 self.apply_remote([change], origin="admin")
 
         def failed(failure: Failure) -> None:
-            from fauth.admin.etcd import EtcdError, EtcdUnavailable
+            from fauth.admin.etcdclient import EtcdError, EtcdUnavailable
 
             failure.trap(EtcdUnavailable, EtcdError, Exception)
-            self._report("store_write", "error")
+            self._phases.report("store_write", "error")
             log.error("admin change not written to etcd: {error}", error=str(failure.value))
             if failure.check(EtcdUnavailable):
                 raise AdminError(503, "etcd is unavailable, nothing was changed: %s" % failure.value)
@@ -741,7 +480,7 @@ class Control:
                 if self.reasons.get(key) != reason:
                     log.warn(
                         "etcd: {kind} {id} {what}: {error}",
-                        kind=_singular(key[0]),
+                        kind=singular(key[0]),
                         id=key[1],
                         what="cannot run and answers 503 until a valid version arrives"
                         if key[0] == "routes" and key[1] in held
@@ -753,7 +492,7 @@ class Control:
             ]
             # Each object was parsed once by sift: its configuration is served as it is.
             conf = sifted.conf
-            built = self._build(conf)
+            built = self._phases.build(conf)
             self.placeholders = sifted.placeholders
             self.contents = sifted.contents
             self.skipped = dict(sifted.skipped)
@@ -761,7 +500,7 @@ class Control:
             self.last_origin = origin
             self._apply(conf, built)
             for kind, doc_id in recovered:
-                log.info("etcd: {kind} {id} is valid now and runs", kind=_singular(kind), id=doc_id)
+                log.info("etcd: {kind} {id} is valid now and runs", kind=singular(kind), id=doc_id)
         except Exception:
             log.failure("etcd: changes could not be applied; the running table is kept")
 
@@ -772,46 +511,11 @@ class Control:
             raw = raw.with_doc(kind, doc_id, doc)
         return raw
 
-    def _build(self, conf: GatewayConf) -> List[Any]:
-        """
-        Phase one: every two-phase applier's runtime for C{conf}, nothing
-        installed.
-
-        @raise _BuildError: one line; the traceback is logged.
-        """
-        built: List[Any] = []
-        for _, build in self._appliers:
-            if build is None:
-                built.append(None)
-                continue
-            try:
-                built.append(build(conf))
-            except Exception as e:
-                log.failure("the runtime cannot be built from the new configuration")
-                raise _BuildError("the gateway cannot run it: %s" % _one_line(e))
-        return built
-
     def _apply(self, conf: GatewayConf, built: List[Any]) -> None:
-        """
-        Phase two: install what L{_build} made, then (the new runtime
-        serving) record C{conf} and tell the one-phase appliers.
+        self._phases.install(conf, built, self._record)
 
-        @raise _BuildError: installing failed (logged); C{conf} not recorded.
-        """
-        for (apply, build), runtime in zip(self._appliers, built):
-            if build is not None:
-                try:
-                    apply(conf, runtime)
-                except Exception as e:
-                    log.failure("installing the new configuration failed")
-                    raise _BuildError("installing it failed: %s" % _one_line(e))
+    def _record(self, conf: GatewayConf) -> None:
         self.conf = conf
-        for apply, build in self._appliers:
-            if build is None:
-                try:
-                    apply(conf)
-                except Exception:
-                    log.failure("a configuration change listener failed")
 
     # -- reload --------------------------------------------------------------
 
@@ -838,20 +542,20 @@ class Control:
                 conf = self._fail_closed(merge(base, contents, self.store.path if self.store is not None else None))
                 changed = [name for name in RESTART_ONLY if getattr(conf, name) != getattr(self.conf, name)]
                 conf = attr.evolve(conf, **{name: getattr(self.conf, name) for name in RESTART_ONLY})
-                built = self._build(conf)
-            except (ConfigError, _BuildError):
+                built = self._phases.build(conf)
+            except (ConfigError, BuildError):
                 raise
             except Exception as e:
                 log.failure("reload: unexpected error")
-                raise ConfigError("config: reload failed: %s" % _one_line(e))
-        except _BuildError as e:
+                raise ConfigError("config: reload failed: %s" % one_line(e))
+        except BuildError as e:
             error = ConfigError("config: %s" % e)
             log.warn("reload refused: {error}", error=str(error))
-            self._report("reload", "refused")
+            self._phases.report("reload", "refused")
             raise error
         except ConfigError as e:
             log.warn("reload refused: {error}", error=str(e))
-            self._report("reload", "refused")
+            self._phases.report("reload", "refused")
             raise
         if changed:
             log.warn(
@@ -860,10 +564,10 @@ class Control:
         self.last_origin = "reload"
         try:
             self._apply(conf, built)
-        except _BuildError as e:
+        except BuildError as e:
             error = ConfigError("config: %s" % e)
             log.warn("reload refused: {error}", error=str(error))
-            self._report("reload", "refused")
+            self._phases.report("reload", "refused")
             raise error
         self.contents = contents
         if self.etcd is not None and self.skipped:
@@ -875,5 +579,5 @@ class Control:
             routes=len(conf.routes),
             stored=len(self.contents.routes),
         )
-        self._report("reload", "ok")
+        self._phases.report("reload", "ok")
         return conf

@@ -168,17 +168,20 @@ class AuthClient:
         fields: Sequence[Tuple[bytes, bytes]],
         body: Optional[bytes],
         timeout: float,
+        target: Optional[bytes] = None,
     ) -> "Deferred[Reply]":
         """
         One auth exchange: C{fields} (checked names and values) and
         C{body}, answered in full within C{timeout} seconds; on expiry the
         whole exchange is cancelled and fails with C{AuthCallError("timeout")}.
+        C{target} (encoded) replaces the path and query of the client's URL.
         """
-        if self._url is None:
+        url = self._url
+        if url is None:
             return fail(AuthCallError(self._bad_uri or "bad uri"))
         exchange = self._http.request(
             method,
-            self._url,
+            url if target is None else url.with_target(target),
             headers=PreparedHeaders(fields),
             data=body,
             cookies=self._jar,

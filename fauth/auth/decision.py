@@ -13,7 +13,7 @@ from twisted.web.http_headers import Headers
 
 from fauth.wire.h1 import ReplyHeaders
 
-__all__ = ["Allow", "Decision", "Degrade", "Respond"]
+__all__ = ["Allow", "Decision", "Degrade", "Preflight", "Respond"]
 
 
 @attr.frozen
@@ -67,6 +67,17 @@ class Allow:
 
 
 @attr.frozen
+class Preflight(Allow):
+    """
+    A CORS preflight let through without an auth call (C{run_on_preflight:
+    false}); like an allow whose answer had none of the identity headers,
+    it removes them all from the request.
+    """
+
+    outcome = "preflight"
+
+
+@attr.frozen
 class Degrade:
     """The auth service failed and C{allow_degradation} lets the request through untouched."""
 
@@ -87,4 +98,4 @@ class Respond:
     cache: Optional[str] = attr.field(default=None, eq=False)
 
 
-Decision = Union[Allow, Degrade, Respond]
+Decision = Union[Allow, Degrade, Respond]  # a Preflight is an Allow

@@ -19,19 +19,21 @@ from fauth.auth.cache import DecisionCache, lifetime
 from fauth.auth.client import AuthCallError, AuthClient, Reply
 from fauth.auth.coalesce import Flight, Outcome
 from fauth.auth.targets import AuthNodes
-from fauth.auth.decision import Allow, Decision, Degrade, Respond
+from fauth.auth.decision import Allow, Decision, Degrade, Preflight, Respond
 from fauth.wire.transport import describe_failure, is_cancellation
 from fauth.config import ForwardAuthConf, RouteConf
+from fauth.config.templates import UnsafeValue
 from fauth.wire.headers import CTL, HOP_BY_HOP, TOKEN, HeaderError, first_value
 from fauth.request.inbound import InboundRequest
 from fauth.auth.variables import RequestVariables
 
-__all__ = ["ForwardAuth"]
+__all__ = ["ForwardAuth", "is_preflight"]
 
 log = Logger()
 
 _USER_AGENT = ("fauth/%s" % __version__).encode("ascii")
-
+# Methods whose request has a body by definition (as the agent's).
+_BODY_METHODS = frozenset(["POST", "PUT", "PATCH"])
 
 
 class ForwardAuth:
@@ -84,23 +86,42 @@ class ForwardAuth:
         self._upstream_headers = tuple(n.encode("utf-8") for n in conf.upstream_headers)
         self._client_headers = tuple(n.encode("utf-8") for n in conf.client_headers)
         self._host_header = client.host_header
+        self._uri = conf.uri_template
+        self._needs_vars = self._extra_needs_vars or self._uri is not None
+        self._preserve = conf.preserve_request_method
+        # A preflight lets no identity through: every upstream_headers name
+        # is removed from it, as for an allow without them.
+        self._preflight = (
+            None if conf.run_on_preflight else Preflight(tuple((name, None) for name in self._upstream_headers))
+        )
+        names = [part.name for _, _, template in self._extra for part in template.parts if not isinstance(part, str)]
+        if self._uri is not None:
+            names += self._uri.names
         #: The auth request carries the body (POST), or a variable read from
         #: it ($post_arg): the body must be read before the call.
-        self.needs_body = self._post or any(
-            not isinstance(part, str) and part.name.startswith("post_arg")
-            for _, _, template in self._extra
-            for part in template.parts
-        )
+        self.needs_body = self._post or any(name.startswith("post_arg") for name in names)
+        #: C{allow_partial_message} in POST mode: a body over
+        #: C{max_req_body_size} is cut for the auth call, not refused.
+        self.takes_partial_body = self._post and conf.allow_partial_message
         for warning in conf.warnings:
             log.warn("{warning}", warning=warning)
 
-    def build_headers(self, inbound: InboundRequest, route: Optional[RouteConf] = None) -> Tuple[Tuple[bytes, bytes], ...]:
+    def build_headers(
+        self,
+        inbound: InboundRequest,
+        route: Optional[RouteConf] = None,
+        variables: Optional[RequestVariables] = None,
+        truncated: bool = False,
+    ) -> Tuple[Tuple[bytes, bytes], ...]:
         """
         The auth request's headers, in the reference's precedence: generated
         C{X-Forwarded-*}, then C{extra_headers} (overwrite), then
         C{request_headers} (fill only), then C{Host} and C{User-Agent}.
         Names compare case-insensitively.
 
+        @param variables: the request's variables, when the caller has them.
+        @param truncated: the body sent is the first C{max_req_body_size}
+            bytes of a larger one (C{allow_partial_message}).
         @raise HeaderError: a name or value that must not be sent.
         """
         table: Dict[str, Tuple[bytes, bytes]] = {
@@ -117,8 +138,13 @@ class ForwardAuth:
             encoding = first_value(inbound.headers, b"content-encoding")
             if encoding is not None:
                 table["content-encoding"] = (b"Content-Encoding", encoding)
+            if self.takes_partial_body:
+                # Always sent on such a route (as Envoy's partial-body
+                # header): a client's copy can never stand in for it.
+                table["x-forwarded-body-truncated"] = (b"X-Forwarded-Body-Truncated", b"true" if truncated else b"false")
         if self._extra:
-            variables = RequestVariables.for_request(inbound, route) if self._extra_needs_vars else None
+            if variables is None and self._extra_needs_vars:
+                variables = RequestVariables.for_request(inbound, route)
             for key, name, template in self._extra:
                 value = template.source.encode("utf-8") if variables is None else template.render_bytes(variables)
                 table[key] = (name, value)
@@ -149,24 +175,39 @@ class ForwardAuth:
         transport errors included, is a L{Decision}.  Cancelling the result
         cancels the auth call.
         """
+        preflight = self._preflight
+        if preflight is not None and is_preflight(inbound):
+            return succeed(preflight)
         body: Optional[bytes] = None
+        truncated = False
         if self._post:
             too_big = self._body_too_big(inbound)
-            if too_big is not None:
+            if too_big is None:
+                body = inbound.body()
+            elif self.takes_partial_body:
+                body = inbound.body()[: self.conf.max_req_body_size]
+                truncated = True
+            else:
                 log.warn("failed to read request body: {err}", err=too_big)
                 return succeed(Respond(413, outcome="rejected"))
-            body = inbound.body()
+        method = self.conf.request_method
+        if self._preserve:
+            method = inbound.method
+            if not body and method not in _BODY_METHODS:
+                body = None  # a GET stays a GET without a body, POST mode or not
+        variables = RequestVariables.for_request(inbound, route) if self._needs_vars else None
         try:
-            headers = self.build_headers(inbound, route)
-        except HeaderError as e:
+            headers = self.build_headers(inbound, route, variables, truncated)
+            target = None if self._uri is None or variables is None else self._uri.render(variables)
+        except (HeaderError, UnsafeValue) as e:
             # The client's own data made the auth request unsendable (CR/LF
             # through $arg_*, say).  Degradation is for an auth service that
             # fails, not a client that can choose to fail it: never degrade.
             return succeed(self._failed(str(e), degradable=False))
         if self.cache is not None:
-            return self._check_cached(self.cache, inbound, route, headers, body)
-        call = self._client.call(self.conf.request_method, headers, body, self._timeout)
-        return call.addCallbacks(self._interpret, self._transport_failure)
+            return self._check_cached(self.cache, inbound, route, _Call(method, target, headers, body))
+        d = self._client.call(method, headers, body, self._timeout, target)
+        return d.addCallbacks(self._interpret, self._transport_failure)
 
     # -- the decision cache (conf.cache) ----------------------------------
 
@@ -176,12 +217,16 @@ class ForwardAuth:
         route: Optional[RouteConf],
         fields: Tuple[Tuple[bytes, bytes], ...],
         body: Optional[bytes],
+        method: Optional[str] = None,
+        target: Optional[bytes] = None,
     ) -> bytes:
         """
         The key of a request's decision: by default a digest of everything
-        the auth request carries beyond this instance's constants (method
-        and target), so only byte-identical auth requests share; with
-        C{cache.key}, a digest of those variables' values alone.
+        the auth request carries beyond this instance's constants: the
+        fields, the body's digest, and the method (C{preserve_request_method})
+        and target (C{uri} with variables) when they are the request's own,
+        so only byte-identical auth requests share; with C{cache.key}, a
+        digest of those variables' values alone.
         """
         if self._key_templates:
             variables = RequestVariables.for_request(inbound, route)
@@ -196,6 +241,10 @@ class ForwardAuth:
             data = b"\r\n".join(map(b":".join, fields))
             if body is not None:
                 data += b"\r\n\r\n" + sha256(body).digest()
+            if method is not None or target is not None:
+                # A request line in front: method and target hold no space.
+                line = b"%s %s\r\n" % ((method or "").encode("ascii"), target or b"")
+                data = line + data
         return sha256(data).digest()
 
     def _check_cached(
@@ -203,10 +252,16 @@ class ForwardAuth:
         cache: DecisionCache,
         inbound: InboundRequest,
         route: Optional[RouteConf],
-        fields: Tuple[Tuple[bytes, bytes], ...],
-        body: Optional[bytes],
+        call: "_Call",
     ) -> "Deferred[Decision]":
-        key = self.cache_key(inbound, route, fields, body)
+        key = self.cache_key(
+            inbound,
+            route,
+            call.fields,
+            call.body,
+            call.method if self._preserve else None,
+            call.target,
+        )
         hit = cache.fresh(key, self._reactor.seconds())
         if hit is not None:
             return succeed(hit)
@@ -219,19 +274,17 @@ class ForwardAuth:
                 del cache.flights[key]
 
         def retry() -> "Deferred[Decision]":
-            return self._ask(cache, key, fields, body).addCallback(lambda outcome: outcome.first)
+            return self._ask(cache, key, call).addCallback(lambda outcome: outcome.first)
 
         flight = cache.flights[key] = Flight(retry, forget)
         seat = flight.join()
-        flight.start(self._ask(cache, key, fields, body))
+        flight.start(self._ask(cache, key, call))
         return seat
 
-    def _ask(
-        self, cache: DecisionCache, key: bytes, fields: Tuple[Tuple[bytes, bytes], ...], body: Optional[bytes]
-    ) -> "Deferred[Outcome]":
+    def _ask(self, cache: DecisionCache, key: bytes, call: "_Call") -> "Deferred[Outcome]":
         """One auth call whose answer may be stored, or replaced by a stale allow."""
-        call = self._client.call(self.conf.request_method, fields, body, self._timeout)
-        return call.addCallbacks(
+        d = self._client.call(call.method, call.fields, call.body, self._timeout, call.target)
+        return d.addCallbacks(
             self._cached_reply, self._cached_failure, callbackArgs=(cache, key), errbackArgs=(cache, key)
         )
 
@@ -320,6 +373,33 @@ class ForwardAuth:
         if self.conf.error_response is not None:
             body = self.conf.error_response.encode("utf-8")
         return Respond(self.conf.status_on_error, (), body, outcome="error")
+
+
+class _Call:
+    """What one auth call sends: method, target (C{None}: the uri's own), fields and body."""
+
+    __slots__ = ("method", "target", "fields", "body")
+
+    def __init__(
+        self, method: str, target: Optional[bytes], fields: Tuple[Tuple[bytes, bytes], ...], body: Optional[bytes]
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.fields = fields
+        self.body = body
+
+
+def is_preflight(inbound: InboundRequest) -> bool:
+    """
+    A CORS preflight (Fetch standard): an C{OPTIONS} request with C{Origin}
+    and C{Access-Control-Request-Method}.  A plain C{OPTIONS} is not one.
+    """
+    headers = inbound.headers
+    return (
+        inbound.method == "OPTIONS"
+        and headers.hasHeader(b"origin")
+        and headers.hasHeader(b"access-control-request-method")
+    )
 
 
 # Names that frame the auth request's own hop: the gateway writes them (a

@@ -102,18 +102,24 @@ class AuthNodes:
         return self._balancer.pick(None, skip)
 
     def call(
-        self, method: str, fields: Sequence[Tuple[bytes, bytes]], body: Optional[bytes], timeout: float
+        self,
+        method: str,
+        fields: Sequence[Tuple[bytes, bytes]],
+        body: Optional[bytes],
+        timeout: float,
+        target: Optional[bytes] = None,
     ) -> "Deferred[Reply]":
         """
         One auth exchange (as L{AuthClient.call}) on the next healthy
         node, then on others while the nodes cannot be connected to, all
-        within C{timeout} seconds.  Fails with L{AuthCallError} when no
-        node is left.
+        within C{timeout} seconds (C{target}: a per-request path and query,
+        as L{AuthClient.call}).  Fails with L{AuthCallError} when no node is
+        left.
         """
         node = self._pick(())
         if node is None:
             return fail(AuthCallError("no auth node available: all %d are down" % len(self._clients)))
-        return _Call(self, method, fields, body, self._reactor.seconds() + timeout, node).result
+        return _Call(self, (method, fields, body, target), self._reactor.seconds() + timeout, node).result
 
     def close(self) -> Deferred:
         """Stop the active checks; close every node's pooled connections."""
@@ -128,14 +134,12 @@ class _Call:
     def __init__(
         self,
         nodes: AuthNodes,
-        method: str,
-        fields: Sequence[Tuple[bytes, bytes]],
-        body: Optional[bytes],
+        args: Tuple[str, Sequence[Tuple[bytes, bytes]], Optional[bytes], Optional[bytes]],
         deadline: float,
         first: Node,
     ) -> None:
         self._nodes = nodes
-        self._args = (method, fields, body)
+        self._args = args
         self._deadline = deadline
         self._tried: List[Node] = []
         self._current: Optional[Deferred] = None
@@ -152,8 +156,8 @@ class _Call:
         if left <= 0:
             self.result.errback(AuthCallError("timeout"))
             return
-        method, fields, body = self._args
-        d = self._current = self._nodes._clients[node].call(method, fields, body, left)
+        method, fields, body, target = self._args
+        d = self._current = self._nodes._clients[node].call(method, fields, body, left, target)
         d.addCallbacks(self._answered, self._failed, callbackArgs=(node,), errbackArgs=(node,))
 
     def _answered(self, reply: Reply, node: Node) -> None:

@@ -362,7 +362,9 @@ class RequestVariables:
         return cls(
             method=inbound.method,
             request_uri=inbound.request_uri,
-            path=inbound.path,
+            # As every other value, the bytes the client sent (nginx's $uri
+            # holds the decoded bytes), one character per byte.
+            path=inbound.path if inbound.path.isascii() else inbound.path.encode(inbound.path_codec).decode("latin-1"),
             query=inbound.query,
             headers=inbound.headers,
             remote_addr=inbound.remote_addr,

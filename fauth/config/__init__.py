@@ -11,6 +11,7 @@ from fauth.config.errors import ConfigError
 from fauth.config.models import (
     ActiveCheck,
     AdminConf,
+    ENCODED_POLICIES,
     AuthChecks,
     CacheConf,
     DemoConf,
@@ -29,6 +30,7 @@ from fauth.config.models import (
 from fauth.config.schema import SchemaError
 
 __all__ = [
+    "ENCODED_POLICIES",
     "ActiveCheck",
     "AdminConf",
     "AuthChecks",

@@ -36,7 +36,7 @@ from fauth.config.schema import (
     security_warnings,
     type_mismatch,
 )
-from fauth.config.templates import compile_template
+from fauth.config.templates import compile_template, compile_uri
 
 __all__ = [
     "HEADER_NAME",
@@ -144,6 +144,13 @@ def parse_forward_auth(conf: object) -> ForwardAuthConf:
     if isinstance(meta, dict) and meta.get("error_response") is not None:
         er = meta["error_response"]
         error_response = er if isinstance(er, str) else json.dumps(er, separators=(",", ":"))
+    uri = _checked(checked, "uri", str)
+    try:
+        uri_template = compile_uri(uri)
+    except ValueError as e:
+        raise _prop("uri", str(e))
+    if checked.get("allow_partial_message") and checked["request_method"] != "POST":
+        warnings.append('allow_partial_message has no effect without request_method "POST"')
     cache = None
     if "cache" in checked:
         try:
@@ -177,6 +184,10 @@ def parse_forward_auth(conf: object) -> ForwardAuthConf:
         allow_degradation=_checked(checked, "allow_degradation", bool),
         status_on_error=_checked(checked, "status_on_error", int),
         error_response=error_response,
+        uri_template=uri_template,
+        preserve_request_method=checked.get("preserve_request_method", False) is True,
+        run_on_preflight=checked.get("run_on_preflight", True) is not False,
+        allow_partial_message=checked.get("allow_partial_message", False) is True,
         cache=cache,
         nodes=nodes,
         checks=checks,

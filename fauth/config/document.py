@@ -20,7 +20,7 @@ import yaml
 from fauth.config.apisix import HEADER_NAME, check_string_list, parse_upstream
 from fauth.config.routes import parse_plugin_config, parse_route, parse_service
 from fauth.config.errors import ConfigError
-from fauth.config.models import AdminConf, DemoConf, EtcdConf, GatewayConf, HttpLimits, TrustedProxies
+from fauth.config.models import ENCODED_POLICIES, AdminConf, DemoConf, EtcdConf, GatewayConf, HttpLimits, TrustedProxies
 from fauth.config.schema import SchemaError
 
 __all__ = ["load_config", "parse_config", "read_document", "standalone_id"]
@@ -105,6 +105,16 @@ def parse_config(doc: object, environ: Optional[Mapping[str, str]] = None) -> Ga
         for k, v in h.items():
             if k not in attr.fields_dict(HttpLimits) or k == "client_max_body_size":
                 raise ConfigError('config: http: unknown key "%s"' % k)
+            if k == "encoded_characters":
+                if v not in ENCODED_POLICIES:
+                    raise ConfigError('config: http: property "encoded_characters" must be "keep" or "reject"')
+                values[k] = v
+                continue
+            if k == "merge_slashes":
+                if not isinstance(v, bool):
+                    raise ConfigError('config: http: property "merge_slashes" must be a boolean')
+                values[k] = v
+                continue
             if k == "http2":
                 if not isinstance(v, bool):
                     raise ConfigError('config: http: property "http2" must be a boolean')

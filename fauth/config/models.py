@@ -11,8 +11,7 @@ from typing import Any, Mapping, Optional, Tuple, Union
 import attr
 
 from fauth.config.expr import AddressList, Expr
-from fauth.config.expr import Expr
-from fauth.config.templates import Template
+from fauth.config.templates import Template, UriTemplate
 
 __all__ = [
     "ActiveCheck",
@@ -85,7 +84,17 @@ class AuthChecks:
 
 @attr.frozen
 class ForwardAuthConf:
-    """One validated C{forward-auth} plugin instance (defaults filled in)."""
+    """
+    One validated C{forward-auth} plugin instance (defaults filled in).
+
+    @ivar uri_template: C{uri} compiled when it has variables, else C{None}.
+    @ivar preserve_request_method: (fauth's own) the auth call uses the
+        client's method; C{request_method} still says whether it has the body.
+    @ivar run_on_preflight: (fauth's own) C{False}: a CORS preflight goes
+        upstream without an auth call.
+    @ivar allow_partial_message: (fauth's own) POST mode: a larger body
+        sends its first C{max_req_body_size} bytes to auth instead of a 413.
+    """
 
     uri: str
     ssl_verify: bool = True
@@ -102,6 +111,10 @@ class ForwardAuthConf:
     allow_degradation: bool = False
     status_on_error: int = 403
     error_response: Optional[str] = None
+    uri_template: Optional[UriTemplate] = None
+    preserve_request_method: bool = False
+    run_on_preflight: bool = True
+    allow_partial_message: bool = False
     #: Off (C{None}) unless the object has a C{cache} section.
     cache: Optional[CacheConf] = None
     #: Several auth servers (fauth's own): where to connect, C{uri} saying
@@ -113,6 +126,11 @@ class ForwardAuthConf:
     #: compiled L{fauth.config.expr.Expr}), or always (C{None}).
     filter: Optional[Expr] = attr.field(default=None, eq=False)
     warnings: Tuple[str, ...] = attr.field(default=(), eq=False)
+
+    @property
+    def client_uri(self) -> str:
+        """The URL the auth client is built for: C{uri}, or with variables its origin and C{/}."""
+        return self.uri if self.uri_template is None else self.uri_template.origin + "/"
 
 
 @attr.frozen
@@ -193,6 +211,8 @@ class RouteConf:
     @ivar enable_websocket: an C{Upgrade: websocket} request is tunnelled to
         the upstream (L{fauth.upstream.tunnel}) instead of having its
         C{Upgrade} and C{Connection} headers dropped.
+    @ivar encoded_characters: C{keep} or C{reject} (see L{HttpLimits}), or
+        C{None}: the C{http} section's.
     @ivar failure: for a route that arrived at run time (etcd) but cannot
         run, why: it keeps its place in the table and answers 503 (fail
         closed) rather than let its paths fall to a broader route.
@@ -209,12 +229,17 @@ class RouteConf:
     forward_auth: Optional[ForwardAuthConf] = None
     enabled: bool = True
     enable_websocket: bool = False
+    encoded_characters: Optional[str] = None
     remote_addrs: Optional[AddressList] = None
     vars: Optional[Expr] = None
     service_id: Optional[str] = None
     plugin_config_id: Optional[str] = None
     failure: Optional[str] = None
     source: Mapping[str, Any] = attr.field(factory=dict, eq=False, repr=False)
+
+
+#: What a path holding an ambiguous encoding gets (L{HttpLimits.encoded_characters}).
+ENCODED_POLICIES = ("keep", "reject")
 
 
 @attr.frozen
@@ -273,6 +298,12 @@ class HttpLimits:
         (L{fauth.edge.h2}; needs the C{h2} package).
     @ivar max_concurrent_streams: HTTP/2 streams one connection may have
         open at once; more closes the connection.
+    @ivar encoded_characters: what a path holding C{%2F}, C{%5C}, C{%00},
+        C{%3B}, C{%25}, C{%3F} or C{%23} gets (L{fauth.request.inbound}):
+        C{reject} (400) or C{keep} (routed, authorised and proxied still
+        encoded); a route's own C{encoded_characters} wins.
+    @ivar merge_slashes: repeated slashes in a path are one, for routing,
+        the auth service and the upstream alike.
     """
 
     idle_timeout: float = 60.0
@@ -284,6 +315,8 @@ class HttpLimits:
     client_max_body_size: int = 0
     http2: bool = False
     max_concurrent_streams: int = 100
+    encoded_characters: str = "reject"
+    merge_slashes: bool = True
 
 
 @attr.frozen

@@ -28,6 +28,7 @@ from fauth.config.apisix import (
 )
 from fauth.config.expr import parse_remote_addrs, parse_vars
 from fauth.config.models import (
+    ENCODED_POLICIES,
     PluginConfigConf,
     PluginsConf,
     RouteConf,
@@ -45,7 +46,7 @@ _ROUTE_KEYS = frozenset(
     + (
         "uri", "uris", "methods", "host", "hosts", "remote_addr", "remote_addrs", "vars", "filter_func",
         "script", "script_id", "priority", "plugins", "plugin_config_id", "upstream", "upstream_id",
-        "service_id", "timeout", "status", "enable_websocket",
+        "service_id", "timeout", "status", "enable_websocket", "encoded_characters",
     )
 )
 _SERVICE_KEYS = frozenset(_METADATA + ("plugins", "upstream", "upstream_id", "script", "enable_websocket", "hosts"))
@@ -241,6 +242,12 @@ def parse_route(
     enable_websocket = doc.get("enable_websocket")
     if enable_websocket is not None:
         check_type("enable_websocket", enable_websocket, "boolean")
+    encoded_characters = doc.get("encoded_characters")
+    if encoded_characters is not None:
+        # fauth's own (Traefik's encodedCharacters, per route): APISIX has none.
+        check_type("encoded_characters", encoded_characters, "string")
+        if encoded_characters not in ENCODED_POLICIES:
+            raise _prop("encoded_characters", "matches none of the enum values")
     # Merged by plugin name, as APISIX: the first object that has the
     # plugin gives it whole (route, then plugin config, then service).
     plugins = parse_plugins(doc)
@@ -283,6 +290,7 @@ def parse_route(
         forward_auth=plugins.forward_auth,
         enabled=status == 1,
         enable_websocket=bool(enable_websocket),
+        encoded_characters=encoded_characters,
         remote_addrs=remote_addrs,
         vars=variables,
         service_id=service_id,

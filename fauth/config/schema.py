@@ -36,6 +36,7 @@ __all__ = [
     "SchemaError",
     "FORWARD_AUTH_DEFAULTS",
     "FORWARD_AUTH_PROPERTY_ORDER",
+    "FORWARD_AUTH_EXTENSIONS",
     "check_forward_auth",
     "security_warnings",
     "type_name",
@@ -317,6 +318,18 @@ FORWARD_AUTH_PROPERTY_ORDER = (
     "_meta",
 )
 
+#: fauth's own boolean attributes (extensions APISIX ignores as unknown
+#: keys) and their defaults, which keep APISIX's behaviour.  Checked after
+#: APISIX's own, in this order; never injected into the checked conf, so
+#: an APISIX route reads back as it was written.
+FORWARD_AUTH_EXTENSIONS: Mapping[str, bool] = MappingProxyType(
+    {
+        "preserve_request_method": False,
+        "run_on_preflight": True,
+        "allow_partial_message": False,
+    }
+)
+
 _REQUEST_METHODS = ("GET", "POST")
 _STRING_ARRAYS = frozenset({"request_headers", "upstream_headers", "client_headers"})
 _BOOLEANS = frozenset({"ssl_verify", "keepalive", "allow_degradation"})
@@ -382,7 +395,8 @@ def check_forward_auth(conf: object) -> Dict[str, object]:
     """Validate one forward-auth plugin conf (parsed JSON/YAML).
 
     Returns a NEW dict with defaults filled in for every attribute except
-    C{extra_headers} (left absent when not given). Unknown keys are kept
+    C{extra_headers} (left absent when not given) and fauth's
+    L{FORWARD_AUTH_EXTENSIONS} (type-checked when given). Unknown keys are kept
     as-is; the input is never mutated. Raises L{SchemaError} with the
     exact APISIX message on the first failure, checking properties in
     L{FORWARD_AUTH_PROPERTY_ORDER}.
@@ -401,6 +415,9 @@ def check_forward_auth(conf: object) -> Dict[str, object]:
             default = FORWARD_AUTH_DEFAULTS[prop]
             # Fresh list per conf so callers can't alias the shared default.
             result[prop] = list(default) if isinstance(default, list) else default
+    for prop in FORWARD_AUTH_EXTENSIONS:
+        if prop in source:
+            result[prop] = check_type(prop, source[prop], "boolean")
     return result
 
 

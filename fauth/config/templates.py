@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.auth.test_variables -*-
 """
-Compile-once templates for APISIX C{extra_headers} values.
+Compile-once templates for APISIX C{extra_headers} values, and for the
+path and query of a C{forward-auth} C{uri} (L{compile_uri}, fauth's own).
 
 A template such as C{"tenant=$post_arg.tenant_id;${http_x_user ?? anon}"}
 is parsed once (L{compile_template}) into literal text and variable
@@ -16,7 +17,8 @@ Callers encode rendered values back with latin-1.
 from __future__ import annotations
 
 import re
-from typing import Any, List, Optional, Protocol, Tuple, Union
+from typing import Any, FrozenSet, List, Optional, Protocol, Tuple, Union
+from urllib.parse import quote
 
 import attrs
 
@@ -24,9 +26,15 @@ __all__ = [
     "MISSING",
     "NULL",
     "Template",
+    "UnsafeValue",
+    "UriTemplate",
+    "VARIABLE_NAMES",
+    "VARIABLE_PREFIXES",
     "VarRef",
     "VariableSource",
     "compile_template",
+    "compile_uri",
+    "is_known_variable",
     "lua_tostring",
     "to_byte_string",
 ]
@@ -235,3 +243,136 @@ class Template:
 def compile_template(value: str) -> Template:
     """Parse I{value} once into a reusable L{Template}."""
     return Template(value)
+
+
+# --------------------------------------------------------------------------
+# Variables in the forward-auth uri
+# --------------------------------------------------------------------------
+
+#: The variable names L{fauth.auth.variables.RequestVariables} resolves,
+#: besides those of L{VARIABLE_PREFIXES}.
+VARIABLE_NAMES: FrozenSet[str] = frozenset(
+    [
+        "request_uri", "uri", "args", "query_string", "request_method", "method", "scheme", "host",
+        "remote_addr", "remote_port", "server_addr", "server_port", "route_id", "route_name",
+    ]
+)
+VARIABLE_PREFIXES = ("http_", "arg_", "cookie_", "post_arg.", "post_arg_")
+
+
+def is_known_variable(name: str) -> bool:
+    """Whether C{$name} is a request variable (else it is always missing)."""
+    return name in VARIABLE_NAMES or any(
+        name.startswith(prefix) and len(name) > len(prefix) for prefix in VARIABLE_PREFIXES
+    )
+
+
+class UnsafeValue(ValueError):
+    """A request's value cannot go into the auth request (a control character); the message is the log's C{err}."""
+
+
+# What a uri's path and query may hold literally (AuthTarget's check).
+_URI_LITERAL = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/%?]*\Z")
+# What a value keeps unencoded: in the path, path characters (RFC 3986
+# pchar and "/", so "$uri" stays a path); in the query, only what no query
+# parser reads as structure ("&", "=", "+", ";", "#", "%" are encoded), so a
+# value stays one value.
+_PATH_SAFE = "/:@!$&'()*+,;="
+_QUERY_SAFE = "/:@!$'()*,"
+_CONTROL = re.compile(b"[\x00-\x1f\x7f]")
+_AUTHORITY = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#$]*(?=[/?])")
+
+
+@attrs.frozen
+class UriTemplate:
+    """
+    A C{forward-auth} C{uri} with variables in its path or query, compiled
+    once: its static C{origin} (C{scheme://host:port}, where the auth
+    client and its pool are built for), and the request target rendered per
+    request by L{render}.  Each value is percent-encoded for where it
+    stands: in the path, everything but path characters (C{/} stays, so
+    C{$uri} stays a path); in the query, everything that could end the
+    value or start another (C{&}, C{=}, C{+}, C{#}, C{%}...).
+    """
+
+    source: str
+    origin: str = attrs.field(eq=False)
+    # (literal bytes or None, variable name, default, in the query)
+    _ops: Tuple[Tuple[Optional[bytes], str, str, bool], ...] = attrs.field(eq=False, repr=False)
+    _checks_path: bool = attrs.field(eq=False, repr=False)
+
+    @property
+    def names(self) -> Tuple[str, ...]:
+        """The variables it reads."""
+        return tuple(name for literal, name, _, _ in self._ops if literal is None)
+
+    def render(self, variables: VariableSource) -> bytes:
+        """
+        The request target (origin form) for one request.
+
+        @raise UnsafeValue: a value holds a control character (CR, LF, NUL...),
+            or makes a C{.} or C{..} path segment.
+        """
+        lookup = variables.lookup
+        out: List[bytes] = []
+        for literal, name, default, in_query in self._ops:
+            if literal is not None:
+                out.append(literal)
+                continue
+            value = lookup(name)
+            text = default if value is None else (value if value.__class__ is str else lua_tostring(value))
+            try:
+                raw = text.encode("latin-1")
+            except UnicodeEncodeError:
+                raw = text.encode("utf-8", "surrogateescape")
+            if _CONTROL.search(raw) is not None:
+                raise UnsafeValue("invalid characters found in %s" % ("query" if in_query else "path"))
+            out.append(quote(raw, safe=_QUERY_SAFE if in_query else _PATH_SAFE).encode("ascii"))
+        target = b"".join(out)
+        if self._checks_path:
+            path = target.partition(b"?")[0]
+            # A value must not climb out of the path the operator wrote
+            # ("../admin" from $arg_user), for an auth service resolving it.
+            if any(segment in (b".", b"..") for segment in path.split(b"/")):
+                raise UnsafeValue("dot segment in path")
+        return target
+
+
+def compile_uri(uri: str) -> Optional[UriTemplate]:
+    """
+    The L{UriTemplate} of C{uri}, or C{None} when it names no variable (it
+    is then used as APISIX does, as it is).
+
+    @raise ValueError: what is wrong (a variable in the scheme, host or port,
+        an unknown variable, a fragment, a character a request line cannot
+        carry), for C{property "uri" validation failed: ...}.
+    """
+    parts = _parse(uri)
+    if all(isinstance(part, str) for part in parts):
+        return None
+    first = parts[0] if isinstance(parts[0], str) else ""
+    authority = _AUTHORITY.match(first)
+    if authority is None:
+        # The literal start ends before the authority does: a variable
+        # would choose the auth target, which is built once.
+        raise ValueError("variables are allowed only in the path and query, after the host and port")
+    origin = first[: authority.end()]
+    rest: List[_Part] = [first[authority.end():]]
+    rest += parts[1:]
+    ops: List[Tuple[Optional[bytes], str, str, bool]] = []
+    in_query = checks_path = False
+    for part in rest:
+        if isinstance(part, str):
+            if "#" in part:
+                raise ValueError("a uri with variables cannot have a fragment")
+            if _URI_LITERAL.match(part) is None:
+                raise ValueError("invalid characters found in path")
+            if part:
+                ops.append((part.encode("ascii"), "", "", False))
+            in_query = in_query or "?" in part
+        else:
+            if not is_known_variable(part.name):
+                raise ValueError('unknown variable "$%s"' % part.name)
+            ops.append((None, part.name, to_byte_string(part.default or ""), in_query))
+            checks_path = checks_path or not in_query
+    return UriTemplate(uri, origin, tuple(ops), checks_path)

@@ -91,7 +91,7 @@ class AuthClients:
         C{checks}).
         """
         try:
-            target: Optional[AuthTarget] = AuthTarget.parse(conf.uri, conf.ssl_verify)
+            target: Optional[AuthTarget] = AuthTarget.parse(conf.client_uri, conf.ssl_verify)
             bad_uri = None
         except AuthCallError as e:
             target, bad_uri = None, str(e)

@@ -129,8 +129,12 @@ class HardenedRequest(server.Request):
         """
         self._sink = sink
         pending, self._pending = self._pending, []
-        for data in pending:
+        for index, data in enumerate(pending):
             sink.body_data(data)
+            if self._sink is not sink:
+                # It handed the body back (hold_back): the rest waits behind.
+                self._pending.extend(pending[index + 1 :])
+                return
         if self.body_complete:
             sink.body_end()
         elif start:
@@ -154,6 +158,17 @@ class HardenedRequest(server.Request):
             server.Request.requestReceived(self, self.method, self.uri, self.clientproto)
         else:
             self.want_body()
+
+    def hold_back(self, received: bytes) -> None:
+        """
+        Stop streaming to the sink and hold the body back again (read no
+        more of it), with C{received} (what the sink took) put in front of
+        what comes meanwhile: the next L{stream_body} sees the body from
+        its first byte.
+        """
+        self._sink = None
+        self._pending.insert(0, received)
+        self.pause_body()
 
     def take_pending(self) -> bytes:
         """The body received so far and not passed on (for a body complete before it is wanted)."""
@@ -182,19 +197,27 @@ class HardenedRequest(server.Request):
                 self._conn.release_body()
 
     def handleContentChunk(self, data: bytes) -> None:
-        if not self.dispatched:
-            if self.content is not None:
-                super().handleContentChunk(data)
-            # else: refused on its head by the channel (413), dropped
-            return
         self.body_received += len(data)
+        limits = getattr(self._conn, "_limits", None)  # a hardened channel's
+        limit = limits.client_max_body_size if limits is not None else 0
+        if not self.dispatched:
+            if self.content is None:
+                return  # refused on its head by the channel (413): dropped
+            if limit and self.body_received > limit:
+                # A chunked body beyond client_max_body_size, read as
+                # Twisted does (a resource without handles_heads, or after
+                # process_with_body): nobody has answered yet.
+                self.content = None
+                self._conn.refuse(413)
+                return
+            super().handleContentChunk(data)
+            return
         if self._dropping or self.finished:
             self._dropping = True
             self.body_dropped += len(data)
             if self.body_dropped > DISCARD_LIMIT:
                 self._conn.linger_close()
             return
-        limit = self._conn._limits.client_max_body_size
         if limit and self.body_received > limit:
             # A chunked body beyond client_max_body_size.
             self.refuse_body(413)

@@ -29,7 +29,7 @@ from fauth.edge.request import BodySink, HardenedRequest
 from fauth.edge.h2 import NegotiatingChannel, alpn_protocols
 from fauth.edge.server import HardenedSite
 from fauth.request.clientaddr import ForwardedChain
-from fauth.request.inbound import BadRequest, InboundRequest
+from fauth.request.inbound import BadRequest, InboundRequest, check_encoded
 from fauth.request.lifecycle import when_finished
 from fauth.observe.exchange import Exchange
 from fauth.observe.metrics import GatewayMetrics
@@ -181,17 +181,45 @@ def guard(
     d.addErrback(_internal_error, request)
 
 
-def parse_inbound(request: Any, proxies: Optional[ForwardedChain] = None) -> Optional[InboundRequest]:
+def parse_inbound(
+    request: Any, limits: HttpLimits, policy: Optional[str] = None, proxies: Optional[ForwardedChain] = None
+) -> Optional[InboundRequest]:
     """
-    The request as fauth sees it, or C{None} after answering 400.
+    The request as fauth sees it, its path normalised as C{limits} say, or
+    C{None} after answering 400.  With C{policy}, an ambiguous encoding in
+    the path is checked against it (else the caller does, once routed:
+    L{encoded_refused}).
 
     @param proxies: the C{trusted_proxies} (see L{InboundRequest.from_twisted}).
     """
     try:
-        return InboundRequest.from_twisted(request, proxies)
+        inbound = InboundRequest.from_twisted(request, limits.merge_slashes, proxies)
+        if policy is not None:
+            check_encoded(inbound.encoded, policy)
+        return inbound
     except BadRequest as e:
-        send_simple(request, 400, json.dumps({"error_msg": str(e)}).encode(), b"application/json")
+        _bad_request(request, e)
         return None
+
+
+def encoded_refused(request: Any, inbound: InboundRequest, policy: str) -> bool:
+    """Whether C{inbound}'s path was refused (400 answered) by the C{encoded_characters} C{policy}."""
+    try:
+        check_encoded(inbound.encoded, policy)
+    except BadRequest as e:
+        _bad_request(request, e)
+        return True
+    return False
+
+
+def _bad_request(request: Any, error: BadRequest) -> None:
+    send_simple(request, 400, json.dumps({"error_msg": str(error)}).encode(), b"application/json")
+
+
+def _site_limits(request: Any) -> HttpLimits:
+    """The limits of the (hardened) site serving C{request}; the defaults on any other site."""
+    limits = getattr(getattr(request, "site", None), "limits", None)
+    return limits if isinstance(limits, HttpLimits) else HttpLimits()
 
 
 class _BodyBuffer(BodySink):
@@ -202,14 +230,23 @@ class _BodyBuffer(BodySink):
     up to C{limit} bytes: then C{done} is called, with the body in
     C{request.content} and C{inbound.content}, the whole body or just more
     than C{limit} of it (the auth check answers 413 then).
+
+    With C{partial} (C{allow_partial_message}), a body passing C{limit} is
+    held instead: what was read (C{limit} and at most one read more) is in
+    C{inbound.content} only, for the auth check to cut, and goes back to
+    the request (L{HardenedRequest.hold_back}), which reads no more until
+    the upstream leg streams the whole body, from its first byte.
     """
 
-    def __init__(self, request: Any, inbound: InboundRequest, limit: int, done: Callable[[], None]) -> None:
+    def __init__(
+        self, request: Any, inbound: InboundRequest, limit: int, done: Callable[[], None], partial: bool = False
+    ) -> None:
         length = request.body_length
         self._file: Any = BytesIO() if length is not None and length < 100000 else tempfile.TemporaryFile()
         self._request = request
         self._inbound = inbound
         self._limit = limit
+        self._partial = partial
         self._size = 0
         self._done: Optional[Callable[[], None]] = done
 
@@ -219,7 +256,20 @@ class _BodyBuffer(BodySink):
         self._size += len(data)
         self._file.write(data)
         if self._size > self._limit:
-            self._finish()
+            if self._partial:
+                self._hold()
+            else:
+                self._finish()
+
+    def _hold(self) -> None:
+        done, self._done = self._done, None
+        assert done is not None
+        self._file.seek(0)
+        received = self._file.read()
+        self._file.close()
+        self._inbound.content = BytesIO(received)
+        self._request.hold_back(received)
+        done()
 
     def body_end(self) -> None:
         self._finish()
@@ -263,7 +313,8 @@ class GatewayResource(Resource):
     def render(self, request: Any) -> Any:
         self.in_flight.track(request)
         exchange = None if self._metrics is None else Exchange(self._metrics, request)
-        inbound = parse_inbound(request, self._gateway.forwarded_chain)
+        http = self._gateway.conf.http
+        inbound = parse_inbound(request, http, proxies=self._gateway.forwarded_chain)
         if inbound is None:
             return server.NOT_DONE_YET
         if exchange is not None and inbound.proxied is not None:
@@ -271,6 +322,10 @@ class GatewayResource(Resource):
         route = self._gateway.table.match(inbound.method, inbound.host, inbound.path, inbound)
         if route is None:
             send_simple(request, 404, _NOT_FOUND, b"application/json")
+            return server.NOT_DONE_YET
+        if inbound.encoded and encoded_refused(
+            request, inbound, route.conf.encoded_characters or http.encoded_characters
+        ):
             return server.NOT_DONE_YET
         if exchange is not None:
             exchange.routed(route.conf.id)
@@ -312,10 +367,10 @@ class GatewayResource(Resource):
             # 413 by the check at once, before any of it is read).
             limit = auth.conf.max_req_body_size
             declared = request.body_length
-            if declared is not None and declared > limit:
+            if declared is not None and declared > limit and not auth.takes_partial_body:
                 check()
             else:
-                request.stream_body(_BodyBuffer(request, inbound, limit, check))
+                request.stream_body(_BodyBuffer(request, inbound, limit, check, auth.takes_partial_body))
             return server.NOT_DONE_YET
         check()
         return server.NOT_DONE_YET
@@ -368,7 +423,8 @@ class ForwardAuthResource(Resource):
         if getattr(request, "fauth_allowed", None) is self:
             # Allowed on its head; the body is in now (HardenedRequest.process_with_body).
             return self._render_wrapped(request)
-        inbound = parse_inbound(request)
+        limits = _site_limits(request)
+        inbound = parse_inbound(request, limits, limits.encoded_characters)
         if inbound is None:
             return server.NOT_DONE_YET
         if getattr(request, "dispatched", False) and request.content is None:
@@ -377,7 +433,11 @@ class ForwardAuthResource(Resource):
             # then the guarded tree rendered.
             if self._auth.needs_body:
                 declared = request.body_length
-                if declared is not None and declared > self._auth.conf.max_req_body_size:
+                if (
+                    declared is not None
+                    and declared > self._auth.conf.max_req_body_size
+                    and not self._auth.takes_partial_body
+                ):
                     guard(self._auth, request, inbound, lambda: None)  # 413 before the body
                 else:
                     request.process_with_body()

@@ -329,12 +329,8 @@ class HardenedHTTPChannel(http.HTTPChannel):
             if self._unreclaimed > RECLAIM_EVERY:
                 self._unreclaimed = 0
                 _collect_step()
-        if self._lingering:
-            self._linger_bytes += len(data)
-            if self._linger_bytes > LINGER_LIMIT and self.transport is not None:
-                cast(Any, self.transport).abortConnection()
-            return
-        if self._phase == _CLOSED:
+        if self._phase == _CLOSED or self._lingering:
+            self._discard(data)
             return
         if data:
             if self._phase == _IDLE:
@@ -348,6 +344,23 @@ class HardenedHTTPChannel(http.HTTPChannel):
             # Lines end in CRLF, so an LF left over is a bare one: a head
             # ending in it would otherwise wait for the header timeout.
             self._refuse(400)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        # LineReceiver hands the bytes that followed a head in the same read
+        # straight to rawDataReceived, not through dataReceived: a head
+        # refused on its own (413 on its Content-Length) must stop them here,
+        # or its body would be parsed, and finish a request that has none.
+        if self._phase == _CLOSED or self._lingering:
+            self._discard(data)
+            return
+        super().rawDataReceived(data)
+
+    def _discard(self, data: bytes) -> None:
+        """Bytes after a refusal or a close: dropped, a lingering close bounded by L{LINGER_LIMIT}."""
+        if self._lingering:
+            self._linger_bytes += len(data)
+            if self._linger_bytes > LINGER_LIMIT and self.transport is not None:
+                cast(Any, self.transport).abortConnection()
 
     def _check_fields(self, data: bytes) -> bool:
         """
@@ -402,6 +415,10 @@ class HardenedHTTPChannel(http.HTTPChannel):
             self.linger_close()
         else:
             self._close()
+
+    def refuse(self, status: int) -> None:
+        """Answer C{status} to a request whose body is still arriving, then close (lingering)."""
+        self._refuse(status, linger=True)
 
     def linger_close(self) -> None:
         """
@@ -606,6 +623,10 @@ class HardenedHTTPChannel(http.HTTPChannel):
             request.head_received(self._command, self._path, self._version)
 
     def allContentReceived(self) -> None:
+        if self._phase == _CLOSED:
+            # The end of a body refused while it arrived, in the same read
+            # (413 on a chunked body read as Twisted does): nothing to process.
+            return
         self._cancel_timer()
         self._phase = _BUSY
         self._expect_request_line = True

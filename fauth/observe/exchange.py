@@ -39,7 +39,11 @@ DURATION_BUCKETS: Tuple[float, ...] = (
 _BUCKET_LABELS = tuple(floatToGoString(b) for b in DURATION_BUCKETS) + ("+Inf",)
 
 #: Values of the C{outcome} label of C{fauth_auth_decisions_total}.
-OUTCOMES = ("allow", "deny", "error", "degraded", "rejected")
+OUTCOMES = ("allow", "deny", "error", "degraded", "rejected", "preflight")
+
+# Outcomes decided without asking the auth service (413, a CORS preflight
+# let through): no auth duration.
+_NOT_ASKED = frozenset(["rejected", "preflight"])
 
 #: Values of the C{result} label of C{fauth_auth_cache_total}, and of a
 #: decision's C{cache}: C{hit} (a stored decision), C{miss} (the auth
@@ -175,7 +179,7 @@ class Exchange:
         cached = decision.cache
         if cached is not None:
             route.cache[cached] += 1
-        if outcome != "rejected":  # 413: the auth service was not asked
+        if outcome not in _NOT_ASKED:
             self.auth_s = seconds = self._clock() - self._auth_start
             route.auth.observe(seconds)
 

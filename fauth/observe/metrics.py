@@ -160,12 +160,13 @@ class GatewayCollector:
             "fauth_auth_decisions",
             "Forward-auth decisions by route: allow (2xx), deny (the auth service's other answers), "
             "error (transport failure or unbuildable auth request, answered with status_on_error), "
-            "degraded (the same failure let through by allow_degradation), rejected (413 before any auth call).",
+            "degraded (the same failure let through by allow_degradation), rejected (413 before any auth call), "
+            "preflight (a CORS preflight let through without an auth call: run_on_preflight false).",
             labels=["route", "outcome"],
         )
         auth = HistogramMetricFamily(
             "fauth_auth_duration_seconds",
-            "Time from the start of the auth check to its decision (every outcome but rejected).",
+            "Time from the start of the auth check to its decision (every outcome but rejected and preflight).",
             labels=["route"],
         )
         upstream = HistogramMetricFamily(

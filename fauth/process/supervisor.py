@@ -47,7 +47,8 @@ from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
 from fauth.config import ConfigError
-from fauth.admin.control import RESTART_ONLY, Control
+from fauth.admin.control import Control
+from fauth.admin.effective import RESTART_ONLY
 from fauth.process.sockets import SYSTEMD_VARIABLES, SharedSocket, SocketSpec, bind_shared, check_shareable, family_name
 from fauth.process.worker import ETCD_STATE_KEY, EVENTS_FD, FIRST_SOCKET_FD, METRICS_KEY, METRICS_TEXT_KEY, READY_KEY
 from fauth.process.children import (

@@ -6,15 +6,23 @@ target, the normalised path routes match on, the host, the peer.
 from __future__ import annotations
 
 import re
-from typing import Any, List, Optional, Tuple
-from urllib.parse import quote, unquote_to_bytes
+from typing import Any, List, NamedTuple, Optional, Tuple
+from urllib.parse import unquote_to_bytes
 
 import attr
 from twisted.web.http_headers import Headers
 
 from fauth.request.clientaddr import ClientAddress, ForwardedChain
 
-__all__ = ["BadRequest", "InboundRequest", "normalise_path"]
+__all__ = [
+    "AMBIGUOUS",
+    "BadRequest",
+    "InboundRequest",
+    "NormalPath",
+    "check_encoded",
+    "normalise",
+    "normalise_path",
+]
 
 
 class BadRequest(ValueError):
@@ -28,71 +36,161 @@ _OVERLONG = re.compile(rb"[\xc0\xc1]|\xe0[\x80-\x9f]|\xf0[\x80-\x8f]")
 # pct-encoding, which no client uses and an upstream could decode) or an IP
 # literal, then an optional port.
 _HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=]*)(:[0-9]*)?\Z")
+# A path is visible ASCII (RFC 9112 3.2; an HTTP/2 :path is checked here too).
+_VISIBLE = re.compile(rb"/[\x21-\x7e]*\Z")
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+# RFC 3986 2.3: their encodings are the characters themselves.
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+#: Encodings that are not the character (RFC 3986 2.2) and that some server
+#: behind the gateway would read as a separator, a terminator or an escape:
+#: C{/}, C{\\}, NUL, C{;}, C{%}, C{?}, C{#} (Traefik's C{encodedCharacters}
+#: list).  Never decoded: kept as they are, or the request refused, as
+#: C{encoded_characters} says (L{fauth.config.HttpLimits}).
+AMBIGUOUS = frozenset(b"/\\\x00;%?#")
+# Split a decoded segment where some reader could split it, and look for a
+# dot segment among the pieces: "..%2F" is refused whatever the policy.
+_DECODED_SEPARATORS = re.compile(rb"[/\\;\x00?#]")
 
 
-def normalise_path(raw: bytes) -> str:
+class NormalPath(NamedTuple):
     """
-    Percent-decode the path and resolve C{.} and C{..} segments and repeated
-    slashes, as nginx's C{$uri} does, so that C{/public/%2e%2e/private}
-    matches the route of C{/private}, never the one of C{/public/*}.
+    A request path normalised as RFC 3986 6.2.2 allows (L{normalise}).
 
-    @raise BadRequest: for NUL bytes, backslashes (raw or encoded: some
-        upstreams read them as C{/}), overlong UTF-8, a C{;} (path
-        parameters: Java servers read C{/private;x/secret} as
-        C{/private/secret}, nginx and APISIX as a segment C{private;x}, so
-        no one route can stand for both readings), or a path that climbs
-        above the root.  An encoded C{%3B} is an ordinary character of its
-        segment, and goes on encoded.
+    @ivar route: what routes match: every encoding decoded but the
+        L{AMBIGUOUS} ones, which stay C{%XX} (upper case), so a literal
+        C{%} in it always starts a kept encoding.
+    @ivar target: the path sent to the auth service and the upstream:
+        unreserved characters decoded, other encodings upper-cased, dot
+        segments removed (and repeated slashes merged, if asked).
+    @ivar encoded: it holds an L{AMBIGUOUS} encoding.
     """
-    return _normalise(raw)[0]
+
+    route: str
+    target: bytes
+    encoded: bool
 
 
-def _normalise(raw: bytes) -> Tuple[str, str]:
+def normalise(raw: bytes, merge_slashes: bool = True) -> NormalPath:
     """
-    L{normalise_path}, and the codec the decoded bytes were read with:
-    C{"utf-8"}, or C{"latin-1"} when they were not UTF-8 (so that the path
-    can be turned back into the very same bytes).
+    Normalise the path C{raw} (the request target before C{?}) as far as
+    RFC 3986 says the result is equivalent: percent-encoded unreserved
+    characters decoded, hex digits upper-cased, C{.} and C{..} segments
+    removed (their encoded forms too); with C{merge_slashes}, empty
+    segments dropped (C{//} read as C{/}, as nginx and Traefik do).
+    Encodings of reserved characters are not decoded (C{%2F} is not C{/}).
+
+    @raise BadRequest: bytes outside visible ASCII; a malformed C{%};
+        NUL (raw), a backslash (raw), a raw C{;} (path parameters: Java
+        servers read C{/private;x/secret} as C{/private/secret}, nginx and
+        APISIX as a segment C{private;x}) or C{#}; overlong UTF-8; a path
+        that climbs above the root; a dot segment hidden behind an
+        ambiguous encoding (C{..%2F}, C{..%3B}, C{.%00}), whatever the
+        policy: decoded by a lax reader it climbs.
     """
+    if _VISIBLE.match(raw) is None:
+        raise BadRequest("request target must start with / and be visible ASCII")
     if b";" in raw:
         raise BadRequest("path parameters (;) in path")
-    if b"%" not in raw and b"/." not in raw and b"//" not in raw and b"\\" not in raw:
-        if not raw.startswith(b"/"):
-            raise BadRequest("request target must start with /")
-        try:
-            return raw.decode("utf-8"), "utf-8"
-        except UnicodeDecodeError:
-            if _OVERLONG.search(raw):
-                raise BadRequest("overlong UTF-8 in path")
-            return raw.decode("latin-1"), "latin-1"
-    decoded = unquote_to_bytes(raw)
-    if b"\x00" in decoded:
-        raise BadRequest("NUL byte in path")
-    if b"\\" in decoded:
+    if b"\\" in raw:
         raise BadRequest("backslash in path")
-    if not decoded.startswith(b"/"):
-        raise BadRequest("request target must start with /")
-    codec = "utf-8"
+    if b"#" in raw:
+        raise BadRequest("fragment (#) in request target")
+    if b"%" not in raw and b"/." not in raw and b"//" not in raw:
+        return NormalPath(raw.decode("ascii"), raw, False)
+    parts = raw.split(b"/")[1:]
+    last = len(parts) - 1
+    routes: List[bytes] = []
+    targets: List[bytes] = []
+    encoded = False
+    for i, part in enumerate(parts):
+        route, target, ambiguous = _segment(part) if b"%" in part else (part, part, False)
+        if target in (b".", b".."):
+            if target == b"..":
+                if not targets:
+                    raise BadRequest("path climbs above the root")
+                routes.pop()
+                targets.pop()
+            if i == last:
+                routes.append(b"")
+                targets.append(b"")
+            continue
+        if not target and merge_slashes and i != last:
+            continue
+        if ambiguous:
+            encoded = True
+            _refuse_hidden_dots(target)
+        routes.append(route)
+        targets.append(target)
+    route_path = b"/" + b"/".join(routes)
     try:
-        text = decoded.decode(codec)
+        text = route_path.decode("utf-8")
     except UnicodeDecodeError:
-        if _OVERLONG.search(decoded):
+        if _OVERLONG.search(route_path):
             raise BadRequest("overlong UTF-8 in path")
-        codec = "latin-1"
-        text = decoded.decode(codec)
-    segments: List[str] = []
-    for segment in text.split("/")[1:]:
-        if ";" in segment and segment.partition(";")[0] in (".", ".."):
-            # From %3B: an upstream that decodes before it strips
-            # parameters would read "..%3b" as "..".
-            raise BadRequest("dot segment with parameters in path")
-        if segment == "..":
-            if not segments:
-                raise BadRequest("path climbs above the root")
-            segments.pop()
-        elif segment not in (".", ""):
-            segments.append(segment)
-    trailing = text.endswith(("/", "/.", "/..")) and bool(segments)
-    return "/" + "/".join(segments) + ("/" if trailing else ""), codec
+        # Not UTF-8: read byte for byte, so that it cannot match a UTF-8 route.
+        text = route_path.decode("latin-1")
+    return NormalPath(text, b"/" + b"/".join(targets), encoded)
+
+
+def _segment(part: bytes) -> Tuple[bytes, bytes, bool]:
+    """One segment with encodings: (route form, target form, holds an ambiguous encoding)."""
+    pieces = part.split(b"%")
+    route = [pieces[0]]
+    target = [pieces[0]]
+    ambiguous = False
+    for piece in pieces[1:]:
+        if len(piece) < 2 or piece[0] not in _HEX or piece[1] not in _HEX:
+            raise BadRequest("malformed percent-encoding in path")
+        byte = int(piece[:2], 16)
+        rest = piece[2:]
+        if byte in _UNRESERVED:
+            char = bytes((byte,))
+            route.append(char + rest)
+            target.append(char + rest)
+            continue
+        escape = b"%%%02X" % byte
+        target.append(escape + rest)
+        if byte in AMBIGUOUS:
+            ambiguous = True
+            route.append(escape + rest)
+        else:
+            route.append(bytes((byte,)) + rest)
+    return b"".join(route), b"".join(target), ambiguous
+
+
+def _refuse_hidden_dots(target: bytes) -> None:
+    """A segment that a reader decoding it (once, or again for C{%25}) would split into a dot segment: 400."""
+    decoded = target
+    for _ in range(3):
+        decoded = unquote_to_bytes(decoded)
+        if any(piece in (b".", b"..") for piece in _DECODED_SEPARATORS.split(decoded)):
+            raise BadRequest("dot segment behind an encoded separator in path")
+        if b"%" not in decoded:
+            return
+
+
+def normalise_path(raw: bytes, merge_slashes: bool = True, encoded_characters: str = "reject") -> str:
+    """
+    The path routes match for C{raw} (L{normalise}), with the
+    C{encoded_characters} policy applied: C{reject} refuses any
+    L{AMBIGUOUS} encoding, C{keep} leaves it encoded.
+
+    @raise BadRequest: as L{normalise}, and for a rejected encoding.
+    """
+    path = normalise(raw, merge_slashes)
+    check_encoded(path.encoded, encoded_characters)
+    return path.route
+
+
+def check_encoded(encoded: bool, policy: str) -> None:
+    """
+    @param encoded: the path holds an L{AMBIGUOUS} encoding
+        (L{NormalPath.encoded}, L{InboundRequest.encoded}).
+    @raise BadRequest: it does, and C{policy} is C{reject}.
+    """
+    if encoded and policy == "reject":
+        raise BadRequest("encoded %2F, %5C, %00, %3B, %25, %3F or %23 in path")
 
 
 def _split_host(value: str) -> str:
@@ -119,7 +217,7 @@ class InboundRequest:
     One client request as fauth sees it.
 
     @ivar request_uri: the target exactly as the client sent it.
-    @ivar path: decoded, normalised; what routes match.
+    @ivar path: normalised (L{NormalPath.route}); what routes match.
     @ivar query: the raw query string, without C{?}.
     @ivar host: C{$host}: lower-cased, no port.
     @ivar remote_addr: the client's address: the peer's, or, behind
@@ -142,15 +240,18 @@ class InboundRequest:
     content: Any = None
     _body: Optional[bytes] = None
     _target: Optional[bytes] = None
-    #: The codec L{path} was decoded with (L{_normalise}); encoding it back
-    #: with the same one gives the bytes that were authorised.
-    path_codec: str = "utf-8"
+    #: The path holds an L{AMBIGUOUS} encoding, kept (L{check_encoded}).
+    encoded: bool = False
     proxied: Optional[ClientAddress] = None
 
     @classmethod
-    def from_twisted(cls, request: Any, proxies: Optional[ForwardedChain] = None) -> "InboundRequest":
+    def from_twisted(
+        cls, request: Any, merge_slashes: bool = True, proxies: Optional[ForwardedChain] = None
+    ) -> "InboundRequest":
         """
-        Build from a L{twisted.web.server.Request}.
+        Build from a L{twisted.web.server.Request}, the path normalised
+        (L{normalise}); L{check_encoded} is for the caller, once it knows
+        the policy (the route's, or the C{http} section's).
 
         @param proxies: the C{trusted_proxies} whose forwarded chain names
             the client; C{None}: the peer is the client.
@@ -185,7 +286,7 @@ class InboundRequest:
         else:
             host_value = hosts[0] if hosts else None
         raw_path, _, query = uri.partition(b"?")
-        path, path_codec = _normalise(raw_path)
+        normal = normalise(raw_path, merge_slashes)
         client = request.getClientAddress()
         server = request.getHost()
         if host_value:
@@ -201,7 +302,7 @@ class InboundRequest:
         return cls(
             method=request.method.decode("ascii", "replace"),
             request_uri=uri.decode("latin-1"),
-            path=path,
+            path=normal.route,
             query=query.decode("latin-1"),
             host=host,
             scheme="https" if request.isSecure() else "http",
@@ -211,7 +312,8 @@ class InboundRequest:
             server_port=getattr(server, "port", 0) or 0,
             headers=request.requestHeaders,
             content=request.content,
-            path_codec=path_codec,
+            target=normal.target + b"?" + query if query else normal.target,
+            encoded=normal.encoded,
             proxied=proxied,
         )
 
@@ -219,26 +321,15 @@ class InboundRequest:
     def upstream_target(self) -> bytes:
         """
         The target sent upstream and, as C{X-Forwarded-Uri}, to the auth
-        service: the client's own bytes when they were already normal, else
-        the normalised path re-encoded, so that the auth service judges the
-        path the routes matched and the upstream serves exactly that one
-        (C{/public/..%2fprivate/secret} is C{/private/secret} for all three).
+        service: the normalised path (L{NormalPath.target}) and the query as
+        sent, so that the auth service judges the path the routes matched
+        and the upstream serves exactly that one
+        (C{/public/%2e%2e/private/secret} is C{/private/secret} for all
+        three).  Built by hand without one: L{request_uri} as it is.
         """
         if self._target is None:
-            self._target = self._make_target()
+            self._target = self.request_uri.encode("latin-1")
         return self._target
-
-    def _make_target(self) -> bytes:
-        raw_path = self.request_uri.partition("?")[0]
-        if raw_path == self.path:
-            target = raw_path
-        else:
-            # quote() would encode a str as UTF-8: a path read as latin-1
-            # (not UTF-8) must go back as its own bytes (%FF, not %C3%BF).
-            target = quote(self.path.encode(self.path_codec), safe="/:@!$&'()*+,=-._~")
-        if self.query:
-            target += "?" + self.query
-        return target.encode("latin-1")
 
     def body(self) -> bytes:
         """The whole buffered body (read once; the file stays readable)."""

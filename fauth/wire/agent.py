@@ -24,6 +24,7 @@ treq's wrappers, so a denial is relayed as the auth service sent it.
 """
 from __future__ import annotations
 
+from copy import copy
 from http.cookiejar import Cookie
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -95,6 +96,18 @@ class PreEncodedURL(EncodedURL):
         # (With a password, to_text() must keep hiding it, as hyperlink's does.)
         encoded = all("!" <= c <= "~" for c in text) and ":" not in uri.userinfo
         url._text = text if encoded else uri.to_text()
+        return url
+
+    def with_target(self, target: bytes) -> "PreEncodedURL":
+        """
+        This URL with another request target (origin form, encoded: visible
+        ASCII), for a call whose path is built per request; a copy rather
+        than a parse (a parse costs about 20 times as much).  Only its
+        text changes: what treq sends, and where the agent connects.
+        """
+        url = copy(self)
+        origin = self.to_text()
+        url._text = origin[: origin.index("/", origin.index("//") + 2)] + target.decode("ascii")
         return url
 
     def to_uri(self) -> "PreEncodedURL":

@@ -16,7 +16,7 @@ from pytest_twisted import async_yield_fixture, ensureDeferred
 
 from fauth.admin.api import key_matches
 from fauth.config import AdminConf, ConfigError, parse_config
-from fauth.admin.control import merge_patch
+from fauth.admin.objects import merge_patch
 from fauth.process.demo import DemoAuthResource, EchoResource
 from tests.adminenv import KEY, TWISTD, AdminEnv, Marker, REPO_ROOT, refused_start_line, start_admin_env, subprocess_env
 from tests.servers import listen_on_loopback, port_url
@@ -716,7 +716,7 @@ def _auth_route(**plugin: Any) -> Dict[str, Any]:
 
 
 def test_admin_change_that_cannot_be_built_is_400_and_not_stored(tmp_path: Any, monkeypatch: Any) -> None:
-    from fauth.admin.control import AdminError
+    from fauth.admin.objects import AdminError
     from fauth.edge.gateway import Gateway
 
     control, gateway = _control_with_gateway(tmp_path)
@@ -744,7 +744,7 @@ def test_admin_change_that_cannot_be_built_is_400_and_not_stored(tmp_path: Any, 
 
 
 def test_admin_refuses_a_header_name_that_is_not_a_token(tmp_path: Any) -> None:
-    from fauth.admin.control import AdminError
+    from fauth.admin.objects import AdminError
 
     control, gateway = _control_with_gateway(tmp_path)
     with pytest.raises(AdminError) as info:

@@ -19,7 +19,8 @@ from twisted.internet.task import deferLater
 from twisted.protocols import portforward
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from fauth.admin.etcd import parse_event, range_end
+from fauth.admin.etcd import parse_event
+from fauth.admin.etcdclient import range_end
 from fauth.config import ConfigError, parse_config
 from fauth.process.service import GatewayService
 from tests.adminenv import KEY, Marker, write_config

@@ -19,7 +19,8 @@ from pytest_twisted import ensureDeferred
 
 from fauth.admin import store as store_module
 from fauth.config import ConfigError
-from fauth.admin.control import AdminError, Control
+from fauth.admin.control import Control
+from fauth.admin.objects import AdminError
 from fauth.process.service import GatewayService
 from fauth.admin.store import Store, StoreContents, atomic_write
 from tests.adminenv import (

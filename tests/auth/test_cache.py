@@ -56,7 +56,14 @@ class ScriptedClient:
     def __init__(self) -> None:
         self.calls: List[Call] = []
 
-    def call(self, method: str, fields: Sequence[Tuple[bytes, bytes]], body: Optional[bytes], timeout: float) -> Deferred:
+    def call(
+        self,
+        method: str,
+        fields: Sequence[Tuple[bytes, bytes]],
+        body: Optional[bytes],
+        timeout: float,
+        target: Optional[bytes] = None,
+    ) -> Deferred:
         call = Call(fields, body)
         self.calls.append(call)
         return call.deferred

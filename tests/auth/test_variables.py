@@ -371,3 +371,20 @@ def test_render_bytes_keeps_wire_bytes_and_utf8_literals() -> None:
     assert mixed.render_bytes(request) == b"\xc3\xa9-\xc3\xa9\xff"
     assert compile_template("\u20ac").render_bytes(request) == "\u20ac".encode("utf-8")
     assert compile_template("abcd").render_bytes(request) == b"abcd"
+
+
+def test_known_variable_names_are_those_resolved() -> None:
+    # A uri with variables is refused at load for an unknown name
+    # (fauth.config.templates); that list must be what RequestVariables knows.
+    from fauth.auth.variables import _SIMPLE
+    from fauth.config.templates import VARIABLE_NAMES, is_known_variable
+
+    assert set(_SIMPLE) == VARIABLE_NAMES
+    variables = RequestVariables(
+        method="GET", request_uri="/", path="/", query="a=1", headers=Headers({b"x-a": [b"v"], b"cookie": [b"c=1"]}),
+        remote_addr="", remote_port=0, server_addr="", server_port=0, scheme="http", host="h",
+        body=lambda: b"", route_id="", route_name="",
+    )
+    for name in ("http_x_a", "arg_a", "cookie_c"):
+        assert is_known_variable(name) and variables.lookup(name) is not None
+    assert not is_known_variable("http_") and not is_known_variable("nope")
