@@ -147,6 +147,8 @@ _HTTP = {
     "body_timeout": "seconds for the whole request body to arrive, then 408",
     "http2": "offer HTTP/2 (ALPN `h2`) on `ssl:` listeners",
     "max_concurrent_streams": "HTTP/2 streams open at once per connection",
+    "encoded_characters": "`reject` (400) or `keep` (still encoded, for routing, auth and the upstream) a path with `%2F`, `%5C`, `%00`, `%3B`, `%25`, `%3F`, `%23`",
+    "merge_slashes": "`//` in a path counts as `/` (for routing, auth and the upstream alike)",
 }
 
 _ADMIN = {
@@ -196,6 +198,7 @@ _ROUTE = dict(
         "timeout": "`connect`, `send`, `read` seconds, replacing the upstream's",
         "status": "`0` disables the route",
         "enable_websocket": "tunnel WebSocket upgrades",
+        "encoded_characters": "extension: overrides `http.encoded_characters` for this route",
     }
 )
 

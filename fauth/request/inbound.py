@@ -64,11 +64,14 @@ class NormalPath(NamedTuple):
         unreserved characters decoded, other encodings upper-cased, dot
         segments removed (and repeated slashes merged, if asked).
     @ivar encoded: it holds an L{AMBIGUOUS} encoding.
+    @ivar codec: how C{route}'s decoded bytes were read: C{utf-8}, or
+        C{latin-1} (byte for byte) when they are not UTF-8.
     """
 
     route: str
     target: bytes
     encoded: bool
+    codec: str = "utf-8"
 
 
 def normalise(raw: bytes, merge_slashes: bool = True) -> NormalPath:
@@ -123,14 +126,16 @@ def normalise(raw: bytes, merge_slashes: bool = True) -> NormalPath:
         routes.append(route)
         targets.append(target)
     route_path = b"/" + b"/".join(routes)
+    codec = "utf-8"
     try:
-        text = route_path.decode("utf-8")
+        text = route_path.decode(codec)
     except UnicodeDecodeError:
         if _OVERLONG.search(route_path):
             raise BadRequest("overlong UTF-8 in path")
         # Not UTF-8: read byte for byte, so that it cannot match a UTF-8 route.
-        text = route_path.decode("latin-1")
-    return NormalPath(text, b"/" + b"/".join(targets), encoded)
+        codec = "latin-1"
+        text = route_path.decode(codec)
+    return NormalPath(text, b"/" + b"/".join(targets), encoded, codec)
 
 
 def _segment(part: bytes) -> Tuple[bytes, bytes, bool]:
@@ -242,6 +247,8 @@ class InboundRequest:
     _target: Optional[bytes] = None
     #: The path holds an L{AMBIGUOUS} encoding, kept (L{check_encoded}).
     encoded: bool = False
+    #: How C{path}'s decoded bytes were read (L{NormalPath.codec}).
+    path_codec: str = "utf-8"
     proxied: Optional[ClientAddress] = None
 
     @classmethod
@@ -314,6 +321,7 @@ class InboundRequest:
             content=request.content,
             target=normal.target + b"?" + query if query else normal.target,
             encoded=normal.encoded,
+            path_codec=normal.codec,
             proxied=proxied,
         )
 
