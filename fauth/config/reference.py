@@ -18,12 +18,15 @@ import attr
 
 from fauth.config import apisix, document, routes, schema
 from fauth.config.models import (
+    ActiveCheck,
     AdminConf,
+    AuthChecks,
     CacheConf,
     EtcdConf,
     GatewayConf,
     HttpLimits,
     RouteConf,
+    TrustedProxies,
     UpstreamConf,
     UpstreamTimeouts,
 )
@@ -87,6 +90,7 @@ def _forward_auth_defaults() -> Dict[str, str]:
         shown[key] = "%s (%s)" % (shown[key], bound)
     shown["request_method"] += " (%s)" % " or ".join("`%s`" % m for m in schema._REQUEST_METHODS)
     shown["uri"] = REQUIRED
+    shown["checks"] = "passive, with `nodes`"
     return shown
 
 
@@ -110,6 +114,24 @@ _FORWARD_AUTH = {
     "preserve_request_method": "extension: the auth call uses the client's method",
     "run_on_preflight": "extension: `false` lets a CORS preflight through without an auth call",
     "allow_partial_message": "extension, POST mode: a larger body sends its first `max_req_body_size` bytes to auth instead of 413",
+    "nodes": 'extension: several auth servers, `{"host:port": weight}` or a list of `{host, port, weight, priority}`; `uri` says what each is asked',
+    "checks": "extension, with `nodes`: their health checks (the `checks` tables)",
+}
+
+_CHECKS = {
+    "passive": "failures in a row that leave a node out, and for how long (the next table)",
+    "active": "a periodic `GET` of each node (the table after it); none: off",
+}
+
+_PASSIVE = {
+    "max_fails": "calls without an answer in a row that leave a node out; `0`: never",
+    "fail_timeout": "seconds a node stays out; back in, one more failure leaves it out again",
+}
+
+_ACTIVE = {
+    "http_path": "path each node is asked with `GET` (with `uri`'s Host)",
+    "interval": "seconds between checks of a node",
+    "timeout": "seconds for a check's answer; a 2xx or 3xx passes",
 }
 
 _CACHE = {
@@ -136,6 +158,8 @@ _TOP_LEVEL = {
     "workers": "worker processes (`--workers` overrides it)",
     "client_max_body_size": "bytes (or `10m`, `1g`) a request body may have; more gets 413; `0`: no limit",
     "etcd": "routes and upstreams shared through etcd (its table below)",
+    "trusted_proxies": "extension: addresses and CIDRs (or `private_ranges`) whose forwarded chain names the client",
+    "real_ip_header": "extension, with `trusted_proxies`: `X-Forwarded-For` or `Forwarded`, the one header the chain is read from",
 }
 
 _HTTP = {
@@ -262,6 +286,7 @@ def _sections() -> Iterable[_Section]:
     top = _model_defaults(GatewayConf)
     top["client_max_body_size"] = _model_defaults(HttpLimits)["client_max_body_size"]
     top.update(dict.fromkeys(("upstreams", "services", "plugin_configs"), "`[]`"), http="the next table")
+    top["real_ip_header"] = _shown(attr.fields(TrustedProxies).header.default)
     admin = _model_defaults(AdminConf)
     admin["keys"] = REQUIRED
     etcd = _model_defaults(EtcdConf)
@@ -285,7 +310,7 @@ def _sections() -> Iterable[_Section]:
         "The `forward-auth` plugin object: APISIX's attributes with APISIX's defaults and bounds, then fauth's "
         "extensions. Unknown keys are accepted, as APISIX does.",
         # C{cache} is read by L{apisix.parse_forward_auth} beside the schema's properties.
-        schema.FORWARD_AUTH_PROPERTY_ORDER + tuple(schema.FORWARD_AUTH_EXTENSIONS) + ("cache",),
+        schema.FORWARD_AUTH_PROPERTY_ORDER + tuple(schema.FORWARD_AUTH_EXTENSIONS) + ("cache", "nodes", "checks"),
         _forward_auth_defaults(), _FORWARD_AUTH,
     )
     cache = _model_defaults(CacheConf)
@@ -293,6 +318,19 @@ def _sections() -> Iterable[_Section]:
     yield _Section(
         "forward-auth cache", "The `cache` object inside `forward-auth` (fauth's own).",
         tuple(apisix._CACHE_KEYS), cache, _CACHE,
+    )
+    yield _Section(
+        "forward-auth checks", "The `checks` object inside `forward-auth`, with `nodes` (fauth's own).",
+        apisix._CHECKS_KEYS, {"passive": "on", "active": "none"}, _CHECKS,
+    )
+    yield _Section(
+        "forward-auth checks.passive", "nginx's `max_fails` and `fail_timeout`, with their defaults.",
+        apisix._PASSIVE_KEYS, _model_defaults(AuthChecks), _PASSIVE,
+    )
+    active = _model_defaults(ActiveCheck)
+    active["http_path"] = REQUIRED
+    yield _Section(
+        "forward-auth checks.active", "Active checks of every auth node.", apisix._ACTIVE_KEYS, active, _ACTIVE,
     )
 
 
