@@ -56,8 +56,8 @@ from twisted.web import http
 from fauth.config import HttpLimits
 # As the HTTP/1.1 server: methods nginx accepts, a Content-Length of digits
 # only (h2 and Twisted take whatever int() takes).
-from fauth.edge.server import _LENGTH, _METHOD, HardenedHTTPChannel
-from fauth.request.replies import send_simple
+from fauth.edge.framing import LENGTH, METHOD
+from fauth.edge.server import HardenedHTTPChannel
 from fauth.wire.headers import CTL, TOKEN
 
 __all__ = [
@@ -124,7 +124,7 @@ def refusal(headers: Sequence[Tuple[bytes, bytes]], limits: HttpLimits) -> Optio
             return 400
         if name == b"content-length":
             lengths.append(value)
-    if method is None or _METHOD.match(method) is None or method == b"CONNECT":
+    if method is None or METHOD.match(method) is None or method == b"CONNECT":
         return 400
     if scheme not in _SCHEMES or path is None:
         return 400
@@ -133,7 +133,7 @@ def refusal(headers: Sequence[Tuple[bytes, bytes]], limits: HttpLimits) -> Optio
     if fields > limits.max_headers:
         return 431
     if lengths:
-        if len(lengths) > 1 or _LENGTH.match(lengths[0]) is None:
+        if len(lengths) > 1 or LENGTH.match(lengths[0]) is None:
             return 400
         if limits.client_max_body_size and int(lengths[0]) > limits.client_max_body_size:
             return 413

@@ -4,21 +4,8 @@ The client-facing HTTP/1.1 server, hardened: L{HardenedHTTPChannel} is
 Twisted's L{HTTPChannel} with stricter parsing, limits that answer with the
 right status, and timeouts that slow clients cannot stretch.
 
-What Twisted's own channel lets through, and this one refuses:
-
-  - ambiguous framing: a duplicated C{Content-Length} (even an identical
-    one), C{Transfer-Encoding} other than exactly C{chunked} (C{identity}
-    is accepted by Twisted and leaves the body to be read as the next
-    request), C{Transfer-Encoding} in an HTTP/1.0 request, chunk sizes that
-    do not fit 63 bits (400; RFC 9112 6.1 and 6.3);
-  - obsolete line folding (a header line starting with SP or HTAB), which
-    Twisted joins to the previous value (400; RFC 9112 5.2);
-  - whitespace before the colon, control characters other than HTAB in a
-    value (Twisted 25.5 only refuses NUL; 26 refuses NUL, CR and LF), and
-    methods that are not upper-case letters, C{-} or C{_}, as nginx
-    (400);
-  - request targets with bytes outside visible ASCII (Twisted lets
-    0x7F-0xB0 through).
+What Twisted's own channel lets through and this one refuses is listed in
+L{fauth.edge.framing}, which holds the grammar.
 
 Limits answer as they should: too many header fields or too many header
 bytes get 431 (Twisted: 400), an over-long request line gets 414 (Twisted:
@@ -50,14 +37,14 @@ C{_finishRequestBody}, C{_version}, C{_command}, C{_path},
 C{_abortingCall}, C{_send100Continue}, C{_networkProducer},
 C{_waitingForTransport}, C{_handlingRequest}, LineReceiver's C{_buffer} and
 C{_busyReceiving}, and the private C{_ChunkedTransferDecoder} (its
-C{_buffer}, C{_dataReceived_CHUNK_LENGTH} and C{_dataReceived_TRAILER}).
+C{_buffer}, C{_dataReceived_CHUNK_LENGTH} and C{_dataReceived_TRAILER}, in
+L{fauth.edge.framing}).
 """
 from __future__ import annotations
 
 import gc
 import math
 import platform
-import re
 from typing import Any, Optional, Tuple, cast
 
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITCPTransport
@@ -68,27 +55,13 @@ from twisted.web import http, server
 from twisted.web.resource import IResource
 
 from fauth.config import HttpLimits
+from fauth.edge.framing import FIELD_LINES, LENGTH, METHOD, TARGET, StrictChunkedDecoder
 from fauth.edge.request import DISCARD_LIMIT, HardenedRequest
 from fauth.wire.headers import CTL, TOKEN
 
 __all__ = ["HardenedHTTPChannel", "HardenedSite"]
 
 log = Logger()
-
-# Method: what nginx accepts (upper case, "-", "_").
-_METHOD = re.compile(rb"[A-Z_\-]+\Z")
-# Visible ASCII only (RFC 9112 3.2); Twisted's own check lets 0x7F-0xB0 pass.
-_TARGET = re.compile(rb"[\x21-\x7e]+\Z")
-# Content-Length: digits only, and few enough to fit 63 bits.
-_LENGTH = re.compile(rb"[0-9]{1,18}\Z")
-_MAX_CHUNK_SIZE = 2**63 - 1
-# One trailer field line (RFC 9112 7.1.2: the same grammar as a header field
-# line), without its CRLF.
-_FIELD_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*")
-# A block of header lines each of which passes the per-line checks of
-# lineReceived: a token, a colon, a value without control characters (HTAB
-# allowed), CRLF.  Obs-fold and whitespace before the colon fail it.
-_FIELD_LINES = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
 
 #: Closing while a body still arrives: after the answer, the write side is
 #: shut and at most this many bytes are read and dropped, for at most
@@ -121,54 +94,6 @@ _HEAD = "head"  # request line and header fields: header_timeout
 _BODY = "body"  # request body: body_timeout
 _BUSY = "busy"  # request handed to the resource: no read timeout
 _CLOSED = "closed"  # refused or timed out: ignore everything
-
-
-class _StrictChunkedDecoder(http._ChunkedTransferDecoder):
-    """
-    Twisted's chunked decoder, refusing chunk sizes beyond 63 bits and any
-    trailer section that is not field lines ending in CRLF within the
-    header limits (Twisted only looks for CRLFs, so a trailer line without
-    a colon, with control characters, or ended by a bare LF passes, and a
-    bare LF leaves the request waiting for its timeout).  Trailer fields
-    are checked, then dropped: nothing downstream reads them.
-    """
-
-    def __init__(self, dataCallback: Any, finishCallback: Any, limits: HttpLimits = HttpLimits()) -> None:
-        super().__init__(dataCallback, finishCallback)
-        self._max_fields = limits.max_headers
-        self._max_bytes = limits.max_header_bytes
-        self._trailer_fields = 0
-        self._trailer_bytes = 0
-
-    def _dataReceived_CHUNK_LENGTH(self) -> bool:
-        done: bool = super()._dataReceived_CHUNK_LENGTH()
-        if done and self.length > _MAX_CHUNK_SIZE:
-            raise http._MalformedChunkedDataError("chunk size too large")
-        return done
-
-    def _dataReceived_TRAILER(self) -> bool:
-        buffer = self._buffer
-        end = buffer.find(b"\r\n")
-        if end < 0:
-            if b"\n" in buffer or self._trailer_bytes + len(buffer) > self._max_bytes + 1:
-                raise http._MalformedChunkedDataError("malformed trailer section")
-            return False
-        if end == 0:
-            rest = bytes(buffer[2:])
-            del buffer[:]
-            self.state = "FINISHED"
-            self.finishCallback(rest)
-            return False
-        self._trailer_fields += 1
-        self._trailer_bytes += end + 2
-        if (
-            self._trailer_fields > self._max_fields
-            or self._trailer_bytes > self._max_bytes
-            or _FIELD_LINE.fullmatch(bytes(buffer[:end])) is None
-        ):
-            raise http._MalformedChunkedDataError("malformed trailer section")
-        del buffer[: end + 2]
-        return True
 
 
 class HardenedHTTPChannel(http.HTTPChannel):
@@ -379,7 +304,7 @@ class HardenedHTTPChannel(http.HTTPChannel):
         return (
             len(fields) <= limits.max_header_bytes
             and fields.count(b"\n") <= limits.max_headers
-            and _FIELD_LINES.fullmatch(fields) is not None
+            and FIELD_LINES.fullmatch(fields) is not None
         )
 
     def _begin_head(self) -> None:
@@ -520,7 +445,7 @@ class HardenedHTTPChannel(http.HTTPChannel):
                 self._refuse(414)
                 return
             parts = line.split(b" ")
-            if len(parts) != 3 or not _METHOD.match(parts[0]) or not _TARGET.match(parts[1]):
+            if len(parts) != 3 or not METHOD.match(parts[0]) or not TARGET.match(parts[1]):
                 self._refuse(400)
                 return
             self._expect_request_line = False
@@ -554,7 +479,7 @@ class HardenedHTTPChannel(http.HTTPChannel):
         C{Transfer-Encoding: chunked} on HTTP/1.1, never both.
         """
         if header == b"Content-Length":
-            if self._framing is not None or not _LENGTH.match(data):
+            if self._framing is not None or not LENGTH.match(data):
                 self._refuse(400)
                 self.length = None
                 return False
@@ -578,7 +503,7 @@ class HardenedHTTPChannel(http.HTTPChannel):
                 return False
             self._framing = header
             self.length = None
-            self._transferDecoder = _StrictChunkedDecoder(
+            self._transferDecoder = StrictChunkedDecoder(
                 self.requests[-1].handleContentChunk, self._finishRequestBody, self._limits
             )
             return True

@@ -7,8 +7,9 @@ and the chunked body decoder.
 Twisted's client parser handles a response one line at a time, building a
 L{Headers} object; it also accepts a NUL or another control character in a
 value, joins obs-fold lines and takes any number of header lines.  Here a
-head is checked with one regular expression and split with another, and
-each of those is a L{ParseError} (C{bad response: ...}).
+head is checked with a few C-level bytes operations over the whole block
+and split into lines once, and each of those is a L{ParseError}
+(C{bad response: ...}).
 """
 from __future__ import annotations
 
@@ -53,11 +54,26 @@ _CONNECTION_CONTROL = frozenset(
 )
 _NO_BODY_STATUS = frozenset([204, 304])
 
-# A well-formed header block: token, colon, a value without control
-# characters (tab allowed), CRLF or bare LF.  One C-level match per head;
-# only a head that fails it is looked at line by line, for the message.
-_HEADER_BLOCK = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r?\n)*")
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?\r?")
+# What a header block may hold besides its names' token characters and
+# colons (deleted by translate(None, ...): what is left is refused).
+_VALUE_OR_LF = b"\t\n" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
+_TOKEN_CHARS = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+# The few status lines a backend sends, parsed once.
+_KNOWN_STATUS: Dict[bytes, Tuple[bytes, int, bytes]] = {}
+
+
+def _status(line: bytes) -> Tuple[bytes, int, bytes]:
+    """C{(minor version, status, reason)} of a status line (without its LF)."""
+    match = _STATUS_LINE.fullmatch(line)
+    if match is None:
+        raise ParseError("bad status line", line[:80])
+    minor, code, reason = match.groups()
+    found = (minor, int(code), reason or b"")
+    if len(_KNOWN_STATUS) < 64:
+        _KNOWN_STATUS[line] = found
+    return found
 
 
 class ReplyHeaders:
@@ -149,34 +165,45 @@ def parse_head(block: bytes, method: bytes) -> ResponseHead:
         offending bytes (second).
     """
     newline = block.find(b"\n")
-    line = _STATUS_LINE.fullmatch(block, 0, newline)
-    if line is None:
-        raise ParseError("bad status line", block[: min(newline, 80)])
-    minor, code, reason = line.groups()
-    status = int(code)
+    status_line = block[:newline]
+    known = _KNOWN_STATUS.get(status_line)
+    if known is None:
+        known = _status(status_line)
+    minor, status, reason = known
     fields = block[newline + 1 : len(block) - (2 if block.endswith(b"\r\n") else 1)]
-    if _HEADER_BLOCK.fullmatch(fields) is None:
+    # A well-formed block is lines of a token, a colon and a value without
+    # control characters (tab allowed), each ended by CRLF or a bare LF.
+    # Checked with C-level bytes operations over the whole block: once
+    # CRLFs are LFs, nothing but value characters and LFs (a CR left is a
+    # bare one); then a colon on every line, and only token characters in
+    # the names.  Only a head that fails is looked at line by line, for
+    # the message (_explain).
+    text = fields.replace(b"\r\n", b"\n") if b"\r" in fields else fields
+    if text.translate(None, _VALUE_OR_LF):
         _explain(fields)
-    # Valid, so a CR only ends a line: one line per LF.
-    lines = fields.replace(b"\r\n", b"\n").split(b"\n")
+    lines = text.split(b"\n")
     lines.pop()  # after the last LF
+    headers: Dict[bytes, List[bytes]] = {}
+    for field in lines:
+        name, colon, value = field.partition(b":")
+        if not colon:
+            _explain(fields)
+        name = name.lower()
+        value = value.strip(b" \t")
+        values = headers.get(name)
+        if values is None:
+            headers[name] = [value]
+        else:
+            values.append(value)
+    if b"" in headers or b"".join(headers).translate(None, _TOKEN_CHARS):
+        _explain(fields)
     if len(lines) > MAX_RESPONSE_HEADERS:
         raise ParseError("too many headers", b"")
-    headers: Dict[bytes, List[bytes]] = {}
     control: Dict[bytes, List[bytes]] = {}
     head_request = method == b"HEAD"
-    for field in lines:
-        name, _, value = field.partition(b":")
-        lower = name.lower()
-        value = value.strip(b" \t")
-        if lower in _CONNECTION_CONTROL and not (head_request and lower == b"content-length"):
-            control.setdefault(lower, []).append(value)
-        else:
-            values = headers.get(lower)
-            if values is None:
-                headers[lower] = [value]
-            else:
-                values.append(value)
+    for name in _CONNECTION_CONTROL.intersection(headers):
+        if not (head_request and name == b"content-length"):
+            control[name] = headers.pop(name)
     tokens = control.get(b"connection")
     connection = _NO_TOKENS if tokens is None else _tokens(tokens)
     keep_alive = b"close" not in connection and (minor == b"1" or b"keep-alive" in connection)
@@ -199,9 +226,7 @@ def parse_head(block: bytes, method: bytes) -> ResponseHead:
     else:
         length = UNKNOWN_LENGTH
         keep_alive = False  # the body ends with the connection
-    return ResponseHead(
-        status, reason or b"", ReplyHeaders(headers), length, chunked, keep_alive, connection
-    )
+    return ResponseHead(status, reason, ReplyHeaders(headers), length, chunked, keep_alive, connection)
 
 
 _NO_TOKENS: FrozenSet[bytes] = frozenset()
@@ -226,6 +251,10 @@ def _tokens(values: List[bytes]) -> FrozenSet[bytes]:
 def _content_length(values: List[bytes]) -> int:
     # "42" and "42, 42" (or two equal headers) are one length; anything else
     # could be response splitting.
+    if len(values) == 1:
+        value = values[0]
+        if value.isdigit() and len(value) <= 18:
+            return int(value)
     found = {value.strip() for joined in values for value in joined.split(b",")}
     if len(found) != 1:
         raise ParseError("conflicting Content-Length", b",".join(values)[:80])

@@ -5,9 +5,12 @@ functions on bytes: no reactor, no sockets.
 """
 from __future__ import annotations
 
+import re
 from typing import List, Sequence, Tuple
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from twisted.web._newclient import ParseError
 from twisted.web.iweb import UNKNOWN_LENGTH
 
@@ -588,3 +591,33 @@ def test_trailer_section_limit_does_not_depend_on_segmentation() -> None:
     with pytest.raises(ParseError) as caught:
         ChunkedDecoder().feed(b"0\r\n" + trailers + b"\r\n")
     assert caught.value.args[0] == "response head too large"
+
+
+# -- the header block grammar, checked without a regular expression
+
+# RFC 9112 field lines, ended by CRLF or a bare LF: what parse_head's C-level
+# checks must accept, exactly (it was this expression, matched per head).
+HEADER_BLOCK = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r?\n)*")
+
+# Bytes that make the interesting cases: token characters, the separators,
+# whitespace, line ends, control characters, DEL and obs-text.
+_ALPHABET = [b"a", b"Z", b"-", b"!", b":", b" ", b"\t", b"\r", b"\n", b"\r\n", b"\x00", b"\x0b", b"\x7f", b"\xe9", b"(", b"@"]
+
+
+@settings(max_examples=400, deadline=None)
+@example([b"a:\r"])
+@example([b"a:b\rc", b"Z:1"])
+@example([b"a:b", b" a:b"])
+@example([b"a!:\xe9\t", b"a\xe9:b"])
+@given(st.lists(st.lists(st.sampled_from(_ALPHABET), max_size=12).map(b"".join), max_size=6))
+def test_header_checks_accept_exactly_the_grammar(lines: List[bytes]) -> None:
+    fields = b"".join(line + b"\r\n" for line in lines if b"\n" not in line[-1:])
+    block = b"HTTP/1.1 204 No Content\r\n" + fields + b"\r\n"
+    if find_head_end(block) != len(block):
+        return  # a blank line inside: the head would end there
+    try:
+        parse_head(block, b"GET")
+    except ParseError as e:
+        assert HEADER_BLOCK.fullmatch(fields) is None, e.args
+    else:
+        assert HEADER_BLOCK.fullmatch(fields) is not None
