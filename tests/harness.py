@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional
 
 import attr
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 
 from fauth.config import ConfigError, GatewayConf, parse_config
@@ -88,13 +88,16 @@ class _Collect(Protocol):
         self._done.callback(b"".join(self._chunks))
 
 
-async def raw_request(reactor: Any, port: int, payload: bytes, timeout: float = 10.0) -> bytes:
+async def raw_request(
+    reactor: Any, port: int, payload: bytes, timeout: float = 10.0, host: str = "127.0.0.1"
+) -> bytes:
     """
-    Send raw bytes to 127.0.0.1:C{port} and return everything received until
-    the server closes (send C{Connection: close} to make it do so).
+    Send raw bytes to C{host}:C{port} (127.0.0.1, or C{"::1"}) and return
+    everything received until the server closes (send C{Connection: close}
+    to make it do so).
     """
     done: Deferred = Deferred()
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    endpoint = (TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint)(reactor, host, port)
     protocol = await endpoint.connect(Factory.forProtocol(lambda: _Collect(payload, done)))
     timer = reactor.callLater(timeout, protocol.transport.abortConnection)
     try:

@@ -7,7 +7,7 @@ decision.
 from __future__ import annotations
 
 from hashlib import sha256
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import attr
 from twisted.internet.defer import Deferred, succeed
@@ -19,6 +19,7 @@ from fauth.auth.cache import DecisionCache, lifetime
 from fauth.auth.client import AuthCallError, AuthClient, Reply
 from fauth.auth.coalesce import Flight, Outcome
 from fauth.auth.cookies import CookiePicker
+from fauth.auth.targets import AuthNodes
 from fauth.auth.decision import Allow, Decision, Degrade, Preflight, Respond
 from fauth.auth.signin import SigninRedirect
 from fauth.wire.transport import describe_failure, is_cancellation
@@ -44,7 +45,8 @@ class ForwardAuth:
     L{check} per request.
 
     @param conf: the validated plugin attributes.
-    @param client: the pooled client for C{conf.uri}'s host.
+    @param client: the pooled client for C{conf.uri}'s host, or the
+        L{AuthNodes} of C{conf.nodes}.
     @param reactor: used for the timeout, and as the decision cache's clock.
     @param cache: the decision cache to use when C{conf.cache} is set (one
         kept from an identical earlier configuration of the route); by
@@ -54,7 +56,11 @@ class ForwardAuth:
     """
 
     def __init__(
-        self, conf: ForwardAuthConf, client: AuthClient, reactor: Any, cache: Optional[DecisionCache] = None
+        self,
+        conf: ForwardAuthConf,
+        client: Union[AuthClient, AuthNodes],
+        reactor: Any,
+        cache: Optional[DecisionCache] = None,
     ) -> None:
         self.conf = conf
         self.cache: Optional[DecisionCache] = None

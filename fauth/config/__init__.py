@@ -9,8 +9,10 @@ from fauth.config.routes import parse_plugin_config, parse_route, parse_service
 from fauth.config.document import load_config, parse_config, read_document
 from fauth.config.errors import ConfigError
 from fauth.config.models import (
+    ActiveCheck,
     AdminConf,
     ENCODED_POLICIES,
+    AuthChecks,
     CacheConf,
     DemoConf,
     EtcdConf,
@@ -22,6 +24,7 @@ from fauth.config.models import (
     RouteConf,
     ServiceConf,
     SigninConf,
+    TrustedProxies,
     UpstreamConf,
     UpstreamTimeouts,
 )
@@ -29,7 +32,9 @@ from fauth.config.schema import SchemaError
 
 __all__ = [
     "ENCODED_POLICIES",
+    "ActiveCheck",
     "AdminConf",
+    "AuthChecks",
     "CacheConf",
     "ConfigError",
     "DemoConf",
@@ -43,6 +48,7 @@ __all__ = [
     "ServiceConf",
     "SchemaError",
     "SigninConf",
+    "TrustedProxies",
     "UpstreamConf",
     "UpstreamTimeouts",
     "load_config",

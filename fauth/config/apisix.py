@@ -14,7 +14,16 @@ import re
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Type, TypeVar
 
 from fauth.config.expr import parse_vars
-from fauth.config.models import CacheConf, ForwardAuthConf, Node, RouteConf, UpstreamConf, UpstreamTimeouts
+from fauth.config.models import (
+    ActiveCheck,
+    AuthChecks,
+    CacheConf,
+    ForwardAuthConf,
+    Node,
+    RouteConf,
+    UpstreamConf,
+    UpstreamTimeouts,
+)
 from fauth.config.schema import (
     SchemaError,
     check_forward_auth,
@@ -25,6 +34,7 @@ from fauth.config.schema import (
     closed_object,
     format_number,
     is_object,
+    type_mismatch,
     security_warnings,
 )
 from fauth.config.extensions import (
@@ -152,6 +162,17 @@ def parse_forward_auth(conf: object) -> ForwardAuthConf:
         raise _prop("uri", str(e))
     if checked.get("allow_partial_message") and checked["request_method"] != "POST":
         warnings.append('allow_partial_message has no effect without request_method "POST"')
+    uri = _checked(checked, "uri", str)
+    nodes = None
+    checks = None
+    if checked.get("nodes") is not None:
+        nodes = _parse_nodes(checked["nodes"], "https" if uri[:6].lower() == "https:" else "http")
+        try:
+            checks = parse_checks(checked.get("checks"))
+        except SchemaError as e:
+            raise _prop("checks", str(e))
+    elif checked.get("checks") is not None:
+        raise _prop("checks", 'health checks are for "nodes" (several auth servers); "uri" alone has none')
     return ForwardAuthConf(
         uri=uri,
         ssl_verify=_checked(checked, "ssl_verify", bool),
@@ -173,6 +194,8 @@ def parse_forward_auth(conf: object) -> ForwardAuthConf:
         run_on_preflight=checked.get("run_on_preflight", True) is not False,
         allow_partial_message=checked.get("allow_partial_message", False) is True,
         cache=extension(checked, "cache", parse_cache),
+        nodes=nodes,
+        checks=checks,
         filter=plugin_filter,
         warnings=tuple(warnings),
         signin_redirect=extension(checked, "signin_redirect", parse_signin_redirect),
@@ -283,6 +306,67 @@ def parse_cache(doc: object) -> CacheConf:
     return CacheConf(
         ttl=ttl, deny_ttl=deny_ttl, max_entries=max_entries, stale_if_error=stale, key=tuple(key)
     )
+
+
+_CHECKS_KEYS = ("passive", "active")
+_PASSIVE_KEYS = ("max_fails", "fail_timeout")
+_ACTIVE_KEYS = ("http_path", "interval", "timeout")
+_HTTP_PATH = re.compile(r"/[!-~]*\Z")
+
+
+def _closed_object(doc: object, keys: Tuple[str, ...]) -> Dict[str, Any]:
+    """An object with only C{keys} (refused otherwise: a misspelt key would silently change health)."""
+    if not is_object(doc):
+        raise SchemaError(type_mismatch(doc, "object"))
+    if not isinstance(doc, dict):
+        return {}  # an empty array passes as an object (Lua cannot tell them apart)
+    for name in doc:
+        if name not in keys:
+            raise SchemaError("additional properties forbidden, found %s" % name)
+    return doc
+
+
+def _positive_seconds(name: str, value: object) -> float:
+    seconds = _seconds(name, value)
+    if seconds <= 0:
+        raise _prop(name, "expected %s to be greater than 0" % format_number(value))
+    return seconds
+
+
+def parse_checks(doc: object) -> AuthChecks:
+    """
+    Validate the C{checks} object of a C{forward-auth} with C{nodes}
+    (fauth's own; C{None}: the defaults, passive only).
+
+    @raise SchemaError: what is wrong, without the C{property "checks"} prefix.
+    """
+    if doc is None:
+        return AuthChecks()
+    doc = _closed_object(doc, _CHECKS_KEYS)
+    passive = _closed_object(doc.get("passive", {}), _PASSIVE_KEYS)
+    try:
+        max_fails = check_integer("max_fails", passive.get("max_fails", 1), minimum=0)
+        fail_timeout = _positive_seconds("fail_timeout", passive.get("fail_timeout", 10))
+    except SchemaError as e:
+        raise _prop("passive", str(e))
+    active = None
+    if doc.get("active") is not None:
+        raw = _closed_object(doc["active"], _ACTIVE_KEYS)
+        try:
+            if "http_path" not in raw:
+                raise SchemaError('property "http_path" is required')
+            path = raw["http_path"]
+            check_type("http_path", path, "string")
+            if not isinstance(path, str) or not _HTTP_PATH.match(path):
+                raise _prop("http_path", 'expected a path starting with "/", e.g. /healthz')
+            active = ActiveCheck(
+                http_path=path,
+                interval=_positive_seconds("interval", raw.get("interval", 5)),
+                timeout=_positive_seconds("timeout", raw.get("timeout", 1)),
+            )
+        except SchemaError as e:
+            raise _prop("active", str(e))
+    return AuthChecks(max_fails=max_fails, fail_timeout=fail_timeout, active=active)
 
 
 def _parse_node_address(address: str) -> Tuple[str, Optional[int]]:

@@ -11,6 +11,7 @@ import json
 import os
 import re
 from importlib.util import find_spec
+from ipaddress import ip_network
 from typing import Any, Callable, Dict, Mapping, Optional, TypeVar
 
 import attr
@@ -19,7 +20,7 @@ import yaml
 from fauth.config.apisix import HEADER_NAME, check_string_list, parse_upstream
 from fauth.config.routes import parse_plugin_config, parse_route, parse_service
 from fauth.config.errors import ConfigError
-from fauth.config.models import ENCODED_POLICIES, AdminConf, DemoConf, EtcdConf, GatewayConf, HttpLimits
+from fauth.config.models import ENCODED_POLICIES, AdminConf, DemoConf, EtcdConf, GatewayConf, HttpLimits, TrustedProxies
 from fauth.config.schema import SchemaError
 
 __all__ = ["load_config", "parse_config", "read_document", "standalone_id"]
@@ -28,6 +29,7 @@ _TOP_LEVEL_KEYS = frozenset(
     [
         "listen", "routes", "upstreams", "services", "plugin_configs", "demo", "ssl_trusted_certificate", "http",
         "admin", "shutdown_grace", "access_log", "access_log_user_header", "workers", "client_max_body_size", "etcd",
+        "trusted_proxies", "real_ip_header",
     ]
 )
 _ADMIN_KEYS = frozenset(["listen", "keys", "store", "metrics_require_key"])
@@ -167,6 +169,7 @@ def parse_config(doc: object, environ: Optional[Mapping[str, str]] = None) -> Ga
         access_log_user_header=user_header,
         workers=workers,
         etcd=etcd,
+        trusted_proxies=_parse_trusted_proxies(doc.get("trusted_proxies"), doc.get("real_ip_header")),
         source=doc,
     )
 
@@ -223,6 +226,43 @@ def _parse_size(value: object) -> int:
     if match is None:
         raise ConfigError('config: property "client_max_body_size" must be a size (bytes, or "10m", "1g"...)')
     return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+# Caddy's shorthand for the networks no public client comes from.
+_PRIVATE_RANGES = ("192.168.0.0/16", "172.16.0.0/12", "10.0.0.0/8", "127.0.0.0/8", "fd00::/8", "::1/128")
+_REAL_IP_HEADERS = {"x-forwarded-for": "X-Forwarded-For", "forwarded": "Forwarded"}
+
+
+def _parse_trusted_proxies(value: object, header: object) -> Optional[TrustedProxies]:
+    """
+    C{trusted_proxies}: a list of IPv4/IPv6 addresses and CIDR networks (or
+    C{private_ranges}, as Caddy), and C{real_ip_header}; an empty or absent
+    list trusts nobody (C{None}).
+    """
+    if header is not None and not (isinstance(header, str) and header.lower() in _REAL_IP_HEADERS):
+        raise ConfigError('config: property "real_ip_header" must be "X-Forwarded-For" or "Forwarded"')
+    if value is None or value == []:
+        if header is not None:
+            raise ConfigError('config: property "real_ip_header" needs "trusted_proxies" (the peers it is read from)')
+        return None
+    if not isinstance(value, list):
+        raise ConfigError('config: property "trusted_proxies" validation failed: wrong type: expected array')
+    networks = []
+    for entry in value:
+        texts = _PRIVATE_RANGES if entry == "private_ranges" else (entry,)
+        for text in texts:
+            try:
+                if not isinstance(text, str) or "%" in text:
+                    raise ValueError(text)
+                networks.append(ip_network(text.strip(), strict=False))
+            except ValueError:
+                raise ConfigError(
+                    'config: trusted_proxies: "%s" is not an IP address or CIDR network (e.g. 10.0.0.0/8, ::1)' % entry
+                )
+    return TrustedProxies(
+        networks=tuple(dict.fromkeys(networks)),
+        header=_REAL_IP_HEADERS[header.lower()] if isinstance(header, str) else "X-Forwarded-For",
+    )
 
 
 def _expand_env(text: str, environ: Mapping[str, str], where: str = "admin: keys") -> str:

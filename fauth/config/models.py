@@ -5,7 +5,8 @@ built once per document by L{fauth.config.document}.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Tuple
+from ipaddress import IPv4Network, IPv6Network
+from typing import Any, Mapping, Optional, Tuple, Union
 
 import attr
 
@@ -13,7 +14,9 @@ from fauth.config.expr import AddressList, Expr
 from fauth.config.templates import Template, UriTemplate
 
 __all__ = [
+    "ActiveCheck",
     "AdminConf",
+    "AuthChecks",
     "CacheConf",
     "DemoConf",
     "EtcdConf",
@@ -26,6 +29,7 @@ __all__ = [
     "RouteConf",
     "ServiceConf",
     "SigninConf",
+    "TrustedProxies",
     "UpstreamConf",
     "UpstreamTimeouts",
 ]
@@ -72,6 +76,32 @@ class SigninConf:
 
 
 @attr.frozen
+class ActiveCheck:
+    """
+    C{checks.active} of C{forward-auth} (fauth's own): a C{GET} of
+    C{http_path} on every auth node each C{interval} seconds; a 2xx or 3xx
+    answer within C{timeout} seconds passes.
+    """
+
+    http_path: str
+    interval: float = 5.0
+    timeout: float = 1.0
+
+
+@attr.frozen
+class AuthChecks:
+    """
+    C{checks} of C{forward-auth} with C{nodes}: passive (nginx's
+    C{max_fails} failures in a row leave a node out for C{fail_timeout}
+    seconds; C{0} turns it off) and optionally active.
+    """
+
+    max_fails: int = 1
+    fail_timeout: float = 10.0
+    active: Optional[ActiveCheck] = None
+
+
+@attr.frozen
 class ForwardAuthConf:
     """
     One validated C{forward-auth} plugin instance (defaults filled in).
@@ -106,6 +136,11 @@ class ForwardAuthConf:
     allow_partial_message: bool = False
     #: Off (C{None}) unless the object has a C{cache} section.
     cache: Optional[CacheConf] = None
+    #: Several auth servers (fauth's own): where to connect, C{uri} saying
+    #: what to ask; C{None}: C{uri}'s host alone.
+    nodes: Optional[Tuple["Node", ...]] = None
+    #: Their health checks (defaults with C{nodes}; C{None} without).
+    checks: Optional[AuthChecks] = None
     #: C{_meta.filter}: the plugin runs only for requests it accepts (a
     #: compiled L{fauth.config.expr.Expr}), or always (C{None}).
     filter: Optional[Expr] = attr.field(default=None, eq=False)
@@ -353,6 +388,21 @@ class EtcdConf:
 
 
 @attr.frozen
+class TrustedProxies:
+    """
+    Top-level C{trusted_proxies} (and C{real_ip_header}): peers whose
+    forwarded chain names the client (L{fauth.request.clientaddr}).
+
+    @ivar networks: the trusted networks (a single address is a /32 or /128).
+    @ivar header: C{X-Forwarded-For} or C{Forwarded}: the one header the
+        chain is read from.
+    """
+
+    networks: Tuple[Union[IPv4Network, IPv6Network], ...]
+    header: str = "X-Forwarded-For"
+
+
+@attr.frozen
 class GatewayConf:
     """
     The whole gateway configuration.
@@ -379,4 +429,6 @@ class GatewayConf:
     workers: int = 1
     #: Routes and upstreams of the admin API in etcd rather than the store file.
     etcd: Optional[EtcdConf] = None
+    #: Peers whose X-Forwarded-For/Forwarded is honoured; C{None}: none.
+    trusted_proxies: Optional[TrustedProxies] = None
     source: Mapping[str, Any] = attr.field(factory=dict, eq=False, repr=False)

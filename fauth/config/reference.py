@@ -18,13 +18,16 @@ import attr
 
 from fauth.config import apisix, document, extensions, routes, schema
 from fauth.config.models import (
+    ActiveCheck,
     AdminConf,
+    AuthChecks,
     CacheConf,
     EtcdConf,
     GatewayConf,
     HttpLimits,
     RouteConf,
     SigninConf,
+    TrustedProxies,
     UpstreamConf,
     UpstreamTimeouts,
 )
@@ -89,6 +92,7 @@ def _forward_auth_defaults() -> Dict[str, str]:
     shown["request_method"] += " (%s)" % " or ".join("`%s`" % m for m in schema._REQUEST_METHODS)
     shown["uri"] = REQUIRED
     shown["allow_cookies"] = shown["auth_server_paths"] = _shown([])
+    shown["checks"] = "passive, with `nodes`"
     return shown
 
 
@@ -116,6 +120,8 @@ _FORWARD_AUTH = {
     "signin_redirect": "extension: chosen denials become a redirect to a sign-in page, for browsers (its own table)",
     "allow_cookies": "extension: cookie names (or `*`) whose `Set-Cookie` in a 2xx auth answer goes to the client's response",
     "auth_server_paths": "extension: path prefixes proxied to the auth service itself, without a check",
+    "nodes": 'extension: several auth servers, `{"host:port": weight}` or a list of `{host, port, weight, priority}`; `uri` says what each is asked',
+    "checks": "extension, with `nodes`: their health checks (the `checks` tables)",
 }
 
 _SIGNIN = {
@@ -123,6 +129,22 @@ _SIGNIN = {
     "param": "the query parameter carrying the original URL, percent-encoded",
     "statuses": "the auth answers that redirect (300 to 599)",
     "status": "the redirect's status: 301, 302, 303, 307 or 308",
+}
+
+_CHECKS = {
+    "passive": "failures in a row that leave a node out, and for how long (the next table)",
+    "active": "a periodic `GET` of each node (the table after it); none: off",
+}
+
+_PASSIVE = {
+    "max_fails": "calls without an answer in a row that leave a node out; `0`: never",
+    "fail_timeout": "seconds a node stays out; back in, one more failure leaves it out again",
+}
+
+_ACTIVE = {
+    "http_path": "path each node is asked with `GET` (with `uri`'s Host)",
+    "interval": "seconds between checks of a node",
+    "timeout": "seconds for a check's answer; a 2xx or 3xx passes",
 }
 
 _CACHE = {
@@ -149,6 +171,8 @@ _TOP_LEVEL = {
     "workers": "worker processes (`--workers` overrides it)",
     "client_max_body_size": "bytes (or `10m`, `1g`) a request body may have; more gets 413; `0`: no limit",
     "etcd": "routes and upstreams shared through etcd (its table below)",
+    "trusted_proxies": "extension: addresses and CIDRs (or `private_ranges`) whose forwarded chain names the client",
+    "real_ip_header": "extension, with `trusted_proxies`: `X-Forwarded-For` or `Forwarded`, the one header the chain is read from",
 }
 
 _HTTP = {
@@ -275,6 +299,7 @@ def _sections() -> Iterable[_Section]:
     top = _model_defaults(GatewayConf)
     top["client_max_body_size"] = _model_defaults(HttpLimits)["client_max_body_size"]
     top.update(dict.fromkeys(("upstreams", "services", "plugin_configs"), "`[]`"), http="the next table")
+    top["real_ip_header"] = _shown(attr.fields(TrustedProxies).header.default)
     admin = _model_defaults(AdminConf)
     admin["keys"] = REQUIRED
     etcd = _model_defaults(EtcdConf)
@@ -298,7 +323,7 @@ def _sections() -> Iterable[_Section]:
         "The `forward-auth` plugin object: APISIX's attributes with APISIX's defaults and bounds, then fauth's "
         "extensions. Unknown keys are accepted, as APISIX does.",
         # C{cache} is read by L{apisix.parse_forward_auth} beside the schema's properties.
-        schema.FORWARD_AUTH_PROPERTY_ORDER + tuple(schema.FORWARD_AUTH_EXTENSIONS) + ("cache",)
+        schema.FORWARD_AUTH_PROPERTY_ORDER + tuple(schema.FORWARD_AUTH_EXTENSIONS) + ("cache", "nodes", "checks")
         + extensions.INTEGRATION_KEYS,
         _forward_auth_defaults(), _FORWARD_AUTH,
     )
@@ -313,6 +338,19 @@ def _sections() -> Iterable[_Section]:
     yield _Section(
         "forward-auth signin_redirect", "The `signin_redirect` object inside `forward-auth` (fauth's own).",
         extensions.SIGNIN_KEYS, signin, _SIGNIN,
+    )
+    yield _Section(
+        "forward-auth checks", "The `checks` object inside `forward-auth`, with `nodes` (fauth's own).",
+        apisix._CHECKS_KEYS, {"passive": "on", "active": "none"}, _CHECKS,
+    )
+    yield _Section(
+        "forward-auth checks.passive", "nginx's `max_fails` and `fail_timeout`, with their defaults.",
+        apisix._PASSIVE_KEYS, _model_defaults(AuthChecks), _PASSIVE,
+    )
+    active = _model_defaults(ActiveCheck)
+    active["http_path"] = REQUIRED
+    yield _Section(
+        "forward-auth checks.active", "Active checks of every auth node.", apisix._ACTIVE_KEYS, active, _ACTIVE,
     )
 
 

@@ -6,7 +6,7 @@ pools they share.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import attr
 from twisted.internet.defer import DeferredList
@@ -16,10 +16,12 @@ from twisted.web.client import HTTPConnectionPool
 from fauth.auth.cache import DecisionCache
 from fauth.auth.forward import ForwardAuth
 from fauth.auth.client import AuthCallError, AuthClient, AuthTarget
+from fauth.auth.targets import AuthNodes
 from fauth.auth.variables import RequestVariables
 from fauth.config import ForwardAuthConf, GatewayConf, Node, RouteConf, UpstreamConf, UpstreamTimeouts
 from fauth.config.apisix import auth_disabled
 from fauth.config.expr import Lookup
+from fauth.request.clientaddr import ForwardedChain
 from fauth.request.inbound import InboundRequest
 from fauth.upstream.proxy import UpstreamProxy
 from fauth.upstream.tunnel import Tunnels
@@ -63,6 +65,10 @@ def load_trust_root(path: Optional[str]) -> Any:
     return ssl.trustRootFromCertificates(certs)
 
 
+def _forwarded_chain(conf: GatewayConf) -> Optional[ForwardedChain]:
+    return ForwardedChain(conf.trusted_proxies) if conf.trusted_proxies is not None else None
+
+
 def _variables(inbound: InboundRequest) -> Lookup:
     """The variables C{vars} of a route read (APISIX's C{ctx.var} before the route is known)."""
     return RequestVariables.for_request(inbound).lookup
@@ -83,9 +89,14 @@ class AuthClients:
         self._trust_root = trust_root
         self._pool = pool
         self._clients: Dict[Tuple[Any, ...], AuthClient] = {}
+        self._node_sets: Dict[Tuple[Any, ...], AuthNodes] = {}
 
-    def get(self, conf: ForwardAuthConf) -> AuthClient:
-        """The client for this plugin instance's C{uri} and keep-alive settings."""
+    def get(self, conf: ForwardAuthConf) -> Union[AuthClient, AuthNodes]:
+        """
+        The client for this plugin instance's C{uri} and keep-alive
+        settings; with C{nodes}, the L{AuthNodes} of those nodes (and
+        C{checks}).
+        """
         try:
             target: Optional[AuthTarget] = AuthTarget.parse(conf.client_uri, conf.ssl_verify)
             bad_uri = None
@@ -98,43 +109,71 @@ class AuthClients:
             conf.keepalive_pool,
             conf.timeout,
         )
+        if target is not None and conf.nodes is not None:
+            return self._nodes(key + (conf.nodes, conf.checks), conf, target)
         client = self._clients.get(key)
         if client is None:
-            client = self._clients[key] = AuthClient(
-                self._reactor,
-                target,
-                keepalive=conf.keepalive,
-                keepalive_timeout=conf.keepalive_timeout / 1000.0,
-                keepalive_pool=conf.keepalive_pool,
-                connect_timeout=conf.timeout / 1000.0,
-                trust_root=self._trust_root,
-                bad_uri=bad_uri,
-                pool=self._pool,
-            )
+            client = self._clients[key] = self._client(conf, target, bad_uri, self._pool)
         return client
 
-    def clients(self) -> List[AuthClient]:
-        """Every client in use (for the pool metrics)."""
-        return list(self._clients.values())
+    def _client(
+        self, conf: ForwardAuthConf, target: Optional[AuthTarget], bad_uri: Optional[str], pool: Optional[HTTPConnectionPool]
+    ) -> AuthClient:
+        return AuthClient(
+            self._reactor,
+            target,
+            keepalive=conf.keepalive,
+            keepalive_timeout=conf.keepalive_timeout / 1000.0,
+            keepalive_pool=conf.keepalive_pool,
+            connect_timeout=conf.timeout / 1000.0,
+            trust_root=self._trust_root,
+            bad_uri=bad_uri,
+            pool=pool,
+        )
 
-    def prune(self, keep: Iterable[AuthClient]) -> None:
+    def _nodes(self, key: Tuple[Any, ...], conf: ForwardAuthConf, target: AuthTarget) -> AuthNodes:
+        nodes = self._node_sets.get(key)
+        if nodes is None:
+            assert conf.nodes is not None and conf.checks is not None  # parse_forward_auth sets both
+            nodes = self._node_sets[key] = AuthNodes(
+                self._reactor,
+                target,
+                conf.nodes,
+                conf.checks,
+                # One pool per node (the application's own, when it gave one).
+                lambda node_target, pool: self._client(conf, node_target, None, pool or self._pool),
+            )
+        return nodes
+
+    def clients(self) -> List[AuthClient]:
+        """Every client in use, those of each auth node included (for the pool metrics)."""
+        return list(self._clients.values()) + [c for nodes in self._node_sets.values() for c in nodes.clients()]
+
+    def node_sets(self) -> List[AuthNodes]:
+        """The auth nodes of every C{forward-auth} with C{nodes} (for their metrics)."""
+        return list(self._node_sets.values())
+
+    def prune(self, keep: Iterable[Union[AuthClient, AuthNodes]]) -> None:
         """
         Close and forget every client not in C{keep} (those the installed
         table uses).  A request in flight holds its own reference, so it
         completes; only the idle pooled connections are closed.
         """
         kept = {id(c) for c in keep}
-        for key, client in list(self._clients.items()):
-            if id(client) not in kept:
-                del self._clients[key]
-                try:
-                    client.close()
-                except Exception:
-                    log.failure("closing an unused auth client failed")
+        unused: List[Union[AuthClient, AuthNodes]] = []
+        for key in [k for k, c in self._clients.items() if id(c) not in kept]:
+            unused.append(self._clients.pop(key))
+        for key in [k for k, n in self._node_sets.items() if id(n) not in kept]:
+            unused.append(self._node_sets.pop(key))
+        for client in unused:
+            try:
+                client.close()
+            except Exception:
+                log.failure("closing an unused auth client failed")
 
     def close(self) -> Any:
-        """Close every pooled connection."""
-        return DeferredList([c.close() for c in self._clients.values()])
+        """Close every pooled connection (and stop the active health checks)."""
+        return DeferredList([c.close() for c in list(self._clients.values()) + list(self._node_sets.values())])
 
 
 class Gateway:
@@ -148,6 +187,8 @@ class Gateway:
 
     @ivar table: the current L{RouteTable}; replaced, never mutated.
     @ivar tunnels: the open WebSocket tunnels (routes with C{enable_websocket}).
+    @ivar forwarded_chain: the client addresses behind C{trusted_proxies},
+        or C{None} when no proxy is trusted (the peer is the client).
     """
 
     def __init__(
@@ -163,6 +204,7 @@ class Gateway:
         self.upstream_pool = StrictConnectionPool(reactor, cachedConnectionTimeout=60.0)
         self.tunnels = Tunnels(reactor)
         self.conf = conf
+        self.forwarded_chain = _forwarded_chain(conf)
         # Decision caches by (route id, forward-auth conf): a rebuilt route
         # whose forward-auth is unchanged keeps its decisions; one whose
         # forward-auth changed (or a removed route) loses them with its old
@@ -189,6 +231,7 @@ class Gateway:
         if table is None:
             table = self._build(conf)
         self.conf, self.table = conf, table
+        self.forwarded_chain = _forwarded_chain(conf)
         self._install(conf, table)
 
     def _install(self, conf: GatewayConf, table: "RouteTable[Route]") -> None:

@@ -28,6 +28,7 @@ from fauth.edge.gateway import AuthClients, Gateway
 from fauth.edge.request import BodySink, HardenedRequest
 from fauth.edge.h2 import NegotiatingChannel, alpn_protocols
 from fauth.edge.server import HardenedSite
+from fauth.request.clientaddr import ForwardedChain
 from fauth.request.inbound import BadRequest, InboundRequest, check_encoded
 from fauth.request.lifecycle import when_finished
 from fauth.observe.exchange import Exchange
@@ -183,15 +184,19 @@ def guard(
     d.addErrback(_internal_error, request)
 
 
-def parse_inbound(request: Any, limits: HttpLimits, policy: Optional[str] = None) -> Optional[InboundRequest]:
+def parse_inbound(
+    request: Any, limits: HttpLimits, policy: Optional[str] = None, proxies: Optional[ForwardedChain] = None
+) -> Optional[InboundRequest]:
     """
     The request as fauth sees it, its path normalised as C{limits} say, or
     C{None} after answering 400.  With C{policy}, an ambiguous encoding in
     the path is checked against it (else the caller does, once routed:
     L{encoded_refused}).
+
+    @param proxies: the C{trusted_proxies} (see L{InboundRequest.from_twisted}).
     """
     try:
-        inbound = InboundRequest.from_twisted(request, limits.merge_slashes)
+        inbound = InboundRequest.from_twisted(request, limits.merge_slashes, proxies)
         if policy is not None:
             check_encoded(inbound.encoded, policy)
         return inbound
@@ -312,9 +317,11 @@ class GatewayResource(Resource):
         self.in_flight.track(request)
         exchange = None if self._metrics is None else Exchange(self._metrics, request)
         http = self._gateway.conf.http
-        inbound = parse_inbound(request, http)
+        inbound = parse_inbound(request, http, proxies=self._gateway.forwarded_chain)
         if inbound is None:
             return server.NOT_DONE_YET
+        if exchange is not None and inbound.proxied is not None:
+            exchange.client_addr = inbound.remote_addr
         route = self._gateway.table.match(inbound.method, inbound.host, inbound.path, inbound)
         if route is None:
             send_simple(request, 404, _NOT_FOUND, b"application/json")

@@ -148,6 +148,8 @@ class AccessLog:
                 values = _stored_value(decision, self._user_header)
             if values:
                 user = _quote(values[0].decode("latin-1"))
+        peer = getattr(request.getClientAddress(), "host", None)
+        client = getattr(exchange, "client_addr", None)  # test doubles may lack it
         line = (
             _LINE
             % (
@@ -162,13 +164,16 @@ class AccessLog:
                 exchange.elapsed * 1000.0,
                 request.sentLength,
                 user,
-                _string(getattr(request.getClientAddress(), "host", None)),
+                _string(client or peer),
             )
         ).encode("ascii")
         cookies = getattr(decision, "cookies", None)
         if cookies:
             # The auth service's cookies went to this client (allow_cookies).
             line = line[:-2] + b',"auth_cookies":%d}\n' % len(cookies)
+        if client is not None and client != peer:
+            # trusted_proxies named the client: the proxy it came through too.
+            line = line[:-2] + b',"peer":%s}\n' % _string(peer).encode("ascii")
         tunnel_up = getattr(exchange, "tunnel_up", None)  # test doubles may lack it
         if tunnel_up is not None:
             # A WebSocket tunnel, logged when it closed: "bytes" went to the

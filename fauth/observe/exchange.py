@@ -139,7 +139,7 @@ class Exchange:
     """
 
     __slots__ = (
-        "request", "route", "decision", "auth_s", "upstream_s", "tunnel_up",
+        "request", "route", "decision", "auth_s", "upstream_s", "tunnel_up", "client_addr",
         "_metrics", "_clock", "_start", "_auth_start", "_upstream_start",
     )
 
@@ -155,6 +155,8 @@ class Exchange:
         # Bytes from the client to the upstream through a WebSocket tunnel,
         # once it closed (the other way is the request's sentLength).
         self.tunnel_up: Optional[int] = None
+        # The client behind trusted_proxies, when it is not the peer.
+        self.client_addr: Optional[str] = None
         when_finished(request, self._finished)
 
     @property

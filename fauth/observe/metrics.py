@@ -43,8 +43,17 @@ class _Client(Protocol):
     pool: Any
 
 
+class _AuthNodes(Protocol):
+    label: str
+    calls: Dict[Any, Dict[str, int]]
+    health: Any
+
+
 class _AuthClients(Protocol):
     def clients(self) -> Iterable[_Client]:
+        ...
+
+    def node_sets(self) -> Iterable[_AuthNodes]:
         ...
 
 
@@ -211,6 +220,27 @@ class GatewayCollector:
             if r.cookies:
                 cookies.add_metric([r.route], r.cookies)
         yield cookies
+
+        node_calls = CounterMetricFamily(
+            "fauth_auth_node_calls",
+            "Calls to each node of a forward-auth with nodes (auth: its uri without the query): answered "
+            "(any status), failed (no answer after the request may have been sent; not tried again), "
+            "unreachable (no connection; the next node was tried, if any).",
+            labels=["auth", "node", "result"],
+        )
+        node_up = GaugeMetricFamily(
+            "fauth_auth_node_up",
+            "1 while a node of a forward-auth with nodes may be picked, 0 while its failures or its "
+            "active checks leave it out.",
+            labels=["auth", "node"],
+        )
+        for nodes in sorted(m.gateway.auth_clients.node_sets(), key=lambda n: n.label):
+            for node, results in nodes.calls.items():
+                for result, count in results.items():
+                    node_calls.add_metric([nodes.label, node.netloc, result], count)
+                node_up.add_metric([nodes.label, node.netloc], 1 if nodes.health.usable(node) else 0)
+        yield node_calls
+        yield node_up
 
         failed = GaugeMetricFamily(
             "fauth_route_failed_closed",

@@ -12,6 +12,8 @@ from urllib.parse import unquote_to_bytes
 import attr
 from twisted.web.http_headers import Headers
 
+from fauth.request.clientaddr import ClientAddress, ForwardedChain
+
 __all__ = [
     "AMBIGUOUS",
     "BadRequest",
@@ -223,6 +225,10 @@ class InboundRequest:
     @ivar path: normalised (L{NormalPath.route}); what routes match.
     @ivar query: the raw query string, without C{?}.
     @ivar host: C{$host}: lower-cased, no port.
+    @ivar remote_addr: the client's address: the peer's, or, behind
+        C{trusted_proxies}, the one its forwarded chain names.
+    @ivar proxied: how L{remote_addr} was found when C{trusted_proxies} is
+        set (the upstream's C{X-Forwarded-For} depends on it); else C{None}.
     """
 
     method: str
@@ -243,13 +249,19 @@ class InboundRequest:
     encoded: bool = False
     #: How C{path}'s decoded bytes were read (L{NormalPath.codec}).
     path_codec: str = "utf-8"
+    proxied: Optional[ClientAddress] = None
 
     @classmethod
-    def from_twisted(cls, request: Any, merge_slashes: bool = True) -> "InboundRequest":
+    def from_twisted(
+        cls, request: Any, merge_slashes: bool = True, proxies: Optional[ForwardedChain] = None
+    ) -> "InboundRequest":
         """
         Build from a L{twisted.web.server.Request}, the path normalised
         (L{normalise}); L{check_encoded} is for the caller, once it knows
         the policy (the route's, or the C{http} section's).
+
+        @param proxies: the C{trusted_proxies} whose forwarded chain names
+            the client; C{None}: the peer is the client.
 
         @raise BadRequest: when the target cannot be matched safely.
         """
@@ -288,6 +300,12 @@ class InboundRequest:
             host = _split_host(host_value.decode("latin-1"))
         else:
             host = getattr(server, "host", "") or "localhost"
+        remote_addr = getattr(client, "host", None) or "unix:"
+        remote_port = getattr(client, "port", 0) or 0
+        proxied = None
+        if proxies is not None:
+            proxied = proxies.resolve(remote_addr, remote_port, request.requestHeaders)
+            remote_addr, remote_port = proxied.host, proxied.port
         return cls(
             method=request.method.decode("ascii", "replace"),
             request_uri=uri.decode("latin-1"),
@@ -295,8 +313,8 @@ class InboundRequest:
             query=query.decode("latin-1"),
             host=host,
             scheme="https" if request.isSecure() else "http",
-            remote_addr=getattr(client, "host", None) or "unix:",
-            remote_port=getattr(client, "port", 0) or 0,
+            remote_addr=remote_addr,
+            remote_port=remote_port,
             server_addr=getattr(server, "host", "") or "",
             server_port=getattr(server, "port", 0) or 0,
             headers=request.requestHeaders,
@@ -304,6 +322,7 @@ class InboundRequest:
             target=normal.target + b"?" + query if query else normal.target,
             encoded=normal.encoded,
             path_codec=normal.codec,
+            proxied=proxied,
         )
 
     @property

@@ -23,7 +23,8 @@ from fauth.auth.cookies import merge_into_response
 from fauth.auth.variables import RequestVariables
 from fauth.config import Node, UpstreamConf
 from fauth.config.templates import compile_template
-from fauth.upstream.balancer import Balancer
+from fauth.routing.balancer import Balancer
+from fauth.routing.health import connect_failed
 from fauth.wire.connection import ClientRequest, FileUpload, StreamUpload
 from fauth.wire.h1 import ResponseHead, request_head
 from fauth.wire.headers import HOP_BY_HOP, connection_listed
@@ -64,22 +65,6 @@ _TARGET_OK = re.compile(rb"[\x21-\x7e]+")
 _TARGET_UNSAFE = re.compile(rb"[^\x21-\x7e]")
 
 
-
-
-def connect_failed(failure: Failure) -> bool:
-    """
-    Whether a try failed before any of the request reached the node: the
-    connection (or its TLS handshake) could not be made.  nginx's
-    C{proxy_next_upstream error timeout}, APISIX's default, passes such a
-    request on to the next node; fauth does only this (a body streamed from
-    the client cannot be sent twice, and a request a node began to process
-    must not run twice).
-    """
-    if is_cancellation(failure):
-        return False
-    if failure.check(net_error.ConnectError, net_error.DNSLookupError):
-        return True
-    return describe_failure(failure).startswith("handshake failed")
 
 
 def wire_target(target: bytes) -> bytes:
@@ -387,10 +372,17 @@ class UpstreamProxy:
                 fields.extend([(name, value) for value in values])
             elif lower == b"x-forwarded-for":
                 forwarded = list(values)
-        peer = inbound.remote_addr.encode("latin-1")
+        client = inbound.remote_addr.encode("latin-1")
+        peer = client
+        if inbound.proxied is not None:
+            # trusted_proxies: a trusted peer's chain goes on with the peer
+            # appended; an untrusted peer's is dropped (as Caddy does).
+            peer = (getattr(request.getClientAddress(), "host", None) or "unix:").encode("latin-1")
+            if not inbound.proxied.peer_trusted:
+                forwarded = []
         fields += [
             (b"X-Forwarded-For", b", ".join(forwarded + [peer]) if forwarded else peer),
-            (b"X-Real-IP", peer),
+            (b"X-Real-IP", client),
             (b"X-Forwarded-Proto", inbound.scheme.encode("ascii")),
             (b"X-Forwarded-Host", inbound.host.encode("latin-1")),
             (b"X-Forwarded-Port", b"%d" % inbound.server_port),

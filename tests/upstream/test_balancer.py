@@ -1,5 +1,5 @@
 """
-Node selection (L{fauth.upstream.balancer}) and the retry loop of the
+Node selection (L{fauth.routing.balancer}) and the retry loop of the
 upstream leg (L{fauth.upstream.proxy._Tries}), without sockets.
 """
 from __future__ import annotations
@@ -13,8 +13,9 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from fauth.config import Node, UpstreamConf
-from fauth.upstream.balancer import Balancer, ConsistentHash, LeastConnections, SmoothWeightedRoundRobin
-from fauth.upstream.proxy import _Retries, _Tries, connect_failed
+from fauth.routing.balancer import Balancer, ConsistentHash, LeastConnections, SmoothWeightedRoundRobin
+from fauth.routing.health import connect_failed
+from fauth.upstream.proxy import _Retries, _Tries
 from tests.harness import outcome
 
 A, B, C, D = (Node(h, 80) for h in "abcd")

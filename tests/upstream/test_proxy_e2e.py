@@ -29,7 +29,7 @@ from twisted.web import server
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
-from fauth.upstream.balancer import SmoothWeightedRoundRobin
+from fauth.routing.balancer import SmoothWeightedRoundRobin
 from fauth.config import Node
 from fauth.process.demo import quiet_site
 from tests.harness import GatewayUnderTest, LogCapture, raw_request, start_gateway

@@ -1,14 +1,14 @@
-# -*- test-case-name: tests.upstream.test_balancer,tests.upstream.test_retries_e2e -*-
+# -*- test-case-name: tests.upstream.test_balancer,tests.upstream.test_retries_e2e,tests.auth.test_targets -*-
 """
 Node selection, as APISIX's balancers (C{apisix/balancer/*.lua}): smooth
 weighted round-robin, least connections and consistent hashing, each run
 per node priority (C{apisix/balancer/priority.lua}): a lower priority's
 nodes are picked only once every node of the higher ones was tried for
-that request.
+that request.  Shared by the upstream leg (L{fauth.upstream.proxy}) and
+several auth servers (L{fauth.auth.targets}).
 
 Every picker takes the nodes one request already tried (connection
-failures, see L{fauth.upstream.proxy}) and never picks them again; it
-answers C{None} when none is left.
+failures) and never picks them again; it answers C{None} when none is left.
 """
 from __future__ import annotations
 
