@@ -511,21 +511,30 @@ class HardenedHTTPChannel(http.HTTPChannel):
 
     def checkPersistence(self, request: Any, version: bytes) -> bool:
         """
-        Twisted's rule, plus HTTP/1.0 with C{Connection: keep-alive} (as
-        C{ab -k} sends) kept alive when the request is a L{HardenedRequest},
-        which answers such a request with C{Connection: keep-alive} and a
-        length, or closes when the response has no length.
+        Twisted's rule, read as RFC 9110 7.6.1 says: the C{Connection}
+        options of every field line, split on commas (Twisted reads only the
+        first line, split on spaces, so C{Connection: x} then C{Connection:
+        close}, or C{keep-alive,close}, kept the connection open).  Plus
+        HTTP/1.0 with C{Connection: keep-alive} (as C{ab -k} sends) kept
+        alive when the request is a L{HardenedRequest}, which answers such a
+        request with C{Connection: keep-alive} and a length, or closes when
+        the response has no length.
         """
+        tokens = {
+            token.strip(b" \t").lower()
+            for value in request.requestHeaders.getRawHeaders(b"connection", [])
+            for token in value.split(b",")
+        }
+        if version == b"HTTP/1.1":
+            if b"close" in tokens:
+                request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+                return False
+            return True
         if version == b"HTTP/1.0" and isinstance(request, HardenedRequest):
-            tokens = {
-                token.strip(b" \t").lower()
-                for value in request.requestHeaders.getRawHeaders(b"connection", [])
-                for token in value.split(b",")
-            }
             if b"keep-alive" in tokens and b"close" not in tokens:
                 request.keep_alive_http10 = True
                 return True
-        return bool(super().checkPersistence(request, version))
+        return False
 
     # -- phases --------------------------------------------------------------
 

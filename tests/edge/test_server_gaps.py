@@ -83,6 +83,28 @@ async def test_http10_without_keep_alive_still_closes(env: HostileEnv) -> None:
     assert len(_heads(raw)) == 1, raw
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        (b"Connection: x-trace", b"Connection: close"),  # Twisted reads the first line only
+        (b"Connection: keep-alive,close",),  # and splits on spaces, not commas
+        (b"Connection: Close",),
+    ],
+    ids=["second-line", "no-space", "case"],
+)
+@ensureDeferred
+async def test_connection_close_is_honoured_wherever_it_stands(env: HostileEnv, fields: Any) -> None:
+    started = time.monotonic()
+    first = request(b"/public/x", headers=(b"Host: gw.test",) + fields)
+    raw = await env.send(first + request(b"/public/y", headers=(b"Host: gw.test",)), timeout=8.0)
+    heads = _heads(raw)
+    assert len(heads) == 1, raw
+    assert b"\r\nConnection: close" in heads[0], heads[0]
+    assert [hit["uri"] for hit in env.public.hits] == [b"/public/x"]
+    # Closed by the gateway after the answer, not by the client's timeout.
+    assert time.monotonic() - started < 5.0
+
+
 # ---------------------------------------------------------------------------
 # Chunked trailers
 
