@@ -46,7 +46,7 @@ class HeaderRules:
     exact: Tuple[Tuple[bytes, bytes], ...] = ()
     pattern: Optional[Pattern[bytes]] = None
 
-    def matching(self, names: Iterable[Tuple[bytes, List[bytes]]]) -> List[Tuple[bytes, Tuple[bytes, ...]]]:
+    def matching(self, names: Iterable[Tuple[bytes, Sequence[bytes]]]) -> List[Tuple[bytes, Tuple[bytes, ...]]]:
         """The C{(name, values)} of C{names} that the patterns pick (never a L{RESERVED} name)."""
         pattern = self.pattern
         if pattern is None:

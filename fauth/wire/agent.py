@@ -328,7 +328,7 @@ class _PlainResponse(proxyForInterface(IResponse)):  # type: ignore[misc]
     def __init__(self, original: IResponse) -> None:
         self.original = original
         self.sent_headers = ReplyHeaders(
-            {name.lower(): list(values) for name, values in original.headers.getAllRawHeaders()}
+            {name.lower(): tuple(values) for name, values in original.headers.getAllRawHeaders()}
         )
         self._protocol: Optional[IProtocol] = None
 

@@ -14,7 +14,7 @@ and split into lines once, and each of those is a L{ParseError}
 from __future__ import annotations
 
 import re
-from typing import Dict, FrozenSet, Iterable, List, Optional, Tuple
+from typing import Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from twisted.web._newclient import ParseError
 from twisted.web.iweb import UNKNOWN_LENGTH
@@ -77,18 +77,22 @@ def _status(line: bytes) -> Tuple[bytes, int, bytes]:
 
 
 class ReplyHeaders:
-    """A response's end-to-end headers: lower-case name to values, in arrival order."""
+    """
+    A response's end-to-end headers: lower-case name to values, in arrival
+    order.  Read-only: a parsed head may be shared by every response that
+    sent the same bytes (L{parse_head}).
+    """
 
     __slots__ = ("_map",)
 
-    def __init__(self, fields: Optional[Dict[bytes, List[bytes]]] = None) -> None:
+    def __init__(self, fields: Optional[Mapping[bytes, Sequence[bytes]]] = None) -> None:
         self._map = fields if fields is not None else {}
 
-    def get(self, name: bytes) -> Optional[List[bytes]]:
+    def get(self, name: bytes) -> Optional[Sequence[bytes]]:
         """Every value of C{name} (any case), or C{None}."""
         return self._map.get(name.lower())
 
-    def items(self) -> Iterable[Tuple[bytes, List[bytes]]]:
+    def items(self) -> Iterable[Tuple[bytes, Sequence[bytes]]]:
         """C{(lower-case name, values)} pairs."""
         return self._map.items()
 
@@ -156,14 +160,36 @@ def find_head_end(buffer: bytes) -> int:
     return crlf + 3
 
 
+# Heads parsed lately, by their bytes.  A backend answers most requests with
+# the same head but for Date, which changes once a second, so nearly every
+# head is one seen before; a head is immutable (ReplyHeaders is read-only,
+# its values tuples), so one object serves every response that sent it.
+_PARSED: Dict[bytes, "ResponseHead"] = {}
+_PARSED_MAX = 256
+_PARSED_MAX_SIZE = 2048  # bigger heads are rare, and often unique (cookies)
+
+
 def parse_head(block: bytes, method: bytes) -> ResponseHead:
     """
     Parse C{block}, a whole head up to and including its blank line, of the
-    response to a C{method} request.
+    response to a C{method} request.  The result is shared and must not be
+    changed.
 
     @raise ParseError: what is wrong with it (first argument) and the
         offending bytes (second).
     """
+    if method == b"HEAD" or len(block) > _PARSED_MAX_SIZE:
+        return _parse_head(block, method)
+    head = _PARSED.get(block)
+    if head is None:
+        head = _parse_head(block, method)  # a ParseError is not kept: it costs a parse each time
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        _PARSED[block] = head
+    return head
+
+
+def _parse_head(block: bytes, method: bytes) -> ResponseHead:
     newline = block.find(b"\n")
     status_line = block[:newline]
     known = _KNOWN_STATUS.get(status_line)
@@ -226,7 +252,8 @@ def parse_head(block: bytes, method: bytes) -> ResponseHead:
     else:
         length = UNKNOWN_LENGTH
         keep_alive = False  # the body ends with the connection
-    return ResponseHead(status, reason, ReplyHeaders(headers), length, chunked, keep_alive, connection)
+    frozen = {name: tuple(values) for name, values in headers.items()}
+    return ResponseHead(status, reason, ReplyHeaders(frozen), length, chunked, keep_alive, connection)
 
 
 _NO_TOKENS: FrozenSet[bytes] = frozenset()

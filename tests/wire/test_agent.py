@@ -329,15 +329,15 @@ def test_the_deferred_fires_with_the_response_once_the_head_is_in() -> None:
     assert response.headers.getRawHeaders(b"x-y") == [b"z"]
     assert response.headers.getRawHeaders(b"set-cookie") == [b"a=1", b"b=2"]
     assert isinstance(response.sent_headers, ReplyHeaders)
-    assert response.sent_headers.get(b"X-Y") == [b"z"]
-    assert response.sent_headers.get(b"set-cookie") == [b"a=1", b"b=2"]
+    assert response.sent_headers.get(b"X-Y") == (b"z",)
+    assert response.sent_headers.get(b"set-cookie") == (b"a=1", b"b=2")
     assert (response.request.method, response.request.absoluteURI) == (b"GET", URL)
     assert as_sent(response) is response
     # The two are separate: a wrapper changing one leaves the other as sent.
     response.headers.removeHeader(b"x-y")
     response.headers.addRawHeader(b"set-cookie", b"c=3")
-    assert response.sent_headers.get(b"x-y") == [b"z"]
-    assert response.sent_headers.get(b"set-cookie") == [b"a=1", b"b=2"]
+    assert response.sent_headers.get(b"x-y") == (b"z",)
+    assert response.sent_headers.get(b"set-cookie") == (b"a=1", b"b=2")
 
 
 def test_body_arriving_before_deliver_body_is_kept_and_delivered_in_order() -> None:
@@ -535,7 +535,7 @@ def test_treq_sends_exactly_the_prepared_fields_and_relays_a_gzip_answer_as_sent
     assert raw.code == 401
     # treq's wrapper took Content-Encoding off the Headers; what was sent still says gzip.
     assert not response.headers.hasHeader(b"content-encoding")
-    assert raw.sent_headers.get(b"content-encoding") == [b"gzip"]
+    assert raw.sent_headers.get(b"content-encoding") == (b"gzip",)
     chunks: List[bytes] = []
     done = outcome(treq.collect(raw, chunks.append))
     assert done == [None]
@@ -552,7 +552,7 @@ def test_treq_answer_without_content_encoding_is_relayed_without_one() -> None:
     raw = as_sent(response)
     assert isinstance(raw, StrictResponse)
     assert b"content-encoding" not in raw.sent_headers
-    assert raw.sent_headers.get(b"x-user") == [b"u"]
+    assert raw.sent_headers.get(b"x-user") == (b"u",)
     if (twisted.version.major, twisted.version.minor) == (26, 10):
         # ContentDecoderAgent puts back an empty one on an answer that had none.
         assert response.headers.getRawHeaders(b"content-encoding") == [b""]
@@ -688,12 +688,12 @@ def test_a_plain_pool_response_is_wrapped_with_its_headers_as_sent() -> None:
     assert isinstance(response, _PlainResponse)
     assert as_sent(response) is response
     assert (response.code, response.phrase, response.length) == (403, b"Nope", 3)
-    assert response.sent_headers.get(b"X-Y") == [b"z", b"w"]
+    assert response.sent_headers.get(b"X-Y") == (b"z", b"w")
     response.headers.addRawHeader(b"x-y", b"v")
-    assert response.sent_headers.get(b"x-y") == [b"z", b"w"]
+    assert response.sent_headers.get(b"x-y") == (b"z", b"w")
     response.headers.removeHeader(b"x-y")
     assert not response.original.headers.hasHeader(b"x-y")
-    assert response.sent_headers.get(b"x-y") == [b"z", b"w"]
+    assert response.sent_headers.get(b"x-y") == (b"z", b"w")
     body = Body()
     response.deliverBody(body)
     assert body.data == b"abc"
@@ -731,7 +731,7 @@ def test_treq_over_a_plain_pool_relays_the_answer_as_sent() -> None:
     )
     raw = as_sent(result[0])
     assert isinstance(raw, _PlainResponse)
-    assert raw.sent_headers.get(b"content-encoding") == [b"gzip"]
+    assert raw.sent_headers.get(b"content-encoding") == (b"gzip",)
     assert not result[0].headers.hasHeader(b"content-encoding")
     chunks: List[bytes] = []
     outcome(treq.collect(raw, chunks.append))

@@ -247,7 +247,7 @@ def test_collect_content_length_in_pieces() -> None:
     connection.dataReceived(wire[-1:])
     reply = sink.reply
     assert (reply.status, reply.body) == (200, b"hello world")
-    assert reply.headers.get(b"x-answer") == [b"yes", b"again"]
+    assert reply.headers.get(b"x-answer") == (b"yes", b"again")
     assert b"content-length" not in reply.headers
     assert sink.producer is connection
     assert pooled == [connection] and connection.state == "QUIESCENT"
@@ -285,7 +285,7 @@ def test_collect_body_until_close(status_line: bytes) -> None:
     assert only(results) is sink and sink.done == []
     lost(connection)
     reply = sink.reply
-    assert (reply.status, reply.body, reply.headers.get(b"x-a")) == (200, b"until the end", [b"1"])
+    assert (reply.status, reply.body, reply.headers.get(b"x-a")) == (200, b"until the end", (b"1",))
     assert pooled == [] and connection.state == "CONNECTION_LOST"
 
 
@@ -307,7 +307,7 @@ def test_head_answer_keeps_content_length() -> None:
     connection, _, _ = connect()
     sink, _ = send(connection, b"HEAD")
     connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n")
-    assert sink.reply.headers.get(b"content-length") == [b"1234"]
+    assert sink.reply.headers.get(b"content-length") == (b"1234",)
 
 
 # -- reuse
@@ -690,7 +690,7 @@ def test_stream_body_to_a_sink() -> None:
     assert result is sink.started  # what body_start returned
     assert events_then == [("start", connection)]
     head = only(sink.heads)
-    assert (head.status, head.reason, head.length, head.headers.get(b"x-a")) == (200, b"OK", 11, [b"1"])
+    assert (head.status, head.reason, head.length, head.headers.get(b"x-a")) == (200, b"OK", 11, (b"1",))
     assert sink.events == [("start", connection), ("data", b"first")]
     connection.dataReceived(b"secon")
     assert sink.events[-1] == ("data", b"secon") and sink.done == []
@@ -729,7 +729,7 @@ def test_stream_no_body() -> None:
     results = outcome(connection.request(ClientRequest(b"HEAD", GET, sink)))
     connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
     assert only(results) is sink.started
-    assert only(sink.heads).headers.get(b"content-length") == [b"5"]
+    assert only(sink.heads).headers.get(b"content-length") == (b"5",)
     assert sink.events == [("start", connection), ("done", None)]
     assert pooled == [connection]
 
