@@ -15,7 +15,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints, tcp, unix
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.web import _newclient, client, http, server
+from twisted.web import _newclient, client, http, http_headers, server
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
@@ -62,6 +62,10 @@ from fauth.wire.agent import BytesBody, NoCookies, PreEncodedURL, PreparedHeader
         (client.HTTPConnectionPool, "_removeConnection"),
         (client, "_HTTP11ClientFactory"),
         (_newclient, "Request"),
+        # fauth.wire.agent: an answer's Headers made from its parsed head
+        (http_headers.Headers, "_rawHeaders"),
+        # fauth.wire.agent: AnswerHeaders makes Headers' one slot on first use
+        (http_headers.Headers, "_rawHeaders"),
         # fauth.config, fauth.process.service, fauth.process.sockets
         (endpoints, "_parseServer"),
         (StreamServerEndpointService, "_raiseSynchronously"),

@@ -186,6 +186,17 @@ class BytesBody:
         pass
 
 
+def _twisted_headers(answer: ReplyHeaders) -> Headers:
+    """
+    C{answer} as a Twisted L{Headers} of its own, names and values not
+    checked again: they were parsed, and are in Twisted's spelling (a head
+    seen before already knows it).
+    """
+    headers = Headers()
+    headers._rawHeaders = {name: list(values) for name, values in answer.canonical().items()}
+    return headers
+
+
 @implementer(IClientRequest)
 class _SentRequest:
     __slots__ = ("method", "absoluteURI", "headers")
@@ -238,7 +249,7 @@ class StrictResponse:
         self.phrase = head.reason
         self.length = head.length
         self.sent_headers = head.headers
-        self.headers = Headers(dict(head.headers.items()))
+        self.headers = _twisted_headers(head.headers)
         return self
 
     def body_data(self, data: bytes) -> None:

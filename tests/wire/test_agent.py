@@ -736,3 +736,23 @@ def test_treq_over_a_plain_pool_relays_the_answer_as_sent() -> None:
     chunks: List[bytes] = []
     outcome(treq.collect(raw, chunks.append))
     assert b"".join(chunks) == compressed
+
+
+def test_an_answers_twisted_headers_are_its_own_and_as_twisted_makes_them() -> None:
+    clock = Clock()
+    block = b"HTTP/1.1 200 OK\r\nX-User-ID: u\r\nSet-Cookie: a=1\r\nset-cookie: b=2\r\nwww-authenticate: x\r\nContent-Length: 0\r\n\r\n"
+    answers = []
+    for _ in range(2):  # the second one's head is the first's, parsed once
+        setup = Setup(StrictConnectionPool(clock), clock)
+        result = setup.request(headers=PreparedHeaders(WIRE))
+        setup.connection.dataReceived(block)
+        answers.append(result[0])
+    first, second = answers
+    expected = Headers({b"x-user-id": [b"u"], b"set-cookie": [b"a=1", b"b=2"], b"www-authenticate": [b"x"]})
+    assert first.headers == expected and second.headers == expected
+    assert first.sent_headers is second.sent_headers
+    assert sorted(first.headers.getAllRawHeaders()) == sorted(expected.getAllRawHeaders())  # Twisted's spelling
+    first.headers.addRawHeader(b"set-cookie", b"c=3")
+    first.headers.removeHeader(b"x-user-id")
+    assert second.headers == expected
+    assert first.sent_headers.get(b"set-cookie") == (b"a=1", b"b=2")
