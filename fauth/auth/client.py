@@ -12,7 +12,7 @@ read through treq under a 1 MiB cap.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Tuple, cast
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple, Union, cast
 from urllib.parse import urlsplit
 
 import attr
@@ -214,8 +214,11 @@ class AuthClient:
         return self._own_pool.close()
 
 
-def _read(response: IResponse) -> "Deferred[Reply]":
-    """The answer as the auth service sent it, its body read through treq, at most 1 MiB."""
+def _read(response: IResponse) -> "Union[Reply, Failure, Deferred[Reply]]":
+    """
+    The answer as the auth service sent it, its body read through treq, at
+    most 1 MiB: at once when the body is in already, else when it is.
+    """
     raw = as_sent(response)
     chunks = []
     size = 0
@@ -227,6 +230,15 @@ def _read(response: IResponse) -> "Deferred[Reply]":
             raise BodyTooLarge()
         chunks.append(data)
 
+    reading = treq.collect(raw, collect)
+    if reading.called:
+        # The whole body came with the head (as most auth answers do): no
+        # Deferred to wait on.
+        outcome: List[Any] = []
+        reading.addBoth(outcome.append)
+        (result,) = outcome
+        return result if isinstance(result, Failure) else Reply(raw.code, raw.sent_headers, b"".join(chunks))
+
     def settle(result: Any) -> None:
         if read.called:
             return  # cancelled: the stopped body's end is nobody's news
@@ -237,5 +249,5 @@ def _read(response: IResponse) -> "Deferred[Reply]":
 
     # treq's Deferred has no canceller: cancelling this one stops the body.
     read: Deferred = Deferred(lambda _: raw.stop())
-    treq.collect(raw, collect).addBoth(settle)
+    reading.addBoth(settle)
     return read

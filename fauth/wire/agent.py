@@ -441,7 +441,7 @@ class PoolAgent:
             framing += ((b"Content-Length", b"0"),)
         head = request_head(method, target.target, framing + tuple(fields))
         response = StrictResponse(_SentRequest(method, uri, headers))
-        request = ClientRequest(method, head, response, body, persistent=persistent)
+        request = ClientRequest(method, head, response, body, persistent=persistent, sink_keeps_body=True)
         return self._connector.send(target.key, target.endpoint, request)
 
     def _plain(

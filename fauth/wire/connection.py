@@ -105,9 +105,14 @@ class ClientRequest:
     @ivar persistent: the connection may be pooled afterwards.
     @ivar bodyProducer: what Twisted's pool reads to decide on a retry (a
         request with a body is never sent again); C{None} without a body.
+    @ivar sink_keeps_body: the sink keeps body bytes until its reader asks
+        for them (L{fauth.wire.agent.StrictResponse}): the body that came
+        with the head is passed on before the request's Deferred fires, so
+        an answer whole in one read is complete before its caller hears of
+        it, and nobody waits on its body.
     """
 
-    __slots__ = ("method", "head", "body", "upload", "sink", "persistent", "bodyProducer")
+    __slots__ = ("method", "head", "body", "upload", "sink", "persistent", "bodyProducer", "sink_keeps_body")
 
     def __init__(
         self,
@@ -117,6 +122,7 @@ class ClientRequest:
         body: Optional[bytes] = None,
         upload: Optional["FileUpload"] = None,
         persistent: bool = True,
+        sink_keeps_body: bool = False,
     ) -> None:
         self.method = method
         self.head = head
@@ -124,6 +130,7 @@ class ClientRequest:
         self.upload = upload
         self.sink = sink
         self.persistent = persistent
+        self.sink_keeps_body = sink_keeps_body
         self.bodyProducer = upload if upload is not None else body
 
 
@@ -446,6 +453,17 @@ class ClientConnection(Protocol):
         self._decoder = ChunkedDecoder() if head.chunked else None
         length = head.length  # an int, or UNKNOWN_LENGTH
         self._remaining = length if isinstance(length, int) else None
+        if request.sink_keeps_body:
+            result = request.sink.body_start(self, head)
+            if self._remaining == 0:
+                self._complete(buffer)
+            elif buffer:
+                self._body_received(buffer)
+            # (A body that fails in there fails the Deferred instead: _fail.)
+            d, self._deferred = self._deferred, None
+            if d is not None:
+                d.callback(result)
+            return
         # Taken first: a sink that stops the body at once is told so itself.
         d, self._deferred = self._deferred, None
         result = request.sink.body_start(self, head)

@@ -707,3 +707,26 @@ async def test_extra_header_overrides_generated_x_forwarded_host(env: Env) -> No
     reply = await request(gw, headers=[("X-Forwarded-Host", "client.example")])
     assert reply.status == 200
     assert auth.requests[0].values(b"x-forwarded-host") == [b"override"]
+
+
+def test_a_body_after_the_head_is_waited_for_and_one_with_it_is_not() -> None:
+    from twisted.internet.task import Clock
+
+    from tests.harness import outcome
+    from tests.wire.test_agent import MemoryEndpoint
+
+    clock = Clock()
+    client = AuthClient(clock, AuthTarget.parse("http://127.0.0.1:9/", True))
+    endpoint = MemoryEndpoint()
+    client._http._agent._connector._endpoints[(b"http", b"127.0.0.1", 9)] = endpoint
+    fields = ((b"Host", b"127.0.0.1:9"),)
+    later = outcome(client.call("GET", fields, None, 3.0))
+    (connection,) = endpoint.connections
+    connection.dataReceived(b"HTTP/1.1 403 No\r\nContent-Length: 6\r\n\r\nden")
+    assert later == []
+    connection.dataReceived(b"ied")
+    assert [(r.status, r.body) for r in later] == [(403, b"denied")]
+    at_once = outcome(client.call("GET", fields, None, 3.0))
+    connection.dataReceived(b"HTTP/1.1 200 OK\r\nX-User: u\r\nContent-Length: 0\r\n\r\n")
+    assert [(r.status, r.headers.get(b"x-user"), r.body) for r in at_once] == [(200, (b"u",), b"")]
+    assert clock.getDelayedCalls() != [] and all(not c.func.__name__ == "expire" for c in clock.getDelayedCalls())

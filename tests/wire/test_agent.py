@@ -756,3 +756,31 @@ def test_an_answers_twisted_headers_are_its_own_and_as_twisted_makes_them() -> N
     first.headers.removeHeader(b"x-user-id")
     assert second.headers == expected
     assert first.sent_headers.get(b"set-cookie") == (b"a=1", b"b=2")
+
+
+def test_an_answer_whole_in_one_read_is_complete_when_its_deferred_fires() -> None:
+    setup = Setup()
+    seen: List[Any] = []
+
+    def fired(response: Any) -> None:
+        # The connection is back in the pool, and the body is all there.
+        seen.append(setup.pool.connection_counts())
+        body = Body()
+        response.deliverBody(body)
+        seen.append(body.events)
+
+    d = setup.agent.request(b"GET", URL, PreparedHeaders(WIRE))
+    d.addCallback(fired)
+    setup.connection.dataReceived(b"HTTP/1.1 403 No\r\nContent-Length: 6\r\n\r\ndenied")
+    counts, events = seen
+    assert list(counts.values()) == [(1, 0)]
+    assert events[-2][1] == b"denied" and events[-1][1].check(ResponseDone)
+
+
+def test_a_body_broken_in_the_read_that_brought_the_head_fails_the_request() -> None:
+    setup = Setup()
+    results = setup.request(headers=PreparedHeaders(WIRE))
+    setup.connection.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nnope\r\n")
+    (failure,) = results
+    assert isinstance(failure, Failure) and failure.check(ResponseFailed)
+    assert setup.connection.transport.disconnecting or setup.connection.state == "CLOSING"
