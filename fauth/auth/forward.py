@@ -175,9 +175,9 @@ class ForwardAuth:
         if self._bad_name:
             raise HeaderError("invalid characters found in header key")
         fields = tuple(table.values())
-        for _, value in fields:
-            if CTL.search(value) is not None:
-                raise HeaderError("invalid characters found in header value")
+        # One search over every value (a tab, which values may hold, between them).
+        if CTL.search(b"\t".join([value for _, value in fields])) is not None:
+            raise HeaderError("invalid characters found in header value")
         return fields
 
 
@@ -363,10 +363,12 @@ class ForwardAuth:
 
     def _interpret(self, reply: Reply) -> Decision:
         if reply.status < 300:
-            set_headers = tuple(
-                (name, _tuple_or_none(reply.headers.get(source)))
-                for source, name in self._upstream_headers
-            )
+            found = reply.headers.get
+            given: List[Tuple[bytes, Optional[Tuple[bytes, ...]]]] = []
+            for source, name in self._upstream_headers:
+                values = found(source)
+                given.append((name, tuple(values) if values else None))
+            set_headers = tuple(given)
             if self._upstream_pattern is not None:
                 set_headers += tuple(self._upstream_rules.matching(reply.headers.items()))
             return Allow(
@@ -458,7 +460,3 @@ def _lookup_names(name: str) -> Tuple[bytes, ...]:
     exact = name.encode("utf-8")
     folded = name.lower().replace("_", "-").encode("utf-8")
     return (exact,) if folded == exact.lower() else (exact, folded)
-
-
-def _tuple_or_none(values: Optional[Sequence[bytes]]) -> Optional[Tuple[bytes, ...]]:
-    return tuple(values) if values else None

@@ -87,7 +87,6 @@ class StrictConnectionPool(HTTPConnectionPool):
         self._opened: Dict[Hashable, "weakref.WeakSet[ClientConnection]"] = {}
         self._closed = False
         self._limits: Dict[Hashable, Tuple[int, float, int]] = {}
-        self._served: "weakref.WeakKeyDictionary[ClientConnection, int]" = weakref.WeakKeyDictionary()
 
     def limit(self, key: Hashable, size: int, idle_timeout: float, requests: int) -> None:
         """
@@ -104,11 +103,10 @@ class StrictConnectionPool(HTTPConnectionPool):
         if limits is None:
             return super()._putConnection(key, connection)
         size, idle_timeout, requests = limits
-        served = self._served.get(connection, 0) + 1
-        if served >= requests:
+        connection.served += 1
+        if connection.served >= requests:
             connection.transport.loseConnection()
             return None
-        self._served[connection] = served
         # Twisted's own, with this target's limits in place of the pool's.
         default = self.maxPersistentPerHost, self.cachedConnectionTimeout
         self.maxPersistentPerHost, self.cachedConnectionTimeout = size, idle_timeout  # type: ignore[assignment]
