@@ -149,9 +149,10 @@ def request_head(method: bytes, target: bytes, fields: Iterable[Tuple[bytes, byt
     C{method target HTTP/1.1}, the fields, the blank line.  Names and values
     must already be checked (no CR or LF): they are copied as they are.
     """
-    return b"".join(
-        [b"%s %s HTTP/1.1\r\n" % (method, target)] + [b"%s: %s\r\n" % field for field in fields] + [b"\r\n"]
-    )
+    lines = b"\r\n".join(map(b": ".join, fields))  # C-level joins, no loop in Python
+    if not lines:
+        return b"%s %s HTTP/1.1\r\n\r\n" % (method, target)
+    return b"%s %s HTTP/1.1\r\n%s\r\n\r\n" % (method, target, lines)
 
 
 def find_head_end(buffer: bytes) -> int:
