@@ -14,6 +14,10 @@ from twisted.web.http_headers import Headers
 from fauth.config.headerrules import HeaderRules, fold
 from fauth.wire.h1 import ReplyHeaders
 
+# An int needle: CPython's bytes "in" tries a bytes needle as an int first,
+# raising and clearing a TypeError each time (about four times the cost).
+_UNDERSCORE = ord("_")
+
 __all__ = ["AUTH_SERVER", "Allow", "AuthServer", "Decision", "Degrade", "Preflight", "Respond"]
 
 
@@ -53,7 +57,7 @@ class Allow:
             return
         folded = {fold(name) for name, _ in self.set_headers}
         for raw_name, _ in list(headers.getAllRawHeaders()):
-            if (b"_" in raw_name and fold(raw_name) in folded) or (strip is not None and strip.strips(raw_name)):
+            if (_UNDERSCORE in raw_name and fold(raw_name) in folded) or (strip is not None and strip.strips(raw_name)):
                 headers.removeHeader(raw_name)
         # "Connection: X-User-ID" would make the proxy drop the auth's value
         # as hop-by-hop: such tokens go, the rest of Connection stays.

@@ -54,6 +54,9 @@ _CONNECTION_CONTROL = frozenset(
     ]
 )
 _NO_BODY_STATUS = frozenset([204, 304])
+# An int needle: CPython's bytes "in" tries a bytes needle as an int first,
+# raising and clearing a TypeError each time.
+_CR = ord("\r")
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?\r?")
 # What a header block may hold besides its names' token characters and
@@ -213,7 +216,7 @@ def _parse_head(block: bytes, method: bytes) -> ResponseHead:
     # bare one); then a colon on every line, and only token characters in
     # the names.  Only a head that fails is looked at line by line, for
     # the message (_explain).
-    text = fields.replace(b"\r\n", b"\n") if b"\r" in fields else fields
+    text = fields.replace(b"\r\n", b"\n") if _CR in fields else fields
     if text.translate(None, _VALUE_OR_LF):
         _explain(fields)
     lines = text.split(b"\n")
