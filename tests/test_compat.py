@@ -291,3 +291,15 @@ def test_a_request_calls_back_its_notifications_when_finished_and_errs_them_back
     lost.connectionLost(reason)
     assert done.calls == [("callback", None)]
     assert gone.calls == [("errback", reason)]
+
+
+def test_headers_keep_their_values_in_raw_headers_under_the_canonical_name() -> None:
+    # fauth.edge.resources.GatewayRequest.process puts Server and Date
+    # straight into a new response's Headers._rawHeaders.
+    from twisted.web.http_headers import Headers
+
+    headers = Headers()
+    headers._rawHeaders[b"Server"] = [b"TwistedWeb/x"]
+    headers.setRawHeaders(b"date", [b"Mon, 07 Dec 2026 19:35:30 GMT"])
+    assert headers.getRawHeaders(b"server") == [b"TwistedWeb/x"]
+    assert list(headers._rawHeaders) == [b"Server", b"Date"]

@@ -77,8 +77,12 @@ class GatewayRequest(HardenedRequest):
             server.Request.process(self)
             return
         self.site = site
-        self.setHeader(b"Server", server.version)
-        self.setHeader(b"Date", _http_date())
+        # What Twisted's process sets, straight into the (still empty)
+        # response headers under their canonical names: setHeader would
+        # canonicalise and sanitise two constants on every request.
+        raw = self.responseHeaders._rawHeaders
+        raw[b"Server"] = [server.version]
+        raw[b"Date"] = [_http_date()]
         self.prepath = []
         self.postpath = []
         self.sitepath: List[bytes] = []
@@ -86,7 +90,9 @@ class GatewayRequest(HardenedRequest):
             self._handleStar()
             return
         try:
-            self.render(site.resource)
+            # Not through Request.render: GatewayResource.render answers
+            # every method itself and always returns NOT_DONE_YET.
+            site.resource.render(self)
         except BaseException:
             self.processingFailed(Failure())
 
