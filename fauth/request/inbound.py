@@ -6,7 +6,7 @@ target, the normalised path routes match on, the host, the peer.
 from __future__ import annotations
 
 import re
-from typing import Any, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 from urllib.parse import unquote_to_bytes
 
 import attr
@@ -216,6 +216,13 @@ def _split_host(value: str) -> str:
     return host[:-1] if host.endswith(".") else host
 
 
+#: Host values seen already (valid ones), and their L{_split_host}: clients
+#: send the same Host on every request.  Bounded as Twisted bounds its cache
+#: of header names: made-up names fill it once, then cost what they did.
+_known_hosts: Dict[bytes, str] = {}
+_MAX_KNOWN_HOSTS = 1000
+
+
 @attr.s(slots=True, auto_attribs=True)
 class InboundRequest:
     """
@@ -267,13 +274,16 @@ class InboundRequest:
         """
         uri: bytes = request.uri
         hosts = request.requestHeaders.getRawHeaders(b"host")
+        known: Optional[str] = None
         if hosts is None:
             if request.clientproto == b"HTTP/1.1":
                 raise BadRequest("HTTP/1.1 request without Host")
         elif len(hosts) > 1:
             raise BadRequest("more than one Host")
-        elif not _HOST.match(hosts[0]):
-            raise BadRequest("invalid Host")
+        else:
+            known = _known_hosts.get(hosts[0])
+            if known is None and not _HOST.match(hosts[0]):
+                raise BadRequest("invalid Host")
         if uri[:1] != b"/":
             # Absolute form: the authority wins over Host (RFC 9112 3.2.2).
             if uri[:7].lower() == b"http://" or uri[:8].lower() == b"https://":
@@ -288,16 +298,23 @@ class InboundRequest:
                 # pass_host "pass") sees the authority, never a Host header
                 # that disagrees with it.
                 request.requestHeaders.setRawHeaders(b"host", [authority])
+                known = None
+                from_header = False
             else:
                 raise BadRequest("unsupported request target")
         else:
             host_value = hosts[0] if hosts else None
+            from_header = True
         raw_path, _, query = uri.partition(b"?")
         normal = normalise(raw_path, merge_slashes)
         client = request.getClientAddress()
         server = request.getHost()
-        if host_value:
+        if known is not None:
+            host = known
+        elif host_value:
             host = _split_host(host_value.decode("latin-1"))
+            if from_header and len(_known_hosts) < _MAX_KNOWN_HOSTS:
+                _known_hosts[host_value] = host
         else:
             host = getattr(server, "host", "") or "localhost"
         remote_addr = getattr(client, "host", None) or "unix:"
