@@ -38,6 +38,11 @@ _OVERLONG = re.compile(rb"[\xc0\xc1]|\xe0[\x80-\x9f]|\xf0[\x80-\x8f]")
 _HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=]*)(:[0-9]*)?\Z")
 # A path is visible ASCII (RFC 9112 3.2; an HTTP/2 :path is checked here too).
 _VISIBLE = re.compile(rb"/[\x21-\x7e]*\Z")
+# A path that needs no work, found in one pass (the common case): visible
+# ASCII but %, ;, backslash and # in segments starting with neither "." nor
+# "/" (no dot segment, no empty one but the last).  Also cheaper in CPython 3.11
+# than `b";" in raw`, which raises and clears a TypeError each time.
+_PLAIN = re.compile(rb"(?:/(?![./])[\x21\x22\x24\x26-\x2e\x30-\x3a\x3c-\x5b\x5d-\x7e]*)+\Z")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 # RFC 3986 2.3: their encodings are the characters themselves.
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
@@ -91,6 +96,8 @@ def normalise(raw: bytes, merge_slashes: bool = True) -> NormalPath:
         ambiguous encoding (C{..%2F}, C{..%3B}, C{.%00}), whatever the
         policy: decoded by a lax reader it climbs.
     """
+    if _PLAIN.match(raw) is not None:
+        return NormalPath(raw.decode("ascii"), raw, False)
     if _VISIBLE.match(raw) is None:
         raise BadRequest("request target must start with / and be visible ASCII")
     if b";" in raw:
@@ -99,8 +106,6 @@ def normalise(raw: bytes, merge_slashes: bool = True) -> NormalPath:
         raise BadRequest("backslash in path")
     if b"#" in raw:
         raise BadRequest("fragment (#) in request target")
-    if b"%" not in raw and b"/." not in raw and b"//" not in raw:
-        return NormalPath(raw.decode("ascii"), raw, False)
     parts = raw.split(b"/")[1:]
     last = len(parts) - 1
     routes: List[bytes] = []
