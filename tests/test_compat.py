@@ -264,3 +264,46 @@ def _source(function: Any) -> str:
     import inspect
 
     return inspect.getsource(function)
+
+
+def test_a_request_calls_back_its_notifications_when_finished_and_errs_them_back_when_lost() -> None:
+    # fauth.request.lifecycle.when_finished puts its own object in
+    # Request.notifications (a documented instance variable) rather than a
+    # Deferred from notifyFinish: Twisted calls callback(None) on each entry
+    # when the response is finished and errback(reason) when the connection
+    # is lost first, and nothing else.
+    from twisted.internet.error import ConnectionLost
+    from twisted.python.failure import Failure
+    from twisted.web.test.requesthelper import DummyChannel
+
+    class Entry:
+        def __init__(self) -> None:
+            self.calls: List[Tuple[str, Any]] = []
+
+        def callback(self, result: Any) -> None:
+            self.calls.append(("callback", result))
+
+        def errback(self, reason: Any) -> None:
+            self.calls.append(("errback", reason))
+
+    finished, lost = server.Request(DummyChannel()), server.Request(DummyChannel())
+    done, gone = Entry(), Entry()
+    finished.notifications.append(done)
+    lost.notifications.append(gone)
+    finished.finish()
+    reason = Failure(ConnectionLost())
+    lost.connectionLost(reason)
+    assert done.calls == [("callback", None)]
+    assert gone.calls == [("errback", reason)]
+
+
+def test_headers_keep_their_values_in_raw_headers_under_the_canonical_name() -> None:
+    # fauth.edge.resources.GatewayRequest.process puts Server and Date
+    # straight into a new response's Headers._rawHeaders.
+    from twisted.web.http_headers import Headers
+
+    headers = Headers()
+    headers._rawHeaders[b"Server"] = [b"TwistedWeb/x"]
+    headers.setRawHeaders(b"date", [b"Mon, 07 Dec 2026 19:35:30 GMT"])
+    assert headers.getRawHeaders(b"server") == [b"TwistedWeb/x"]
+    assert list(headers._rawHeaders) == [b"Server", b"Date"]

@@ -77,8 +77,12 @@ class GatewayRequest(HardenedRequest):
             server.Request.process(self)
             return
         self.site = site
-        self.setHeader(b"Server", server.version)
-        self.setHeader(b"Date", _http_date())
+        # What Twisted's process sets, straight into the (still empty)
+        # response headers under their canonical names: setHeader would
+        # canonicalise and sanitise two constants on every request.
+        raw = self.responseHeaders._rawHeaders
+        raw[b"Server"] = [server.version]
+        raw[b"Date"] = [_http_date()]
         self.prepath = []
         self.postpath = []
         self.sitepath: List[bytes] = []
@@ -86,7 +90,9 @@ class GatewayRequest(HardenedRequest):
             self._handleStar()
             return
         try:
-            self.render(site.resource)
+            # Not through Request.render: GatewayResource.render answers
+            # every method itself and always returns NOT_DONE_YET.
+            site.resource.render(self)
         except BaseException:
             self.processingFailed(Failure())
 
@@ -164,24 +170,27 @@ def guard(
     when_finished(request, lambda reason: d.cancel() if reason is not None else None)
 
     def decided(decision: Decision) -> None:
-        if exchange is not None:
-            exchange.decided(decision)
-        if client_gone(request) or request.finished:
-            # (finished: the server answered already, e.g. 408 or 413 on a
-            # body that arrived while the auth service was asked.)
-            return
-        if isinstance(decision, Respond):
-            write_respond(request, decision)
-            return
-        if isinstance(decision, Allow):
-            decision.apply(request.requestHeaders)
-            if decision.cookies:
-                # For this client's response only (fauth.auth.cookies).
-                request.cookies.extend(decision.cookies)
-        proceed()
+        try:
+            if exchange is not None:
+                exchange.decided(decision)
+            if client_gone(request) or request.finished:
+                # (finished: the server answered already, e.g. 408 or 413 on a
+                # body that arrived while the auth service was asked.)
+                return
+            if isinstance(decision, Respond):
+                write_respond(request, decision)
+                return
+            if isinstance(decision, Allow):
+                decision.apply(request.requestHeaders)
+                if decision.cookies:
+                    # For this client's response only (fauth.auth.cookies).
+                    request.cookies.extend(decision.cookies)
+            proceed()
+        except BaseException:
+            # What an errback after the callback would get: one link, not two.
+            _internal_error(Failure(), request)
 
-    d.addCallback(decided)
-    d.addErrback(_internal_error, request)
+    d.addCallbacks(decided, _internal_error, errbackArgs=(request,))
 
 
 def parse_inbound(

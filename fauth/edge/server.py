@@ -88,6 +88,10 @@ _REASONS = {
     501: b"Not Implemented",
 }
 
+# A line feed as an int: `b"\n" in line` costs CPython 3.11 a TypeError
+# raised and cleared inside the test (it tries the needle as an int first).
+_LF = ord("\n")
+
 # Phases of the channel, for the timers.
 _IDLE = "idle"  # persistent connection between two requests: idle timeout only
 _HEAD = "head"  # request line and header fields: header_timeout
@@ -265,7 +269,7 @@ class HardenedHTTPChannel(http.HTTPChannel):
                 if self._expect_request_line and not self._buffer:
                     self._fields_checked = self._check_fields(data)
         super().dataReceived(data)
-        if self._phase == _HEAD and self.line_mode and b"\n" in self._buffer and not self._busyReceiving:
+        if self._phase == _HEAD and self.line_mode and _LF in self._buffer and not self._busyReceiving:
             # Lines end in CRLF, so an LF left over is a bare one: a head
             # ending in it would otherwise wait for the header timeout.
             self._refuse(400)
@@ -430,7 +434,7 @@ class HardenedHTTPChannel(http.HTTPChannel):
     def lineReceived(self, line: bytes) -> None:
         if self._phase == _CLOSED:
             return
-        if b"\n" in line:
+        if _LF in line:
             self._refuse(400)  # a bare LF (RFC 9112 2.2: we do not accept it as a line end)
             return
         if self._phase == _IDLE:
@@ -520,11 +524,11 @@ class HardenedHTTPChannel(http.HTTPChannel):
         request with C{Connection: keep-alive} and a length, or closes when
         the response has no length.
         """
-        tokens = {
-            token.strip(b" \t").lower()
-            for value in request.requestHeaders.getRawHeaders(b"connection", [])
-            for token in value.split(b",")
-        }
+        values = request.requestHeaders.getRawHeaders(b"connection")
+        if values is None:
+            # No Connection field (most requests): what the rules below say then.
+            return version == b"HTTP/1.1"
+        tokens = {token.strip(b" \t").lower() for value in values for token in value.split(b",")}
         if version == b"HTTP/1.1":
             if b"close" in tokens:
                 request.responseHeaders.setRawHeaders(b"connection", [b"close"])

@@ -1,11 +1,17 @@
 # -*- test-case-name: tests.request.test_lifecycle -*-
 """
-The end of a request, told to several parties through one C{notifyFinish}.
+The end of a request, told to several parties through one entry of its
+C{notifications}.
 
 Twisted's C{Request.notifyFinish} makes a L{Deferred} per caller; the
-gateway has four per request (in-flight count, metrics, the auth call and
-the upstream call waiting to be cancelled).  Here the first caller creates
-the one Deferred and the others join its list.
+gateway has four parties per request (in-flight count, metrics, the auth
+call and the upstream call waiting to be cancelled).  Here the first
+caller puts one L{_Finished} where C{notifyFinish} puts its L{Deferred}:
+in the request's C{notifications}, whose entries Twisted's C{Request}
+calls C{callback(None)} on when the response is finished and
+C{errback(reason)} on when the connection is lost first.  The others join
+its list; no L{Deferred} is made, chained or run per request.  A request
+without that list (a test double) gets one C{notifyFinish} instead.
 """
 from __future__ import annotations
 
@@ -21,6 +27,34 @@ log = Logger()
 Callback = Callable[[Optional[Failure]], None]
 
 
+class _Finished:
+    """The parties told of one request's end, in the order they asked."""
+
+    __slots__ = ("callbacks",)
+
+    def __init__(self) -> None:
+        self.callbacks: List[Callback] = []
+
+    def callback(self, result: object) -> None:
+        """The response is finished (Twisted's C{Request._cleanup})."""
+        self.run(None)
+
+    def errback(self, reason: Failure) -> None:
+        """The connection was lost first (Twisted's C{Request.connectionLost})."""
+        self.run(reason)
+
+    def run(self, reason: Optional[Failure]) -> None:
+        for callback in self.callbacks:
+            try:
+                callback(reason)
+            except Exception:
+                log.failure("error while finishing a request")
+
+    def fired(self, result: object) -> None:
+        """The end, as a C{notifyFinish} L{Deferred} fires it: the failure of a client gone is consumed."""
+        self.run(result if isinstance(result, Failure) else None)
+
+
 def when_finished(request: Any, callback: Callback) -> None:
     """
     Call C{callback(None)} once the response to C{request} is finished, or
@@ -28,18 +62,12 @@ def when_finished(request: Any, callback: Callback) -> None:
     the order they were added; one that raises is logged and does not stop
     the others.
     """
-    callbacks: Optional[List[Callback]] = getattr(request, "_fauth_when_finished", None)
-    if callbacks is None:
-        callbacks = request._fauth_when_finished = []
-        request.notifyFinish().addBoth(_run, callbacks)
-    callbacks.append(callback)
-
-
-def _run(result: object, callbacks: List[Callback]) -> None:
-    reason = result if isinstance(result, Failure) else None
-    for callback in callbacks:
-        try:
-            callback(reason)
-        except Exception:
-            log.failure("error while finishing a request")
-    # The failure of a client gone away is consumed: every party was told.
+    finished: Optional[_Finished] = getattr(request, "_fauth_when_finished", None)
+    if finished is None:
+        finished = request._fauth_when_finished = _Finished()
+        notifications = getattr(request, "notifications", None)
+        if type(notifications) is list:
+            notifications.append(finished)
+        else:
+            request.notifyFinish().addBoth(finished.fired)
+    finished.callbacks.append(callback)

@@ -1,8 +1,9 @@
-"""fauth.request.lifecycle: several parties told of a request's end through one notifyFinish."""
+"""fauth.request.lifecycle: several parties told of a request's end through one entry of its notifications."""
 from __future__ import annotations
 
 from typing import Any, List, Optional
 
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
 
@@ -23,16 +24,61 @@ def test_one_notify_finish_for_every_party_in_order() -> None:
     assert seen == [("first", None), ("second", None), ("third", None)]
 
 
-def test_a_lost_client_is_told_to_all_and_the_failure_consumed() -> None:
+def test_a_lost_client_is_told_to_all() -> None:
     request = FakeRequest()
     reasons: List[Optional[Failure]] = []
     when_finished(request, reasons.append)
     when_finished(request, reasons.append)
-    d = request.notifications[0]
+    request.notifications[0].errback(Failure(ConnectionLost()))
+    assert len(reasons) == 2 and all(r is not None and r.check(ConnectionLost) for r in reasons)
+
+
+class _OnlyNotifyFinish:
+    """A request with C{notifyFinish} but no C{notifications} list (as Twisted's DummyRequest)."""
+
+    def __init__(self) -> None:
+        self.handed_out: List[Deferred] = []
+
+    def notifyFinish(self) -> Deferred:
+        d: Deferred = Deferred()
+        self.handed_out.append(d)
+        return d
+
+
+def test_without_a_notifications_list_one_notify_finish_and_its_failure_consumed() -> None:
+    request = _OnlyNotifyFinish()
+    reasons: List[Optional[Failure]] = []
+    when_finished(request, reasons.append)
+    when_finished(request, reasons.append)
+    assert len(request.handed_out) == 1
+    d = request.handed_out[0]
     d.errback(Failure(ConnectionLost()))
     assert len(reasons) == 2 and all(r is not None and r.check(ConnectionLost) for r in reasons)
     # Consumed: no "Unhandled error in Deferred" later.
     assert outcome(d) == [None]
+    finished = _OnlyNotifyFinish()
+    when_finished(finished, reasons.append)
+    finished.handed_out[0].callback(None)
+    assert reasons[-1] is None
+
+
+def test_a_twisted_request_tells_every_party_when_finished_or_lost() -> None:
+    # The real Request: its finish and connectionLost reach the parties
+    # through its notifications (no Deferred made).
+    from twisted.web.server import Request
+    from twisted.web.test.requesthelper import DummyChannel
+
+    seen: List[Any] = []
+    finished = Request(DummyChannel())
+    when_finished(finished, lambda reason: seen.append(("a", reason)))
+    when_finished(finished, lambda reason: seen.append(("b", reason)))
+    assert seen == []
+    finished.finish()
+    assert seen == [("a", None), ("b", None)]
+    lost = Request(DummyChannel())
+    when_finished(lost, lambda reason: seen.append(("lost", reason)))
+    lost.connectionLost(Failure(ConnectionLost()))
+    assert seen[-1][0] == "lost" and seen[-1][1].check(ConnectionLost)
 
 
 def test_a_raising_party_is_logged_and_the_others_still_run() -> None:
