@@ -91,6 +91,19 @@ class ForwardAuth:
         self._upstream_pattern = self._upstream_rules.pattern
         self._client_rules = compile_rules("client_headers", conf.client_headers)
         self._host_header = client.host_header
+        # The usual configuration, whose fields are known to be distinct
+        # once written: built without the precedence table.
+        copied_keys = [key for key, _, _ in self._request_headers]
+        self._plain: Optional[Tuple[Tuple[bytes, Tuple[bytes, ...]], ...]] = None
+        if (
+            not self._post
+            and not self._extra
+            and len(set(copied_keys)) == len(copied_keys)
+            and not {"host", "user-agent"}.intersection(copied_keys)
+        ):
+            self._plain = tuple(
+                (name, lookups) for key, name, lookups in self._request_headers if key not in _FORWARDED_KEYS
+            )
         self._signin = None if conf.signin_redirect is None else SigninRedirect(conf.signin_redirect)
         self._cookies = CookiePicker(conf.allow_cookies) if conf.allow_cookies else None
         self._uri = conf.uri_template
@@ -136,16 +149,9 @@ class ForwardAuth:
             bytes of a larger one (C{allow_partial_message}).
         @raise HeaderError: a name or value that must not be sent.
         """
-        table: Dict[str, Tuple[bytes, bytes]] = {
-            "x-forwarded-proto": (b"X-Forwarded-Proto", inbound.scheme.encode("ascii")),
-            "x-forwarded-method": (b"X-Forwarded-Method", inbound.method.encode("latin-1")),
-            "x-forwarded-host": (b"X-Forwarded-Host", inbound.host.encode("latin-1")),
-            # What the upstream will be sent, not the raw target: an auth
-            # service must judge the path that is served (see
-            # InboundRequest.upstream_target).
-            "x-forwarded-uri": (b"X-Forwarded-Uri", inbound.upstream_target),
-            "x-forwarded-for": (b"X-Forwarded-For", inbound.remote_addr.encode("latin-1")),
-        }
+        if self._plain is not None:
+            return self._plain_headers(inbound, self._plain)
+        table: Dict[str, Tuple[bytes, bytes]] = dict(zip(_FORWARDED_KEYS, _forwarded(inbound)))
         if self._post:
             encoding = first_value(inbound.headers, b"content-encoding")
             if encoding is not None:
@@ -174,11 +180,23 @@ class ForwardAuth:
             table["user-agent"] = (b"User-Agent", _USER_AGENT)
         if self._bad_name:
             raise HeaderError("invalid characters found in header key")
-        fields = tuple(table.values())
-        # One search over every value (a tab, which values may hold, between them).
-        if CTL.search(b"\t".join([value for _, value in fields])) is not None:
-            raise HeaderError("invalid characters found in header value")
-        return fields
+        return _checked(tuple(table.values()))
+
+    def _plain_headers(
+        self, inbound: InboundRequest, copied: Tuple[Tuple[bytes, Tuple[bytes, ...]], ...]
+    ) -> Tuple[Tuple[bytes, bytes], ...]:
+        """L{build_headers} without a body or C{extra_headers}, whose C{request_headers} name no other field."""
+        fields = _forwarded(inbound)
+        get = inbound.headers.getRawHeaders
+        for name, lookups in copied:
+            for lookup in lookups:
+                values = get(lookup)
+                if values:
+                    fields.append((name, values[0]))
+                    break
+        fields.append((b"Host", self._host_header))
+        fields.append((b"User-Agent", _USER_AGENT))
+        return _checked(tuple(fields))
 
 
     def check(self, inbound: InboundRequest, route: Optional[RouteConf] = None) -> "Deferred[Decision]":
@@ -405,6 +423,30 @@ class ForwardAuth:
         if self.conf.error_response is not None:
             body = self.conf.error_response.encode("utf-8")
         return Respond(self.conf.status_on_error, (), body, outcome="error")
+
+
+_FORWARDED_KEYS = ("x-forwarded-proto", "x-forwarded-method", "x-forwarded-host", "x-forwarded-uri", "x-forwarded-for")
+
+
+def _forwarded(inbound: InboundRequest) -> List[Tuple[bytes, bytes]]:
+    """The generated C{X-Forwarded-*} fields of the auth request, in L{_FORWARDED_KEYS}' order."""
+    return [
+        (b"X-Forwarded-Proto", inbound.scheme.encode("ascii")),
+        (b"X-Forwarded-Method", inbound.method.encode("latin-1")),
+        (b"X-Forwarded-Host", inbound.host.encode("latin-1")),
+        # What the upstream will be sent, not the raw target: an auth
+        # service must judge the path that is served (see
+        # InboundRequest.upstream_target).
+        (b"X-Forwarded-Uri", inbound.upstream_target),
+        (b"X-Forwarded-For", inbound.remote_addr.encode("latin-1")),
+    ]
+
+
+def _checked(fields: Tuple[Tuple[bytes, bytes], ...]) -> Tuple[Tuple[bytes, bytes], ...]:
+    """C{fields}, unless a value holds a control character (one search over them all, tab-separated)."""
+    if CTL.search(b"\t".join([value for _, value in fields])) is not None:
+        raise HeaderError("invalid characters found in header value")
+    return fields
 
 
 class _Call:

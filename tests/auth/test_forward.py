@@ -1,7 +1,7 @@
 """Header rules and the auth request's handling of names that must not be sent."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Any, Dict, List, Tuple
 
 import pytest
 import pytest_twisted
@@ -133,3 +133,48 @@ def test_framing_headers_are_never_copied_to_the_auth_request() -> None:
     names = [name.lower() for name, _ in auth.build_headers(inbound)]
     assert b"authorization" in names and b"x-tenant" in names
     assert not {b"content-length", b"transfer-encoding", b"connection", b"expect"} & set(names)
+
+
+@pytest.mark.parametrize(
+    "request_headers",
+    [
+        [],
+        ["Authorization"],
+        ["Authorization", "Cookie", "X_Token"],
+        ["X-Forwarded-For", "Authorization", "x-forwarded-uri"],  # generated ones are never copied
+        ["Authorization", "authorization"],  # the same field twice
+        ["Host", "Authorization"],
+        ["User-Agent"],
+    ],
+)
+@pytest.mark.parametrize(
+    "client",
+    [
+        {},
+        {b"authorization": [b"t1", b"t2"], b"cookie": [b"a=1"], b"x-token": [b"x"], b"x-forwarded-for": [b"6.6.6.6"]},
+        {b"host": [b"gw.test"], b"user-agent": [b"curl"], b"authorization": [b"bad\x01value"]},
+    ],
+)
+def test_the_usual_configuration_sends_what_the_precedence_table_does(
+    request_headers: List[str], client: Dict[bytes, List[bytes]]
+) -> None:
+    conf = parse_forward_auth({"uri": "http://127.0.0.1:9/auth", "request_headers": request_headers})
+    auth = ForwardAuth(conf, AuthClient(Clock(), AuthTarget.parse(conf.uri, True)), Clock())
+    inbound = InboundRequest(
+        method="GET", request_uri="/x?y", path="/x", query="y", host="gw.test", scheme="http",
+        remote_addr="127.0.0.1", remote_port=1, server_addr="127.0.0.1", server_port=2, headers=Headers(client),
+    )
+
+    def sent() -> Any:
+        try:
+            return auth.build_headers(inbound)
+        except HeaderError as e:
+            return str(e)
+
+    plain = auth._plain
+    fast = sent()
+    auth._plain = None  # the general path, through the precedence table
+    assert sent() == fast
+    # The shortcut is taken exactly when no field can shadow another.
+    keys = [name.lower() for name in request_headers]
+    assert (plain is not None) == (len(set(keys)) == len(keys) and not {"host", "user-agent"} & set(keys))
