@@ -12,7 +12,7 @@ read through treq under a 1 MiB cap.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union, cast
 from urllib.parse import urlsplit
 
 import attr
@@ -21,11 +21,11 @@ from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
-from twisted.internet.interfaces import IDelayedCall
 from twisted.web.iweb import IResponse
 
 from fauth.wire.agent import BytesBody, NoCookies, PoolAgent, PreEncodedURL, PreparedHeaders, as_sent
 from fauth.wire.h1 import ReplyHeaders
+from fauth.wire.deadlines import Deadlines
 from fauth.wire.pool import StrictConnectionPool
 from fauth.wire.transport import BodyTooLarge, IClientReactor, tls_policy
 
@@ -111,46 +111,6 @@ class AuthTarget:
         )
 
 
-class _Deadlines:
-    """
-    The timeouts of one client's calls that all wait C{timeout} seconds:
-    their deadlines come in the order the calls start, so one timer, armed
-    for the oldest call still waiting, serves them all.  (A timer per call
-    costs a heap push and a cancel on the reactor, per request.)
-    """
-
-    def __init__(self, reactor: IClientReactor, timeout: float) -> None:
-        self._reactor = reactor
-        self._timeout = timeout
-        self._waiting: Dict[Callable[[], None], float] = {}  # in the order they started
-        self._timer: Optional[IDelayedCall] = None
-
-    def add(self, expire: Callable[[], None]) -> None:
-        """Call C{expire} once C{timeout} seconds have passed, unless L{remove}d first."""
-        self._waiting[expire] = self._reactor.seconds() + self._timeout
-        if self._timer is None:
-            self._timer = self._reactor.callLater(self._timeout, self._fire)
-
-    def remove(self, expire: Callable[[], None]) -> None:
-        # The timer stays: when it fires, it re-arms for whoever is oldest then.
-        self._waiting.pop(expire, None)
-
-    def _fire(self) -> None:
-        self._timer = None
-        now = self._reactor.seconds()
-        waiting = self._waiting
-        while waiting:
-            expire, deadline = next(iter(waiting.items()))
-            if deadline > now:
-                if self._timer is None:  # (an expired call may have started another)
-                    self._timer = self._reactor.callLater(deadline - now, self._fire)
-                elif self._timer.getTime() > deadline:
-                    self._timer.reset(deadline - now)
-                return
-            del waiting[expire]
-            expire()
-
-
 class AuthClient:
     """
     Calls to one auth target through treq.
@@ -178,7 +138,7 @@ class AuthClient:
         pool: Optional[HTTPConnectionPool] = None,
     ) -> None:
         self._reactor = reactor
-        self._deadlines: Dict[float, _Deadlines] = {}
+        self._deadlines: Dict[float, Deadlines] = {}
         # treq's reactor type (private) names the same interfaces as
         # IClientReactor, which is not nominally one of it.
         self._treq_reactor = cast("_ITreqReactor", reactor)
@@ -240,7 +200,7 @@ class AuthClient:
 
         deadlines = self._deadlines.get(timeout)
         if deadlines is None:
-            deadlines = self._deadlines[timeout] = _Deadlines(self._reactor, timeout)
+            deadlines = self._deadlines[timeout] = Deadlines(self._reactor, timeout)
         deadlines.add(expire)
 
         def finished(result: Any) -> Any:

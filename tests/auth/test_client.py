@@ -731,33 +731,3 @@ def test_a_body_after_the_head_is_waited_for_and_one_with_it_is_not() -> None:
     assert [(r.status, r.headers.get(b"x-user"), r.body) for r in at_once] == [(200, (b"u",), b"")]
     clock.advance(10)  # past their timeout: answered calls stay answered
     assert [r.status for r in later + at_once] == [403, 200]
-
-
-def test_calls_time_out_in_turn_on_one_timer() -> None:
-    from twisted.internet.task import Clock
-
-    from fauth.auth.client import _Deadlines
-
-    clock = Clock()
-    deadlines = _Deadlines(clock, 3.0)
-    expired: List[str] = []
-    first, second, third = (lambda name=name: expired.append(name) for name in ("first", "second", "third"))
-    deadlines.add(first)
-    clock.advance(1)
-    deadlines.add(second)
-    clock.advance(1)
-    deadlines.add(third)
-    deadlines.remove(first)  # answered in time
-    assert len(clock.getDelayedCalls()) == 1
-    clock.advance(1)  # t=3: the first's deadline, but it was answered
-    assert expired == []
-    clock.advance(1)  # t=4
-    assert expired == ["second"]
-    clock.advance(0.5)
-    assert expired == ["second"]
-    clock.advance(0.5)  # t=5
-    assert expired == ["second", "third"]
-    assert clock.getDelayedCalls() == []
-    deadlines.add(first)  # a new call arms it again
-    clock.advance(3)
-    assert expired == ["second", "third", "first"]
