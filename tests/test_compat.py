@@ -116,6 +116,25 @@ def test_bytes_after_a_head_in_the_same_read_go_straight_to_raw_data_received() 
     assert seen[1][1] == b"body"
 
 
+def test_headers_keep_value_lists_in_raw_headers_under_their_canonical_name() -> None:
+    # fauth.request.replies.copy_fields puts a parsed head's value lists in
+    # _rawHeaders under the name Headers itself stores (found through a
+    # probe Headers), and the server writes what is there.
+    from twisted.internet.testing import StringTransport
+    from twisted.web.http_headers import Headers
+
+    headers = Headers()
+    headers.setRawHeaders(b"x-request-id", [b"1"])
+    assert headers._rawHeaders == {b"X-Request-Id": [b"1"]}
+    headers._rawHeaders[b"ETag"] = [b'"a"', b'"b"']
+    assert headers.getRawHeaders(b"etag") == [b'"a"', b'"b"']
+    channel = http.HTTPChannel()
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.writeHeaders(b"HTTP/1.1", b"200", b"OK", headers)
+    assert transport.value() == b'HTTP/1.1 200 OK\r\nX-Request-Id: 1\r\nETag: "a"\r\nETag: "b"\r\n\r\n'
+
+
 def test_a_fired_deferred_shows_its_result() -> None:
     # fauth.wire.transport.Connector.send reads a pooled connection off the
     # already-fired Deferred of getConnection.

@@ -30,7 +30,7 @@ from fauth.wire.h1 import ResponseHead, request_head
 from fauth.wire.headers import HOP_BY_HOP, connection_listed
 from fauth.request.inbound import InboundRequest
 from fauth.request.lifecycle import when_finished
-from fauth.request.replies import send_simple
+from fauth.request.replies import copy_fields, send_simple
 from fauth.wire.transport import Connector, IClientReactor, describe_failure, is_cancellation, tls_policy
 
 __all__ = ["UpstreamProxy"]
@@ -520,10 +520,7 @@ class UpstreamProxy:
                 return
             request.setResponseCode(head.status, head.reason)
             out = request.responseHeaders
-            listed = head.connection
-            for name, values in head.headers.items():
-                if name not in _RESPONSE_DROP and name not in listed:
-                    out.setRawHeaders(name, values)
+            copy_fields(out, head.headers.items(), _RESPONSE_DROP, head.connection)
             if request.cookies:  # an allow's auth cookies (allow_cookies)
                 merge_into_response(request)
             # HEAD keeps the upstream's own Content-Length (in head.headers); 204 must
