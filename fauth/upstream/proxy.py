@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from io import BytesIO
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, Deferred
@@ -26,7 +26,7 @@ from fauth.config.templates import compile_template
 from fauth.routing.balancer import Balancer
 from fauth.routing.health import connect_failed
 from fauth.wire.connection import ClientRequest, FileUpload, StreamUpload
-from fauth.wire.h1 import ResponseHead, request_head
+from fauth.wire.h1 import ResponseHead
 from fauth.wire.headers import HOP_BY_HOP, connection_listed
 from fauth.request.inbound import InboundRequest
 from fauth.request.lifecycle import when_finished
@@ -57,6 +57,11 @@ _REQUEST_DROP = HOP_BY_HOP | _PROXY_HOP | frozenset(
         b"x-forwarded-host",
         b"x-forwarded-port",
     ]
+)
+# The fields every upstream request ends with, and the blank line.
+_FORWARDED = (
+    b"X-Forwarded-For: %s\r\nX-Real-IP: %s\r\nX-Forwarded-Proto: %s\r\n"
+    b"X-Forwarded-Host: %s\r\nX-Forwarded-Port: %d\r\n\r\n"
 )
 _BODY_METHODS = frozenset([b"POST", b"PUT", b"PATCH"])
 # Responses whose Content-Length, if any, is not the length of what follows.
@@ -330,6 +335,7 @@ class UpstreamProxy:
         self._scheme = conf.scheme.encode("ascii")
         self._response_timeout = conf.timeout.send + conf.timeout.read
         self._rewrite_host = (conf.upstream_host or "").encode("idna") if conf.pass_host == "rewrite" else None
+        self._host_of_node = conf.pass_host == "node"
         # Per node: the host to connect to and the netloc for Host, encoded once.
         self._wire: Dict[Node, Tuple[bytes, bytes]] = {
             node: (node.host.encode("idna"), node.netloc.encode("idna")) for node in conf.nodes
@@ -353,25 +359,26 @@ class UpstreamProxy:
         self, request: Any, inbound: InboundRequest, netloc: bytes, length: Optional[int], chunked: bool = False
     ) -> bytes:
         incoming = request.requestHeaders
-        if self.conf.pass_host == "node":
-            host = netloc
-        elif self._rewrite_host is not None:
-            host = self._rewrite_host
-        else:
-            host = incoming.getRawHeaders(b"host", [netloc])[0]
-        fields: List[Tuple[bytes, bytes]] = [(b"Host", host)]
+        host = self._rewrite_host
+        if host is None:
+            host = netloc if self._host_of_node else incoming.getRawHeaders(b"host", [netloc])[0]
+        # One join of the head's pieces, in request_head's layout (names and
+        # values are checked already: no CR or LF).
+        parts = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (request.method, wire_target(inbound.upstream_target), host)]
         if length is not None:
-            fields.append((b"Content-Length", b"%d" % length))
+            parts.append(b"Content-Length: %d\r\n" % length)
         elif chunked:
-            fields.append((b"Transfer-Encoding", b"chunked"))
-        drop = _REQUEST_DROP | connection_listed(incoming)
-        forwarded: List[bytes] = []
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        listed = connection_listed(incoming)
+        drop = _REQUEST_DROP | listed if listed else _REQUEST_DROP
+        forwarded: Sequence[bytes] = ()
         for name, values in incoming.getAllRawHeaders():
             lower = name.lower()
             if lower not in drop:
-                fields.extend([(name, value) for value in values])
+                for value in values:
+                    parts.append(b"%s: %s\r\n" % (name, value))
             elif lower == b"x-forwarded-for":
-                forwarded = list(values)
+                forwarded = values
         client = inbound.remote_addr.encode("latin-1")
         peer = client
         if inbound.proxied is not None:
@@ -379,15 +386,18 @@ class UpstreamProxy:
             # appended; an untrusted peer's is dropped (as Caddy does).
             peer = (getattr(request.getClientAddress(), "host", None) or "unix:").encode("latin-1")
             if not inbound.proxied.peer_trusted:
-                forwarded = []
-        fields += [
-            (b"X-Forwarded-For", b", ".join(forwarded + [peer]) if forwarded else peer),
-            (b"X-Real-IP", client),
-            (b"X-Forwarded-Proto", inbound.scheme.encode("ascii")),
-            (b"X-Forwarded-Host", inbound.host.encode("latin-1")),
-            (b"X-Forwarded-Port", b"%d" % inbound.server_port),
-        ]
-        return request_head(request.method, wire_target(inbound.upstream_target), fields)
+                forwarded = ()
+        parts.append(
+            _FORWARDED
+            % (
+                b", ".join([*forwarded, peer]) if forwarded else peer,
+                client,
+                inbound.scheme.encode("ascii"),
+                inbound.host.encode("latin-1"),
+                inbound.server_port,
+            )
+        )
+        return b"".join(parts)
 
     def _body(self, request: Any, inbound: InboundRequest) -> Tuple[Optional[bytes], Any]:
         if getattr(request, "dispatched", False) and request.content is None:
