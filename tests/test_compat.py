@@ -37,6 +37,10 @@ from fauth.wire.agent import BytesBody, NoCookies, PreEncodedURL, PreparedHeader
         # fauth.edge.resources: whether the client has gone, and GatewayRequest.process
         (http.Request, "_disconnected"),
         (server.Request, "_handleStar"),
+        # fauth.edge.request.HardenedRequest: when its first write may join
+        # the head with the body (no content encoder, no faked HEAD)
+        (server.Request, "_encoder"),
+        (server.Request, "_inFakeHead"),
         (http, "_ChunkedTransferDecoder"),
         (http, "_MalformedChunkedDataError"),
         (http._ChunkedTransferDecoder, "_dataReceived_CHUNK_LENGTH"),
