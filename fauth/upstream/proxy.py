@@ -30,7 +30,8 @@ from fauth.wire.h1 import ResponseHead
 from fauth.wire.headers import HOP_BY_HOP, connection_listed
 from fauth.request.inbound import InboundRequest
 from fauth.request.lifecycle import when_finished
-from fauth.request.replies import copy_fields, send_simple
+from fauth.request.fields import canonical, copy_fields, fields_of
+from fauth.request.replies import send_simple
 from fauth.wire.transport import Connector, IClientReactor, describe_failure, tls_policy
 
 __all__ = ["UpstreamProxy"]
@@ -63,6 +64,10 @@ _FORWARDED = (
     b"X-Forwarded-For: %s\r\nX-Real-IP: %s\r\nX-Forwarded-Proto: %s\r\n"
     b"X-Forwarded-Host: %s\r\nX-Forwarded-Port: %d\r\n\r\n"
 )
+# Where Headers keeps these (fauth.request.fields).
+_HOST = canonical(b"host")
+_CONNECTION = canonical(b"connection")
+_CONTENT_LENGTH = canonical(b"content-length")
 _BODY_METHODS = frozenset([b"POST", b"PUT", b"PATCH"])
 # Responses whose Content-Length, if any, is not the length of what follows.
 _NO_BODY_CODES = frozenset([204, 304])
@@ -193,7 +198,7 @@ class _Relay:
         # have none and a 304's describes the 200 it stands for: never an invented 0.
         length = head.length  # an int, or UNKNOWN_LENGTH
         if isinstance(length, int) and request.method != b"HEAD" and head.status not in _NO_BODY_CODES:
-            out.setRawHeaders(b"content-length", [b"%d" % length])
+            fields_of(out)[_CONTENT_LENGTH] = [b"%d" % length]
         self.relay()
 
     def _failed(self, failure: Failure) -> None:
@@ -459,9 +464,10 @@ class UpstreamProxy:
         self, request: Any, inbound: InboundRequest, netloc: bytes, length: Optional[int], chunked: bool = False
     ) -> bytes:
         incoming = request.requestHeaders
+        fields = fields_of(incoming)
         host = self._rewrite_host
         if host is None:
-            host = netloc if self._host_of_node else incoming.getRawHeaders(b"host", [netloc])[0]
+            host = netloc if self._host_of_node else (fields.get(_HOST) or [netloc])[0]
         # One join of the head's pieces, in request_head's layout (names and
         # values are checked already: no CR or LF).
         parts = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (request.method, wire_target(inbound.upstream_target), host)]
@@ -469,10 +475,10 @@ class UpstreamProxy:
             parts.append(b"Content-Length: %d\r\n" % length)
         elif chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n")
-        listed = connection_listed(incoming)
+        listed = connection_listed(incoming) if fields.get(_CONNECTION) else None
         drop = _REQUEST_DROP | listed if listed else _REQUEST_DROP
         forwarded: Sequence[bytes] = ()
-        for name, values in incoming.getAllRawHeaders():
+        for name, values in fields.items():
             lower = name.lower()
             if lower not in drop:
                 for value in values:
@@ -512,7 +518,7 @@ class UpstreamProxy:
         content = request.content
         size = inbound.body_length()
         if size == 0:
-            if request.method in _BODY_METHODS or request.requestHeaders.hasHeader(b"content-length"):
+            if request.method in _BODY_METHODS or _CONTENT_LENGTH in fields_of(request.requestHeaders):
                 return b"", None
             return None, None
         if isinstance(content, BytesIO):
