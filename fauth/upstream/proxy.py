@@ -155,12 +155,12 @@ class _Relay:
         L{start}, and relay what C{call} (the exchange) results in: its head
         copied to the client's response, or a gateway-made 502 or 504; a
         client gone before the head cancels it.  (Methods rather than
-        closures per request, and one callback pair: an error in either
-        goes to L{_unexpected} directly.)
+        closures per request, and one callback for both outcomes: an
+        error in it goes to L{_unexpected} directly.)
         """
         self.start(call)
         when_finished(self._request, self._client_finished)
-        call.addCallbacks(self._answered, self._failed)
+        call.addBoth(self._outcome)
 
     def _client_finished(self, reason: Optional[Failure]) -> None:
         if reason is None:
@@ -173,9 +173,12 @@ class _Relay:
             self.client_gone = True
             self.call.cancel()
 
-    def _answered(self, head: ResponseHead) -> None:
+    def _outcome(self, result: Any) -> None:
         try:
-            self._copy_head(head)
+            if isinstance(result, Failure):
+                self._answer_failure(result)
+            else:
+                self._copy_head(result)
         except BaseException:
             self._unexpected(Failure())
 
@@ -200,12 +203,6 @@ class _Relay:
         if isinstance(length, int) and request.method != b"HEAD" and head.status not in _NO_BODY_CODES:
             fields_of(out)[_CONTENT_LENGTH] = [b"%d" % length]
         self.relay()
-
-    def _failed(self, failure: Failure) -> None:
-        try:
-            self._answer_failure(failure)
-        except BaseException:
-            self._unexpected(Failure())
 
     def _answer_failure(self, failure: Failure) -> None:
         self.stop_timer()
