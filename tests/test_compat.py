@@ -37,6 +37,10 @@ from fauth.wire.agent import BytesBody, NoCookies, PreEncodedURL, PreparedHeader
         # fauth.edge.resources: whether the client has gone, and GatewayRequest.process
         (http.Request, "_disconnected"),
         (server.Request, "_handleStar"),
+        # fauth.edge.request.HardenedRequest: when its first write may join
+        # the head with the body (no content encoder, no faked HEAD)
+        (server.Request, "_encoder"),
+        (server.Request, "_inFakeHead"),
         (http, "_ChunkedTransferDecoder"),
         (http, "_MalformedChunkedDataError"),
         (http._ChunkedTransferDecoder, "_dataReceived_CHUNK_LENGTH"),
@@ -118,6 +122,25 @@ def test_bytes_after_a_head_in_the_same_read_go_straight_to_raw_data_received() 
     channel.dataReceived(b"PUT /x HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\n\r\nbody")
     assert [name for name, _ in seen] == ["dataReceived", "rawDataReceived"]
     assert seen[1][1] == b"body"
+
+
+def test_headers_keep_value_lists_in_raw_headers_under_their_canonical_name() -> None:
+    # fauth.request.fields reads and sets _rawHeaders under the name Headers
+    # itself stores (found through a probe Headers), and the server writes
+    # what is there.
+    from twisted.internet.testing import StringTransport
+    from twisted.web.http_headers import Headers
+
+    headers = Headers()
+    headers.setRawHeaders(b"x-request-id", [b"1"])
+    assert headers._rawHeaders == {b"X-Request-Id": [b"1"]}
+    headers._rawHeaders[b"ETag"] = [b'"a"', b'"b"']
+    assert headers.getRawHeaders(b"etag") == [b'"a"', b'"b"']
+    channel = http.HTTPChannel()
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.writeHeaders(b"HTTP/1.1", b"200", b"OK", headers)
+    assert transport.value() == b'HTTP/1.1 200 OK\r\nX-Request-Id: 1\r\nETag: "a"\r\nETag: "b"\r\n\r\n'
 
 
 def test_a_fired_deferred_shows_its_result() -> None:

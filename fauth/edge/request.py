@@ -11,6 +11,9 @@ from __future__ import annotations
 from typing import Any, List, Optional
 
 from twisted.web import http, server
+# Imported by name: every attribute read through the module goes through
+# Twisted's deprecation proxy (a Python __getattribute__).
+from twisted.web.http import NO_BODY_CODES, HTTPChannel, toChunk
 from twisted.web.http_headers import Headers
 
 #: Bytes of an unwanted request body (denied, refused, or answered early by
@@ -284,7 +287,57 @@ class HardenedRequest(server.Request):
             else:
                 self.responseHeaders.setRawHeaders(b"connection", [b"close"])
                 self.channel.persistent = False
+        if not self.startedWriting and self._plain_head():
+            self._write_head(data)
+            return
         server.Request.write(self, data)
+
+    def _plain_head(self) -> bool:
+        """
+        Whether Twisted's first write would only frame the body and write
+        the head as it is: an HTTP/1.x channel's own C{writeHeaders}, no
+        content encoder or faked HEAD (L{server.Request.write}), no
+        C{Content-Type} to default, and no C{lastModified}, C{etag} or
+        C{cookies} to turn into fields first.
+        """
+        return (
+            not self.finished
+            and not self._disconnected
+            and self.defaultContentType is None
+            and self._encoder is None
+            and not self._inFakeHead
+            and not self.cookies
+            and self.lastModified is None
+            and self.etag is None
+            and type(self.channel).writeHeaders is HTTPChannel.writeHeaders
+        )
+
+    def _write_head(self, data: bytes) -> None:
+        """
+        The first write in the L{_plain_head} case, as
+        L{http.Request.write} does it, but with the head (which
+        C{HTTPChannel.writeHeaders} hands the transport as four pieces a
+        field, each checked and queued apart) joined with the first piece
+        of the body into one write.
+        """
+        self.startedWriting = 1
+        raw = self.responseHeaders._rawHeaders
+        code = self.code
+        no_body = self.method == b"HEAD" or code in NO_BODY_CODES
+        if self.clientproto == b"HTTP/1.1" and not raw.get(b"Content-Length") and not no_body:
+            raw[b"Transfer-Encoding"] = [b"chunked"]
+            self.chunked = 1
+        lines = [b"%s %d %s\r\n" % (self.clientproto, code, self.code_message)]
+        for name, values in raw.items():
+            for value in values:
+                lines.append(b"%s: %s\r\n" % (name, value))
+        lines.append(b"\r\n")
+        if no_body:
+            self.write = lambda data: None  # type: ignore[method-assign]  # as Twisted does
+        elif data:
+            self.sentLength += len(data)
+            lines.extend(toChunk(data) if self.chunked else (data,))
+        self.channel.write(b"".join(lines))
 
     def finish(self) -> None:
         if self.keep_alive_http10 and not self.startedWriting and not self.responseHeaders.hasHeader(b"content-length"):

@@ -29,6 +29,7 @@ from fauth.edge.request import BodySink, HardenedRequest
 from fauth.edge.h2 import NegotiatingChannel, alpn_protocols
 from fauth.edge.server import HardenedSite
 from fauth.request.clientaddr import ForwardedChain
+from fauth.request.fields import canonical, fields_of
 from fauth.request.inbound import BadRequest, InboundRequest, check_encoded
 from fauth.request.lifecycle import when_finished
 from fauth.observe.exchange import Exchange
@@ -59,6 +60,8 @@ class _HttpDate:
 
 
 _http_date = _HttpDate()
+_SERVER = canonical(b"server")
+_DATE = canonical(b"date")
 
 
 class GatewayRequest(HardenedRequest):
@@ -77,12 +80,11 @@ class GatewayRequest(HardenedRequest):
             server.Request.process(self)
             return
         self.site = site
-        # What Twisted's process sets, straight into the (still empty)
-        # response headers under their canonical names: setHeader would
-        # canonicalise and sanitise two constants on every request.
-        raw = self.responseHeaders._rawHeaders
-        raw[b"Server"] = [server.version]
-        raw[b"Date"] = [_http_date()]
+        # As setHeader would, without its name encoding and value
+        # sanitising per call: both are known clean (fauth.request.fields).
+        fields = fields_of(self.responseHeaders)
+        fields[_SERVER] = [server.version]
+        fields[_DATE] = [_http_date()]
         self.prepath = []
         self.postpath = []
         self.sitepath: List[bytes] = []

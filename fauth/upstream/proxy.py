@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from io import BytesIO
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, Deferred
@@ -26,12 +26,13 @@ from fauth.config.templates import compile_template
 from fauth.routing.balancer import Balancer
 from fauth.routing.health import connect_failed
 from fauth.wire.connection import ClientRequest, FileUpload, StreamUpload
-from fauth.wire.h1 import ResponseHead, request_head
+from fauth.wire.h1 import ResponseHead
 from fauth.wire.headers import HOP_BY_HOP, connection_listed
 from fauth.request.inbound import InboundRequest
 from fauth.request.lifecycle import when_finished
+from fauth.request.fields import canonical, copy_fields, fields_of
 from fauth.request.replies import send_simple
-from fauth.wire.transport import Connector, IClientReactor, describe_failure, is_cancellation, tls_policy
+from fauth.wire.transport import Connector, IClientReactor, describe_failure, tls_policy
 
 __all__ = ["UpstreamProxy"]
 
@@ -58,6 +59,15 @@ _REQUEST_DROP = HOP_BY_HOP | _PROXY_HOP | frozenset(
         b"x-forwarded-port",
     ]
 )
+# The fields every upstream request ends with, and the blank line.
+_FORWARDED = (
+    b"X-Forwarded-For: %s\r\nX-Real-IP: %s\r\nX-Forwarded-Proto: %s\r\n"
+    b"X-Forwarded-Host: %s\r\nX-Forwarded-Port: %d\r\n\r\n"
+)
+# Where Headers keeps these (fauth.request.fields).
+_HOST = canonical(b"host")
+_CONNECTION = canonical(b"connection")
+_CONTENT_LENGTH = canonical(b"content-length")
 _BODY_METHODS = frozenset([b"POST", b"PUT", b"PATCH"])
 # Responses whose Content-Length, if any, is not the length of what follows.
 _NO_BODY_CODES = frozenset([204, 304])
@@ -108,8 +118,19 @@ class _Relay:
     heap, which is done at most once per exchange here.
     """
 
-    def __init__(self, request: Any, reactor: IReactorTime, response_timeout: float, idle_timeout: float) -> None:
+    def __init__(
+        self,
+        request: Any,
+        reactor: IReactorTime,
+        response_timeout: float,
+        idle_timeout: float,
+        node: Node,
+        exchange: Any = None,
+    ) -> None:
         self._request = request
+        self._exchange = exchange
+        #: The node of the try in progress (for the log).
+        self.node = node
         self._reactor = reactor
         self._response_timeout = response_timeout
         self._idle_timeout = idle_timeout
@@ -128,6 +149,89 @@ class _Relay:
         now = self._reactor.seconds()
         self._head_deadline = now + self._response_timeout
         self._timer = self._reactor.callLater(min(self._response_timeout, self._idle_timeout), self._check)
+
+    def follow(self, call: Any) -> None:
+        """
+        L{start}, and relay what C{call} (the exchange) results in: its head
+        copied to the client's response, or a gateway-made 502 or 504; a
+        client gone before the head cancels it.  (Methods rather than
+        closures per request, and one callback for both outcomes: an
+        error in it goes to L{_unexpected} directly.)
+        """
+        self.start(call)
+        when_finished(self._request, self._client_finished)
+        call.addBoth(self._outcome)
+
+    def _client_finished(self, reason: Optional[Failure]) -> None:
+        if reason is None:
+            return
+        if self.answered:
+            self.stop()
+        else:
+            # Connecting, or waiting for the head (maybe on a retry):
+            # cancelling reaches whichever Deferred is pending.
+            self.client_gone = True
+            self.call.cancel()
+
+    def _outcome(self, result: Any) -> None:
+        try:
+            if isinstance(result, Failure):
+                self._answer_failure(result)
+            else:
+                self._copy_head(result)
+        except BaseException:
+            self._unexpected(Failure())
+
+    def _copy_head(self, head: ResponseHead) -> None:
+        request = self._request
+        if self._exchange is not None:
+            self._exchange.upstream_answered()
+        if self.client_gone or request.finished:
+            # (finished: the gateway refused the rest of a streamed body.)
+            # Nobody waits for this answer: stop it now, which closes that
+            # connection, rather than read its body into nothing.
+            self.stop()
+            return
+        request.setResponseCode(head.status, head.reason)
+        out = request.responseHeaders
+        copy_fields(out, head.headers.items(), _RESPONSE_DROP, head.connection)
+        if request.cookies:  # an allow's auth cookies (allow_cookies)
+            merge_into_response(request)
+        # HEAD keeps the upstream's own Content-Length (in head.headers); 204 must
+        # have none and a 304's describes the 200 it stands for: never an invented 0.
+        length = head.length  # an int, or UNKNOWN_LENGTH
+        if isinstance(length, int) and request.method != b"HEAD" and head.status not in _NO_BODY_CODES:
+            fields_of(out)[_CONTENT_LENGTH] = [b"%d" % length]
+        self.relay()
+
+    def _answer_failure(self, failure: Failure) -> None:
+        self.stop_timer()
+        request = self._request
+        if self.client_gone or request.finished:
+            return
+        if self._exchange is not None:
+            self._exchange.upstream_failed()
+        if self.timed_out or failure.check(net_error.TimeoutError):
+            status = 504
+            reason = "timeout"
+        else:
+            status = 502
+            reason = describe_failure(failure)
+        log.warn("upstream {node} failed: {err}", node=self.node.netloc, err=reason)
+        send_simple(request, status)
+
+    def _unexpected(self, failure: Failure) -> None:
+        if failure.check(CancelledError):
+            return
+        request = self._request
+        log.failure("unexpected error in the upstream leg", failure)
+        self.stop()
+        if not request.finished and not request.startedWriting:
+            # _copy_head may have copied the upstream's headers already
+            # (Set-Cookie, Content-Encoding...): none of them may go out
+            # with a 502 the gateway made up.
+            request.responseHeaders = Headers()
+            send_simple(request, 502)
 
     def again(self) -> None:
         """A retry on another node: it has its own head deadline."""
@@ -330,10 +434,14 @@ class UpstreamProxy:
         self._scheme = conf.scheme.encode("ascii")
         self._response_timeout = conf.timeout.send + conf.timeout.read
         self._rewrite_host = (conf.upstream_host or "").encode("idna") if conf.pass_host == "rewrite" else None
+        self._host_of_node = conf.pass_host == "node"
         # Per node: the host to connect to and the netloc for Host, encoded once.
         self._wire: Dict[Node, Tuple[bytes, bytes]] = {
             node: (node.host.encode("idna"), node.netloc.encode("idna")) for node in conf.nodes
         }
+        # (Hashing an attrs Node per request costs more than it looks.)
+        self._single_wire = self._wire[self._single] if self._single is not None else (b"", b"")
+        self._idle_timeout = conf.timeout.read
         limit = getattr(pool, "limit", None)  # a StrictConnectionPool's keepalive_pool
         if limit is not None:
             for node, (host, _) in self._wire.items():
@@ -353,25 +461,27 @@ class UpstreamProxy:
         self, request: Any, inbound: InboundRequest, netloc: bytes, length: Optional[int], chunked: bool = False
     ) -> bytes:
         incoming = request.requestHeaders
-        if self.conf.pass_host == "node":
-            host = netloc
-        elif self._rewrite_host is not None:
-            host = self._rewrite_host
-        else:
-            host = incoming.getRawHeaders(b"host", [netloc])[0]
-        fields: List[Tuple[bytes, bytes]] = [(b"Host", host)]
+        fields = fields_of(incoming)
+        host = self._rewrite_host
+        if host is None:
+            host = netloc if self._host_of_node else (fields.get(_HOST) or [netloc])[0]
+        # One join of the head's pieces, in request_head's layout (names and
+        # values are checked already: no CR or LF).
+        parts = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (request.method, wire_target(inbound.upstream_target), host)]
         if length is not None:
-            fields.append((b"Content-Length", b"%d" % length))
+            parts.append(b"Content-Length: %d\r\n" % length)
         elif chunked:
-            fields.append((b"Transfer-Encoding", b"chunked"))
-        drop = _REQUEST_DROP | connection_listed(incoming)
-        forwarded: List[bytes] = []
-        for name, values in incoming.getAllRawHeaders():
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        listed = connection_listed(incoming) if fields.get(_CONNECTION) else None
+        drop = _REQUEST_DROP | listed if listed else _REQUEST_DROP
+        forwarded: Sequence[bytes] = ()
+        for name, values in fields.items():
             lower = name.lower()
             if lower not in drop:
-                fields.extend([(name, value) for value in values])
+                for value in values:
+                    parts.append(b"%s: %s\r\n" % (name, value))
             elif lower == b"x-forwarded-for":
-                forwarded = list(values)
+                forwarded = values
         client = inbound.remote_addr.encode("latin-1")
         peer = client
         if inbound.proxied is not None:
@@ -379,15 +489,18 @@ class UpstreamProxy:
             # appended; an untrusted peer's is dropped (as Caddy does).
             peer = (getattr(request.getClientAddress(), "host", None) or "unix:").encode("latin-1")
             if not inbound.proxied.peer_trusted:
-                forwarded = []
-        fields += [
-            (b"X-Forwarded-For", b", ".join(forwarded + [peer]) if forwarded else peer),
-            (b"X-Real-IP", client),
-            (b"X-Forwarded-Proto", inbound.scheme.encode("ascii")),
-            (b"X-Forwarded-Host", inbound.host.encode("latin-1")),
-            (b"X-Forwarded-Port", b"%d" % inbound.server_port),
-        ]
-        return request_head(request.method, wire_target(inbound.upstream_target), fields)
+                forwarded = ()
+        parts.append(
+            _FORWARDED
+            % (
+                b", ".join([*forwarded, peer]) if forwarded else peer,
+                client,
+                inbound.scheme.encode("ascii"),
+                inbound.host.encode("latin-1"),
+                inbound.server_port,
+            )
+        )
+        return b"".join(parts)
 
     def _body(self, request: Any, inbound: InboundRequest) -> Tuple[Optional[bytes], Any]:
         if getattr(request, "dispatched", False) and request.content is None:
@@ -402,7 +515,7 @@ class UpstreamProxy:
         content = request.content
         size = inbound.body_length()
         if size == 0:
-            if request.method in _BODY_METHODS or request.requestHeaders.hasHeader(b"content-length"):
+            if request.method in _BODY_METHODS or _CONTENT_LENGTH in fields_of(request.requestHeaders):
                 return b"", None
             return None, None
         if isinstance(content, BytesIO):
@@ -457,13 +570,14 @@ class UpstreamProxy:
         single = self._single
         if single is not None:
             node, key = single, None
+            host, netloc = self._single_wire
         else:
             node, key = self._pick(request, inbound)
-        host, netloc = self._wire[node]
+            host, netloc = self._wire[node]
         body, upload = self._body(request, inbound)
         length = len(body) if body is not None else (upload.length if upload is not None else None)
         chunked = upload is not None and length is None
-        relay = _Relay(request, self._reactor, self._response_timeout, self.conf.timeout.read)
+        relay = _Relay(request, self._reactor, self._response_timeout, self._idle_timeout, node, exchange)
         head = self._head(request, inbound, netloc, length, chunked)
         outgoing = ClientRequest(request.method, head, relay, body, upload)
         if exchange is not None:
@@ -473,93 +587,25 @@ class UpstreamProxy:
         else:
 
             def send(next_node: Node, last_error: str) -> "Deferred[Any]":
-                nonlocal node
+                node = relay.node
                 log.warn(
                     "upstream {node} failed: {err}; trying {next}",
                     node=node.netloc, err=last_error, next=next_node.netloc,
                 )
                 if self._counted:
                     self._balancer.release(node)
-                node = next_node
-                host, netloc = self._wire[node]
+                relay.node = next_node
+                host, netloc = self._wire[next_node]
                 # pass_host: node names the node tried (APISIX recreates the request).
                 retry = outgoing
-                if self.conf.pass_host == "node":
+                if self._host_of_node:
                     head = self._head(request, inbound, netloc, length, chunked)
                     retry = ClientRequest(request.method, head, relay, body, upload)
                 relay.again()
-                return self._connector.request(self._scheme, host, node.port, retry)
+                return self._connector.request(self._scheme, host, next_node.port, retry)
 
             first = self._connector.request(self._scheme, host, node.port, outgoing)
             d = _Tries(_Retries(self._reactor, self._balancer, self.conf, node, key), first, send).result
         if self._counted:
-            when_finished(request, lambda _: self._balancer.release(node))
-        relay.start(d)
-
-        def client_gone(reason: Optional[Failure]) -> None:
-            if reason is None:
-                return
-            if relay.answered:
-                relay.stop()
-            else:
-                # Connecting, or waiting for the head (maybe on a retry):
-                # cancelling reaches whichever Deferred is pending.
-                relay.client_gone = True
-                d.cancel()
-
-        when_finished(request, client_gone)
-
-        def got_response(head: ResponseHead) -> None:
-            if exchange is not None:
-                exchange.upstream_answered()
-            if relay.client_gone or request.finished:
-                # (finished: the gateway refused the rest of a streamed body.)
-                # Nobody waits for this answer: stop it now, which closes that
-                # connection, rather than read its body into nothing.
-                relay.stop()
-                return
-            request.setResponseCode(head.status, head.reason)
-            out = request.responseHeaders
-            listed = head.connection
-            for name, values in head.headers.items():
-                if name not in _RESPONSE_DROP and name not in listed:
-                    out.setRawHeaders(name, values)
-            if request.cookies:  # an allow's auth cookies (allow_cookies)
-                merge_into_response(request)
-            # HEAD keeps the upstream's own Content-Length (in head.headers); 204 must
-            # have none and a 304's describes the 200 it stands for: never an invented 0.
-            length = head.length  # an int, or UNKNOWN_LENGTH
-            if isinstance(length, int) and request.method != b"HEAD" and head.status not in _NO_BODY_CODES:
-                out.setRawHeaders(b"content-length", [b"%d" % length])
-            relay.relay()
-
-        def failed(failure: Failure) -> None:
-            relay.stop_timer()
-            if relay.client_gone or request.finished:
-                return
-            if exchange is not None:
-                exchange.upstream_failed()
-            if relay.timed_out or failure.check(net_error.TimeoutError):
-                status = 504
-                reason = "timeout"
-            else:
-                status = 502
-                reason = describe_failure(failure)
-            log.warn("upstream {node} failed: {err}", node=node.netloc, err=reason)
-            send_simple(request, status)
-
-        d.addCallbacks(got_response, failed)
-        d.addErrback(self._unexpected, request, relay)
-
-    @staticmethod
-    def _unexpected(failure: Failure, request: Any, relay: _Relay) -> None:
-        if failure.check(CancelledError):
-            return
-        log.failure("unexpected error in the upstream leg", failure)
-        relay.stop()
-        if not request.finished and not request.startedWriting:
-            # got_response may have copied the upstream's headers already
-            # (Set-Cookie, Content-Encoding...): none of them may go out
-            # with a 502 the gateway made up.
-            request.responseHeaders = Headers()
-            send_simple(request, 502)
+            when_finished(request, lambda _: self._balancer.release(relay.node))
+        relay.follow(d)

@@ -50,6 +50,7 @@ from zope.interface import alsoProvides, implementer
 from fauth.auth.cookies import merge_into_response
 from fauth.request.inbound import InboundRequest
 from fauth.request.lifecycle import when_finished
+from fauth.request.fields import copy_fields
 from fauth.request.replies import send_simple
 from fauth.wire.h1 import MAX_RESPONSE_HEAD, ChunkedDecoder, ResponseHead, find_head_end, parse_head
 from fauth.wire.headers import HOP_BY_HOP, connection_listed
@@ -514,10 +515,7 @@ class _Tunnel:
         self._state = _RESPONSE
         request.setResponseCode(head.status, head.reason)
         out = request.responseHeaders
-        listed = head.connection
-        for name, values in head.headers.items():
-            if name not in HOP_BY_HOP and name not in listed:
-                out.setRawHeaders(name, values)
+        copy_fields(out, head.headers.items(), HOP_BY_HOP, head.connection)
         if request.cookies:  # an allow's auth cookies (allow_cookies)
             merge_into_response(request)
         length = head.length

@@ -20,3 +20,4 @@ def test_a_bare_status_says_its_empty_length_and_no_type() -> None:
     assert (request.code, request.body, request.finished) == (502, b"", True)
     assert request.responseHeaders.getRawHeaders(b"content-length") == [b"0"]
     assert request.responseHeaders.getRawHeaders(b"content-type") is None
+

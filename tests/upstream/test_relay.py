@@ -7,6 +7,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from fauth.config import Node
 from fauth.wire.h1 import ReplyHeaders, ResponseHead
 from fauth.testing import FakeRequest
 from fauth.upstream.proxy import _Relay
@@ -26,7 +27,7 @@ class Upstream:
 
 def relay_on(clock: Clock, response_timeout: float = 10.0, idle: float = 3.0) -> Any:
     request = FakeRequest()
-    relay = _Relay(request, clock, response_timeout, idle)
+    relay = _Relay(request, clock, response_timeout, idle, Node("127.0.0.1", 9))
     cancelled: List[Optional[Failure]] = []
     call: Deferred = Deferred(lambda d: cancelled.append(None))
     call.addErrback(lambda f: None)
