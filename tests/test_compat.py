@@ -125,7 +125,7 @@ def test_bytes_after_a_head_in_the_same_read_go_straight_to_raw_data_received() 
 
 
 def test_headers_keep_value_lists_in_raw_headers_under_their_canonical_name() -> None:
-    # fauth.request.fields reads and sets _rawHeaders under the name Headers
+    # fauth.wire.fields reads and sets _rawHeaders under the name Headers
     # itself stores (found through a probe Headers), and the server writes
     # what is there.
     from twisted.internet.testing import StringTransport

@@ -29,7 +29,7 @@ from fauth.edge.request import BodySink, HardenedRequest
 from fauth.edge.h2 import NegotiatingChannel, alpn_protocols
 from fauth.edge.server import HardenedSite
 from fauth.request.clientaddr import ForwardedChain
-from fauth.request.fields import canonical, fields_of
+from fauth.wire.fields import canonical, fields_of
 from fauth.request.inbound import BadRequest, InboundRequest, check_encoded
 from fauth.request.lifecycle import when_finished
 from fauth.observe.exchange import Exchange
@@ -81,7 +81,7 @@ class GatewayRequest(HardenedRequest):
             return
         self.site = site
         # As setHeader would, without its name encoding and value
-        # sanitising per call: both are known clean (fauth.request.fields).
+        # sanitising per call: both are known clean (fauth.wire.fields).
         fields = fields_of(self.responseHeaders)
         fields[_SERVER] = [server.version]
         fields[_DATE] = [_http_date()]

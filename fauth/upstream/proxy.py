@@ -30,7 +30,7 @@ from fauth.wire.h1 import ResponseHead
 from fauth.wire.headers import HOP_BY_HOP, connection_listed
 from fauth.request.inbound import InboundRequest
 from fauth.request.lifecycle import when_finished
-from fauth.request.fields import canonical, copy_fields, fields_of
+from fauth.wire.fields import canonical, copy_fields, fields_of
 from fauth.request.replies import send_simple
 from fauth.wire.transport import Connector, IClientReactor, describe_failure, tls_policy
 
@@ -64,7 +64,7 @@ _FORWARDED = (
     b"X-Forwarded-For: %s\r\nX-Real-IP: %s\r\nX-Forwarded-Proto: %s\r\n"
     b"X-Forwarded-Host: %s\r\nX-Forwarded-Port: %d\r\n\r\n"
 )
-# Where Headers keeps these (fauth.request.fields).
+# Where Headers keeps these (fauth.wire.fields).
 _HOST = canonical(b"host")
 _CONNECTION = canonical(b"connection")
 _CONTENT_LENGTH = canonical(b"content-length")

@@ -50,7 +50,7 @@ from zope.interface import alsoProvides, implementer
 from fauth.auth.cookies import merge_into_response
 from fauth.request.inbound import InboundRequest
 from fauth.request.lifecycle import when_finished
-from fauth.request.fields import copy_fields
+from fauth.wire.fields import copy_fields
 from fauth.request.replies import send_simple
 from fauth.wire.h1 import MAX_RESPONSE_HEAD, ChunkedDecoder, ResponseHead, find_head_end, parse_head
 from fauth.wire.headers import HOP_BY_HOP, connection_listed

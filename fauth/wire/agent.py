@@ -42,6 +42,7 @@ from twisted.web._newclient import Request, ResponseFailed
 from zope.interface import implementer
 
 from fauth.wire.connection import ClientRequest
+from fauth.wire.fields import copy_fields
 from fauth.wire.h1 import ReplyHeaders, ResponseHead, request_head
 from fauth.wire.pool import StrictConnectionPool
 from fauth.wire.transport import Connector, IClientReactor
@@ -189,11 +190,10 @@ class BytesBody:
 def _twisted_headers(answer: ReplyHeaders) -> Headers:
     """
     C{answer} as a Twisted L{Headers} of its own, names and values not
-    checked again: they were parsed, and are in Twisted's spelling (a head
-    seen before already knows it).
+    checked again: they were parsed (L{copy_fields}).
     """
     headers = Headers()
-    headers._rawHeaders = {name: list(values) for name, values in answer.canonical().items()}
+    copy_fields(headers, answer.items(), frozenset(), frozenset())
     return headers
 
 

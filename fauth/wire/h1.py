@@ -17,7 +17,6 @@ import re
 from typing import Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from twisted.web._newclient import ParseError
-from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from fauth.wire.headers import CTL, TOKEN
@@ -87,17 +86,10 @@ class ReplyHeaders:
     sent the same bytes (L{parse_head}).
     """
 
-    __slots__ = ("_map", "_canonical")
+    __slots__ = ("_map",)
 
     def __init__(self, fields: Optional[Mapping[bytes, Sequence[bytes]]] = None) -> None:
         self._map = fields if fields is not None else {}
-        self._canonical: Optional[Dict[bytes, Tuple[bytes, ...]]] = None
-
-    def canonical(self) -> Dict[bytes, Tuple[bytes, ...]]:
-        """The fields as a Twisted L{Headers} spells and keeps them (C{X-User-Id}), worked out once."""
-        if self._canonical is None:
-            self._canonical = {name: tuple(values) for name, values in Headers(self._map).getAllRawHeaders()}
-        return self._canonical
 
     def get(self, name: bytes) -> Optional[Sequence[bytes]]:
         """Every value of C{name} (any case), or C{None}."""

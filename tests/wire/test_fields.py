@@ -1,9 +1,9 @@
-"""L{fauth.request.fields}: a Headers' fields read and set in its own dict, as its methods would."""
+"""L{fauth.wire.fields}: a Headers' fields read and set in its own dict, as its methods would."""
 from __future__ import annotations
 
 from twisted.web.http_headers import Headers
 
-from fauth.request.fields import canonical, copy_fields, fields_of
+from fauth.wire.fields import canonical, copy_fields, fields_of
 
 
 def test_the_canonical_name_is_the_one_headers_stores() -> None:

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.request.test_fields -*-
+# -*- test-case-name: tests.wire.test_fields -*-
 """
 The fields of a Twisted L{Headers}, read and set in its own dict.
 
