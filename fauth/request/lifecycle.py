@@ -30,10 +30,12 @@ Callback = Callable[[Optional[Failure]], None]
 class _Finished:
     """The parties told of one request's end, in the order they asked."""
 
-    __slots__ = ("callbacks",)
+    __slots__ = ("callbacks", "ended", "reason")
 
     def __init__(self) -> None:
         self.callbacks: List[Callback] = []
+        self.ended = False
+        self.reason: Optional[Failure] = None
 
     def callback(self, result: object) -> None:
         """The response is finished (Twisted's C{Request._cleanup})."""
@@ -44,15 +46,24 @@ class _Finished:
         self.run(reason)
 
     def run(self, reason: Optional[Failure]) -> None:
-        for callback in self.callbacks:
-            try:
-                callback(reason)
-            except Exception:
-                log.failure("error while finishing a request")
+        # Dropped as they run: the parties (the relay, the exchange) hold
+        # the request, which holds this, and a cycle left behind would be
+        # the cyclic collector's to find, a pause in some later request.
+        callbacks, self.callbacks = self.callbacks, []
+        self.ended, self.reason = True, reason
+        for callback in callbacks:
+            _call(callback, reason)
 
     def fired(self, result: object) -> None:
         """The end, as a C{notifyFinish} L{Deferred} fires it: the failure of a client gone is consumed."""
         self.run(result if isinstance(result, Failure) else None)
+
+
+def _call(callback: Callback, reason: Optional[Failure]) -> None:
+    try:
+        callback(reason)
+    except Exception:
+        log.failure("error while finishing a request")
 
 
 def when_finished(request: Any, callback: Callback) -> None:
@@ -60,7 +71,8 @@ def when_finished(request: Any, callback: Callback) -> None:
     Call C{callback(None)} once the response to C{request} is finished, or
     C{callback(reason)} if its connection is lost first.  Callbacks run in
     the order they were added; one that raises is logged and does not stop
-    the others.
+    the others.  Added once the request has ended, C{callback} is called at
+    once, with how it ended.
     """
     finished: Optional[_Finished] = getattr(request, "_fauth_when_finished", None)
     if finished is None:
@@ -70,4 +82,7 @@ def when_finished(request: Any, callback: Callback) -> None:
             notifications.append(finished)
         else:
             request.notifyFinish().addBoth(finished.fired)
-    finished.callbacks.append(callback)
+    if finished.ended:
+        _call(callback, finished.reason)
+    else:
+        finished.callbacks.append(callback)

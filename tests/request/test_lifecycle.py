@@ -1,6 +1,7 @@
 """fauth.request.lifecycle: several parties told of a request's end through one entry of its notifications."""
 from __future__ import annotations
 
+import gc
 from typing import Any, List, Optional
 
 from twisted.internet.defer import Deferred
@@ -94,3 +95,51 @@ def test_a_raising_party_is_logged_and_the_others_still_run() -> None:
         request.notifications[0].callback(None)
     assert seen == ["after"]
     assert logs.contains("error while finishing a request"), logs.lines
+
+
+def _reachable(root: object, target: object, limit: int = 10000) -> bool:
+    """Whether C{target} can be reached from C{root} through references (what the cyclic collector follows)."""
+    seen = {id(root)}
+    todo = [root]
+    while todo and len(seen) < limit:
+        for referent in gc.get_referents(todo.pop()):
+            if referent is target:
+                return True
+            if id(referent) not in seen and not isinstance(referent, type):
+                seen.add(id(referent))
+                todo.append(referent)
+    return False
+
+
+def test_a_finished_request_lets_go_of_its_parties() -> None:
+    # A party holds the request (the relay, the exchange do); were the
+    # request to keep holding the party once told, every request would be
+    # a cycle left to the cyclic collector: a pause in some later request.
+    from twisted.web.server import Request
+    from twisted.web.test.requesthelper import DummyChannel
+
+    class Party:
+        def __init__(self, request: Request) -> None:
+            self.request = request
+            self.told: List[Optional[Failure]] = []
+
+        def done(self, reason: Optional[Failure]) -> None:
+            self.told.append(reason)
+
+    request = Request(DummyChannel())
+    party = Party(request)
+    when_finished(request, party.done)
+    assert _reachable(request, party)
+    request.finish()
+    assert party.told == [None]
+    assert not _reachable(request, party)
+
+
+def test_a_party_that_comes_after_the_end_is_told_at_once() -> None:
+    request = FakeRequest()
+    seen: List[Any] = []
+    when_finished(request, lambda reason: seen.append(("first", reason)))
+    lost = Failure(ConnectionLost())
+    request.notifications[0].errback(lost)
+    when_finished(request, lambda reason: seen.append(("late", reason)))
+    assert seen == [("first", lost), ("late", lost)]
