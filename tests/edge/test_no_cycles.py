@@ -17,8 +17,8 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.web.resource import Resource
 
+from fauth.process.demo import DemoAuthResource, EchoResource
 from tests.harness import start_gateway
 from tests.servers import listen_on_loopback, port_url
 
@@ -26,24 +26,6 @@ pytestmark = pytest.mark.skipif(
     platform.python_implementation() != "CPython",
     reason="counts what CPython's cyclic collector frees; PyPy frees nothing by reference counting",
 )
-
-
-class Auth(Resource):
-    isLeaf = True
-
-    def render(self, request: Any) -> bytes:
-        if request.getHeader(b"authorization") != b"321":
-            request.setResponseCode(403)
-            return b"denied"
-        request.setHeader(b"x-user-id", b"i-am-user")
-        return b""
-
-
-class Upstream(Resource):
-    isLeaf = True
-
-    def render(self, request: Any) -> bytes:
-        return b"hello " + (request.getHeader(b"x-user-id") or b"nobody")
 
 
 class KeepAlive(Protocol):
@@ -76,27 +58,30 @@ class KeepAlive(Protocol):
             self.transport.write(self.request)
 
 
-async def garbage_after(reactor: Any, port: int, request: bytes, count: int) -> int:
-    """The objects CPython's cyclic collector frees after C{count} requests on one connection."""
+async def garbage_after(reactor: Any, port: int, request: bytes, count: int, status: int) -> int:
+    """
+    The objects CPython's cyclic collector frees after C{count} requests on
+    one connection, each answered with C{status}.
+    """
     client = KeepAlive(request, count)
     gc.collect()
     gc.disable()
     try:
         await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(Factory.forProtocol(lambda: client))
         answers = await client.done
-        assert all(answer.startswith(b"HTTP/1.1 ") for answer in answers)
+        assert all(answer.startswith(b"HTTP/1.1 %d " % status) for answer in answers), answers[0]
         return gc.collect()
     finally:
         gc.enable()
 
 
 @pytest_twisted.ensureDeferred
-@pytest.mark.parametrize("token", [b"321", b"wrong"], ids=["allowed", "denied"])
-async def test_requests_leave_no_cycles(token: bytes) -> None:
+@pytest.mark.parametrize("token, status", [(b"321", 200), (b"wrong", 403)], ids=["allowed", "denied"])
+async def test_requests_leave_no_cycles(token: bytes, status: int) -> None:
     from twisted.internet import reactor
 
-    auth = await listen_on_loopback(reactor, Auth())
-    upstream = await listen_on_loopback(reactor, Upstream())
+    auth = await listen_on_loopback(reactor, DemoAuthResource())
+    upstream = await listen_on_loopback(reactor, EchoResource())
     gateway = await start_gateway(
         reactor,
         {
@@ -106,7 +91,7 @@ async def test_requests_leave_no_cycles(token: bytes) -> None:
                     "uri": "/*",
                     "plugins": {
                         "forward-auth": {
-                            "uri": port_url(auth, "/auth"),
+                            "uri": port_url(auth, "/"),
                             "request_headers": ["Authorization"],
                             "upstream_headers": ["X-User-ID"],
                         }
@@ -116,11 +101,11 @@ async def test_requests_leave_no_cycles(token: bytes) -> None:
             ]
         },
     )
-    request = b"GET /x HTTP/1.1\r\nHost: gateway\r\nAuthorization: " + token + b"\r\n\r\n"
+    request = b"GET /headers HTTP/1.1\r\nHost: gateway\r\nAuthorization: " + token + b"\r\n\r\n"
     try:
-        await garbage_after(reactor, gateway.port_number, request, 5)  # pools filled, caches warm
-        few = await garbage_after(reactor, gateway.port_number, request, 10)
-        many = await garbage_after(reactor, gateway.port_number, request, 60)
+        await garbage_after(reactor, gateway.port_number, request, 5, status)  # pools filled, caches warm
+        few = await garbage_after(reactor, gateway.port_number, request, 10, status)
+        many = await garbage_after(reactor, gateway.port_number, request, 60, status)
     finally:
         await gateway.stop()
         await auth.stopListening()
