@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from copy import copy
 from http.cookiejar import Cookie
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 from hyperlink import EncodedURL
 from treq.cookies import IndexableCookieJar
@@ -187,13 +187,16 @@ class BytesBody:
         pass
 
 
+_NO_NAMES: FrozenSet[bytes] = frozenset()
+
+
 def _twisted_headers(answer: ReplyHeaders) -> Headers:
     """
     C{answer} as a Twisted L{Headers} of its own, names and values not
     checked again: they were parsed (L{copy_fields}).
     """
     headers = Headers()
-    copy_fields(headers, answer.items(), frozenset(), frozenset())
+    copy_fields(headers, answer.items(), _NO_NAMES, _NO_NAMES)
     return headers
 
 
