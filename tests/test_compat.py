@@ -57,13 +57,14 @@ from fauth.wire.agent import BytesBody, NoCookies, PreEncodedURL, PreparedHeader
         (_newclient, "ParseError"),
         (_newclient, "RequestNotSent"),
         # fauth.wire.pool: the pool's connection factory (a documented instance
-        # variable since 12.1, with its signature), new connections, and the
-        # quiescent callback's return; fauth.wire.agent: Twisted's Request for a
-        # plain pool
+        # variable since 12.1, with its signature), new connections, the
+        # quiescent callback's return (its own), and the wrapper that retries a
+        # request once on a stale pooled connection; fauth.wire.agent:
+        # Twisted's Request for a plain pool
         (client.HTTPConnectionPool, "_factory"),
         (client.HTTPConnectionPool, "_newConnection"),
-        (client.HTTPConnectionPool, "_putConnection"),  # and read maxPersistentPerHost, cachedConnectionTimeout per call (keepalive_pool per target)
-        (client.HTTPConnectionPool, "_removeConnection"),
+        (client.HTTPConnectionPool, "_putConnection"),
+        (client, "_RetryingHTTP11ClientProtocol"),
         (client, "_HTTP11ClientFactory"),
         (_newclient, "Request"),
         # fauth.wire.agent: an answer's Headers made from its parsed head
@@ -153,12 +154,39 @@ def test_a_fired_deferred_shows_its_result() -> None:
 
 
 def test_the_pool_keeps_idle_connections_per_key_in_connections() -> None:
-    # fauth.wire.pool.StrictConnectionPool.connection_counts reads it.
+    # fauth.wire.pool.StrictConnectionPool keeps its idle connections there
+    # (getConnection and _putConnection are its own), and
+    # closeCachedConnections, Twisted's, closes them from there.
     pool = client.HTTPConnectionPool(Clock())
     assert pool._connections == {} and pool._timeouts == {}
+    closing: List[str] = []
+
+    class Idle:
+        def abort(self) -> Deferred:
+            closing.append("abort")
+            return Deferred()
+
+    pool._connections[("http", "h", 80)] = [Idle()]  # type: ignore[list-item]
+    pool.closeCachedConnections()
+    assert closing == ["abort"] and pool._connections == {}
     # The factory is called as (quiescentCallback, metadata).
     factory = client.HTTPConnectionPool._factory(lambda protocol: None, "metadata")
     assert factory.buildProtocol(None) is not None
+
+
+def test_the_retrying_wrapper_takes_a_connection_and_a_way_to_a_new_one() -> None:
+    # fauth.wire.pool.StrictConnectionPool.getConnection wraps a pooled
+    # connection as Twisted's getConnection does: (connection, newConnection).
+    sent: List[Any] = []
+
+    class Connection:
+        def request(self, request: Any) -> Deferred:
+            sent.append(request)
+            return Deferred()
+
+    wrapper = client._RetryingHTTP11ClientProtocol(Connection(), lambda: Deferred())
+    wrapper.request("r")
+    assert sent == ["r"]
 
 
 @implementer(IAgent)

@@ -322,6 +322,7 @@ class ClientConnection(Protocol):
 
     @param quiescent: called with this connection when it can carry the next
         request (the pool puts it back).
+    @ivar idle_since: when it last went back to the pool (the pool's clock).
     @ivar served: exchanges this connection has carried back to the pool
         (for an upstream's C{keepalive_pool.requests}).
     @ivar state: what L{fauth.pools} reads:
@@ -335,6 +336,7 @@ class ClientConnection(Protocol):
     def __init__(self, quiescent: Callable[["ClientConnection"], None] = lambda c: None) -> None:
         self._quiescent = quiescent
         self.served = 0
+        self.idle_since = 0.0
         self.state = "QUIESCENT"
         self._request: Optional[ClientRequest] = None
         self._deferred: Optional[Deferred] = None

@@ -4,27 +4,40 @@ L{StrictConnectionPool}: Twisted's L{HTTPConnectionPool} with fauth's strict
 HTTP/1.1 connection (L{fauth.wire.connection.ClientConnection}) in place of
 C{HTTP11ClientProtocol}.
 
-The pooling is Twisted's own: C{getConnection} hands out an idle connection
+The pooling is Twisted's: C{getConnection} hands out an idle connection
 (wrapped to retry an idempotent request once on a stale one) or opens a new
 one, and a connection that finishes an exchange comes back through the
 pool's quiescent callback, to be closed after C{cachedConnectionTimeout}
-or when more than C{maxPersistentPerHost} are idle.  This subclass only
-builds different connections, remembers them per target for the
+or when more than C{maxPersistentPerHost} are idle.  This subclass builds
+different connections, remembers them per target for the
 C{fauth_pool_connections} gauges, and keeps nothing once closed.
+
+It also keeps the idle connections differently.  Twisted's pool arms a
+reactor timer per connection each time one goes idle, and cancels it when
+the connection is taken again: a heap push (comparisons in Python) and a
+cancel per request and leg.  Here an idle connection only notes when it
+went idle, and one timer per pool, armed for the oldest, closes what has
+been idle too long.  The most recently idle connection is handed out
+first (as nginx's upstream keep-alive does): the one least likely to have
+been closed by the peer meanwhile, and under a steady load the surplus
+goes idle for long enough to be closed.
 """
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Dict, Hashable, Tuple, cast
+from typing import Any, Callable, Dict, Hashable, Optional, Tuple, cast
 
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
-from twisted.web.client import HTTPConnectionPool
+from twisted.logger import Logger
+from twisted.web.client import HTTPConnectionPool, _RetryingHTTP11ClientProtocol
 
 from fauth.wire.connection import ClientConnection
 
 __all__ = ["StrictConnectionPool", "target_label"]
+
+log = Logger()
 
 _IDLE = "QUIESCENT"
 _BUSY = "WAITING"
@@ -87,6 +100,8 @@ class StrictConnectionPool(HTTPConnectionPool):
         self._opened: Dict[Hashable, "weakref.WeakSet[ClientConnection]"] = {}
         self._closed = False
         self._limits: Dict[Hashable, Tuple[int, float, int]] = {}
+        # The one timer that closes connections idle for too long.
+        self._sweep: Optional[IDelayedCall] = None
 
     def limit(self, key: Hashable, size: int, idle_timeout: float, requests: int) -> None:
         """
@@ -98,22 +113,73 @@ class StrictConnectionPool(HTTPConnectionPool):
         """
         self._limits[key] = (size, idle_timeout, requests)
 
+    def getConnection(self, key: Hashable, endpoint: IStreamClientEndpoint) -> Deferred:
+        """
+        A connection for one request to C{key}: the most recently idle one
+        still open, or a new one (Twisted's, but last in, first out, and no
+        timer to cancel).
+        """
+        connections = self._connections.get(key)
+        while connections:
+            connection = connections.pop()
+            if connection.state == _IDLE:
+                if self.retryAutomatically:
+                    return succeed(_RetryingHTTP11ClientProtocol(connection, lambda: self._newConnection(key, endpoint)))
+                return succeed(connection)
+        return self._newConnection(key, endpoint)
+
     def _putConnection(self, key: Hashable, connection: Any) -> None:
+        if connection.state != _IDLE:
+            log.error("BUG: a connection in state {state} returned to the pool", state=connection.state)
+            return
         limits = self._limits.get(key)
+        idle_timeout: float
         if limits is None:
-            return super()._putConnection(key, connection)
-        size, idle_timeout, requests = limits
-        connection.served += 1
-        if connection.served >= requests:
-            connection.transport.loseConnection()
-            return None
-        # Twisted's own, with this target's limits in place of the pool's.
-        default = self.maxPersistentPerHost, self.cachedConnectionTimeout
-        self.maxPersistentPerHost, self.cachedConnectionTimeout = size, idle_timeout  # type: ignore[assignment]
-        try:
-            return super()._putConnection(key, connection)
-        finally:
-            self.maxPersistentPerHost, self.cachedConnectionTimeout = default
+            size, idle_timeout = self.maxPersistentPerHost, self.cachedConnectionTimeout
+        else:
+            size, idle_timeout, requests = limits
+            connection.served += 1
+            if connection.served >= requests:
+                connection.abort()
+                return
+        connections = self._connections.get(key)
+        if connections is None:
+            connections = self._connections[key] = []
+        if len(connections) >= size:
+            if not connections:  # keep none
+                connection.abort()
+                return
+            connections.pop(0).abort()  # the longest idle
+        now = self._reactor.seconds()
+        connection.idle_since = now
+        connections.append(connection)
+        sweep = self._sweep
+        if sweep is None:
+            self._sweep = self._reactor.callLater(idle_timeout, self._close_expired)
+        elif sweep.getTime() > now + idle_timeout:
+            sweep.reset(idle_timeout)  # rare: a target with a shorter timeout
+
+    def _idle_timeout(self, key: Hashable) -> float:
+        limits = self._limits.get(key)
+        return self.cachedConnectionTimeout if limits is None else limits[1]
+
+    def _close_expired(self) -> None:
+        """Close the connections idle for longer than their timeout; re-arm for the next."""
+        self._sweep = None
+        now = self._reactor.seconds()
+        due: Optional[float] = None
+        for key, connections in list(self._connections.items()):
+            timeout = self._idle_timeout(key)
+            # Oldest first: each put appends, each get takes the newest.
+            while connections and connections[0].idle_since + timeout <= now:
+                connections.pop(0).abort()
+            if connections:
+                expiry = connections[0].idle_since + timeout
+                due = expiry if due is None else min(due, expiry)
+            else:
+                del self._connections[key]
+        if due is not None:
+            self._sweep = self._reactor.callLater(due - now, self._close_expired)
 
     def _newConnection(self, key: Hashable, endpoint: IStreamClientEndpoint) -> Deferred:
         # Twisted's, but the quiescent callback closes what a closed pool
@@ -141,10 +207,9 @@ class StrictConnectionPool(HTTPConnectionPool):
         trims when a returning connection finds exactly the old limit).
         """
         self.maxPersistentPerHost = count
-        for key, idle in list(self._connections.items()):
+        for idle in self._connections.values():
             while len(idle) > count:
-                self._timeouts[idle[0]].cancel()
-                self._removeConnection(key, idle[0])
+                idle.pop(0).abort()
 
     def connection_counts(self) -> Dict[Hashable, Tuple[int, int]]:
         """
@@ -167,6 +232,13 @@ class StrictConnectionPool(HTTPConnectionPool):
         """
         self._closed = True
         return self.closeCachedConnections()
+
+    def closeCachedConnections(self) -> Deferred:
+        """Close every idle connection (Twisted's), and stop the idle timer."""
+        sweep, self._sweep = self._sweep, None
+        if sweep is not None and sweep.active():
+            sweep.cancel()
+        return super().closeCachedConnections()
 
 
 def _remember(connection: ClientConnection, opened: "weakref.WeakSet[ClientConnection]") -> ClientConnection:

@@ -148,7 +148,7 @@ def test_keys_do_not_share_connections() -> None:
     assert pool.connection_counts() == {KEY: (1, 0), OTHER: (0, 1)}
 
 
-def test_the_oldest_idle_is_reused_and_closed_past_max_persistent() -> None:
+def test_the_newest_idle_is_reused_and_the_oldest_closed_past_max_persistent() -> None:
     clock, endpoint, pool = new_pool(maxPersistentPerHost=3)
     for _ in range(4):
         send(pool, endpoint)
@@ -157,13 +157,13 @@ def test_the_oldest_idle_is_reused_and_closed_past_max_persistent() -> None:
         answer(connection)
     # a went idle first: closed when d came back with three already idle.
     assert closed(a) and not any(closed(connection) for connection in (b, c, d))
-    assert len(clock.getDelayedCalls()) == 3  # a's expiry went with it
+    assert len(clock.getDelayedCalls()) == 1  # one timer for the pool, not one per connection
     assert pool.connection_counts() == {KEY: (3, 0)}
-    # First in, first out: b is the one handed out next, then c.
+    # Last in, first out: d is the one handed out next, then c.
     send(pool, endpoint)
-    assert (b.state, c.state, d.state) == ("WAITING", "QUIESCENT", "QUIESCENT")
+    assert (b.state, c.state, d.state) == ("QUIESCENT", "QUIESCENT", "WAITING")
     send(pool, endpoint)
-    assert (c.state, d.state) == ("WAITING", "QUIESCENT")
+    assert (b.state, c.state) == ("QUIESCENT", "WAITING")
     assert len(endpoint.connections) == 4
     assert len(clock.getDelayedCalls()) == 1
 
@@ -177,11 +177,11 @@ def test_keep_idle_lowered_closes_the_excess_now_and_holds_after() -> None:
     assert pool.connection_counts() == {KEY: (4, 4)}
     pool.keep_idle(2)  # a reload with a smaller keepalive_pool
     assert pool.connection_counts() == {KEY: (2, 4)}
+    # The longest idle go.
     assert [closed(c) for c in endpoint.connections[:4]] == [True, True, False, False]
-    assert len(clock.getDelayedCalls()) == 2  # the closed ones' expiries went with them
     for connection in endpoint.connections[4:]:
         answer(connection)
-    # Twisted's own trimming holds again from the new limit.
+    # The trimming on return holds from the new limit.
     assert pool.connection_counts() == {KEY: (2, 0)}
     assert sum(not closed(c) for c in endpoint.connections) == 2
 
@@ -217,9 +217,9 @@ def test_a_reused_connection_is_not_timed_out_while_busy() -> None:
     answer(connection)
     clock.advance(5)
     sink, _ = send(pool, endpoint)
-    assert clock.getDelayedCalls() == []
     clock.advance(20)
     assert not closed(connection)
+    assert clock.getDelayedCalls() == []  # the timer found nothing idle, and stopped
     answer(connection)
     assert sink.body == b"ok"
     # Its idle time starts again from the end of this exchange.
@@ -227,6 +227,45 @@ def test_a_reused_connection_is_not_timed_out_while_busy() -> None:
     assert not closed(connection)
     clock.advance(0.1)
     assert closed(connection)
+
+
+def test_each_target_keeps_its_own_idle_timeout_on_the_one_timer() -> None:
+    clock, endpoint, pool = new_pool(maxPersistentPerHost=4, cachedConnectionTimeout=60.0)
+    pool.limit(OTHER, 4, 5.0, 1000)  # an upstream's keepalive_pool: 5 s
+    send(pool, endpoint)
+    send(pool, endpoint, key=OTHER)
+    slow, fast = endpoint.connections
+    answer(slow)  # the timer is armed for 60 s first...
+    answer(fast)  # ...and moved sooner for this one
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(5)
+    assert closed(fast) and not closed(slow)
+    assert pool.connection_counts() == {KEY: (1, 0), OTHER: (0, 0)}
+    clock.advance(54.9)
+    assert not closed(slow)
+    clock.advance(0.1)
+    assert closed(slow) and clock.getDelayedCalls() == []
+
+
+def test_an_upstream_connection_is_closed_after_its_requests() -> None:
+    clock, endpoint, pool = new_pool(maxPersistentPerHost=4)
+    pool.limit(KEY, 4, 60.0, 2)  # keepalive_pool.requests: 2
+    send(pool, endpoint)
+    (connection,) = endpoint.connections
+    answer(connection)
+    assert not closed(connection)
+    send(pool, endpoint)
+    answer(connection)
+    assert closed(connection)
+    assert pool.connection_counts() == {KEY: (0, 0)}
+
+
+def test_a_pool_that_keeps_none_closes_each_connection() -> None:
+    clock, endpoint, pool = new_pool(maxPersistentPerHost=0)
+    sink, _ = send(pool, endpoint)
+    answer(endpoint.connections[0])
+    assert sink.body == b"ok" and closed(endpoint.connections[0])
+    assert clock.getDelayedCalls() == []
 
 
 def test_a_connection_the_peer_closed_while_idle_is_not_handed_out() -> None:
@@ -240,7 +279,9 @@ def test_a_connection_the_peer_closed_while_idle_is_not_handed_out() -> None:
     assert len(endpoint.connections) == 2 and sent(old) == GET
     answer(endpoint.connections[1])
     assert only(results) is sink and sink.body == b"ok"
-    assert len(clock.getDelayedCalls()) == 1  # the new one's; the dead one's is gone
+    assert len(clock.getDelayedCalls()) == 1  # the pool's one timer
+    clock.advance(60)
+    assert closed(endpoint.connections[1]) and clock.getDelayedCalls() == []
 
 
 def test_not_persistent_keeps_nothing() -> None:
@@ -326,7 +367,7 @@ def test_close_closes_idle_connections_and_their_timers() -> None:
     a, b = endpoint.connections
     answer(a)
     answer(b)
-    assert len(clock.getDelayedCalls()) == 2
+    assert len(clock.getDelayedCalls()) == 1
     done = outcome(pool.close())
     assert closed(a) and closed(b) and done == []
     assert clock.getDelayedCalls() == []
