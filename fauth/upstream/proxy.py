@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
@@ -26,6 +26,7 @@ from fauth.config.templates import compile_template
 from fauth.routing.balancer import Balancer
 from fauth.routing.health import connect_failed
 from fauth.wire.connection import ClientRequest, FileUpload, StreamUpload
+from fauth.wire.deadlines import Deadlines
 from fauth.wire.h1 import ResponseHead
 from fauth.wire.headers import HOP_BY_HOP, connection_listed
 from fauth.request.inbound import InboundRequest
@@ -111,19 +112,17 @@ class _Relay:
     connection, so a slow client pauses the upstream socket instead of
     growing a buffer; the server stopping it means the client is gone.
 
-    One timer serves both waits, for the head (C{send} + C{read} timeout)
-    and then between body chunks (C{read} timeout).  Each chunk only notes
-    the time, and the timer, when it fires, re-arms itself for what is
-    left: moving a Twisted timer sooner scans the reactor's whole timer
-    heap, which is done at most once per exchange here.
+    Two waits are timed, for the head (C{send} + C{read} timeout) and then
+    between body chunks (C{read} timeout), each on its upstream's
+    L{Deadlines} for that length: a dict entry per exchange, not a reactor
+    timer armed and cancelled per request.
     """
 
     def __init__(
         self,
         request: Any,
-        reactor: IReactorTime,
-        response_timeout: float,
-        idle_timeout: float,
+        head_waits: Deadlines,
+        body_waits: Deadlines,
         node: Node,
         exchange: Any = None,
     ) -> None:
@@ -131,12 +130,8 @@ class _Relay:
         self._exchange = exchange
         #: The node of the try in progress (for the log).
         self.node = node
-        self._reactor = reactor
-        self._response_timeout = response_timeout
-        self._idle_timeout = idle_timeout
-        self._timer: Optional[IDelayedCall] = None
-        self._head_deadline = 0.0
-        self._last_data = 0.0
+        self._head_waits = head_waits
+        self._body_waits = body_waits
         self._upstream: Any = None
         self._relaying = False
         self.call: Any = None
@@ -146,9 +141,7 @@ class _Relay:
     def start(self, call: Any) -> None:
         """Wait for the answer to C{call} (cancelled if the head is late)."""
         self.call = call
-        now = self._reactor.seconds()
-        self._head_deadline = now + self._response_timeout
-        self._timer = self._reactor.callLater(min(self._response_timeout, self._idle_timeout), self._check)
+        self._head_waits.add(self._head_late)
 
     def follow(self, call: Any) -> None:
         """
@@ -235,30 +228,26 @@ class _Relay:
 
     def again(self) -> None:
         """A retry on another node: it has its own head deadline."""
-        self._head_deadline = self._reactor.seconds() + self._response_timeout
+        self._head_waits.restart(self._head_late)
 
     @property
     def answered(self) -> bool:
         """The head is in: the body is (or was) on its way."""
         return self._upstream is not None
 
-    def _check(self) -> None:
-        deadline = self._last_data + self._idle_timeout if self._relaying else self._head_deadline
-        left = deadline - self._reactor.seconds()
-        if left > 0:
-            self._timer = self._reactor.callLater(left, self._check)
-            return
+    def _head_late(self) -> None:
         self.timed_out = True
-        if self._relaying:
-            log.warn("upstream read timed out in the body; aborting the client connection")
-            self._upstream.stopProducing()
-        else:
-            self.call.cancel()
+        self.call.cancel()
+
+    def _body_stalled(self) -> None:
+        self.timed_out = True
+        log.warn("upstream read timed out in the body; aborting the client connection")
+        self._upstream.stopProducing()
 
     def stop_timer(self) -> None:
         """No more waiting: the exchange failed or is over."""
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        self._head_waits.remove(self._head_late)
+        self._body_waits.remove(self._body_stalled)
 
     def body_start(self, upstream: Any, head: ResponseHead) -> ResponseHead:
         self._upstream = upstream
@@ -268,18 +257,13 @@ class _Relay:
         """Start passing the body on (the head has been copied)."""
         self._request.registerProducer(self, True)
         self._relaying = True
-        now = self._last_data = self._reactor.seconds()
-        timer = self._timer
-        if timer is None or not timer.active():  # fired, but the answer came first
-            self._timer = self._reactor.callLater(self._idle_timeout, self._check)
-        elif timer.getTime() > now + self._idle_timeout:
-            # Re-armed for a head deadline (send > read): the idle one is sooner.
-            timer.reset(self._idle_timeout)
+        self._head_waits.remove(self._head_late)
+        self._body_waits.add(self._body_stalled)
 
     def body_data(self, data: bytes) -> None:
         if self.client_gone:
             return
-        self._last_data = self._reactor.seconds()
+        self._body_waits.restart(self._body_stalled)
         self._request.write(data)
 
     def stop(self) -> None:
@@ -432,7 +416,9 @@ class UpstreamProxy:
             reactor, pool, tls_policy(conf.tls_verify, trust_root), conf.timeout.connect
         )
         self._scheme = conf.scheme.encode("ascii")
-        self._response_timeout = conf.timeout.send + conf.timeout.read
+        # The waits for an answer's head, and between its body's reads.
+        self._head_waits = Deadlines(reactor, conf.timeout.send + conf.timeout.read)
+        self._body_waits = Deadlines(reactor, conf.timeout.read)
         self._rewrite_host = (conf.upstream_host or "").encode("idna") if conf.pass_host == "rewrite" else None
         self._host_of_node = conf.pass_host == "node"
         # Per node: the host to connect to and the netloc for Host, encoded once.
@@ -441,7 +427,6 @@ class UpstreamProxy:
         }
         # (Hashing an attrs Node per request costs more than it looks.)
         self._single_wire = self._wire[self._single] if self._single is not None else (b"", b"")
-        self._idle_timeout = conf.timeout.read
         limit = getattr(pool, "limit", None)  # a StrictConnectionPool's keepalive_pool
         if limit is not None:
             for node, (host, _) in self._wire.items():
@@ -577,7 +562,7 @@ class UpstreamProxy:
         body, upload = self._body(request, inbound)
         length = len(body) if body is not None else (upload.length if upload is not None else None)
         chunked = upload is not None and length is None
-        relay = _Relay(request, self._reactor, self._response_timeout, self._idle_timeout, node, exchange)
+        relay = _Relay(request, self._head_waits, self._body_waits, node, exchange)
         head = self._head(request, inbound, netloc, length, chunked)
         outgoing = ClientRequest(request.method, head, relay, body, upload)
         if exchange is not None:

@@ -37,6 +37,11 @@ class Deadlines:
         if self._timer is None:
             self._timer = self._reactor.callLater(self._timeout, self._fire)
 
+    def restart(self, expire: Callable[[], None]) -> None:
+        """Start the wait C{expire} stands for over: it now ends C{timeout} seconds from now."""
+        self._waiting.pop(expire, None)
+        self.add(expire)
+
     def remove(self, expire: Callable[[], None]) -> None:
         """The wait C{expire} stood for has ended (also fine after it expired)."""
         # The timer stays: when it fires, it re-arms for whoever is oldest then.

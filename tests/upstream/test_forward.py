@@ -62,6 +62,7 @@ def test_client_gone_before_the_head_cancels_the_upstream_exchange() -> None:
     request.finish_by_client_gone()
     assert transport.disconnecting
     assert endpoint.protocols[0].state == "CLOSING"
+    clock.advance(120)  # past every deadline: nothing left to time out
     assert clock.getDelayedCalls() == []
     assert request.code == 0 and request.written == []
 
@@ -71,7 +72,7 @@ def test_body_idle_timeout_holds_when_send_exceeds_read() -> None:
     proxy.forward(request, inbound)
     (transport,) = endpoint.transports
     protocol = endpoint.protocols[0]
-    clock.advance(1.5)  # the first check, at read = 1 s, re-arms for the head deadline (11 s)
+    clock.advance(1.5)  # past the read timeout, but the head may take send + read (11 s)
     protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
     assert request.code == 200
     clock.advance(0.9)
@@ -132,4 +133,5 @@ def test_answer_after_the_client_left_stops_the_upstream_at_once() -> None:
     # Stopped before reading the body, not after reading all of it into nothing.
     assert connector.delivered == [0]
     assert request.code == 0 and request.written == []
-    assert clock.getDelayedCalls() == []
+    clock.advance(120)  # no deadline left to act on
+    assert clock.getDelayedCalls() == [] and request.code == 0

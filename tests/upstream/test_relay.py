@@ -1,4 +1,4 @@
-"""fauth.proxy._Relay's one timer: the head deadline, then the idle deadline between body chunks."""
+"""fauth.upstream.proxy._Relay's waits: the head deadline, then the idle deadline between body chunks."""
 from __future__ import annotations
 
 from typing import Any, List, Optional
@@ -11,6 +11,7 @@ from fauth.config import Node
 from fauth.wire.h1 import ReplyHeaders, ResponseHead
 from fauth.testing import FakeRequest
 from fauth.upstream.proxy import _Relay
+from fauth.wire.deadlines import Deadlines
 
 HEAD = ResponseHead(200, b"OK", ReplyHeaders(), 2, False, True, frozenset())
 
@@ -27,7 +28,7 @@ class Upstream:
 
 def relay_on(clock: Clock, response_timeout: float = 10.0, idle: float = 3.0) -> Any:
     request = FakeRequest()
-    relay = _Relay(request, clock, response_timeout, idle, Node("127.0.0.1", 9))
+    relay = _Relay(request, Deadlines(clock, response_timeout), Deadlines(clock, idle), Node("127.0.0.1", 9))
     cancelled: List[Optional[Failure]] = []
     call: Deferred = Deferred(lambda d: cancelled.append(None))
     call.addErrback(lambda f: None)
@@ -72,12 +73,13 @@ def test_the_end_of_the_body_stops_the_timer() -> None:
     relay.body_data(b"ok")
     relay.body_done(None)
     assert request.finished and request.producers[-1] is None
-    assert clock.getDelayedCalls() == []
+    clock.advance(10)  # the timers find nothing left to time, and stop
+    assert clock.getDelayedCalls() == [] and not relay.timed_out
 
 
 def test_idle_deadline_after_a_late_head_when_send_exceeds_read() -> None:
-    # send 10 + read 1: the first check (at 1 s) re-arms for the head
-    # deadline; once the head is in, a stall must still be cut after 1 s.
+    # send 10 + read 1: the head may take 11 s; once it is in, a stall must
+    # still be cut after 1 s.
     clock = Clock()
     relay, _, _ = relay_on(clock, response_timeout=11.0, idle=1.0)
     upstream = Upstream()
@@ -89,6 +91,21 @@ def test_idle_deadline_after_a_late_head_when_send_exceeds_read() -> None:
     assert upstream.stopped == 0
     clock.advance(0.2)
     assert upstream.stopped == 1 and relay.timed_out
+
+
+def test_many_relays_share_one_timer_per_wait() -> None:
+    clock = Clock()
+    heads, bodies = Deadlines(clock, 10.0), Deadlines(clock, 3.0)
+    calls = []
+    for _ in range(50):
+        relay = _Relay(FakeRequest(), heads, bodies, Node("127.0.0.1", 9))
+        call: Deferred = Deferred()
+        call.addErrback(lambda f: None)
+        relay.start(call)
+        calls.append(call)
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(10)
+    assert all(call.called for call in calls)  # each one cancelled at its deadline
 
 
 def test_the_server_stopping_the_relay_means_the_client_is_gone() -> None:
@@ -103,4 +120,5 @@ def test_the_server_stopping_the_relay_means_the_client_is_gone() -> None:
     # The failure the stopped upstream reports is not blamed on the upstream.
     relay.body_done(Failure(RuntimeError("aborted")))
     assert request.producers == [relay] and not request.finished
-    assert clock.getDelayedCalls() == []
+    clock.advance(10)
+    assert clock.getDelayedCalls() == [] and not relay.timed_out and upstream.stopped == 1
