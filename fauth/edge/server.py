@@ -121,6 +121,7 @@ class HardenedHTTPChannel(http.HTTPChannel):
             clock = cast(IReactorTime, reactor)  # mypy sees the module, not the reactor it becomes
         self._clock = clock.seconds
         self._deadline: Optional[Tuple[float, str]] = None
+        self._idle_deadline: Optional[float] = None
         self._fields_checked = False
         # Twisted's own limits answer 400; ours are checked first (and
         # answer 414/431), so Twisted's must never trigger before them.
@@ -173,8 +174,10 @@ class HardenedHTTPChannel(http.HTTPChannel):
     # -- timers --------------------------------------------------------------
 
     # One timer per connection, not a callLater and a cancel per request:
-    # a phase only notes its deadline, and the timer, when it fires,
-    # re-arms itself for whatever deadline is set by then (or stops).
+    # a phase only notes its deadline, and so does the idle timeout
+    # (Twisted's TimeoutMixin, whose setTimeout arms and cancels a timer
+    # around every request); the timer, when it fires, acts on what is due
+    # and re-arms itself for whatever deadline is set by then (or stops).
 
     def _start_timer(self, seconds: float, phase: str) -> None:
         """The current C{phase} must be over within C{seconds}."""
@@ -183,11 +186,15 @@ class HardenedHTTPChannel(http.HTTPChannel):
             return
         now = self._clock()
         self._deadline = (now + seconds, phase)
+        self._arm(now, now + seconds)
+
+    def _arm(self, now: float, when: float) -> None:
+        """Have the timer fire at C{when} at the latest."""
         timer = self._timer
         if timer is None:
-            self._timer = self.callLater(seconds, self._check_deadline)
-        elif timer.getTime() > now + seconds:
-            timer.reset(seconds)  # rare: moving a timer sooner scans the reactor's heap
+            self._timer = self.callLater(when - now, self._check_deadline)
+        elif timer.getTime() > when:
+            timer.reset(when - now)  # rare: moving a timer sooner scans the reactor's heap
 
     def _cancel_timer(self) -> None:
         """No deadline: the timer, if any, finds nothing due and stops."""
@@ -195,21 +202,47 @@ class HardenedHTTPChannel(http.HTTPChannel):
 
     def _stop_timer(self) -> None:
         self._deadline = None
+        self._idle_deadline = None
         timer, self._timer = self._timer, None
         if timer is not None and timer.active():
             timer.cancel()
 
     def _check_deadline(self) -> None:
         self._timer = None
-        if self._deadline is None:
-            return
-        when, phase = self._deadline
-        left = when - self._clock()
-        if left > 0:
-            self._timer = self.callLater(left, self._check_deadline)
-            return
-        self._deadline = None
-        self._timed_out(phase)
+        now = self._clock()
+        idle = self._idle_deadline
+        if idle is not None and idle <= now:
+            self._idle_deadline = None
+            self.timeoutConnection()
+        if self._deadline is not None and self._deadline[0] <= now:
+            phase = self._deadline[1]
+            self._deadline = None
+            self._timed_out(phase)
+        due = [when for when in (self._idle_deadline, self._deadline and self._deadline[0]) if when]
+        if due:
+            self._arm(now, min(due))
+
+    def setTimeout(self, period: Optional[float]) -> Optional[float]:
+        """
+        The idle timeout (Twisted's L{TimeoutMixin} API, which HTTPChannel
+        calls around each request): C{period} seconds without data from
+        now, or none; the previous period is returned.
+        """
+        previous = self.timeOut
+        # (TimeoutMixin infers an int from its class default; seconds are floats.)
+        self.timeOut = period  # type: ignore[assignment]
+        if period is None:
+            self._idle_deadline = None
+        else:
+            now = self._clock()
+            self._idle_deadline = now + period
+            self._arm(now, now + period)
+        return previous
+
+    def resetTimeout(self) -> None:
+        """Data came in: the idle timeout counts from now (if it runs)."""
+        if self._idle_deadline is not None and self.timeOut is not None:
+            self._idle_deadline = self._clock() + self.timeOut
 
     def _timed_out(self, phase: str) -> None:
         if self._phase != phase:

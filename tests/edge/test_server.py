@@ -10,6 +10,7 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from fauth.config import HttpLimits
 from fauth.edge.server import HardenedHTTPChannel, HardenedSite
@@ -46,16 +47,73 @@ def test_one_deadline_timer_serves_every_request_of_a_connection() -> None:
         channel.dataReceived(GET)
         clock.advance(0.01)
     assert transport.value().count(b"HTTP/1.1 200 OK") == 50
-    # No callLater and cancel per request: still the same single timer.
+    # No callLater and cancel per request: still the same single timer,
+    # the idle timeout's too (Twisted's TimeoutMixin would arm one per request).
     assert deadline_timers(clock, channel) == first
+    assert clock.getDelayedCalls() == first
+
+
+class Pending(Resource):
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: List[Any] = []
+
+    def render(self, request: Any) -> Any:
+        self.requests.append(request)
+        return NOT_DONE_YET
+
+
+def test_an_idle_connection_closes_after_the_idle_timeout() -> None:
+    clock, channel, transport = serve(HttpLimits(header_timeout=10, body_timeout=60, idle_timeout=30))
+    channel.dataReceived(GET)
+    assert b"200 OK" in transport.value()
+    clock.advance(29.9)
+    assert not transport.disconnecting
+    clock.advance(0.2)
+    assert transport.disconnecting
+    assert transport.value().count(b"HTTP/1.1") == 1  # closed, nothing said
+
+
+def test_data_restarts_the_idle_timeout() -> None:
+    clock, channel, transport = serve(HttpLimits(header_timeout=100, body_timeout=60, idle_timeout=5))
+    for piece in (b"GET / HT", b"TP/1.1\r\n", b"Host: a", b".test\r\n"):
+        clock.advance(4)
+        channel.dataReceived(piece)
+    assert not transport.disconnecting  # 16 s, but never 5 without data
+    clock.advance(4.9)
+    assert not transport.disconnecting
+    clock.advance(0.2)
+    assert transport.disconnecting and transport.value() == b""
+
+
+def test_no_idle_timeout_while_a_request_is_handled() -> None:
+    clock = MemoryReactorClock()
+    pending = Pending()
+    site = HardenedSite(pending, HttpLimits(idle_timeout=5), reactor=clock)
+    site.log = lambda request: None  # type: ignore[method-assign]
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 1))
+    channel.makeConnection(transport)
+    channel.dataReceived(GET)
+    clock.advance(100)  # the resource takes its time
+    assert not transport.disconnecting
+    (request,) = pending.requests
+    request.write(b"late")
+    request.finish()
+    clock.advance(4.9)  # idle from the end of the answer
+    assert not transport.disconnecting
+    clock.advance(0.2)
+    assert transport.disconnecting
 
 
 def test_the_timer_rearms_for_a_head_started_later() -> None:
     clock, channel, transport = serve()
     clock.advance(9)
-    channel.dataReceived(GET)  # a request in time: between requests, no deadline
-    clock.advance(5)  # the first arming comes due: nothing is, so it stops
-    assert deadline_timers(clock, channel) == []
+    channel.dataReceived(GET)  # a request in time: between requests, only the idle timeout
+    clock.advance(5)  # the first arming comes due: re-armed for the idle timeout alone
+    assert [call.getTime() for call in deadline_timers(clock, channel)] == [9 + HttpLimits().idle_timeout]
     channel.dataReceived(b"GET / HTTP/1.1\r\nHost: a")  # a head started at t=14
     clock.advance(9.9)
     assert not transport.disconnecting
