@@ -191,7 +191,6 @@ class AuthClient:
             unbuffered=True,
             reactor=self._treq_reactor,
         )
-        exchange.addCallback(_read)
         expired = []
 
         def expire() -> None:
@@ -203,13 +202,25 @@ class AuthClient:
             deadlines = self._deadlines[timeout] = Deadlines(self._reactor, timeout)
         deadlines.add(expire)
 
+        def answered(result: Any) -> Any:
+            # One callback for both outcomes: the wait is over either way.
+            if isinstance(result, Failure):
+                deadlines.remove(expire)
+                return Failure(AuthCallError("timeout")) if expired else result
+            reading = _read(result)
+            if not isinstance(reading, Deferred):
+                deadlines.remove(expire)
+                return reading
+            # The body is still coming: the deadline covers it too.
+            return reading.addBoth(finished)
+
         def finished(result: Any) -> Any:
             deadlines.remove(expire)
             if expired and isinstance(result, Failure):
                 return Failure(AuthCallError("timeout"))
             return result
 
-        return exchange.addBoth(finished)
+        return exchange.addBoth(answered)
 
     def close(self) -> Deferred:
         """Close pooled connections (of this client's own pool only)."""
