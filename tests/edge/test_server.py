@@ -4,7 +4,7 @@ deadline timer per connection, and the one-pass check of a head's fields.
 """
 from __future__ import annotations
 
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
 import pytest
 from twisted.internet.address import IPv4Address
@@ -25,9 +25,11 @@ class Ok(Resource):
         return b"ok"
 
 
-def serve(limits: HttpLimits = HttpLimits(header_timeout=10, body_timeout=60)) -> Tuple[MemoryReactorClock, HardenedHTTPChannel, StringTransport]:
+def serve(
+    limits: HttpLimits = HttpLimits(header_timeout=10, body_timeout=60), resource: Optional[Resource] = None
+) -> Tuple[MemoryReactorClock, HardenedHTTPChannel, StringTransport]:
     clock = MemoryReactorClock()
-    site = HardenedSite(Ok(), limits, reactor=clock)
+    site = HardenedSite(resource or Ok(), limits, reactor=clock)
     site.log = lambda request: None  # type: ignore[method-assign]
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
     transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 1))
@@ -89,13 +91,8 @@ def test_data_restarts_the_idle_timeout() -> None:
 
 
 def test_no_idle_timeout_while_a_request_is_handled() -> None:
-    clock = MemoryReactorClock()
     pending = Pending()
-    site = HardenedSite(pending, HttpLimits(idle_timeout=5), reactor=clock)
-    site.log = lambda request: None  # type: ignore[method-assign]
-    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
-    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 1))
-    channel.makeConnection(transport)
+    clock, channel, transport = serve(HttpLimits(idle_timeout=5), pending)
     channel.dataReceived(GET)
     clock.advance(100)  # the resource takes its time
     assert not transport.disconnecting
