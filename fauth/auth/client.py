@@ -203,16 +203,14 @@ class AuthClient:
         deadlines.add(expire)
 
         def answered(result: Any) -> Any:
-            # One callback for both outcomes: the wait is over either way.
-            if isinstance(result, Failure):
-                deadlines.remove(expire)
-                return Failure(AuthCallError("timeout")) if expired else result
-            reading = _read(result)
-            if not isinstance(reading, Deferred):
-                deadlines.remove(expire)
-                return reading
-            # The body is still coming: the deadline covers it too.
-            return reading.addBoth(finished)
+            # One callback for both outcomes, and for a body already in.
+            if not isinstance(result, Failure):
+                reading = _read(result)
+                if isinstance(reading, Deferred):
+                    # The body is still coming: the deadline covers it too.
+                    return reading.addBoth(finished)
+                result = reading
+            return finished(result)
 
         def finished(result: Any) -> Any:
             deadlines.remove(expire)

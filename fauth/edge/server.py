@@ -218,7 +218,7 @@ class HardenedHTTPChannel(http.HTTPChannel):
             phase = self._deadline[1]
             self._deadline = None
             self._timed_out(phase)
-        due = [when for when in (self._idle_deadline, self._deadline and self._deadline[0]) if when]
+        due = [when for when in (self._idle_deadline, self._deadline and self._deadline[0]) if when is not None]
         if due:
             self._arm(now, min(due))
 

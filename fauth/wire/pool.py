@@ -4,7 +4,7 @@ L{StrictConnectionPool}: Twisted's L{HTTPConnectionPool} with fauth's strict
 HTTP/1.1 connection (L{fauth.wire.connection.ClientConnection}) in place of
 C{HTTP11ClientProtocol}.
 
-The pooling is Twisted's: C{getConnection} hands out an idle connection
+The pooling is as Twisted's: C{getConnection} hands out an idle connection
 (wrapped to retry an idempotent request once on a stale one) or opens a new
 one, and a connection that finishes an exchange comes back through the
 pool's quiescent callback, to be closed after C{cachedConnectionTimeout}
@@ -203,8 +203,8 @@ class StrictConnectionPool(HTTPConnectionPool):
     def keep_idle(self, count: int) -> None:
         """
         Keep at most C{count} idle connections per target from now on;
-        those already idle beyond it are closed now (Twisted's pool only
-        trims when a returning connection finds exactly the old limit).
+        those already idle beyond it, the longest idle first, are closed
+        now rather than as connections come back.
         """
         self.maxPersistentPerHost = count
         for idle in self._connections.values():
