@@ -132,12 +132,8 @@ class StrictConnectionPool(HTTPConnectionPool):
         if connection.state != _IDLE:
             log.error("BUG: a connection in state {state} returned to the pool", state=connection.state)
             return
-        limits = self._limits.get(key)
-        idle_timeout: float
-        if limits is None:
-            size, idle_timeout = self.maxPersistentPerHost, self.cachedConnectionTimeout
-        else:
-            size, idle_timeout, requests = limits
+        size, idle_timeout, requests = self._target_limits(key)
+        if requests is not None:
             connection.served += 1
             if connection.served >= requests:
                 connection.abort()
@@ -159,9 +155,12 @@ class StrictConnectionPool(HTTPConnectionPool):
         elif sweep.getTime() > now + idle_timeout:
             sweep.reset(idle_timeout)  # rare: a target with a shorter timeout
 
-    def _idle_timeout(self, key: Hashable) -> float:
+    def _target_limits(self, key: Hashable) -> Tuple[int, float, Optional[int]]:
+        """C{key}'s idle connections kept, idle timeout and requests per connection (C{None}: no limit)."""
         limits = self._limits.get(key)
-        return self.cachedConnectionTimeout if limits is None else limits[1]
+        if limits is None:
+            return self.maxPersistentPerHost, self.cachedConnectionTimeout, None
+        return limits
 
     def _close_expired(self) -> None:
         """Close the connections idle for longer than their timeout; re-arm for the next."""
@@ -169,7 +168,7 @@ class StrictConnectionPool(HTTPConnectionPool):
         now = self._reactor.seconds()
         due: Optional[float] = None
         for key, connections in list(self._connections.items()):
-            timeout = self._idle_timeout(key)
+            timeout = self._target_limits(key)[1]
             # Oldest first: each put appends, each get takes the newest.
             while connections and connections[0].idle_since + timeout <= now:
                 connections.pop(0).abort()
